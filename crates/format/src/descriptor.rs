@@ -1,0 +1,669 @@
+//! `DiskDescriptor.xml`: the list of deltas and the snapshot tree, read and
+//! written the way OpenVZ's libploop does (sizes in sectors, braced GUIDs,
+//! the fixed top GUID, file names relative to the descriptor's folder).
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Component, Path, PathBuf};
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// GUID the current top delta always carries.
+pub const TOP_GUID: Uuid = Uuid::from_u128(0x5fbaabe3_6958_40ff_92a7_860e329aab41);
+/// Parent GUID of the base delta.
+pub const NONE_GUID: Uuid = Uuid::nil();
+/// OpenVZ allows this many deltas in one chain.
+pub const MAX_DELTAS: usize = 128;
+pub const FILE_NAME: &str = "DiskDescriptor.xml";
+
+/// `<Type>`: Compressed is the ploop format, Plain is raw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageType {
+    Compressed,
+    Plain,
+}
+
+impl ImageType {
+    fn as_str(self) -> &'static str {
+        match self {
+            ImageType::Compressed => "Compressed",
+            ImageType::Plain => "Plain",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageEntry {
+    pub guid: Uuid,
+    pub kind: ImageType,
+    /// As written in the descriptor (relative to its folder, or absolute).
+    pub file: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shot {
+    pub guid: Uuid,
+    pub parent: Uuid,
+    pub temporary: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Virtual size in sectors.
+    pub size_sectors: u64,
+    pub cylinders: u32,
+    pub heads: u32,
+    /// Cluster size in sectors.
+    pub blocksize: u32,
+    pub preallocated: bool,
+    pub images: Vec<ImageEntry>,
+    pub top_guid: Uuid,
+    pub snapshots: Vec<Shot>,
+}
+
+/// Format a GUID the way libploop does: lowercase, in braces.
+pub fn guid_string(g: &Uuid) -> String {
+    format!("{{{}}}", g.hyphenated())
+}
+
+/// Parse a GUID with or without braces.
+pub fn parse_guid(s: &str) -> Option<Uuid> {
+    let t = s.trim();
+    let t = t
+        .strip_prefix('{')
+        .and_then(|x| x.strip_suffix('}'))
+        .unwrap_or(t);
+    if t.len() != 36 {
+        return None;
+    }
+    Uuid::parse_str(t).ok()
+}
+
+/// A tiny element tree: enough for a descriptor, nothing more.
+#[derive(Debug, Default)]
+struct Node {
+    name: String,
+    text: String,
+    children: Vec<Node>,
+}
+
+impl Node {
+    fn child(&self, name: &str) -> Option<&Node> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+}
+
+fn parse_tree(text: &str, path: &str) -> Result<Node> {
+    let bad = |what: String| Error::Descriptor {
+        path: path.to_string(),
+        what,
+    };
+    let mut reader = Reader::from_str(text);
+    let mut stack: Vec<Node> = vec![Node::default()];
+    loop {
+        let event = reader.read_event().map_err(|e| {
+            bad(format!(
+                "malformed XML at byte {}: {e}",
+                reader.buffer_position()
+            ))
+        })?;
+        match event {
+            Event::Start(e) => stack.push(Node {
+                name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                ..Node::default()
+            }),
+            Event::Empty(e) => {
+                let node = Node {
+                    name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                    ..Node::default()
+                };
+                stack.last_mut().expect("root").children.push(node);
+            }
+            Event::End(_) => {
+                let node = stack.pop().expect("balanced by the reader");
+                let parent = stack
+                    .last_mut()
+                    .ok_or_else(|| bad("unbalanced closing tag".into()))?;
+                parent.children.push(node);
+            }
+            Event::Text(t) => {
+                let s = t
+                    .decode()
+                    .map_err(|e| bad(format!("bad text encoding: {e}")))?;
+                stack.last_mut().expect("root").text.push_str(&s);
+            }
+            Event::CData(t) => {
+                let s = t
+                    .decode()
+                    .map_err(|e| bad(format!("bad text encoding: {e}")))?;
+                stack.last_mut().expect("root").text.push_str(&s);
+            }
+            Event::GeneralRef(r) => {
+                let name = r.decode().map_err(|e| bad(format!("bad entity: {e}")))?;
+                let ch = match &*name {
+                    "amp" => '&',
+                    "lt" => '<',
+                    "gt" => '>',
+                    "quot" => '"',
+                    "apos" => '\'',
+                    _ => r
+                        .resolve_char_ref()
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| bad(format!("unknown entity &{name};")))?,
+                };
+                stack.last_mut().expect("root").text.push(ch);
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if stack.len() != 1 {
+        return Err(bad("unexpected end of file: unclosed element".into()));
+    }
+    let mut doc = stack.pop().expect("document");
+    match doc.children.len() {
+        1 => Ok(doc.children.pop().expect("one root")),
+        0 => Err(bad("no root element".into())),
+        _ => Err(bad("more than one root element".into())),
+    }
+}
+
+fn escape(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+impl Descriptor {
+    /// A descriptor for a single base image.
+    pub fn new_single(
+        size_sectors: u64,
+        blocksize: u32,
+        kind: ImageType,
+        file: &str,
+        preallocated: bool,
+    ) -> Self {
+        let chs = crate::ploop::header::Chs::from_sectors(size_sectors);
+        Self {
+            size_sectors,
+            cylinders: chs.cylinders,
+            heads: chs.heads,
+            blocksize,
+            preallocated,
+            images: vec![ImageEntry {
+                guid: TOP_GUID,
+                kind,
+                file: file.to_string(),
+            }],
+            top_guid: TOP_GUID,
+            snapshots: vec![Shot {
+                guid: TOP_GUID,
+                parent: NONE_GUID,
+                temporary: false,
+            }],
+        }
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Self> {
+        let bad = |what: String| Error::Descriptor {
+            path: path.to_string(),
+            what,
+        };
+        // The root's name is not checked, as in libploop: both
+        // Parallels_disk_image and older spellings are accepted.
+        let root = parse_tree(text, path)?;
+        let missing = |n: &str| bad(format!("'{n}' element not found"));
+        let number = |node: &Node, name: &str| -> Result<Option<u64>> {
+            match node.child(name) {
+                None => Ok(None),
+                Some(n) => {
+                    let t = n.text.trim();
+                    let v = if let Some(hex) = t.strip_prefix("0x") {
+                        u64::from_str_radix(hex, 16)
+                    } else {
+                        t.parse()
+                    };
+                    v.map(Some)
+                        .map_err(|_| bad(format!("<{name}> is not a number: {t:?}")))
+                }
+            }
+        };
+        let params = root
+            .child("Disk_Parameters")
+            .ok_or_else(|| missing("Disk_Parameters"))?;
+        let storage_data = root
+            .child("StorageData")
+            .ok_or_else(|| missing("StorageData"))?;
+        let mut storages = storage_data.all("Storage");
+        let storage = storages.next().ok_or_else(|| missing("Storage"))?;
+        if storages.next().is_some() {
+            return Err(bad(
+                "more than one <Storage> (split disks are not supported)".into(),
+            ));
+        }
+        let blocksize = number(storage, "Blocksize")?.ok_or_else(|| missing("Blocksize"))?;
+        if !(64..=131072).contains(&blocksize) || !blocksize.is_power_of_two() {
+            return Err(bad(format!(
+                "invalid <Blocksize> {blocksize}: must be a power of two from 64 to 131072 sectors"
+            )));
+        }
+        let size_sectors = match number(params, "Disk_size")? {
+            Some(v) => v,
+            None => number(storage, "End")?.ok_or_else(|| missing("Disk_size"))?,
+        };
+        if size_sectors.checked_mul(512).is_none() {
+            return Err(bad(format!("<Disk_size> {size_sectors} sectors overflows")));
+        }
+        let small = |v: Option<u64>, name: &str| -> Result<u32> {
+            u32::try_from(v.unwrap_or(0)).map_err(|_| bad(format!("<{name}> is too large")))
+        };
+        let cylinders = small(number(params, "Cylinders")?, "Cylinders")?;
+        let heads = small(number(params, "Heads")?, "Heads")?;
+        let preallocated = match number(storage, "Preallocated")? {
+            None | Some(0) => false,
+            Some(1) => true,
+            Some(v) => return Err(bad(format!("invalid <Preallocated> {v}"))),
+        };
+        let guid_of = |node: &Node, name: &str| -> Result<Uuid> {
+            let n = node.child(name).ok_or_else(|| missing(name))?;
+            parse_guid(&n.text).ok_or_else(|| bad(format!("<{name}> is not a GUID: {:?}", n.text)))
+        };
+        let mut images = Vec::new();
+        for img in storage.all("Image") {
+            let kind = match img.child("Type").map(|t| t.text.trim()) {
+                Some("Plain") => ImageType::Plain,
+                Some("Compressed") | None => ImageType::Compressed,
+                Some(other) => return Err(bad(format!("unknown image <Type> {other:?}"))),
+            };
+            let file = img
+                .child("File")
+                .ok_or_else(|| missing("File"))?
+                .text
+                .trim();
+            if file.is_empty() {
+                return Err(bad("an <Image> has an empty <File>".into()));
+            }
+            images.push(ImageEntry {
+                guid: guid_of(img, "GUID")?,
+                kind,
+                file: file.to_string(),
+            });
+        }
+        if images.is_empty() {
+            return Err(bad("no <Image> entries".into()));
+        }
+        if preallocated && images.iter().any(|i| i.kind == ImageType::Plain) {
+            return Err(bad(
+                "<Preallocated> is not compatible with Plain images".into()
+            ));
+        }
+        let snaps = root
+            .child("Snapshots")
+            .ok_or_else(|| missing("Snapshots"))?;
+        let mut snapshots = Vec::new();
+        for shot in snaps.all("Shot") {
+            snapshots.push(Shot {
+                guid: guid_of(shot, "GUID")?,
+                parent: guid_of(shot, "ParentGUID")?,
+                temporary: shot.child("Temporary").is_some(),
+            });
+        }
+        let top_guid = match snaps.child("TopGUID") {
+            Some(_) => guid_of(snaps, "TopGUID")?,
+            None => TOP_GUID,
+        };
+        let d = Self {
+            size_sectors,
+            cylinders,
+            heads,
+            blocksize: blocksize as u32,
+            preallocated,
+            images,
+            top_guid,
+            snapshots,
+        };
+        d.validate(path)?;
+        Ok(d)
+    }
+
+    /// Structural checks: unique GUIDs, a shot for every image, a top that
+    /// exists, parents that exist, and no cycles.
+    pub fn validate(&self, path: &str) -> Result<()> {
+        let bad = |what: String| Error::Descriptor {
+            path: path.to_string(),
+            what,
+        };
+        let mut seen = HashSet::new();
+        for i in &self.images {
+            if !seen.insert(i.guid) {
+                return Err(bad(format!(
+                    "image GUID {} appears twice",
+                    guid_string(&i.guid)
+                )));
+            }
+        }
+        if self.snapshots.len() != self.images.len() {
+            return Err(bad(format!(
+                "{} images but {} snapshots",
+                self.images.len(),
+                self.snapshots.len()
+            )));
+        }
+        for s in &self.snapshots {
+            if !seen.contains(&s.guid) {
+                return Err(bad(format!(
+                    "snapshot {} has no image",
+                    guid_string(&s.guid)
+                )));
+            }
+            if s.parent != NONE_GUID && !seen.contains(&s.parent) {
+                return Err(bad(format!(
+                    "snapshot {} has unknown parent {}",
+                    guid_string(&s.guid),
+                    guid_string(&s.parent)
+                )));
+            }
+        }
+        if !seen.contains(&self.top_guid) {
+            return Err(bad(format!(
+                "top delta {} is not found",
+                guid_string(&self.top_guid)
+            )));
+        }
+        for s in &self.snapshots {
+            self.chain_guids(s.guid).map_err(&bad)?;
+        }
+        Ok(())
+    }
+
+    pub fn shot(&self, guid: Uuid) -> Option<&Shot> {
+        self.snapshots.iter().find(|s| s.guid == guid)
+    }
+
+    pub fn image(&self, guid: Uuid) -> Option<&ImageEntry> {
+        self.images.iter().find(|i| i.guid == guid)
+    }
+
+    pub fn children(&self, guid: Uuid) -> Vec<Uuid> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.parent == guid)
+            .map(|s| s.guid)
+            .collect()
+    }
+
+    /// GUIDs from `guid` down to the base (top first).
+    fn chain_guids(&self, guid: Uuid) -> std::result::Result<Vec<Uuid>, String> {
+        let mut out = Vec::new();
+        let mut cur = guid;
+        let mut seen = HashSet::new();
+        while cur != NONE_GUID {
+            if !seen.insert(cur) {
+                return Err(format!(
+                    "the snapshot tree has a cycle through {}",
+                    guid_string(&cur)
+                ));
+            }
+            if out.len() >= MAX_DELTAS {
+                return Err(format!("chain is deeper than {MAX_DELTAS} deltas"));
+            }
+            let shot = self
+                .shot(cur)
+                .ok_or_else(|| format!("snapshot {} not found", guid_string(&cur)))?;
+            out.push(cur);
+            cur = shot.parent;
+        }
+        Ok(out)
+    }
+
+    /// The delta chain ending at `guid`, base first.
+    pub fn chain(&self, guid: Uuid, path: &str) -> Result<Vec<&ImageEntry>> {
+        let mut guids = self.chain_guids(guid).map_err(|what| Error::Descriptor {
+            path: path.to_string(),
+            what,
+        })?;
+        guids.reverse();
+        Ok(guids
+            .into_iter()
+            .map(|g| self.image(g).expect("validated: every shot has an image"))
+            .collect())
+    }
+
+    /// Rename a GUID everywhere (image, shot, parents, top).
+    pub fn rename_guid(&mut self, from: Uuid, to: Uuid) {
+        for i in &mut self.images {
+            if i.guid == from {
+                i.guid = to;
+            }
+        }
+        for s in &mut self.snapshots {
+            if s.guid == from {
+                s.guid = to;
+            }
+            if s.parent == from {
+                s.parent = to;
+            }
+        }
+        if self.top_guid == from {
+            self.top_guid = to;
+        }
+    }
+
+    /// Serialise as libploop does (two-space indent).
+    pub fn to_xml(&self) -> String {
+        let mut x = String::from("<?xml version=\"1.0\"?>\n<Parallels_disk_image>\n");
+        let sectors = if self.cylinders != 0 && self.heads != 0 {
+            self.size_sectors / (u64::from(self.cylinders) * u64::from(self.heads))
+        } else {
+            0
+        };
+        let _ = write!(
+            x,
+            "  <Disk_Parameters>\n    <Disk_size>{}</Disk_size>\n    <Cylinders>{}</Cylinders>\n    <Heads>{}</Heads>\n    <Sectors>{}</Sectors>\n    <Padding>0</Padding>\n  </Disk_Parameters>\n",
+            self.size_sectors, self.cylinders, self.heads, sectors
+        );
+        let _ = write!(
+            x,
+            "  <StorageData>\n    <Storage>\n      <Start>0</Start>\n      <End>{}</End>\n      <Blocksize>{}</Blocksize>\n",
+            self.size_sectors, self.blocksize
+        );
+        if self.preallocated {
+            x.push_str("      <Preallocated>1</Preallocated>\n");
+        }
+        for i in &self.images {
+            let _ = write!(
+                x,
+                "      <Image>\n        <GUID>{}</GUID>\n        <Type>{}</Type>\n        <File>{}</File>\n      </Image>\n",
+                guid_string(&i.guid),
+                i.kind.as_str(),
+                escape(&i.file)
+            );
+        }
+        x.push_str("    </Storage>\n  </StorageData>\n  <Snapshots>\n");
+        let _ = writeln!(x, "    <TopGUID>{}</TopGUID>", guid_string(&self.top_guid));
+        for s in &self.snapshots {
+            let _ = write!(
+                x,
+                "    <Shot>\n      <GUID>{}</GUID>\n      <ParentGUID>{}</ParentGUID>\n{}    </Shot>\n",
+                guid_string(&s.guid),
+                guid_string(&s.parent),
+                if s.temporary {
+                    "      <Temporary/>\n"
+                } else {
+                    ""
+                }
+            );
+        }
+        x.push_str("  </Snapshots>\n</Parallels_disk_image>\n");
+        x
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let text = fs::read_to_string(path).map_err(|e| Error::Descriptor {
+            path: name.clone(),
+            what: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Replace the file atomically: write a temporary, fsync, rename, fsync
+    /// the folder.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let name = path.display().to_string();
+        let err = |what: String| Error::Descriptor {
+            path: name.clone(),
+            what,
+        };
+        let tmp = path.with_extension("xml.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(self.to_xml().as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+            fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+        };
+        write().map_err(|e| err(format!("cannot write: {e}")))
+    }
+}
+
+/// Where an image file named in a descriptor lives. Relative names are
+/// taken from the descriptor's folder; neither kind may leave it.
+pub fn resolve_image_path(dd_dir: &Path, file: &str, dd_path: &str) -> Result<PathBuf> {
+    let bad = |what: String| Error::Descriptor {
+        path: dd_path.to_string(),
+        what,
+    };
+    let p = Path::new(file);
+    let rel = if p.is_absolute() {
+        let dir = dd_dir
+            .canonicalize()
+            .map_err(|e| bad(format!("cannot resolve folder {}: {e}", dd_dir.display())))?;
+        p.strip_prefix(&dir)
+            .map_err(|_| {
+                bad(format!(
+                    "image path {file} is outside the descriptor's folder {}",
+                    dir.display()
+                ))
+            })?
+            .to_path_buf()
+    } else {
+        p.to_path_buf()
+    };
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(bad(format!(
+            "image path {file} leaves the descriptor's folder"
+        )));
+    }
+    Ok(dd_dir.join(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Descriptor {
+        let mut d =
+            Descriptor::new_single(20971520, 2048, ImageType::Compressed, "root.hdd", false);
+        let a = Uuid::from_u128(0xa);
+        d.rename_guid(TOP_GUID, a);
+        d.images.push(ImageEntry {
+            guid: TOP_GUID,
+            kind: ImageType::Compressed,
+            file: "root.hdd.{f}".into(),
+        });
+        d.snapshots.push(Shot {
+            guid: TOP_GUID,
+            parent: a,
+            temporary: false,
+        });
+        d.top_guid = TOP_GUID;
+        d
+    }
+
+    #[test]
+    fn roundtrip() {
+        let d = sample();
+        let x = d.to_xml();
+        assert!(x.contains("<Disk_size>20971520</Disk_size>"));
+        assert!(x.contains("<Cylinders>40960</Cylinders>"));
+        assert!(x.contains("<Sectors>32</Sectors>"));
+        let back = Descriptor::parse(&x, "dd").unwrap();
+        assert_eq!(back, d);
+        let chain = back.chain(TOP_GUID, "dd").unwrap();
+        assert_eq!(chain[0].file, "root.hdd");
+        assert_eq!(chain[1].file, "root.hdd.{f}");
+    }
+
+    #[test]
+    fn accepts_other_root_name_and_openvz_sample() {
+        let x = r#"<Parallels_disk_image_v2>
+ <Disk_Parameters><Disk_size>20971520</Disk_size><Cylinders>20805</Cylinders>
+  <Heads>16</Heads><Sectors>63</Sectors><Padding>0</Padding></Disk_Parameters>
+ <StorageData><Storage><Start>0</Start><End>20971520</End><Blocksize>2048</Blocksize>
+  <Image><GUID>{0000000a-0000-0000-0000-000000000000}</GUID><Type>Compressed</Type><File>root.hdd</File></Image>
+  <Image><GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID><Type>Compressed</Type>
+         <File>root.hdd.{F}</File></Image></Storage></StorageData>
+ <Snapshots><TopGUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</TopGUID>
+  <Shot><GUID>{0000000a-0000-0000-0000-000000000000}</GUID><ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID></Shot>
+  <Shot><GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID><ParentGUID>{0000000a-0000-0000-0000-000000000000}</ParentGUID></Shot>
+ </Snapshots>
+</Parallels_disk_image_v2>"#;
+        let d = Descriptor::parse(x, "dd").unwrap();
+        assert_eq!(d.images.len(), 2);
+        assert_eq!(d.chain(TOP_GUID, "dd").unwrap().len(), 2);
+    }
+
+    fn expect_err(x: &str, needle: &str) {
+        let e = Descriptor::parse(x, "dd.xml").unwrap_err().to_string();
+        assert!(e.contains(needle), "{e:?} should contain {needle:?}");
+        assert!(e.starts_with("dd.xml: "), "{e:?} names the file");
+    }
+
+    #[test]
+    fn rejects_cycles_and_junk() {
+        let mut d = sample();
+        let a = Uuid::from_u128(0xa);
+        // base's parent = top: a cycle
+        d.snapshots[0].parent = TOP_GUID;
+        let _ = a;
+        expect_err(&d.to_xml(), "cycle");
+        expect_err("<a><b></a>", "malformed");
+        expect_err("", "no root");
+        let x = sample()
+            .to_xml()
+            .replace("<Blocksize>2048", "<Blocksize>2047");
+        expect_err(&x, "Blocksize");
+        let x = sample()
+            .to_xml()
+            .replace("<Disk_size>20971520", "<Disk_size>99999999999999999999999");
+        expect_err(&x, "Disk_size");
+        let x = sample().to_xml().replace(
+            "{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID>\n        <Type>",
+            "{5fbaabe3-6958-40ff-92a7-860e329aab42}</GUID>\n        <Type>",
+        );
+        expect_err(&x, "no image");
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        let dir = Path::new("/tmp");
+        assert!(resolve_image_path(dir, "root.hdd", "dd").is_ok());
+        assert!(resolve_image_path(dir, "../etc/passwd", "dd").is_err());
+        assert!(resolve_image_path(dir, "/etc/passwd", "dd").is_err());
+        assert!(resolve_image_path(dir, "a/../../x", "dd").is_err());
+    }
+}

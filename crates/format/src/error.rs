@@ -1,0 +1,46 @@
+use std::io;
+
+/// Every error names the file and says what was being done or what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {op} at byte {offset}: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {what}")]
+    Corrupt { path: String, what: String },
+    #[error("{path}: image is in use by another process (it is locked)")]
+    Locked { path: String },
+    #[error(
+        "{path}: image was not closed cleanly (in-use flag is set); run `ploop check` on it first"
+    )]
+    Dirty { path: String },
+    #[error("{path}: {what}")]
+    Descriptor { path: String, what: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<String>, op: &'static str, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            op,
+            offset,
+            source,
+        }
+    }
+
+    pub fn corrupt(path: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}

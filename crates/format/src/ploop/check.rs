@@ -1,0 +1,121 @@
+//! `ploop check`: find, and unless asked not to, repair what a crash or a
+//! foreign writer can leave behind in one delta file.
+
+use ploop_io::{AlignedBuf, SharedIo};
+
+use super::bat::{scan_bat, BatProblem};
+use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
+use crate::{Error, Result};
+
+/// What check found and did.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    /// One line per problem found.
+    pub problems: Vec<String>,
+    /// Whether the problems were repaired on disk.
+    pub repaired: bool,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Check one ploop delta. With `repair`, fix everything that can be fixed
+/// and leave the image closed cleanly.
+pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
+    let path = io.describe();
+    let (header, mut bat, size) = read_metadata(io)?;
+    let cs = header.cluster_size;
+    let mut report = CheckReport::default();
+    let mut raw = header.raw;
+    if header.in_use {
+        report
+            .problems
+            .push("in-use flag is set: the image was not closed cleanly".into());
+        raw.disk_in_use = 0;
+    }
+
+    // A ragged tail: grow it to a whole cluster if data lives there,
+    // otherwise cut it back.
+    let mut new_size = size.max(header.data_offset);
+    if new_size != size {
+        report.problems.push(format!(
+            "file is {size} bytes, shorter than its metadata area ({} bytes)",
+            header.data_offset
+        ));
+    }
+    if new_size % cs != 0 {
+        let floor = new_size / cs * cs;
+        let used = bat
+            .iter()
+            .any(|&e| e != 0 && entry_to_offset(&header, e) == floor);
+        let fixed = if used { floor + cs } else { floor };
+        report.problems.push(format!(
+            "file size {new_size} is not a multiple of the cluster size {cs}; {} it to {fixed}",
+            if used { "extending" } else { "truncating" }
+        ));
+        new_size = fixed;
+    }
+
+    let mut copies = Vec::new();
+    for p in scan_bat(&header, &bat, new_size) {
+        report.problems.push(p.to_string());
+        match p {
+            BatProblem::Duplicate {
+                cluster, offset, ..
+            } => copies.push((cluster, offset)),
+            other => bat[other.cluster() as usize] = 0,
+        }
+    }
+    let highest = bat
+        .iter()
+        .filter(|&&e| e != 0)
+        .map(|&e| entry_to_offset(&header, e) + cs)
+        .max()
+        .unwrap_or(0)
+        .max(header.data_offset);
+    // Duplicates get a private copy at the end, so no virtual cluster loses
+    // its data and neither aliases the other.
+    let mut end = highest.max(new_size);
+    let mut relocations = Vec::new();
+    for (cluster, from) in copies {
+        let entry = offset_to_entry(&header, end)
+            .ok_or_else(|| Error::corrupt(&path, "no room to relocate a duplicated cluster"))?;
+        bat[cluster as usize] = entry;
+        relocations.push((from, end));
+        end += cs;
+    }
+    if relocations.is_empty() && new_size > highest {
+        report.problems.push(format!(
+            "{} unreferenced cluster(s) at the end of the file; truncating to {highest} bytes",
+            (new_size - highest) / cs
+        ));
+        end = highest;
+    }
+
+    if !repair || report.problems.is_empty() {
+        return Ok(report);
+    }
+    let name = path.as_str();
+    let ioerr = |op, off| move |e| Error::io(name, op, off, e);
+    let mut buf = AlignedBuf::zeroed(cs as usize);
+    for &(from, to) in &relocations {
+        io.read_at(buf.as_mut_slice(), from)
+            .map_err(ioerr("reading duplicated cluster", from))?;
+        io.write_at(buf.as_slice(), to)
+            .map_err(ioerr("copying duplicated cluster", to))?;
+    }
+    io.set_len(end).map_err(ioerr("resizing file", end))?;
+    io.flush().map_err(ioerr("syncing data", 0))?;
+    let pages = header.data_offset.div_ceil(META_PAGE);
+    for page in 0..pages {
+        let b = metadata_page(page, &raw, &bat);
+        io.write_at(b.as_slice(), page * META_PAGE)
+            .map_err(ioerr("writing BAT", page * META_PAGE))?;
+    }
+    io.flush().map_err(ioerr("syncing BAT", 0))?;
+    report.repaired = true;
+    Ok(report)
+}

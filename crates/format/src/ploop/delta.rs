@@ -1,0 +1,532 @@
+//! One ploop delta file: header, BAT and data clusters.
+//!
+//! Concurrency: lookups take the BAT read lock only; writes to allocated
+//! clusters go straight to the file. Allocation is serialised by one mutex
+//! that is held while the new cluster's data is written, so two writers can
+//! never allocate the same virtual cluster twice.
+//!
+//! Durability: a BAT entry reaches the disk only in [`PloopDelta::flush`],
+//! after an fdatasync that made every cluster it may point at durable. A
+//! crash can therefore leak clusters at the end of the file but never
+//! expose a BAT entry that points at unwritten data.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use ploop_io::{AlignedBuf, SharedIo};
+
+use super::bat::scan_bat;
+use super::header::{Header, RawHeader, Version, FLAG_EMPTY, HEADER_SIZE, IN_USE_MAGIC};
+use crate::{Error, Result, SECTOR};
+
+/// Metadata is written back in pages of this size (O_DIRECT-friendly).
+pub const META_PAGE: u64 = 4096;
+
+/// Supplies a cluster's content from below the delta being written.
+pub type FillFn<'a> = &'a dyn Fn(&mut [u8]) -> Result<()>;
+
+/// How to open a delta.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenFlags {
+    pub writable: bool,
+    /// Open even if the in-use flag is set (read-only opens always may).
+    pub allow_dirty: bool,
+}
+
+/// Parameters of a new delta.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateOptions {
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    pub version: Version,
+    /// Allocate and map every cluster up front (OpenVZ "preallocated").
+    pub preallocate: bool,
+}
+
+struct Dirty {
+    pages: BTreeSet<u64>,
+    /// File clusters unmapped since the last flush: reusable once the BAT
+    /// that no longer points at them is durable.
+    freed: Vec<u64>,
+}
+
+struct Alloc {
+    /// File cluster index where the next new cluster goes.
+    end: u64,
+    /// Unreferenced file clusters inside the file, safe to reuse.
+    free: BTreeSet<u64>,
+}
+
+pub struct PloopDelta {
+    io: SharedIo,
+    path: String,
+    header: Header,
+    raw: Mutex<RawHeader>,
+    bat: RwLock<Vec<u32>>,
+    dirty: Mutex<Dirty>,
+    alloc: Mutex<Alloc>,
+    /// Serialises flushes and header writes.
+    meta: Mutex<()>,
+    /// Number of mapped BAT entries.
+    mapped: AtomicU64,
+    writable: bool,
+    open: AtomicBool,
+}
+
+/// Read header + BAT from a backend without validating the BAT entries.
+pub(crate) fn read_metadata(io: &SharedIo) -> Result<(Header, Vec<u32>, u64)> {
+    let path = io.describe();
+    let size = io
+        .size()
+        .map_err(|e| Error::io(&path, "reading file size", 0, e))?;
+    if size < HEADER_SIZE as u64 {
+        return Err(Error::corrupt(
+            &path,
+            format!("truncated: file is {size} bytes, a ploop header needs {HEADER_SIZE}"),
+        ));
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    io.read_at(&mut hb, 0)
+        .map_err(|e| Error::io(&path, "reading header", 0, e))?;
+    let header = Header::validate(RawHeader::parse(&hb), &path)?;
+    let bat_bytes = 4 * u64::from(header.bat_entries);
+    if size < HEADER_SIZE as u64 + bat_bytes {
+        return Err(Error::corrupt(
+            &path,
+            format!(
+                "truncated: file is {size} bytes but its BAT of {} entries ends at byte {}",
+                header.bat_entries,
+                HEADER_SIZE as u64 + bat_bytes
+            ),
+        ));
+    }
+    let mut raw = vec![0u8; bat_bytes as usize];
+    io.read_at(&mut raw, HEADER_SIZE as u64)
+        .map_err(|e| Error::io(&path, "reading BAT", HEADER_SIZE as u64, e))?;
+    let bat = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    Ok((header, bat, size))
+}
+
+/// Byte offset in the file that a BAT entry stands for.
+pub fn entry_to_offset(header: &Header, entry: u32) -> u64 {
+    match header.version {
+        Version::V1 => u64::from(entry) * SECTOR,
+        Version::V2 => u64::from(entry) * header.cluster_size,
+    }
+}
+
+/// BAT entry for a file offset, if it fits the version's range.
+pub fn offset_to_entry(header: &Header, offset: u64) -> Option<u32> {
+    let e = match header.version {
+        Version::V1 => offset / SECTOR,
+        Version::V2 => offset / header.cluster_size,
+    };
+    u32::try_from(e).ok()
+}
+
+/// The bytes of metadata page `page` (header + BAT) from in-memory state.
+pub(crate) fn metadata_page(page: u64, raw: &RawHeader, bat: &[u32]) -> AlignedBuf {
+    let mut buf = AlignedBuf::zeroed(META_PAGE as usize);
+    let out = buf.as_mut_slice();
+    let start = page * META_PAGE;
+    if page == 0 {
+        out[..HEADER_SIZE].copy_from_slice(&raw.to_bytes());
+    }
+    let first = start.saturating_sub(HEADER_SIZE as u64) / 4;
+    for i in first..bat.len() as u64 {
+        let at = HEADER_SIZE as u64 + 4 * i - start;
+        if at >= META_PAGE {
+            break;
+        }
+        let at = at as usize;
+        out[at..at + 4].copy_from_slice(&bat[i as usize].to_le_bytes());
+    }
+    buf
+}
+
+/// Metadata page that holds BAT entry `cluster`.
+fn page_of(cluster: u64) -> u64 {
+    (HEADER_SIZE as u64 + 4 * cluster) / META_PAGE
+}
+
+impl PloopDelta {
+    /// Write a new, empty (or preallocated) delta to an empty backend.
+    pub fn create(io: SharedIo, opts: CreateOptions) -> Result<()> {
+        let path = io.describe();
+        let header = Header::new(opts.virtual_size, opts.cluster_size, opts.version)?;
+        let name = path.as_str();
+        let ioerr = |op, off| move |e| Error::io(name, op, off, e);
+        let mut bat = vec![0u32; header.bat_entries as usize];
+        let mut end = header.data_offset;
+        if opts.preallocate {
+            let data = u64::from(header.bat_entries) * header.cluster_size;
+            io.preallocate(header.data_offset, data)
+                .map_err(ioerr("preallocating data clusters", header.data_offset))?;
+            for (i, e) in bat.iter_mut().enumerate() {
+                let off = header.data_offset + i as u64 * header.cluster_size;
+                *e = offset_to_entry(&header, off).ok_or_else(|| {
+                    Error::Invalid("image too large to preallocate in this version".into())
+                })?;
+            }
+            end += data;
+        }
+        io.set_len(end).map_err(ioerr("setting file size", end))?;
+        let pages = header.data_offset.div_ceil(META_PAGE);
+        for page in 0..pages {
+            let buf = metadata_page(page, &header.raw, &bat);
+            io.write_at(buf.as_slice(), page * META_PAGE)
+                .map_err(ioerr("writing metadata", page * META_PAGE))?;
+        }
+        io.flush().map_err(ioerr("syncing new image", 0))?;
+        Ok(())
+    }
+
+    /// Open and validate a delta. A writable open marks the image in use.
+    pub fn open(io: SharedIo, flags: OpenFlags) -> Result<Self> {
+        let path = io.describe();
+        let (header, bat, size) = read_metadata(&io)?;
+        if flags.writable && header.in_use && !flags.allow_dirty {
+            return Err(Error::Dirty { path });
+        }
+        if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
+            return Err(Error::corrupt(&path, p.to_string()));
+        }
+        let cs = header.cluster_size;
+        let end = size.div_ceil(cs).max(header.data_offset / cs);
+        let free = unreferenced_clusters(&header, &bat, end);
+        let mapped = bat.iter().filter(|&&e| e != 0).count() as u64;
+        let delta = Self {
+            mapped: AtomicU64::new(mapped),
+            raw: Mutex::new(header.raw),
+            io,
+            path,
+            header,
+            bat: RwLock::new(bat),
+            dirty: Mutex::new(Dirty {
+                pages: BTreeSet::new(),
+                freed: Vec::new(),
+            }),
+            alloc: Mutex::new(Alloc { end, free }),
+            meta: Mutex::new(()),
+            writable: flags.writable,
+            open: AtomicBool::new(true),
+        };
+        if flags.writable {
+            // Clusters leaked at the tail by a crash go back first.
+            delta.trim_tail(&mut delta.alloc.lock().expect("alloc lock"))?;
+            delta.set_in_use(true)?;
+        }
+        Ok(delta)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn io(&self) -> &SharedIo {
+        &self.io
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.header.virtual_size
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Number of virtual clusters.
+    pub fn clusters(&self) -> u64 {
+        u64::from(self.header.bat_entries)
+    }
+
+    /// File offset of virtual cluster `cluster` if this delta holds it.
+    pub fn map(&self, cluster: u64) -> Option<u64> {
+        let bat = self.bat.read().expect("bat lock");
+        match bat.get(cluster as usize) {
+            Some(&e) if e != 0 => Some(entry_to_offset(&self.header, e)),
+            _ => None,
+        }
+    }
+
+    /// Count of mapped clusters.
+    pub fn allocated_clusters(&self) -> u64 {
+        let bat = self.bat.read().expect("bat lock");
+        bat.iter().filter(|&&e| e != 0).count() as u64
+    }
+
+    /// Read from the file at a mapped offset.
+    pub fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.io
+            .read_at(buf, file_offset)
+            .map_err(|e| Error::io(&self.path, "reading data", file_offset, e))
+    }
+
+    /// Write into an already mapped cluster.
+    pub fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
+        self.io
+            .write_at(buf, file_offset)
+            .map_err(|e| Error::io(&self.path, "writing data", file_offset, e))
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "{}: delta is open read-only",
+                self.path
+            )))
+        }
+    }
+
+    /// Write `data` at `offset` inside virtual cluster `cluster`, allocating
+    /// the cluster if needed. On allocation the rest of the cluster comes from
+    /// `fill` (the content below this delta), or stays zero (sparse) if None.
+    pub fn write_cluster(
+        &self,
+        cluster: u64,
+        offset: u64,
+        data: &[u8],
+        fill: Option<FillFn>,
+    ) -> Result<()> {
+        self.ensure_writable()?;
+        let cs = self.header.cluster_size;
+        debug_assert!(offset + data.len() as u64 <= cs);
+        if let Some(off) = self.map(cluster) {
+            return self.write_data(data, off + offset);
+        }
+        let mut alloc = self.alloc.lock().expect("alloc lock");
+        if let Some(off) = self.map(cluster) {
+            drop(alloc);
+            return self.write_data(data, off + offset);
+        }
+        let index = match alloc.free.pop_first() {
+            Some(i) => i,
+            None => alloc.end,
+        };
+        let file_off = index * cs;
+        let entry = offset_to_entry(&self.header, file_off).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: a version 1 image cannot grow past 2 TiB; convert it with `ploop convert -v 2`",
+                self.path
+            ))
+        })?;
+        // A new cluster is always written whole: OpenVZ's check refuses
+        // sparse delta files, and a full write costs one request anyway.
+        if offset == 0 && data.len() as u64 == cs {
+            self.write_data(data, file_off)?;
+        } else {
+            let mut buf = AlignedBuf::zeroed(cs as usize);
+            if let Some(fill) = fill {
+                fill(buf.as_mut_slice())?;
+            }
+            buf.as_mut_slice()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            self.write_data(buf.as_slice(), file_off)?;
+        }
+        if index == alloc.end {
+            alloc.end += 1;
+        }
+        let mut bat = self.bat.write().expect("bat lock");
+        bat[cluster as usize] = entry;
+        self.mapped.fetch_add(1, Ordering::Relaxed);
+        self.dirty
+            .lock()
+            .expect("dirty lock")
+            .pages
+            .insert(page_of(cluster));
+        Ok(())
+    }
+
+    /// Make a byte range of a mapped cluster read as zeros. If `unmap` and
+    /// the range is the whole cluster, the cluster is released instead and
+    /// its space returned to the filesystem.
+    pub fn discard(&self, cluster: u64, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.ensure_writable()?;
+        let cs = self.header.cluster_size;
+        let Some(file_off) = self.map(cluster) else {
+            return Ok(());
+        };
+        let whole = offset == 0 && len == cs;
+        if !whole {
+            // Zeros written, not a hole: partial holes make the delta sparse.
+            let zeros = AlignedBuf::zeroed(len as usize);
+            return self.write_data(zeros.as_slice(), file_off + offset);
+        }
+        if !unmap {
+            return self
+                .io
+                .zero_range(file_off, cs)
+                .map_err(|e| Error::io(&self.path, "zeroing cluster", file_off, e));
+        }
+        let _alloc = self.alloc.lock().expect("alloc lock");
+        {
+            let mut bat = self.bat.write().expect("bat lock");
+            bat[cluster as usize] = 0;
+            self.mapped.fetch_sub(1, Ordering::Relaxed);
+            let mut dirty = self.dirty.lock().expect("dirty lock");
+            dirty.pages.insert(page_of(cluster));
+            // v1 entries may be off the grid (foreign writers): only reuse
+            // clusters that sit on it.
+            if file_off % cs == 0 {
+                dirty.freed.push(file_off / cs);
+            }
+        }
+        // Reads already see zeros through the BAT; the hole gives the space
+        // back even before the BAT change is durable.
+        self.io
+            .punch_hole(file_off, cs)
+            .map_err(|e| Error::io(&self.path, "punching hole", file_off, e))
+    }
+
+    /// Make everything written so far durable: data first, then the BAT.
+    pub fn flush(&self) -> Result<()> {
+        let _meta = self.meta.lock().expect("meta lock");
+        let (pages, freed) = {
+            let bat = self.bat.read().expect("bat lock");
+            let mut dirty = self.dirty.lock().expect("dirty lock");
+            let mut raw = self.raw.lock().expect("header lock");
+            // OpenVZ keeps the "empty" flag exactly when nothing is mapped.
+            let flags = if self.mapped.load(Ordering::Relaxed) == 0 {
+                raw.flags | FLAG_EMPTY
+            } else {
+                raw.flags & !FLAG_EMPTY
+            };
+            if flags != raw.flags {
+                raw.flags = flags;
+                dirty.pages.insert(0);
+            }
+            let raw = *raw;
+            let pages: Vec<_> = std::mem::take(&mut dirty.pages)
+                .into_iter()
+                .map(|p| (p, metadata_page(p, &raw, &bat)))
+                .collect();
+            (pages, std::mem::take(&mut dirty.freed))
+        };
+        self.sync("syncing data")?;
+        if pages.is_empty() && freed.is_empty() {
+            return Ok(());
+        }
+        for (page, buf) in &pages {
+            self.io
+                .write_at(buf.as_slice(), page * META_PAGE)
+                .map_err(|e| Error::io(&self.path, "writing BAT", page * META_PAGE, e))?;
+        }
+        self.sync("syncing BAT")?;
+        let mut alloc = self.alloc.lock().expect("alloc lock");
+        alloc.free.extend(freed);
+        self.trim_tail(&mut alloc)
+    }
+
+    /// Give free clusters at the end of the file back: OpenVZ's check wants
+    /// the file to end at the last mapped cluster.
+    fn trim_tail(&self, alloc: &mut Alloc) -> Result<()> {
+        let first = self.header.data_offset / self.header.cluster_size;
+        let old_end = alloc.end;
+        while alloc.end > first && alloc.free.remove(&(alloc.end - 1)) {
+            alloc.end -= 1;
+        }
+        let len = alloc.end * self.header.cluster_size;
+        if alloc.end != old_end || (self.writable && self.size_now()? > len) {
+            self.io
+                .set_len(len)
+                .map_err(|e| Error::io(&self.path, "trimming file tail", len, e))?;
+        }
+        Ok(())
+    }
+
+    fn size_now(&self) -> Result<u64> {
+        self.io
+            .size()
+            .map_err(|e| Error::io(&self.path, "reading file size", 0, e))
+    }
+
+    fn sync(&self, op: &'static str) -> Result<()> {
+        self.io.flush().map_err(|e| Error::io(&self.path, op, 0, e))
+    }
+
+    /// Set or clear the in-use flag durably (after flushing everything).
+    fn set_in_use(&self, in_use: bool) -> Result<()> {
+        self.flush()?;
+        let _meta = self.meta.lock().expect("meta lock");
+        let mut raw = self.raw.lock().expect("header lock");
+        raw.disk_in_use = if in_use { IN_USE_MAGIC } else { 0 };
+        let page = {
+            let bat = self.bat.read().expect("bat lock");
+            metadata_page(0, &raw, &bat)
+        };
+        self.io
+            .write_at(page.as_slice(), 0)
+            .map_err(|e| Error::io(&self.path, "writing header", 0, e))?;
+        self.sync("syncing header")
+    }
+
+    /// Flush and mark the image cleanly closed. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        if !self.open.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.writable {
+            self.set_in_use(false)?;
+        }
+        Ok(())
+    }
+
+    /// A copy of the BAT (for check, merge and info).
+    pub fn bat_snapshot(&self) -> Vec<u32> {
+        self.bat.read().expect("bat lock").clone()
+    }
+}
+
+impl Drop for PloopDelta {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!("closing image: {e}");
+        }
+    }
+}
+
+/// File clusters between the data start and `end` that no BAT entry uses.
+fn unreferenced_clusters(header: &Header, bat: &[u32], end: u64) -> BTreeSet<u64> {
+    let cs = header.cluster_size;
+    let first = header.data_offset.div_ceil(cs);
+    if end <= first {
+        return BTreeSet::new();
+    }
+    let mut used = vec![false; (end - first) as usize];
+    for &e in bat.iter().filter(|&&e| e != 0) {
+        let off = entry_to_offset(header, e);
+        // Mark every grid cluster the mapped range touches.
+        let a = off / cs;
+        let b = off.div_ceil(cs);
+        for idx in a..=b {
+            if idx >= first && idx < end {
+                used[(idx - first) as usize] = true;
+            }
+        }
+    }
+    (first..end)
+        .filter(|&i| !used[(i - first) as usize])
+        .collect()
+}
+
+impl std::fmt::Debug for PloopDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PloopDelta")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .finish()
+    }
+}

@@ -1,0 +1,20 @@
+//! The ploop image format (byte-compatible with OpenVZ ploop and qemu's
+//! `parallels` driver).
+
+mod bat;
+pub mod check;
+pub mod convert;
+mod delta;
+pub mod header;
+
+pub use bat::{scan_bat, BatProblem};
+pub use delta::{
+    entry_to_offset, offset_to_entry, CreateOptions, FillFn, OpenFlags, PloopDelta, META_PAGE,
+};
+pub use header::{Header, RawHeader, Version, MIN_CLUSTER_SECTORS};
+
+/// True if the first bytes of a file carry a ploop signature.
+pub fn has_signature(first: &[u8]) -> bool {
+    first.len() >= 16
+        && (first[..16] == header::SIGNATURE_V1 || first[..16] == header::SIGNATURE_V2)
+}

@@ -1,0 +1,87 @@
+//! The raw format: the file is the disk, byte for byte. Sparse where the
+//! filesystem allows.
+
+use ploop_io::SharedIo;
+
+use crate::{Error, Result};
+
+pub struct RawDelta {
+    io: SharedIo,
+    path: String,
+    virtual_size: u64,
+    writable: bool,
+}
+
+impl RawDelta {
+    /// Create a sparse raw image of `size` bytes on an empty backend.
+    pub fn create(io: SharedIo, size: u64, preallocate: bool) -> Result<()> {
+        let path = io.describe();
+        if preallocate {
+            io.preallocate(0, size)
+        } else {
+            io.set_len(size)
+        }
+        .map_err(|e| Error::io(&path, "sizing raw image", size, e))?;
+        io.flush()
+            .map_err(|e| Error::io(&path, "syncing raw image", 0, e))
+    }
+
+    pub fn open(io: SharedIo, writable: bool) -> Result<Self> {
+        let path = io.describe();
+        let virtual_size = io
+            .size()
+            .map_err(|e| Error::io(&path, "reading file size", 0, e))?;
+        Ok(Self {
+            io,
+            path,
+            virtual_size,
+            writable,
+        })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn io(&self) -> &SharedIo {
+        &self.io
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.io
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, "reading data", offset, e))
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Invalid(format!(
+                "{}: image is open read-only",
+                self.path
+            )));
+        }
+        self.io
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, "writing data", offset, e))
+    }
+
+    pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.io
+            .punch_hole(offset, len)
+            .map_err(|e| Error::io(&self.path, "punching hole", offset, e))
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.io
+            .flush()
+            .map_err(|e| Error::io(&self.path, "syncing", 0, e))
+    }
+}

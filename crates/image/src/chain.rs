@@ -1,0 +1,282 @@
+//! A delta chain: one writable top over read-only lower deltas.
+//!
+//! Reads fall through to the first delta (from the top) that holds a
+//! cluster, and see zeros at the bottom. Writes go to the top; a partial
+//! write to a cluster held only below copies the cluster up first, and an
+//! all-zero write to a cluster held nowhere stays sparse.
+
+use std::sync::Arc;
+
+use ploop_format::ploop::{FillFn, PloopDelta};
+use ploop_format::raw::RawDelta;
+use ploop_format::{Error, Result};
+use ploop_io::is_zero;
+
+/// One delta of a chain, in either format. Deltas live behind an `Arc`,
+/// so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Delta {
+    Raw(RawDelta),
+    Ploop(PloopDelta),
+}
+
+impl Delta {
+    pub fn path(&self) -> &str {
+        match self {
+            Delta::Raw(r) => r.path(),
+            Delta::Ploop(p) => p.path(),
+        }
+    }
+
+    /// File offset of `cluster` if this delta holds it.
+    pub fn map(&self, cluster: u64, cluster_size: u64) -> Option<u64> {
+        match self {
+            Delta::Raw(_) => Some(cluster * cluster_size),
+            Delta::Ploop(p) => p.map(cluster),
+        }
+    }
+
+    fn read(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        match self {
+            Delta::Raw(r) => r.read(buf, file_offset),
+            Delta::Ploop(p) => p.read_data(buf, file_offset),
+        }
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Delta::Raw(r) => r.flush(),
+            Delta::Ploop(p) => p.flush(),
+        }
+    }
+
+    pub fn close(&self) -> Result<()> {
+        match self {
+            Delta::Raw(r) => r.flush(),
+            Delta::Ploop(p) => p.close(),
+        }
+    }
+
+    pub fn is_writable(&self) -> bool {
+        match self {
+            Delta::Raw(r) => r.is_writable(),
+            Delta::Ploop(p) => p.is_writable(),
+        }
+    }
+
+    pub fn as_ploop(&self) -> Option<&PloopDelta> {
+        match self {
+            Delta::Ploop(p) => Some(p),
+            Delta::Raw(_) => None,
+        }
+    }
+}
+
+/// The pieces of a byte range, one per cluster: (cluster, offset in it,
+/// offset in the request, length).
+fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = (u64, u64, usize, usize)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let cluster = pos / cs;
+        let in_off = pos % cs;
+        let n = (cs - in_off).min(end - pos);
+        let item = (cluster, in_off, (pos - offset) as usize, n as usize);
+        pos += n;
+        Some(item)
+    })
+}
+
+pub struct Chain {
+    /// Base first, top last.
+    layers: Vec<Arc<Delta>>,
+    cluster_size: u64,
+    virtual_size: u64,
+}
+
+impl Chain {
+    pub fn new(layers: Vec<Arc<Delta>>, cluster_size: u64, virtual_size: u64) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::Invalid("a chain needs at least one delta".into()));
+        }
+        if layers.iter().skip(1).any(|d| matches!(**d, Delta::Raw(_))) {
+            return Err(Error::Invalid("a raw delta can only be the base".into()));
+        }
+        for d in &layers {
+            if let Delta::Ploop(p) = &**d {
+                if p.cluster_size() != cluster_size {
+                    return Err(Error::corrupt(
+                        p.path(),
+                        format!(
+                            "cluster size {} differs from the chain's {cluster_size}",
+                            p.cluster_size()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            layers,
+            cluster_size,
+            virtual_size,
+        })
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    pub fn layers(&self) -> &[Arc<Delta>] {
+        &self.layers
+    }
+
+    pub fn top(&self) -> &Arc<Delta> {
+        self.layers.last().expect("non-empty chain")
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.virtual_size => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "range {offset}+{len} is past the end of the {}-byte disk",
+                self.virtual_size
+            ))),
+        }
+    }
+
+    /// Index of the top-most layer at or below `below` that holds `cluster`.
+    fn holder(&self, cluster: u64, below: usize) -> Option<(usize, u64)> {
+        self.layers[..below]
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, d)| d.map(cluster, self.cluster_size).map(|off| (i, off)))
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
+            let out = &mut buf[at..at + n];
+            match self.holder(cluster, self.layers.len()) {
+                Some((i, off)) => self.layers[i].read(out, off + in_off)?,
+                None => out.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Read the whole of `cluster` as seen from below layer `below`.
+    fn read_cluster_below(&self, cluster: u64, below: usize, out: &mut [u8]) -> Result<()> {
+        match self.holder(cluster, below) {
+            Some((i, off)) => self.layers[i].read(out, off),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn writable_top(&self) -> Result<&Delta> {
+        let top = self.top();
+        if !top.is_writable() {
+            return Err(Error::Invalid(format!(
+                "{}: image is open read-only",
+                top.path()
+            )));
+        }
+        Ok(top)
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let top_index = self.layers.len() - 1;
+        let top = self.writable_top()?;
+        for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
+            let data = &buf[at..at + n];
+            match top {
+                Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
+                Delta::Ploop(p) => {
+                    if let Some(off) = p.map(cluster) {
+                        p.write_data(data, off + in_off)?;
+                        continue;
+                    }
+                    let below = self.holder(cluster, top_index);
+                    if below.is_none() && is_zero(data) {
+                        continue; // zeros over nothing: stay sparse
+                    }
+                    let fill = |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
+                    let fill: Option<FillFn> = below.map(|_| &fill as FillFn);
+                    p.write_cluster(cluster, in_off, data, fill)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make a range read as zeros, freeing space where possible (discard,
+    /// write-zeroes, punch-hole all land here).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let top_index = self.layers.len() - 1;
+        let top = self.writable_top()?;
+        let cs = self.cluster_size;
+        for (cluster, in_off, _, n) in pieces(offset, len, cs) {
+            let n = n as u64;
+            match top {
+                Delta::Raw(r) => r.punch(cluster * cs + in_off, n)?,
+                Delta::Ploop(p) => {
+                    let held_below = self.holder(cluster, top_index).is_some();
+                    if p.map(cluster).is_some() {
+                        p.discard(cluster, in_off, n, !held_below)?;
+                    } else if held_below {
+                        // Zeros must now mask the lower data.
+                        let zeros = vec![0u8; n as usize];
+                        let fill =
+                            |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
+                        p.write_cluster(cluster, in_off, &zeros, Some(&fill))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.top().flush()
+    }
+
+    /// Flush and cleanly close every delta.
+    pub fn close(&self) -> Result<()> {
+        let mut first_err = None;
+        for d in self.layers.iter().rev() {
+            if let Err(e) = d.close() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Bytes of data held by the top delta (for progress and info).
+    pub fn top_allocated_clusters(&self) -> Option<u64> {
+        self.top().as_ploop().map(|p| p.allocated_clusters())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_on_clusters() {
+        let v: Vec<_> = pieces(1000, 5000, 4096).collect();
+        assert_eq!(v, vec![(0, 1000, 0, 3096), (1, 0, 3096, 1904)]);
+        assert_eq!(pieces(0, 0, 4096).count(), 0);
+    }
+}

@@ -1,0 +1,188 @@
+//! A disk as a DiskDescriptor.xml names it: open its chain, lock it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ploop_format::descriptor::{resolve_image_path, Descriptor, ImageType, TOP_GUID};
+use ploop_format::ploop::{OpenFlags, PloopDelta};
+use ploop_format::raw::RawDelta;
+use ploop_format::{Error, Result, SECTOR};
+use ploop_io::{FileIo, LockMode, OpenMode, SharedIo};
+use uuid::Uuid;
+
+use crate::chain::{Chain, Delta};
+
+/// How to open a disk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions {
+    pub writable: bool,
+    /// O_DIRECT on every delta (falls back to buffered where refused).
+    pub direct: bool,
+    /// Open the chain ending at this snapshot instead of the top.
+    pub guid: Option<Uuid>,
+    /// Open a top whose in-use flag is set (check has been skipped).
+    pub allow_dirty: bool,
+    /// Allow writing a snapshot that has children. Only merge does this:
+    /// it writes the child's own data into the parent, which the child
+    /// masks, so no view of the disk changes.
+    pub merge_target: bool,
+}
+
+/// Open one file as an I/O backend, mapping lock conflicts to a clear error.
+pub fn open_file(path: &Path, mode: OpenMode) -> Result<SharedIo> {
+    let name = path.display().to_string();
+    match FileIo::open(path, mode) {
+        Ok(f) => Ok(Arc::new(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Locked { path: name }),
+        Err(e) => Err(Error::io(name, "opening", 0, e)),
+    }
+}
+
+/// Open one delta file of either format.
+pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<Delta> {
+    let mode = OpenMode {
+        write: opts.writable,
+        direct: opts.direct,
+        create_new: false,
+        lock: if opts.writable {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        },
+    };
+    let io = open_file(path, mode)?;
+    Ok(match kind {
+        ImageType::Plain => Delta::Raw(RawDelta::open(io, opts.writable)?),
+        ImageType::Compressed => Delta::Ploop(PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: opts.writable,
+                allow_dirty: opts.allow_dirty,
+            },
+        )?),
+    })
+}
+
+/// An open disk: its descriptor and its chain.
+pub struct Disk {
+    pub dd_path: PathBuf,
+    pub descriptor: Descriptor,
+    pub chain: Chain,
+    /// GUID of the delta the chain ends at.
+    pub guid: Uuid,
+}
+
+/// The folder a descriptor lives in ("." for a bare file name).
+pub fn dd_dir(dd_path: &Path) -> PathBuf {
+    match dd_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Absolute path of an image file named in a descriptor.
+pub fn image_path(dd_path: &Path, file: &str) -> Result<PathBuf> {
+    resolve_image_path(&dd_dir(dd_path), file, &dd_path.display().to_string())
+}
+
+impl Disk {
+    pub fn open(dd_path: &Path, opts: OpenOptions) -> Result<Self> {
+        let descriptor = Descriptor::load(dd_path)?;
+        Self::open_with(dd_path, descriptor, opts)
+    }
+
+    pub fn open_with(dd_path: &Path, descriptor: Descriptor, opts: OpenOptions) -> Result<Self> {
+        let name = dd_path.display().to_string();
+        let guid = opts.guid.unwrap_or(descriptor.top_guid);
+        if descriptor.shot(guid).is_none() {
+            return Err(Error::Descriptor {
+                path: name,
+                what: format!(
+                    "no snapshot {}",
+                    ploop_format::descriptor::guid_string(&guid)
+                ),
+            });
+        }
+        if opts.writable && !opts.merge_target && !descriptor.children(guid).is_empty() {
+            return Err(Error::Invalid(format!(
+                "snapshot {} has children: it can only be opened read-only",
+                ploop_format::descriptor::guid_string(&guid)
+            )));
+        }
+        let entries = descriptor.chain(guid, &name)?;
+        let mut layers = Vec::with_capacity(entries.len());
+        let last = entries.len() - 1;
+        for (i, entry) in entries.iter().enumerate() {
+            let path = image_path(dd_path, &entry.file)?;
+            if !path.exists() {
+                return Err(Error::Descriptor {
+                    path: name.clone(),
+                    what: format!("image file {} is missing", path.display()),
+                });
+            }
+            let layer_opts = OpenOptions {
+                writable: opts.writable && i == last,
+                ..opts
+            };
+            layers.push(Arc::new(open_delta(&path, entry.kind, &layer_opts)?));
+        }
+        let cluster = u64::from(descriptor.blocksize) * SECTOR;
+        let size = descriptor.size_sectors * SECTOR;
+        for l in &layers {
+            if let Delta::Ploop(p) = &**l {
+                if p.virtual_size() < size {
+                    return Err(Error::corrupt(
+                        p.path(),
+                        format!(
+                            "delta is {} bytes but the descriptor says the disk is {size}",
+                            p.virtual_size()
+                        ),
+                    ));
+                }
+            }
+        }
+        let chain = Chain::new(layers, cluster, size)?;
+        Ok(Self {
+            dd_path: dd_path.to_path_buf(),
+            descriptor,
+            chain,
+            guid,
+        })
+    }
+
+    pub fn is_top(&self) -> bool {
+        self.guid == TOP_GUID
+    }
+
+    pub fn close(self) -> Result<()> {
+        self.chain.close()
+    }
+}
+
+/// Serialises changes to one descriptor between processes: an exclusive
+/// lock on `DiskDescriptor.xml.lck`, as libploop does.
+pub struct DescriptorLock {
+    _file: std::fs::File,
+}
+
+impl DescriptorLock {
+    pub fn acquire(dd_path: &Path) -> Result<Self> {
+        let mut lck = dd_path.as_os_str().to_owned();
+        lck.push(".lck");
+        let lck = PathBuf::from(lck);
+        let name = lck.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lck)
+            .map_err(|e| Error::io(&name, "opening lock file", 0, e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |_| Error::Descriptor {
+                path: dd_path.display().to_string(),
+                what: "another ploop command is changing this disk (descriptor is locked)".into(),
+            },
+        )?;
+        Ok(Self { _file: file })
+    }
+}

@@ -1,0 +1,527 @@
+//! Offline operations on a disk: init, snapshot, merge, delete, switch,
+//! convert, check. Each one changes files first and the descriptor last
+//! (atomically), so a crash in between leaves a disk that still reads the
+//! same and at worst an orphan file.
+
+use std::path::{Path, PathBuf};
+
+use ploop_format::descriptor::{
+    guid_string, Descriptor, ImageEntry, ImageType, Shot, FILE_NAME, MAX_DELTAS, NONE_GUID,
+    TOP_GUID,
+};
+use ploop_format::ploop::{check::check, check::CheckReport, CreateOptions, PloopDelta, Version};
+use ploop_format::raw::RawDelta;
+use ploop_format::{Error, Result, SECTOR};
+use ploop_io::{is_zero, OpenMode};
+use uuid::Uuid;
+
+use crate::chain::{Chain, Delta};
+use crate::disk::{dd_dir, image_path, open_delta, open_file, DescriptorLock, Disk, OpenOptions};
+
+/// Progress callback: (done, total) in bytes or clusters.
+pub type Progress<'a> = &'a dyn Fn(u64, u64);
+
+/// Image formats `init` and `convert` know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    /// ploop1, grows as data is written ("expanded").
+    Expanded,
+    /// ploop1 with every cluster allocated up front.
+    Preallocated,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct InitOptions {
+    pub size: u64,
+    pub format: DiskFormat,
+    pub version: Version,
+    pub cluster_size: u64,
+}
+
+fn desc_err(dd: &Path, what: String) -> Error {
+    Error::Descriptor {
+        path: dd.display().to_string(),
+        what,
+    }
+}
+
+/// Create an image file and the DiskDescriptor.xml beside it.
+pub fn init(image: &Path, opts: InitOptions) -> Result<PathBuf> {
+    let dir = dd_dir(image);
+    let dd = dir.join(FILE_NAME);
+    if dd.exists() {
+        return Err(desc_err(&dd, "already exists".into()));
+    }
+    let file_name = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", image.display())))?;
+    // Validate the geometry before creating anything.
+    let header = ploop_format::ploop::Header::new(opts.size, opts.cluster_size, opts.version)?;
+    let io = open_file(image, OpenMode::create())?;
+    let kind = match opts.format {
+        DiskFormat::Raw => {
+            RawDelta::create(io, header.virtual_size, false)?;
+            ImageType::Plain
+        }
+        DiskFormat::Expanded | DiskFormat::Preallocated => {
+            PloopDelta::create(
+                io,
+                CreateOptions {
+                    virtual_size: header.virtual_size,
+                    cluster_size: opts.cluster_size,
+                    version: opts.version,
+                    preallocate: opts.format == DiskFormat::Preallocated,
+                },
+            )?;
+            ImageType::Compressed
+        }
+    };
+    let d = Descriptor::new_single(
+        header.virtual_size / SECTOR,
+        (opts.cluster_size / SECTOR) as u32,
+        kind,
+        file_name,
+        opts.format == DiskFormat::Preallocated,
+    );
+    if let Err(e) = d.save(&dd) {
+        let _ = std::fs::remove_file(image);
+        return Err(e);
+    }
+    Ok(dd)
+}
+
+/// Name for a new delta file: `<first image file>.{uuid}`, as libploop.
+fn new_delta_name(d: &Descriptor) -> String {
+    format!("{}.{}", d.images[0].file, guid_string(&Uuid::new_v4()))
+}
+
+/// Create an empty ploop delta shaped like the disk.
+fn create_empty_delta(dd: &Path, d: &Descriptor, file: &str, version: Version) -> Result<()> {
+    let path = image_path(dd, file)?;
+    let io = open_file(&path, OpenMode::create())?;
+    PloopDelta::create(
+        io,
+        CreateOptions {
+            virtual_size: d.size_sectors * SECTOR,
+            cluster_size: u64::from(d.blocksize) * SECTOR,
+            version,
+            preallocate: false,
+        },
+    )
+}
+
+/// Version of a delta file (V2 for a raw one).
+fn delta_version(dd: &Path, entry: &ImageEntry) -> Result<Version> {
+    if entry.kind == ImageType::Plain {
+        return Ok(Version::V2);
+    }
+    let delta = open_delta(
+        &image_path(dd, &entry.file)?,
+        entry.kind,
+        &OpenOptions::default(),
+    )?;
+    Ok(delta
+        .as_ploop()
+        .map(|p| p.header().version)
+        .unwrap_or(Version::V2))
+}
+
+/// Refuse to touch a delta another process holds open read-write.
+fn ensure_not_in_use(dd: &Path, entry: &ImageEntry) -> Result<()> {
+    let path = image_path(dd, &entry.file)?;
+    let io = open_file(&path, OpenMode::read_write())?;
+    drop(io);
+    Ok(())
+}
+
+/// Take an offline snapshot: the current top is frozen under `uuid` (or a
+/// random GUID) and a new empty top delta is created above it.
+pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let snap = uuid.unwrap_or_else(Uuid::new_v4);
+    if d.shot(snap).is_some() || snap == TOP_GUID || snap == NONE_GUID {
+        return Err(desc_err(
+            dd,
+            format!("snapshot {} already exists", guid_string(&snap)),
+        ));
+    }
+    let chain_len = d.chain(d.top_guid, &dd.display().to_string())?.len();
+    if chain_len + 1 > MAX_DELTAS {
+        return Err(desc_err(
+            dd,
+            format!("the maximum number of deltas ({MAX_DELTAS}) has been reached"),
+        ));
+    }
+    let top = d
+        .image(d.top_guid)
+        .cloned()
+        .expect("validated descriptor has its top");
+    ensure_not_in_use(dd, &top)?;
+    let version = delta_version(dd, &top)?;
+    let file = new_delta_name(&d);
+    create_empty_delta(dd, &d, &file, version)?;
+    d.rename_guid(d.top_guid, snap);
+    d.images.push(ImageEntry {
+        guid: TOP_GUID,
+        kind: ImageType::Compressed,
+        file: file.clone(),
+    });
+    d.snapshots.push(Shot {
+        guid: TOP_GUID,
+        parent: snap,
+        temporary: false,
+    });
+    d.top_guid = TOP_GUID;
+    if let Err(e) = d.save(dd) {
+        let _ = std::fs::remove_file(image_path(dd, &file)?);
+        return Err(e);
+    }
+    Ok(snap)
+}
+
+fn remove_image(dd: &Path, d: &mut Descriptor, guid: Uuid) -> Result<PathBuf> {
+    let pos = d
+        .images
+        .iter()
+        .position(|i| i.guid == guid)
+        .expect("image exists");
+    let entry = d.images.remove(pos);
+    d.snapshots.retain(|s| s.guid != guid);
+    image_path(dd, &entry.file)
+}
+
+/// Copy every cluster `child` holds into `target` (the top of `chain`).
+fn copy_down(child: &Delta, chain: &Chain, progress: Progress) -> Result<()> {
+    let cs = chain.cluster_size();
+    let Some(p) = child.as_ploop() else {
+        return Err(Error::Invalid(
+            "cannot merge a raw delta into another".into(),
+        ));
+    };
+    let bat = p.bat_snapshot();
+    let total = bat.iter().filter(|&&e| e != 0).count() as u64;
+    let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
+    let mut done = 0;
+    let clusters = chain.virtual_size().div_ceil(cs);
+    for (cluster, _) in bat.iter().enumerate().filter(|(_, &e)| e != 0) {
+        let cluster = cluster as u64;
+        if cluster >= clusters {
+            continue;
+        }
+        let off = p.map(cluster).expect("mapped");
+        let len = (chain.virtual_size() - cluster * cs).min(cs) as usize;
+        p.read_data(&mut buf.as_mut_slice()[..len], off)?;
+        chain.write_at(&buf.as_slice()[..len], cluster * cs)?;
+        done += 1;
+        progress(done, total);
+    }
+    chain.flush()
+}
+
+/// Merge snapshot `guid` (default: the top) down into its parent. The
+/// parent's file survives under `guid`'s GUID; `guid`'s file is removed.
+pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let child = guid.unwrap_or(d.top_guid);
+    let shot = d
+        .shot(child)
+        .cloned()
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&child))))?;
+    if shot.parent == NONE_GUID {
+        return Err(desc_err(
+            dd,
+            format!(
+                "{} is the base image: it has no parent to merge into",
+                guid_string(&child)
+            ),
+        ));
+    }
+    let siblings = d.children(shot.parent).len();
+    if siblings != 1 {
+        return Err(desc_err(
+            dd,
+            format!(
+                "cannot merge into {}: it has {siblings} children",
+                guid_string(&shot.parent)
+            ),
+        ));
+    }
+    let child_entry = d.image(child).cloned().expect("validated");
+    ensure_not_in_use(dd, &child_entry)?;
+    {
+        // The parent's chain, writable at the parent, receives the child.
+        let parent_disk = Disk::open_with(
+            dd,
+            d.clone(),
+            OpenOptions {
+                writable: true,
+                guid: Some(shot.parent),
+                merge_target: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let child_delta = open_delta(
+            &image_path(dd, &child_entry.file)?,
+            child_entry.kind,
+            &OpenOptions::default(),
+        )?;
+        copy_down(&child_delta, &parent_disk.chain, progress)?;
+        parent_disk.close()?;
+    }
+    let child_path = remove_image(dd, &mut d, child)?;
+    d.rename_guid(shot.parent, child);
+    d.save(dd)?;
+    std::fs::remove_file(&child_path).map_err(|e| {
+        Error::io(
+            child_path.display().to_string(),
+            "removing merged delta",
+            0,
+            e,
+        )
+    })?;
+    Ok(())
+}
+
+/// Delete snapshot `guid`. With one child, the child is merged into it (so
+/// the data stays); with none, its delta is dropped.
+pub fn delete(dd: &Path, guid: Uuid, progress: Progress) -> Result<()> {
+    let d = Descriptor::load(dd)?;
+    let shot = d
+        .shot(guid)
+        .cloned()
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
+    let children = d.children(guid);
+    match children.len() {
+        1 => merge(dd, Some(children[0]), progress),
+        0 => {
+            if shot.parent == NONE_GUID {
+                return Err(desc_err(dd, "unable to delete the base image".into()));
+            }
+            let _lock = DescriptorLock::acquire(dd)?;
+            let mut d = Descriptor::load(dd)?;
+            let entry = d.image(guid).cloned().expect("validated");
+            ensure_not_in_use(dd, &entry)?;
+            let path = remove_image(dd, &mut d, guid)?;
+            if guid == d.top_guid {
+                // The parent becomes the top again.
+                d.rename_guid(shot.parent, TOP_GUID);
+            }
+            d.save(dd)?;
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(path.display().to_string(), "removing delta", 0, e))
+        }
+        n => Err(desc_err(
+            dd,
+            format!(
+                "snapshot {} has {n} children: delete them first",
+                guid_string(&guid)
+            ),
+        )),
+    }
+}
+
+/// Switch to snapshot `guid`: the current top delta is discarded and a new
+/// empty top is created over `guid`.
+pub fn switch(dd: &Path, guid: Uuid) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    if guid == d.top_guid {
+        return Err(desc_err(
+            dd,
+            format!("already on snapshot {}", guid_string(&guid)),
+        ));
+    }
+    let target = d
+        .image(guid)
+        .cloned()
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
+    let top = d.image(d.top_guid).cloned().expect("validated");
+    ensure_not_in_use(dd, &top)?;
+    let version = delta_version(dd, &target)?;
+    let file = new_delta_name(&d);
+    create_empty_delta(dd, &d, &file, version)?;
+    let top_guid = d.top_guid;
+    let old_top = remove_image(dd, &mut d, top_guid)?;
+    d.images.push(ImageEntry {
+        guid: TOP_GUID,
+        kind: ImageType::Compressed,
+        file,
+    });
+    d.snapshots.push(Shot {
+        guid: TOP_GUID,
+        parent: guid,
+        temporary: false,
+    });
+    d.top_guid = TOP_GUID;
+    d.save(dd)?;
+    std::fs::remove_file(&old_top).map_err(|e| {
+        Error::io(
+            old_top.display().to_string(),
+            "removing old top delta",
+            0,
+            e,
+        )
+    })
+}
+
+/// Convert a disk without snapshots to another format.
+pub fn convert_format(dd: &Path, to: DiskFormat, progress: Progress) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    if d.images.len() != 1 {
+        return Err(desc_err(
+            dd,
+            "convert works on a disk without snapshots; merge or delete them first".into(),
+        ));
+    }
+    let entry = d.images[0].clone();
+    let path = image_path(dd, &entry.file)?;
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let size = d.size_sectors * SECTOR;
+    let from = match (entry.kind, d.preallocated) {
+        (ImageType::Plain, _) => DiskFormat::Raw,
+        (ImageType::Compressed, false) => DiskFormat::Expanded,
+        (ImageType::Compressed, true) => DiskFormat::Preallocated,
+    };
+    if from == to {
+        return Ok(());
+    }
+    match (from, to) {
+        (DiskFormat::Expanded, DiskFormat::Preallocated) => {
+            let delta = open_delta(
+                &path,
+                entry.kind,
+                &OpenOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )?;
+            let p = delta.as_ploop().expect("ploop");
+            let zeros = ploop_io::AlignedBuf::zeroed(cs as usize);
+            let n = p.clusters();
+            for c in 0..n {
+                if p.map(c).is_none() {
+                    p.write_cluster(c, 0, zeros.as_slice(), None)?;
+                }
+                progress(c + 1, n);
+            }
+            delta.close()?;
+        }
+        (DiskFormat::Preallocated, DiskFormat::Expanded) => {}
+        _ => {
+            // Rewrite into a new file, then rename over the old one.
+            let tmp_name = format!("{}.convert.tmp", entry.file);
+            let tmp = image_path(dd, &tmp_name)?;
+            let _ = std::fs::remove_file(&tmp);
+            let src = Disk::open_with(dd, d.clone(), OpenOptions::default())?;
+            {
+                let io = open_file(&tmp, OpenMode::create())?;
+                let dst = match to {
+                    DiskFormat::Raw => {
+                        RawDelta::create(io.clone(), size, false)?;
+                        Delta::Raw(RawDelta::open(io, true)?)
+                    }
+                    _ => {
+                        PloopDelta::create(
+                            io.clone(),
+                            CreateOptions {
+                                virtual_size: size,
+                                cluster_size: cs,
+                                version: Version::V2,
+                                preallocate: to == DiskFormat::Preallocated,
+                            },
+                        )?;
+                        Delta::Ploop(PloopDelta::open(
+                            io,
+                            ploop_format::ploop::OpenFlags {
+                                writable: true,
+                                allow_dirty: false,
+                            },
+                        )?)
+                    }
+                };
+                let dst = Chain::new(vec![std::sync::Arc::new(dst)], cs, size)?;
+                let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
+                let n = size.div_ceil(cs);
+                for c in 0..n {
+                    let len = (size - c * cs).min(cs) as usize;
+                    src.chain.read_at(&mut buf.as_mut_slice()[..len], c * cs)?;
+                    if !is_zero(&buf.as_slice()[..len]) {
+                        dst.write_at(&buf.as_slice()[..len], c * cs)?;
+                    }
+                    progress(c + 1, n);
+                }
+                dst.close()?;
+            }
+            src.close()?;
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| Error::io(path.display().to_string(), "replacing image", 0, e))?;
+        }
+    }
+    d.images[0].kind = if to == DiskFormat::Raw {
+        ImageType::Plain
+    } else {
+        ImageType::Compressed
+    };
+    d.preallocated = to == DiskFormat::Preallocated;
+    d.save(dd)
+}
+
+/// Change the ploop format version of every delta of a disk.
+pub fn convert_version(dd: &Path, to: Version) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let d = Descriptor::load(dd)?;
+    for entry in &d.images {
+        if entry.kind == ImageType::Plain {
+            return Err(desc_err(dd, "a raw image has no format version".into()));
+        }
+        let path = image_path(dd, &entry.file)?;
+        let io = open_file(&path, OpenMode::read_write())?;
+        ploop_format::ploop::convert::convert_version(&io, to)?;
+    }
+    Ok(())
+}
+
+/// Result of checking one delta.
+pub struct DeltaCheck {
+    pub path: PathBuf,
+    pub report: CheckReport,
+}
+
+/// Check (and unless `read_only`, repair) one ploop delta file.
+pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
+    let mode = if read_only {
+        OpenMode::read_only()
+    } else {
+        OpenMode::read_write()
+    };
+    let io = open_file(path, mode)?;
+    let report = check(&io, !read_only)?;
+    Ok(DeltaCheck {
+        path: path.to_path_buf(),
+        report,
+    })
+}
+
+/// Check every ploop delta of a disk, base first.
+pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
+    let d = Descriptor::load(dd)?;
+    let mut out = Vec::new();
+    for entry in d.chain(d.top_guid, &dd.display().to_string())? {
+        let path = image_path(dd, &entry.file)?;
+        if !path.exists() {
+            return Err(desc_err(
+                dd,
+                format!("image file {} is missing", path.display()),
+            ));
+        }
+        if entry.kind == ImageType::Compressed {
+            out.push(check_file(&path, read_only)?);
+        }
+    }
+    Ok(out)
+}

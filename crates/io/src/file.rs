@@ -1,0 +1,305 @@
+//! File backends: direct (O_DIRECT with aligned bounce buffers where a
+//! request is not aligned) and buffered (any filesystem, including network
+//! ones and tmpfs, which refuse O_DIRECT).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::fs::{fallocate, fdatasync, flock, FallocateFlags, FlockOperation, OFlags};
+
+use crate::aligned::{is_direct_ready, AlignedBuf, DIRECT_ALIGN};
+use crate::BlockIo;
+
+/// Advisory lock taken on open, held until the file is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    None,
+    /// Readers: any number, but no writer.
+    Shared,
+    /// One writer and nobody else.
+    Exclusive,
+}
+
+/// How to open an image file.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenMode {
+    pub write: bool,
+    /// Ask for O_DIRECT; silently falls back to buffered where refused.
+    pub direct: bool,
+    /// Create the file; fail if it exists.
+    pub create_new: bool,
+    pub lock: LockMode,
+}
+
+impl OpenMode {
+    pub fn read_only() -> Self {
+        Self {
+            write: false,
+            direct: false,
+            create_new: false,
+            lock: LockMode::Shared,
+        }
+    }
+
+    pub fn read_write() -> Self {
+        Self {
+            write: true,
+            direct: false,
+            create_new: false,
+            lock: LockMode::Exclusive,
+        }
+    }
+
+    pub fn create() -> Self {
+        Self {
+            create_new: true,
+            ..Self::read_write()
+        }
+    }
+
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
+        self
+    }
+}
+
+pub struct FileIo {
+    file: File,
+    path: PathBuf,
+    direct: bool,
+    /// Serialises read-modify-write of partial blocks on a direct file.
+    rmw: Mutex<()>,
+}
+
+impl FileIo {
+    pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(mode.write);
+        if mode.create_new {
+            opts.create_new(true);
+        }
+        let (file, direct) = if mode.direct {
+            match opts
+                .clone()
+                .custom_flags(OFlags::DIRECT.bits() as i32)
+                .open(path)
+            {
+                Ok(f) => (f, true),
+                // tmpfs and some FUSE filesystems refuse O_DIRECT.
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    (opts.open(path)?, false)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (opts.open(path)?, false)
+        };
+        let op = match mode.lock {
+            LockMode::None => None,
+            LockMode::Shared => Some(FlockOperation::NonBlockingLockShared),
+            LockMode::Exclusive => Some(FlockOperation::NonBlockingLockExclusive),
+        };
+        if let Some(op) = op {
+            flock(&file, op).map_err(|e| {
+                if e == rustix::io::Errno::WOULDBLOCK {
+                    io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "file is locked by another process (image in use)",
+                    )
+                } else {
+                    io::Error::from(e)
+                }
+            })?;
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            direct,
+            rmw: Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether O_DIRECT is really in effect.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_raw(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// The block-aligned span that covers `[offset, offset + len)`.
+    fn aligned_span(offset: u64, len: usize) -> (u64, usize) {
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, (end - start) as usize)
+    }
+}
+
+impl BlockIo for FileIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.direct || is_direct_ready(buf.as_ptr(), offset, buf.len()) {
+            return self.read_raw(buf, offset);
+        }
+        let (start, span) = Self::aligned_span(offset, buf.len());
+        let mut bounce = AlignedBuf::zeroed(span);
+        self.read_raw(bounce.as_mut_slice(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return self.write_raw(buf, offset);
+        }
+        if is_direct_ready(buf.as_ptr(), offset, buf.len()) {
+            return self.write_raw(buf, offset);
+        }
+        let (start, span) = Self::aligned_span(offset, buf.len());
+        let skip = (offset - start) as usize;
+        let mut bounce = AlignedBuf::zeroed(span);
+        if skip == 0 && span == buf.len() {
+            // Aligned range, unaligned memory: a plain copy, no read needed.
+            bounce.as_mut_slice().copy_from_slice(buf);
+            return self.write_raw(bounce.as_slice(), start);
+        }
+        let _guard = self.rmw.lock().expect("rmw lock");
+        let old_size = self.size()?;
+        self.read_raw(bounce.as_mut_slice(), start)?;
+        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.write_raw(bounce.as_slice(), start)?;
+        // The bounce may have written past the intended end: trim it back.
+        let want = old_size.max(offset + buf.len() as u64);
+        if start + span as u64 > want {
+            self.file.set_len(want)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        fdatasync(&self.file).map_err(io::Error::from)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+                // Not every filesystem zeroes ranges in place: write zeros.
+                let chunk = AlignedBuf::zeroed(len.min(1 << 20) as usize);
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(chunk.len() as u64) as usize;
+                    self.write_at(&chunk.as_slice()[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(&self.file, FallocateFlags::empty(), offset, len).map_err(io::Error::from)
+    }
+
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(direct: bool) {
+        let dir = std::env::temp_dir().join(format!("ploop-io-{}-{direct}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let _ = std::fs::remove_file(&path);
+        let io = FileIo::open(&path, OpenMode::create().direct(direct)).unwrap();
+        io.set_len(10_000).unwrap();
+        io.write_at(b"hello", 4093).unwrap();
+        let mut b = [0u8; 9];
+        io.read_at(&mut b, 4091).unwrap();
+        assert_eq!(&b, b"\0\0hello\0\0");
+        assert_eq!(io.size().unwrap(), 10_000);
+        // Unaligned write past the end grows to exactly its end.
+        io.write_at(b"tail", 12_000).unwrap();
+        assert_eq!(io.size().unwrap(), 12_004);
+        let mut big = vec![7u8; 3];
+        io.read_at(&mut big, 20_000).unwrap();
+        assert_eq!(big, [0, 0, 0]);
+        io.punch_hole(4096, 4096).unwrap();
+        io.read_at(&mut b, 4091).unwrap();
+        assert_eq!(&b, b"\0\0hel\0\0\0\0");
+        // A second exclusive lock is refused.
+        let err = FileIo::open(&path, OpenMode::read_write()).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        drop(io);
+        FileIo::open(&path, OpenMode::read_write()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn buffered_roundtrip() {
+        roundtrip(false);
+    }
+
+    #[test]
+    fn direct_roundtrip() {
+        roundtrip(true);
+    }
+}

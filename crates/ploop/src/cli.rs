@@ -1,0 +1,595 @@
+//! Commands, named and flagged as in OpenVZ's `ploop`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ploop_format::descriptor::{guid_string, parse_guid, Descriptor, ImageType, TOP_GUID};
+use ploop_format::ploop::{has_signature, Version, MIN_CLUSTER_SECTORS};
+use ploop_format::SECTOR;
+use ploop_image::disk::image_path;
+use ploop_image::ops::{self, DiskFormat, InitOptions};
+use ploop_image::{Disk, OpenOptions};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::size::parse_size;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Parser)]
+#[command(
+    name = "ploop",
+    version,
+    about = "Container disks in one image file (OpenVZ ploop compatible)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an image and the DiskDescriptor.xml beside it.
+    Init(InitArgs),
+    /// Show a disk's size, format and deltas.
+    Info {
+        #[arg(long)]
+        json: bool,
+        descriptor: PathBuf,
+    },
+    /// Check a disk or one delta file and repair it (unless -r).
+    Check(CheckArgs),
+    /// Take a snapshot: freeze the top delta and start a new one.
+    Snapshot {
+        /// GUID for the snapshot (default: random).
+        #[arg(short = 'u', long = "uuid")]
+        uuid: Option<String>,
+        descriptor: PathBuf,
+    },
+    /// List snapshots.
+    #[command(name = "snapshot-list")]
+    SnapshotList(ListArgs),
+    /// Delete a snapshot (merging its child into it, if it has one).
+    #[command(name = "snapshot-delete")]
+    SnapshotDelete {
+        #[arg(short = 'u', long = "uuid")]
+        uuid: String,
+        descriptor: PathBuf,
+    },
+    /// Merge a snapshot (default: the top delta) into its parent.
+    #[command(name = "snapshot-merge")]
+    SnapshotMerge {
+        #[arg(short = 'u', long = "uuid")]
+        uuid: Option<String>,
+        descriptor: PathBuf,
+    },
+    /// Drop the current top delta and continue from a snapshot.
+    #[command(name = "snapshot-switch")]
+    SnapshotSwitch {
+        #[arg(short = 'u', long = "uuid")]
+        uuid: String,
+        descriptor: PathBuf,
+    },
+    /// Convert the image format (-f) or the ploop version (-v).
+    Convert {
+        #[arg(
+            short = 'f',
+            long = "format",
+            conflicts_with = "version",
+            required_unless_present = "version"
+        )]
+        format: Option<String>,
+        #[arg(short = 'v', long = "version")]
+        version: Option<u32>,
+        descriptor: PathBuf,
+    },
+    /// Read bytes of the virtual disk to standard output (no device needed).
+    Read {
+        /// Byte offset (K/M/G/T suffixes allowed).
+        #[arg(long, default_value = "0")]
+        offset: String,
+        /// Bytes to read (default: to the end of the disk).
+        #[arg(long)]
+        length: Option<String>,
+        /// Read a snapshot instead of the top.
+        #[arg(short = 'u', long = "uuid")]
+        uuid: Option<String>,
+        descriptor: PathBuf,
+    },
+    /// Write a file (or - for standard input) into the virtual disk.
+    Write {
+        /// Byte offset (K/M/G/T suffixes allowed).
+        #[arg(long, default_value = "0")]
+        offset: String,
+        descriptor: PathBuf,
+        input: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Disk size: a number of 512-byte sectors, or with a K/M/G/T suffix.
+    #[arg(short = 's', long = "size")]
+    size: String,
+    /// raw, ploop1 (= expanded) or preallocated.
+    #[arg(short = 'f', long = "format", default_value = "ploop1")]
+    format: String,
+    /// ploop format version.
+    #[arg(short = 'v', long = "version", default_value_t = 2)]
+    version: u32,
+    /// Cluster size in 512-byte sectors (or with a suffix); default 1M.
+    #[arg(short = 'b', long = "blocksize", default_value = "2048")]
+    blocksize: String,
+    /// Filesystem to create: none (more with `ploop mount` support).
+    #[arg(short = 't', long = "type", default_value = "none")]
+    fstype: String,
+    image: PathBuf,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Check even if the image was closed cleanly.
+    #[arg(short = 'f', long = "force")]
+    force: bool,
+    /// Detailed check (duplicates); always done here, kept for OpenVZ.
+    #[arg(short = 'c', long = "check")]
+    check: bool,
+    /// Read-only: report problems, change nothing.
+    #[arg(short = 'r', long = "ro")]
+    read_only: bool,
+    #[arg(long)]
+    json: bool,
+    /// DiskDescriptor.xml or one delta file.
+    target: PathBuf,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// No header line.
+    #[arg(short = 'H', long = "no-header")]
+    no_header: bool,
+    /// Fields: uuid, parent_uuid, current, fname.
+    #[arg(
+        short = 'o',
+        long = "output",
+        default_value = "parent_uuid,current,uuid,fname"
+    )]
+    output: String,
+    /// Only the chain from this snapshot down to the base.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+    #[arg(long)]
+    json: bool,
+    descriptor: PathBuf,
+}
+
+fn guid_arg(s: &str) -> Res<Uuid> {
+    parse_guid(s).ok_or_else(|| format!("incorrect uuid specified: {s}").into())
+}
+
+/// A progress bar on a terminal, nothing elsewhere.
+fn progress_bar(what: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    Some(pb)
+}
+
+fn with_progress<T>(what: &str, f: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
+    let pb = progress_bar(what);
+    let cb = |done: u64, total: u64| {
+        if let Some(pb) = &pb {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    };
+    let r = f(&cb);
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    r
+}
+
+pub fn run() -> Res<ExitCode> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Init(a) => init(a),
+        Cmd::Info { json, descriptor } => info(&descriptor, json),
+        Cmd::Check(a) => check(a),
+        Cmd::Snapshot { uuid, descriptor } => {
+            let uuid = uuid.as_deref().map(guid_arg).transpose()?;
+            let snap = ops::snapshot(&descriptor, uuid)?;
+            println!(
+                "ploop snapshot {} has been successfully created",
+                guid_string(&snap)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SnapshotList(a) => snapshot_list(a),
+        Cmd::SnapshotDelete { uuid, descriptor } => {
+            let g = guid_arg(&uuid)?;
+            with_progress("merging", |p| ops::delete(&descriptor, g, p))?;
+            println!(
+                "ploop snapshot {} has been successfully deleted",
+                guid_string(&g)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SnapshotMerge { uuid, descriptor } => {
+            let g = uuid.as_deref().map(guid_arg).transpose()?;
+            with_progress("merging", |p| ops::merge(&descriptor, g, p))?;
+            println!("ploop snapshot has been successfully merged");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SnapshotSwitch { uuid, descriptor } => {
+            ops::switch(&descriptor, guid_arg(&uuid)?)?;
+            println!("ploop snapshot has been successfully switched");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Convert {
+            format,
+            version,
+            descriptor,
+        } => {
+            if let Some(f) = format {
+                let to = parse_format(&f)?;
+                with_progress("converting", |p| ops::convert_format(&descriptor, to, p))?;
+            } else if let Some(v) = version {
+                ops::convert_version(&descriptor, parse_version(v)?)?;
+            }
+            println!("ploop image has been successfully converted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Read {
+            offset,
+            length,
+            uuid,
+            descriptor,
+        } => read(&descriptor, &offset, length.as_deref(), uuid.as_deref()),
+        Cmd::Write {
+            offset,
+            descriptor,
+            input,
+        } => write(&descriptor, &offset, &input),
+    }
+}
+
+fn parse_format(f: &str) -> Res<DiskFormat> {
+    Ok(match f {
+        "raw" => DiskFormat::Raw,
+        "ploop1" | "expanded" => DiskFormat::Expanded,
+        "preallocated" => DiskFormat::Preallocated,
+        other => {
+            return Err(
+                format!("bad -f argument: {other} (raw, ploop1, expanded, preallocated)").into(),
+            )
+        }
+    })
+}
+
+fn parse_version(v: u32) -> Res<Version> {
+    match v {
+        1 => Ok(Version::V1),
+        2 => Ok(Version::V2),
+        other => Err(format!("invalid -v argument: {other} (1 or 2)").into()),
+    }
+}
+
+fn init(a: InitArgs) -> Res<ExitCode> {
+    let size = parse_size(&a.size, SECTOR)?;
+    let cluster = parse_size(&a.blocksize, SECTOR)?;
+    if cluster < MIN_CLUSTER_SECTORS * SECTOR {
+        return Err(format!("incorrect blocksize specified: {}", a.blocksize).into());
+    }
+    if a.fstype != "none" {
+        return Err(format!(
+            "-t {}: this build creates images without a filesystem; use -t none",
+            a.fstype
+        )
+        .into());
+    }
+    let dd = ops::init(
+        &a.image,
+        InitOptions {
+            size,
+            format: parse_format(&a.format)?,
+            version: parse_version(a.version)?,
+            cluster_size: cluster,
+        },
+    )?;
+    println!("{}", dd.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
+    let d = Descriptor::load(dd)?;
+    let name = dd.display().to_string();
+    let mut deltas = Vec::new();
+    for e in d.chain(d.top_guid, &name)? {
+        let path = image_path(dd, &e.file)?;
+        let meta = std::fs::metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+        let (version, allocated) = if e.kind == ImageType::Compressed {
+            let delta = ploop_image::disk::open_delta(&path, e.kind, &OpenOptions::default())?;
+            let p = delta.as_ploop().expect("ploop delta");
+            (
+                Some(p.header().version.number()),
+                Some(p.allocated_clusters()),
+            )
+        } else {
+            (None, None)
+        };
+        use std::os::unix::fs::MetadataExt;
+        deltas.push(json!({
+            "guid": guid_string(&e.guid),
+            "file": path.display().to_string(),
+            "format": if e.kind == ImageType::Plain { "raw" } else { "ploop1" },
+            "version": version,
+            "allocated_clusters": allocated,
+            "file_size": meta.len(),
+            "disk_usage": meta.blocks() * 512,
+        }));
+    }
+    let size = d.size_sectors * SECTOR;
+    let cluster = u64::from(d.blocksize) * SECTOR;
+    let format = match (d.images[0].kind, d.preallocated) {
+        (ImageType::Plain, _) => "raw",
+        (_, true) => "preallocated",
+        _ => "ploop1",
+    };
+    if as_json {
+        let v = json!({
+            "descriptor": name,
+            "size": size,
+            "size_sectors": d.size_sectors,
+            "cluster_size": cluster,
+            "blocksize": d.blocksize,
+            "format": format,
+            "snapshots": d.snapshots.len(),
+            "deltas": deltas,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("size:\t\t{}", d.size_sectors);
+        println!("blocksize:\t{}", d.blocksize);
+        if let Some(v) = deltas.last().and_then(|x| x["version"].as_u64()) {
+            println!("fmt_version:\t{v}");
+        }
+        println!("format:\t\t{format}");
+        println!("deltas (base first):");
+        for x in &deltas {
+            println!(
+                "  {} {} allocated={} file_size={}",
+                x["guid"].as_str().unwrap_or(""),
+                x["file"].as_str().unwrap_or(""),
+                x["allocated_clusters"]
+                    .as_u64()
+                    .map_or("-".to_string(), |c| format!("{c} clusters")),
+                x["file_size"]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(a: CheckArgs) -> Res<ExitCode> {
+    let _ = (a.force, a.check);
+    let is_dd = a.target.extension().is_some_and(|e| e == "xml") || {
+        let mut first = [0u8; 16];
+        let n = std::fs::File::open(&a.target)
+            .and_then(|mut f| f.read(&mut first))
+            .map_err(|e| format!("{}: {e}", a.target.display()))?;
+        !has_signature(&first[..n]) && first[..n].starts_with(b"<")
+    };
+    let results = if is_dd {
+        ops::check_disk(&a.target, a.read_only)?
+    } else {
+        vec![ops::check_file(&a.target, a.read_only)?]
+    };
+    let unrepaired = results
+        .iter()
+        .any(|r| !r.report.is_clean() && !r.report.repaired);
+    if a.json {
+        let v: Vec<_> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "file": r.path.display().to_string(),
+                    "problems": r.report.problems,
+                    "repaired": r.report.repaired,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in &results {
+            if r.report.is_clean() {
+                println!("{}: clean", r.path.display());
+                continue;
+            }
+            for p in &r.report.problems {
+                println!("{}: {p}", r.path.display());
+            }
+            println!(
+                "{}: {}",
+                r.path.display(),
+                if r.report.repaired {
+                    "repaired"
+                } else {
+                    "NOT repaired (read-only check)"
+                }
+            );
+        }
+    }
+    Ok(if unrepaired {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn snapshot_list(a: ListArgs) -> Res<ExitCode> {
+    let d = Descriptor::load(&a.descriptor)?;
+    let name = a.descriptor.display().to_string();
+    let fields: Vec<String> = a
+        .output
+        .split(',')
+        .map(|f| f.trim().to_lowercase())
+        .collect();
+    for f in &fields {
+        if !["uuid", "parent_uuid", "current", "fname"].contains(&f.as_str()) {
+            return Err(format!("unknown field: {f}").into());
+        }
+    }
+    let shots: Vec<_> = match &a.uuid {
+        Some(u) => {
+            let g = guid_arg(u)?;
+            let mut chain = d.chain(g, &name)?;
+            chain.reverse();
+            chain
+                .iter()
+                .map(|e| d.shot(e.guid).expect("validated").clone())
+                .collect()
+        }
+        None => d.snapshots.clone(),
+    };
+    let mut rows = Vec::new();
+    for s in &shots {
+        let file = &d.image(s.guid).expect("validated").file;
+        let fname = image_path(&a.descriptor, file)?;
+        let fname = fname.canonicalize().unwrap_or(fname);
+        rows.push((s, fname.display().to_string()));
+    }
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(s, f)| {
+                json!({
+                    "uuid": guid_string(&s.guid),
+                    "parent_uuid": guid_string(&s.parent),
+                    "current": s.guid == d.top_guid,
+                    "fname": f,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    let cell = |f: &str, s: &ploop_format::descriptor::Shot, fname: &str| -> (String, usize) {
+        match f {
+            "uuid" => (guid_string(&s.guid), 38),
+            "parent_uuid" => (guid_string(&s.parent), 38),
+            "current" => ((if s.guid == d.top_guid { "*" } else { "" }).to_string(), 1),
+            _ => (fname.to_string(), 32),
+        }
+    };
+    if !a.no_header {
+        let mut line = String::new();
+        for f in &fields {
+            let (h, w) = match f.as_str() {
+                "uuid" => ("UUID", 38),
+                "parent_uuid" => ("PARENT_UUID", 38),
+                "current" => ("C", 1),
+                _ => ("FNAME", 32),
+            };
+            line.push_str(&format!("{h:<w$} "));
+        }
+        writeln!(out, "{line}")?;
+    }
+    for (s, fname) in &rows {
+        let mut line = String::new();
+        for (i, f) in fields.iter().enumerate() {
+            let (v, w) = cell(f, s, fname);
+            if i + 1 == fields.len() {
+                line.push_str(&v);
+            } else {
+                line.push_str(&format!("{v:<w$} "));
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read(dd: &Path, offset: &str, length: Option<&str>, uuid: Option<&str>) -> Res<ExitCode> {
+    let guid = uuid.map(guid_arg).transpose()?;
+    let disk = Disk::open(
+        dd,
+        OpenOptions {
+            guid: guid.or(Some(TOP_GUID)),
+            ..OpenOptions::default()
+        },
+    )?;
+    let size = disk.chain.virtual_size();
+    let offset = parse_size(offset, 1)?;
+    let length = match length {
+        Some(l) => parse_size(l, 1)?,
+        None => size.saturating_sub(offset),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = offset;
+    let end = offset
+        .checked_add(length)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            format!("range {offset}+{length} is past the end of the {size}-byte disk")
+        })?;
+    while pos < end {
+        let n = (end - pos).min(buf.len() as u64) as usize;
+        disk.chain.read_at(&mut buf[..n], pos)?;
+        out.write_all(&buf[..n])?;
+        pos += n as u64;
+    }
+    out.flush()?;
+    disk.close()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
+    let disk = Disk::open(
+        dd,
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let mut pos = parse_size(offset, 1)?;
+    let mut src: Box<dyn Read> = if input == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?)
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let result = (|| -> Res<()> {
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = src.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            disk.chain.write_at(&buf[..filled], pos)?;
+            pos += filled as u64;
+        }
+    })();
+    let closed = disk.close();
+    result?;
+    closed?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian packages the tool and its tests use: the peers we test against
+# (qemu-img, OpenVZ's ploop check) and the kernel-facing tools.
+set -euo pipefail
+pkgs=(qemu-utils ploop fio fuse3 e2fsprogs xfsprogs util-linux libnbd-bin)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
