@@ -251,9 +251,9 @@ impl Descriptor {
             ));
         }
         let blocksize = number(storage, "Blocksize")?.ok_or_else(|| missing("Blocksize"))?;
-        if !(64..=131072).contains(&blocksize) || !blocksize.is_power_of_two() {
+        if !(8..=131072).contains(&blocksize) || !blocksize.is_power_of_two() {
             return Err(bad(format!(
-                "invalid <Blocksize> {blocksize}: must be a power of two from 64 to 131072 sectors"
+                "invalid <Blocksize> {blocksize}: must be a power of two from 8 to 131072 sectors"
             )));
         }
         let size_sectors = match number(params, "Disk_size")? {

@@ -92,6 +92,58 @@ pub fn init(image: &Path, opts: InitOptions) -> Result<PathBuf> {
     Ok(dd)
 }
 
+/// Write a descriptor in `dir` for an existing base image. `raw` forces
+/// the format (default: detected from the signature); `cluster` is the
+/// cluster size for a raw image (default 1 MiB).
+pub fn restore_descriptor(
+    dir: &Path,
+    image: &Path,
+    raw: Option<bool>,
+    cluster: Option<u64>,
+) -> Result<PathBuf> {
+    let dd = dir.join(FILE_NAME);
+    if dd.exists() {
+        return Err(desc_err(&dd, "already exists".into()));
+    }
+    let io = open_file(image, OpenMode::read_only())?;
+    let mut first = [0u8; 16];
+    io.read_at(&mut first, 0)
+        .map_err(|e| Error::io(image.display().to_string(), "reading header", 0, e))?;
+    let raw = raw.unwrap_or(!ploop_format::ploop::has_signature(&first));
+    let (size, cs, kind) = if raw {
+        let size = io
+            .size()
+            .map_err(|e| Error::io(image.display().to_string(), "reading size", 0, e))?;
+        (size, cluster.unwrap_or(1 << 20), ImageType::Plain)
+    } else {
+        let p = PloopDelta::open(io, ploop_format::ploop::OpenFlags::default())?;
+        (p.virtual_size(), p.cluster_size(), ImageType::Compressed)
+    };
+    if !cs.is_power_of_two() || !(4 << 10..=64 << 20).contains(&cs) {
+        return Err(Error::Invalid(format!("invalid cluster size {cs}")));
+    }
+    let dir_abs = dir
+        .canonicalize()
+        .map_err(|e| Error::io(dir.display().to_string(), "resolving folder", 0, e))?;
+    let img_abs = image
+        .canonicalize()
+        .map_err(|e| Error::io(image.display().to_string(), "resolving image", 0, e))?;
+    let file = img_abs
+        .strip_prefix(&dir_abs)
+        .map_err(|_| {
+            Error::Invalid(format!(
+                "{}: the image must be inside {}",
+                image.display(),
+                dir.display()
+            ))
+        })?
+        .display()
+        .to_string();
+    let d = Descriptor::new_single(size / SECTOR, (cs / SECTOR) as u32, kind, &file, false);
+    d.save(&dd)?;
+    Ok(dd)
+}
+
 /// Name for a new delta file: `<first image file>.{uuid}`, as libploop.
 fn new_delta_name(d: &Descriptor) -> String {
     format!("{}.{}", d.images[0].file, guid_string(&Uuid::new_v4()))

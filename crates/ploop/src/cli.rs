@@ -86,6 +86,19 @@ enum Cmd {
         version: Option<u32>,
         descriptor: PathBuf,
     },
+    /// Write a DiskDescriptor.xml for an existing base image (e.g. one
+    /// made by qemu-img), in DIR.
+    #[command(name = "restore-descriptor")]
+    RestoreDescriptor {
+        /// Image format: ploop1 or raw (default: detected).
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Cluster size in sectors for a raw image (default 2048).
+        #[arg(short = 'b', long = "blocksize")]
+        blocksize: Option<String>,
+        dir: PathBuf,
+        image: PathBuf,
+    },
     /// Read bytes of the virtual disk to standard output (no device needed).
     Read {
         /// Byte offset (K/M/G/T suffixes allowed).
@@ -248,6 +261,25 @@ pub fn run() -> Res<ExitCode> {
                 ops::convert_version(&descriptor, parse_version(v)?)?;
             }
             println!("ploop image has been successfully converted");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::RestoreDescriptor {
+            format,
+            blocksize,
+            dir,
+            image,
+        } => {
+            let raw = format
+                .as_deref()
+                .map(parse_format)
+                .transpose()?
+                .map(|f| f == DiskFormat::Raw);
+            let bs = blocksize
+                .as_deref()
+                .map(|b| parse_size(b, SECTOR))
+                .transpose()?;
+            let dd = ops::restore_descriptor(&dir, &image, raw, bs)?;
+            println!("{}", dd.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Read {
