@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ploop_format::descriptor::{
-    guid_string, Descriptor, ImageEntry, ImageType, Shot, FILE_NAME, MAX_DELTAS, NONE_GUID,
-    TOP_GUID,
+    guid_string, parse_guid, Descriptor, ImageEntry, ImageType, Shot, FILE_NAME, MAX_DELTAS,
+    NONE_GUID, TOP_GUID,
 };
 use ploop_format::ploop::{check::check, check::CheckReport, CreateOptions, PloopDelta, Version};
 use ploop_format::raw::RawDelta;
@@ -145,12 +145,22 @@ pub fn restore_descriptor(
 }
 
 /// Name for a new delta file: `<first image file>.{uuid}`, as libploop.
-fn new_delta_name(d: &Descriptor) -> String {
-    format!("{}.{}", d.images[0].file, guid_string(&Uuid::new_v4()))
+pub fn new_delta_name(d: &Descriptor) -> String {
+    // After an online merge the surviving file may itself be a snapshot
+    // delta: keep the names flat (`root.hdd.{a}`, not `root.hdd.{a}.{b}`).
+    let mut base = d.images[0].file.as_str();
+    while let Some((head, tail)) = base.rsplit_once('.') {
+        let is_guid = tail.starts_with('{') && parse_guid(tail).is_some();
+        if !is_guid {
+            break;
+        }
+        base = head;
+    }
+    format!("{base}.{}", guid_string(&Uuid::new_v4()))
 }
 
 /// Create an empty ploop delta shaped like the disk.
-fn create_empty_delta(dd: &Path, d: &Descriptor, file: &str, version: Version) -> Result<()> {
+pub fn create_empty_delta(dd: &Path, d: &Descriptor, file: &str, version: Version) -> Result<()> {
     let path = image_path(dd, file)?;
     let io = open_file(&path, OpenMode::create())?;
     PloopDelta::create(
@@ -234,7 +244,8 @@ pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     Ok(snap)
 }
 
-fn remove_image(dd: &Path, d: &mut Descriptor, guid: Uuid) -> Result<PathBuf> {
+/// Drop an image and its shot from the descriptor; returns its file.
+pub fn remove_image(dd: &Path, d: &mut Descriptor, guid: Uuid) -> Result<PathBuf> {
     let pos = d
         .images
         .iter()

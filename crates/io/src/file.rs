@@ -97,23 +97,7 @@ impl FileIo {
         } else {
             (opts.open(path)?, false)
         };
-        let op = match mode.lock {
-            LockMode::None => None,
-            LockMode::Shared => Some(FlockOperation::NonBlockingLockShared),
-            LockMode::Exclusive => Some(FlockOperation::NonBlockingLockExclusive),
-        };
-        if let Some(op) = op {
-            flock(&file, op).map_err(|e| {
-                if e == rustix::io::Errno::WOULDBLOCK {
-                    io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        "file is locked by another process (image in use)",
-                    )
-                } else {
-                    io::Error::from(e)
-                }
-            })?;
-        }
+        take_lock(&file, mode.lock)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -160,7 +144,29 @@ impl FileIo {
     }
 }
 
+fn take_lock(file: &File, mode: LockMode) -> io::Result<()> {
+    let op = match mode {
+        LockMode::None => FlockOperation::Unlock,
+        LockMode::Shared => FlockOperation::NonBlockingLockShared,
+        LockMode::Exclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    flock(file, op).map_err(|e| {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "file is locked by another process (image in use)",
+            )
+        } else {
+            io::Error::from(e)
+        }
+    })
+}
+
 impl BlockIo for FileIo {
+    fn set_lock(&self, mode: LockMode) -> io::Result<()> {
+        take_lock(&self.file, mode)
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if !self.direct || is_direct_ready(buf.as_ptr(), offset, buf.len()) {
             return self.read_raw(buf, offset);

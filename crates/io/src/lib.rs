@@ -54,6 +54,11 @@ pub trait BlockIo: Send + Sync {
         }
         Ok(())
     }
+    /// Change the advisory lock held on the backing file (e.g. downgrade a
+    /// former top delta to shared once it becomes read-only).
+    fn set_lock(&self, _mode: LockMode) -> io::Result<()> {
+        Ok(())
+    }
     /// Bytes actually allocated on the backing store, where known.
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         Ok(None)
@@ -92,6 +97,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()
+    }
+    fn set_lock(&self, mode: LockMode) -> io::Result<()> {
+        (**self).set_lock(mode)
     }
     fn describe(&self) -> String {
         (**self).describe()

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use ploop_export::control::Request;
 use ploop_format::descriptor::{guid_string, parse_guid, Descriptor, ImageType, TOP_GUID};
 use ploop_format::ploop::{has_signature, Version, MIN_CLUSTER_SECTORS};
 use ploop_format::SECTOR;
@@ -99,6 +100,15 @@ enum Cmd {
         dir: PathBuf,
         image: PathBuf,
     },
+    /// Serve a disk as a block device (FUSE + loop) and mount its filesystem.
+    Mount(MountArgs),
+    /// Unmount, detach and stop serving a disk.
+    Umount(UmountArgs),
+    /// Show mounted disks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Read bytes of the virtual disk to standard output (no device needed).
     Read {
         /// Byte offset (K/M/G/T suffixes allowed).
@@ -136,10 +146,55 @@ struct InitArgs {
     /// Cluster size in 512-byte sectors (or with a suffix); default 1M.
     #[arg(short = 'b', long = "blocksize", default_value = "2048")]
     blocksize: String,
-    /// Filesystem to create: none (more with `ploop mount` support).
-    #[arg(short = 't', long = "type", default_value = "none")]
+    /// Filesystem to create: ext4 (default), ext3, xfs or none.
+    #[arg(short = 't', long = "type", default_value = "ext4")]
     fstype: String,
+    /// Filesystem block size in bytes.
+    #[arg(short = 'B', long = "fs-blocksize")]
+    fs_block: Option<String>,
     image: PathBuf,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// Read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Mount the filesystem here (without it: only the device).
+    #[arg(short = 'm', long = "mount-point")]
+    mountpoint: Option<PathBuf>,
+    /// Filesystem mount options.
+    #[arg(short = 'o', long = "options", default_value = "")]
+    options: String,
+    /// Serve this snapshot (read-only) instead of the top.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+    /// Stay in the foreground and log to stderr.
+    #[arg(long)]
+    foreground: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    descriptor: PathBuf,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct UmountTarget {
+    /// The mount point.
+    #[arg(short = 'm', long = "mount-point")]
+    mountpoint: Option<PathBuf>,
+    /// The device.
+    #[arg(short = 'd', long = "device")]
+    device: Option<PathBuf>,
+    /// DiskDescriptor.xml (every view of it that is mounted).
+    descriptor: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UmountArgs {
+    #[command(flatten)]
+    target: UmountTarget,
 }
 
 #[derive(Args)]
@@ -221,7 +276,10 @@ pub fn run() -> Res<ExitCode> {
         Cmd::Check(a) => check(a),
         Cmd::Snapshot { uuid, descriptor } => {
             let uuid = uuid.as_deref().map(guid_arg).transpose()?;
-            let snap = ops::snapshot(&descriptor, uuid)?;
+            let snap = match crate::mount::served_rw(&descriptor) {
+                Some(rec) => crate::mount::online_snapshot(&rec, uuid)?,
+                None => ops::snapshot(&descriptor, uuid)?,
+            };
             println!(
                 "ploop snapshot {} has been successfully created",
                 guid_string(&snap)
@@ -231,7 +289,16 @@ pub fn run() -> Res<ExitCode> {
         Cmd::SnapshotList(a) => snapshot_list(a),
         Cmd::SnapshotDelete { uuid, descriptor } => {
             let g = guid_arg(&uuid)?;
-            with_progress("merging", |p| ops::delete(&descriptor, g, p))?;
+            match crate::mount::served_rw(&descriptor) {
+                Some(rec) => crate::mount::online_call(
+                    &rec,
+                    &Request::Delete {
+                        guid: guid_string(&g),
+                    },
+                )
+                .map(|_| ())?,
+                None => with_progress("merging", |p| ops::delete(&descriptor, g, p))?,
+            }
             println!(
                 "ploop snapshot {} has been successfully deleted",
                 guid_string(&g)
@@ -240,11 +307,23 @@ pub fn run() -> Res<ExitCode> {
         }
         Cmd::SnapshotMerge { uuid, descriptor } => {
             let g = uuid.as_deref().map(guid_arg).transpose()?;
-            with_progress("merging", |p| ops::merge(&descriptor, g, p))?;
+            match crate::mount::served_rw(&descriptor) {
+                Some(rec) => crate::mount::online_call(
+                    &rec,
+                    &Request::Merge {
+                        guid: g.map(|g| guid_string(&g)),
+                    },
+                )
+                .map(|_| ())?,
+                None => with_progress("merging", |p| ops::merge(&descriptor, g, p))?,
+            }
             println!("ploop snapshot has been successfully merged");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::SnapshotSwitch { uuid, descriptor } => {
+            if crate::mount::served_rw(&descriptor).is_some() {
+                return Err("unable to switch snapshots of a mounted disk: umount it first".into());
+            }
             ops::switch(&descriptor, guid_arg(&uuid)?)?;
             println!("ploop snapshot has been successfully switched");
             Ok(ExitCode::SUCCESS)
@@ -282,6 +361,13 @@ pub fn run() -> Res<ExitCode> {
             println!("{}", dd.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Mount(a) => crate::mount::mount(a.into()),
+        Cmd::Umount(a) => crate::mount::umount(
+            a.target.mountpoint.as_deref(),
+            a.target.device.as_deref(),
+            a.target.descriptor.as_deref(),
+        ),
+        Cmd::List { json } => crate::mount::list(json),
         Cmd::Read {
             offset,
             length,
@@ -323,12 +409,8 @@ fn init(a: InitArgs) -> Res<ExitCode> {
     if cluster < MIN_CLUSTER_SECTORS * SECTOR {
         return Err(format!("incorrect blocksize specified: {}", a.blocksize).into());
     }
-    if a.fstype != "none" {
-        return Err(format!(
-            "-t {}: this build creates images without a filesystem; use -t none",
-            a.fstype
-        )
-        .into());
+    if !["none", "ext4", "ext3", "xfs"].contains(&a.fstype.as_str()) {
+        return Err(format!("incorrect file system type specified: {}", a.fstype).into());
     }
     let dd = ops::init(
         &a.image,
@@ -339,6 +421,19 @@ fn init(a: InitArgs) -> Res<ExitCode> {
             cluster_size: cluster,
         },
     )?;
+    if a.fstype != "none" {
+        let fs_block = a
+            .fs_block
+            .as_deref()
+            .map(|b| parse_size(b, 1))
+            .transpose()?
+            .map(|b| b as u32);
+        if let Err(e) = crate::mount::make_filesystem(&dd, &a.fstype, fs_block) {
+            let _ = std::fs::remove_file(&dd);
+            let _ = std::fs::remove_file(&a.image);
+            return Err(e);
+        }
+    }
     println!("{}", dd.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -624,4 +719,18 @@ fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
     result?;
     closed?;
     Ok(ExitCode::SUCCESS)
+}
+
+impl From<MountArgs> for crate::mount::MountRequest {
+    fn from(a: MountArgs) -> Self {
+        Self {
+            descriptor: a.descriptor,
+            read_only: a.read_only,
+            mountpoint: a.mountpoint,
+            options: a.options,
+            uuid: a.uuid,
+            foreground: a.foreground,
+            threads: a.threads,
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `ploop`: the command-line tool. Thin: parse, call the library, print.
 
 mod cli;
+mod mount;
 mod size;
 
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli::run() {
         Ok(code) => code,

@@ -313,6 +313,19 @@ impl PloopDelta {
             drop(alloc);
             return self.write_data(data, off + offset);
         }
+        self.allocate_locked(&mut alloc, cluster, offset, data, fill)
+    }
+
+    /// Allocate `cluster` (unmapped, allocation lock held) and write it.
+    fn allocate_locked(
+        &self,
+        alloc: &mut Alloc,
+        cluster: u64,
+        offset: u64,
+        data: &[u8],
+        fill: Option<FillFn>,
+    ) -> Result<()> {
+        let cs = self.header.cluster_size;
         let index = match alloc.free.pop_first() {
             Some(i) => i,
             None => alloc.end,
@@ -348,6 +361,19 @@ impl PloopDelta {
             .pages
             .insert(page_of(cluster));
         Ok(())
+    }
+
+    /// Map `cluster` to a new cluster holding `data` (a whole cluster) only
+    /// if it is still unmapped; returns whether it did. Used to copy data up
+    /// while writers may be allocating the same cluster.
+    pub fn populate(&self, cluster: u64, data: &[u8]) -> Result<bool> {
+        self.ensure_writable()?;
+        let mut alloc = self.alloc.lock().expect("alloc lock");
+        if self.map(cluster).is_some() {
+            return Ok(false);
+        }
+        self.allocate_locked(&mut alloc, cluster, 0, data, None)?;
+        Ok(true)
     }
 
     /// Make a byte range of a mapped cluster read as zeros. If `unmap` and

@@ -1,0 +1,316 @@
+//! The mount daemon: serves one view of a disk over FUSE, puts a loop
+//! device on it, mounts the filesystem, and answers its control socket
+//! until told to stop.
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+use ploop_format::descriptor::{guid_string, parse_guid, TOP_GUID};
+use ploop_image::{ops, Disk, OpenOptions};
+use serde_json::json;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use crate::control::{self, Request, Response};
+use crate::fuse::{OneFileFs, MAX_REQUEST};
+use crate::kernel;
+use crate::online;
+use crate::registry::{self, MountRecord};
+use crate::served::ServedDisk;
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub descriptor: PathBuf,
+    pub guid: Option<Uuid>,
+    pub read_only: bool,
+    pub mountpoint: Option<PathBuf>,
+    /// Extra mount options for the filesystem.
+    pub fs_options: String,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+fn canonical(p: &Path) -> Result<PathBuf, String> {
+    p.canonicalize()
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Open the disk; an image left in use by a crash is checked and repaired
+/// first, as OpenVZ does on mount.
+fn open_disk(dd: &Path, opts: &MountOptions) -> Result<Disk, String> {
+    let open = || {
+        Disk::open(
+            dd,
+            OpenOptions {
+                writable: !opts.read_only,
+                direct: true,
+                guid: opts.guid,
+                ..OpenOptions::default()
+            },
+        )
+    };
+    match open() {
+        Err(ploop_format::Error::Dirty { path }) => {
+            warn!("{path} was not closed cleanly: running check");
+            eprintln!("ploop: {path} was not closed cleanly: checking and repairing it");
+            for r in ops::check_disk(dd, false).map_err(|e| e.to_string())? {
+                for p in &r.report.problems {
+                    warn!("check {}: {p}", r.path.display());
+                }
+            }
+            open().map_err(|e| e.to_string())
+        }
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+/// Find the record of a served view, dropping it if its daemon is gone
+/// and nothing of it is left mounted.
+pub fn find(dd: &Path, guid: Uuid, read_only: bool) -> Option<MountRecord> {
+    let dd = dd.canonicalize().ok()?;
+    let id = registry::id_for(&dd, &guid_string(&guid), read_only);
+    registry::all().into_iter().find(|r| r.id == id)
+}
+
+/// Serve until stopped. `ready` runs once the device (and mount) is up.
+pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(), String> {
+    let dd = canonical(&opts.descriptor)?;
+    let guid = opts.guid.unwrap_or(TOP_GUID);
+    let guid_s = guid_string(&guid);
+    let id = registry::id_for(&dd, &guid_s, opts.read_only);
+    if let Some(old) = registry::all().into_iter().find(|r| r.id == id) {
+        if old.daemon_alive() {
+            return Err(format!(
+                "{} is already mounted (device {}, daemon pid {})",
+                dd.display(),
+                old.device
+                    .as_ref()
+                    .map_or("-".into(), |d| d.display().to_string()),
+                old.pid
+            ));
+        }
+        return Err(format!(
+            "{} has a stale mount record (daemon {} is gone); run `ploop umount {}` first",
+            dd.display(),
+            old.pid,
+            dd.display()
+        ));
+    }
+    let disk = open_disk(&dd, &opts)?;
+    let served = Arc::new(ServedDisk::new(
+        dd.clone(),
+        disk.guid,
+        opts.read_only,
+        disk.chain,
+    ));
+    let dir = registry::run_dir().join(&id);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let fuse_file = dir.join("disk");
+    std::fs::write(&fuse_file, b"").map_err(|e| format!("{}: {e}", fuse_file.display()))?;
+    let socket = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut record = MountRecord {
+        id,
+        descriptor: dd.clone(),
+        guid: guid_s,
+        read_only: opts.read_only,
+        pid: std::process::id(),
+        fuse_file: fuse_file.clone(),
+        socket: socket.clone(),
+        log: log_path(&dd),
+        device: None,
+        mountpoint: None,
+    };
+    record
+        .save()
+        .map_err(|e| format!("saving mount record: {e}"))?;
+
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("ploop".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::CUSTOM(format!("max_read={MAX_REQUEST}")),
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    cfg.acl = SessionACL::All;
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    let cleanup_record = |r: &MountRecord| registry::remove(r);
+    let mut session = match fuser::Session::new(OneFileFs::new(served.clone()), &fuse_file, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup_record(&record);
+            let _ = served.current().close();
+            return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    let fuse_thread = std::thread::Builder::new()
+        .name("fuse".into())
+        .spawn(move || session.run())
+        .map_err(|e| e.to_string())?;
+
+    let shutdown = |record: &MountRecord,
+                    unmounter: &mut fuser::SessionUnmounter,
+                    fuse_thread: std::thread::JoinHandle<std::io::Result<()>>|
+     -> Result<(), String> {
+        let mut errors = Vec::new();
+        if let Some(m) = &record.mountpoint {
+            if kernel::is_mounted(m) {
+                if let Err(e) = kernel::umount(m) {
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            if let Some(d) = &record.device {
+                if let Err(e) = kernel::loop_detach(d) {
+                    errors.push(e);
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        // The loop device lets go of the file asynchronously.
+        let mut tries = 0;
+        loop {
+            match unmounter.unmount() {
+                Ok(()) => break,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    if tries == 100 {
+                        warn!("FUSE unmount: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(_) => {
+                    let _ = kernel::umount_lazy(&record.fuse_file);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = fuse_thread.join() {
+            error!("FUSE thread panicked: {e:?}");
+        }
+        Ok(())
+    };
+
+    let attach = || -> Result<(PathBuf, Option<PathBuf>), String> {
+        let dev = kernel::loop_attach(&fuse_file, opts.read_only)?;
+        if let Some(m) = &opts.mountpoint {
+            if let Err(e) = kernel::mount(&dev, m, &opts.fs_options, opts.read_only) {
+                let _ = kernel::loop_detach(&dev);
+                return Err(e);
+            }
+        }
+        Ok((dev, opts.mountpoint.clone()))
+    };
+    match attach() {
+        Ok((dev, mnt)) => {
+            record.device = Some(dev);
+            record.mountpoint = mnt.map(|m| m.canonicalize().unwrap_or(m));
+        }
+        Err(e) => {
+            let _ = shutdown(&record, &mut unmounter, fuse_thread);
+            let _ = served.current().close();
+            cleanup_record(&record);
+            return Err(e);
+        }
+    }
+    record
+        .save()
+        .map_err(|e| format!("saving mount record: {e}"))?;
+    let listener = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    info!(
+        "serving {} ({}) on {} as {}",
+        dd.display(),
+        record.guid,
+        fuse_file.display(),
+        record
+            .device
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    );
+    ready(&record);
+
+    let mut fuse_thread = Some(fuse_thread);
+    let no_progress = |_: u64, _: u64| {};
+    control::serve(&listener, |req| {
+        let result = match req {
+            Request::Status => Ok(Some(json!({
+                "record": &record,
+                "deltas": served.current().layers().len(),
+            }))),
+            Request::Flush => served
+                .chain()
+                .flush()
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
+                Some(None) => Err("incorrect uuid".to_string()),
+                Some(u) => online::snapshot(&served, u)
+                    .map(|g| Some(json!(guid_string(&g))))
+                    .map_err(|e| e.to_string()),
+                None => online::snapshot(&served, None)
+                    .map(|g| Some(json!(guid_string(&g))))
+                    .map_err(|e| e.to_string()),
+            },
+            Request::Merge { guid } => {
+                let g = match guid.as_deref().map(parse_guid) {
+                    Some(None) => return (Response::err("incorrect uuid"), false),
+                    Some(Some(g)) => g,
+                    None => TOP_GUID,
+                };
+                online::merge_with_parent(&served, g, &no_progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+            }
+            Request::Delete { guid } => match parse_guid(&guid) {
+                None => Err("incorrect uuid".to_string()),
+                Some(g) => online::delete(&served, g, &no_progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string()),
+            },
+            Request::Stop => {
+                let r = served
+                    .chain()
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        shutdown(&record, &mut unmounter, fuse_thread.take().expect("once"))
+                    });
+                return match r {
+                    Ok(()) => (Response::ok(None), true),
+                    Err(e) => (Response::err(e), false),
+                };
+            }
+        };
+        match result {
+            Ok(v) => (Response::ok(v), false),
+            Err(e) => {
+                warn!("control request failed: {e}");
+                (Response::err(e), false)
+            }
+        }
+    });
+    let closed = served.current().close().map_err(|e| e.to_string());
+    registry::remove(&record);
+    info!("stopped serving {}", dd.display());
+    closed
+}
+
+/// The daemon's log, beside the descriptor.
+pub fn log_path(dd: &Path) -> PathBuf {
+    let dir = dd.parent().unwrap_or(Path::new("."));
+    dir.join("ploop-daemon.log")
+}

@@ -1,0 +1,308 @@
+//! A FUSE filesystem whose root is one regular file: the virtual disk.
+//! A loop device on top of that file turns it into a block device.
+//!
+//! The file is served with FOPEN_DIRECT_IO, so the kernel keeps no page
+//! cache for it: the only cache is the one of the filesystem on the loop
+//! device. fallocate's punch-hole and zero-range (what the loop device turns
+//! DISCARD and WRITE_ZEROES into) are implemented for real: an export that
+//! refused them would let mkfs finish with an unzeroed journal.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use ploop_io::AlignedBuf;
+use tracing::{error, warn};
+
+use crate::served::ServedDisk;
+
+/// Largest request we ask the kernel for.
+pub const MAX_REQUEST: u32 = 1 << 20;
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+const SEEK_DATA: i32 = 3;
+const SEEK_HOLE: i32 = 4;
+
+pub struct OneFileFs {
+    disk: Arc<ServedDisk>,
+    started: SystemTime,
+}
+
+impl OneFileFs {
+    pub fn new(disk: Arc<ServedDisk>) -> Self {
+        Self {
+            disk,
+            started: SystemTime::now(),
+        }
+    }
+
+    fn attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo::ROOT,
+            size: self.disk.size,
+            blocks: self.disk.size / 512,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::RegularFile,
+            perm: if self.disk.read_only { 0o400 } else { 0o600 },
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+/// Map an image error to the errno the kernel passes up.
+fn errno(e: &ploop_format::Error) -> Errno {
+    match e {
+        ploop_format::Error::Io { source, .. } => source
+            .raw_os_error()
+            .map(Errno::from_i32)
+            .unwrap_or(Errno::EIO),
+        ploop_format::Error::Invalid(_) => Errno::EINVAL,
+        _ => Errno::EIO,
+    }
+}
+
+const TTL: Duration = Duration::from_secs(1);
+
+impl Filesystem for OneFileFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_background(512);
+        let _ = config.set_congestion_threshold(384);
+        // Parallel async direct I/O from the loop device.
+        let wanted = InitFlags::FUSE_ASYNC_DIO & config.capabilities();
+        let _ = config.add_capabilities(wanted);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::ENOENT);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.size(0);
+    }
+
+    fn getattr(&self, _req: &Request, _ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply.attr(&TTL, &self.attr());
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match size {
+            Some(s) if s != self.disk.size => reply.error(Errno::EINVAL),
+            _ => reply.attr(&TTL, &self.attr()),
+        }
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.disk.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let end = offset.saturating_add(u64::from(size)).min(self.disk.size);
+        if offset >= end {
+            reply.data(&[]);
+            return;
+        }
+        let mut buf = AlignedBuf::zeroed((end - offset) as usize);
+        let chain = self.disk.chain();
+        match chain.read_at(buf.as_mut_slice(), offset) {
+            Ok(()) => reply.data(buf.as_slice()),
+            Err(e) => {
+                error!("read at {offset}: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.disk.read_only {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        if offset.saturating_add(data.len() as u64) > self.disk.size {
+            reply.error(Errno::ENOSPC);
+            return;
+        }
+        let chain = self.disk.chain();
+        match chain.write_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => {
+                error!("write at {offset}: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.disk.read_only {
+            reply.ok();
+            return;
+        }
+        let chain = self.disk.chain();
+        match chain.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                error!("fsync: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if self.disk.read_only {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let end = offset.saturating_add(length);
+        let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0;
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0
+            || (mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0)
+        {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        if !zeroing {
+            // Plain preallocation: space is allocated on first write; only
+            // a request to grow the disk is refused.
+            if end > self.disk.size && mode & FALLOC_FL_KEEP_SIZE == 0 {
+                reply.error(Errno::EOPNOTSUPP);
+            } else {
+                reply.ok();
+            }
+            return;
+        }
+        let end = end.min(self.disk.size);
+        if offset >= end {
+            reply.ok();
+            return;
+        }
+        let chain = self.disk.chain();
+        match chain.discard(offset, end - offset) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                error!("fallocate mode {mode:#x} at {offset}+{length}: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let size = self.disk.size as i64;
+        match whence {
+            // Everything counts as data; the only hole is at the end.
+            SEEK_DATA if offset < size => reply.offset(offset.max(0)),
+            SEEK_HOLE if offset < size => reply.offset(size),
+            SEEK_DATA | SEEK_HOLE => reply.error(Errno::ENXIO),
+            other => {
+                warn!("lseek whence {other} not supported");
+                reply.error(Errno::EINVAL);
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Kernel-facing steps done with util-linux and friends: loop devices,
+//! mounts, freeze/thaw, mkfs. Each failure carries the tool's own message.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Run a tool; on failure return "TOOL ARGS: stderr".
+pub fn run(tool: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// Attach a loop device with direct I/O to `file`; returns the device.
+pub fn loop_attach(file: &Path, read_only: bool) -> Result<PathBuf, String> {
+    let mut args = vec!["-f", "--show", "--direct-io=on"];
+    if read_only {
+        args.push("-r");
+    }
+    args.push(s(file));
+    run("losetup", &args).map(PathBuf::from)
+}
+
+pub fn loop_detach(dev: &Path) -> Result<(), String> {
+    run("losetup", &["-d", s(dev)]).map(|_| ())
+}
+
+/// Whether direct I/O is really on for a loop device.
+pub fn loop_dio(dev: &Path) -> Option<bool> {
+    let name = dev.file_name()?.to_str()?;
+    let v = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).ok()?;
+    Some(v.trim() == "1")
+}
+
+/// Filesystem type on a device, if any.
+pub fn fs_type(dev: &Path) -> Option<String> {
+    run("blkid", &["-o", "value", "-s", "TYPE", s(dev)])
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+pub fn mount(dev: &Path, dir: &Path, opts: &str, read_only: bool) -> Result<(), String> {
+    let mut o = String::from(if read_only { "ro" } else { "rw" });
+    if read_only && fs_type(dev).as_deref() == Some("xfs") {
+        // A snapshot of a mounted xfs has the same UUID and a dirty log.
+        o.push_str(",nouuid,norecovery");
+    }
+    if !opts.is_empty() {
+        o.push(',');
+        o.push_str(opts);
+    }
+    run("mount", &["-o", &o, s(dev), s(dir)]).map(|_| ())
+}
+
+pub fn umount(dir: &Path) -> Result<(), String> {
+    run("umount", &[s(dir)]).map(|_| ())
+}
+
+/// Lazy unmount, for a FUSE file whose daemon is gone.
+pub fn umount_lazy(path: &Path) -> Result<(), String> {
+    run("umount", &["-l", s(path)]).map(|_| ())
+}
+
+pub fn freeze(dir: &Path) -> Result<(), String> {
+    run("fsfreeze", &["-f", s(dir)]).map(|_| ())
+}
+
+pub fn thaw(dir: &Path) -> Result<(), String> {
+    run("fsfreeze", &["-u", s(dir)]).map(|_| ())
+}
+
+/// Make a filesystem on a device (ext4 or xfs), quietly.
+pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<(), String> {
+    let bs = block_size.map(|b| b.to_string());
+    let mut args: Vec<&str> = Vec::new();
+    let tool = match fstype {
+        "ext4" | "ext3" => {
+            args.extend(["-q", "-F"]);
+            if let Some(b) = &bs {
+                args.extend(["-b", b]);
+            }
+            format!("mkfs.{fstype}")
+        }
+        "xfs" => {
+            args.extend(["-q", "-f"]);
+            let opt;
+            if let Some(b) = &bs {
+                opt = format!("size={b}");
+                args.extend(["-b", opt.as_str()]);
+                args.push(s(dev));
+                return run("mkfs.xfs", &args).map(|_| ());
+            }
+            "mkfs.xfs".to_string()
+        }
+        other => {
+            return Err(format!(
+                "unsupported filesystem type {other} (ext4, ext3 or xfs)"
+            ))
+        }
+    };
+    args.push(s(dev));
+    run(&tool, &args).map(|_| ())
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| Path::new(&unescape_mount(m)) == want)
+    })
+}
+
+fn unescape_mount(m: &str) -> String {
+    m.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
+}

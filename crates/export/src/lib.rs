@@ -1,0 +1,11 @@
+//! The device layer: export a delta chain to the kernel as one file over
+//! FUSE, put a loop device on it, and run the daemon that serves it with a
+//! control socket for online operations.
+
+pub mod control;
+pub mod daemon;
+pub mod fuse;
+pub mod kernel;
+pub mod online;
+pub mod registry;
+pub mod served;

@@ -1,0 +1,101 @@
+//! What is mounted: one folder per served disk under /run/ploop (or
+//! $PLOOP_RUN_DIR), holding the FUSE file, the control socket and a
+//! state record.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("PLOOP_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/ploop"))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountRecord {
+    pub id: String,
+    /// Canonical path of the DiskDescriptor.xml.
+    pub descriptor: PathBuf,
+    /// Braced GUID of the delta the served chain ends at.
+    pub guid: String,
+    pub read_only: bool,
+    pub pid: u32,
+    pub fuse_file: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub device: Option<PathBuf>,
+    pub mountpoint: Option<PathBuf>,
+}
+
+impl MountRecord {
+    pub fn dir(&self) -> PathBuf {
+        run_dir().join(&self.id)
+    }
+
+    pub fn daemon_alive(&self) -> bool {
+        process_alive(self.pid)
+            && std::fs::read_to_string(format!("/proc/{}/cmdline", self.pid))
+                .map(|c| c.contains("ploop"))
+                .unwrap_or(false)
+    }
+
+    /// Write the record atomically.
+    pub fn save(&self) -> std::io::Result<()> {
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(tmp, dir.join("state.json"))
+    }
+}
+
+/// Whether a process runs (a zombie does not).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Stable id for a served view of a disk.
+pub fn id_for(descriptor: &Path, guid: &str, read_only: bool) -> String {
+    // FNV-1a: short, stable, no dependency.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in descriptor
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .chain(guid.as_bytes())
+        .chain([read_only as u8].iter())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Every record on this machine.
+pub fn all() -> Vec<MountRecord> {
+    let Ok(entries) = std::fs::read_dir(run_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<MountRecord> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("state.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    out.sort_by(|a, b| a.descriptor.cmp(&b.descriptor).then(a.id.cmp(&b.id)));
+    out
+}
+
+pub fn remove(rec: &MountRecord) {
+    let _ = std::fs::remove_dir_all(rec.dir());
+}

@@ -1,0 +1,55 @@
+//! The disk a daemon serves: a delta chain that online operations can
+//! replace while the export keeps running.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use ploop_image::Chain;
+use uuid::Uuid;
+
+pub struct ServedDisk {
+    pub dd_path: PathBuf,
+    /// GUID of the delta the chain ends at (the top GUID for a writable mount).
+    pub guid: Uuid,
+    pub read_only: bool,
+    pub size: u64,
+    /// Each request holds the read side for its whole duration; an online
+    /// operation takes the write side to drain requests before it swaps.
+    chain: RwLock<Arc<Chain>>,
+}
+
+impl ServedDisk {
+    pub fn new(dd_path: PathBuf, guid: Uuid, read_only: bool, chain: Chain) -> Self {
+        Self {
+            dd_path,
+            guid,
+            read_only,
+            size: chain.virtual_size(),
+            chain: RwLock::new(Arc::new(chain)),
+        }
+    }
+
+    /// The chain, held for one request.
+    pub fn chain(&self) -> RwLockReadGuard<'_, Arc<Chain>> {
+        self.chain.read().expect("chain lock")
+    }
+
+    /// Run `f` with no request in flight; it may return a new chain.
+    pub fn exclusive<T>(
+        &self,
+        f: impl FnOnce(&Arc<Chain>) -> ploop_format::Result<(Option<Chain>, T)>,
+    ) -> ploop_format::Result<T> {
+        let mut guard = self.chain.write().expect("chain lock");
+        let (new, out) = f(&guard)?;
+        if let Some(new) = new {
+            *guard = Arc::new(new);
+        }
+        Ok(out)
+    }
+
+    /// A clone of the current chain (for long operations that must not
+    /// block requests).
+    pub fn current(&self) -> Arc<Chain> {
+        self.chain().clone()
+    }
+}

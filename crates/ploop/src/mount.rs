@@ -1,0 +1,302 @@
+//! mount / umount / list, and the online paths of snapshot commands.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use ploop_export::control::{self, Request};
+use ploop_export::daemon::{self, MountOptions};
+use ploop_export::kernel;
+use ploop_export::registry::{self, MountRecord};
+use ploop_format::descriptor::{guid_string, parse_guid};
+use serde_json::json;
+use uuid::Uuid;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub struct MountRequest {
+    pub descriptor: PathBuf,
+    pub read_only: bool,
+    pub mountpoint: Option<PathBuf>,
+    pub options: String,
+    pub uuid: Option<String>,
+    pub foreground: bool,
+    pub threads: usize,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Start a daemon in the background; returns the device once it is up.
+fn start_daemon(r: &MountRequest) -> Res<String> {
+    let dd = r
+        .descriptor
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", r.descriptor.display()))?;
+    let log = daemon::log_path(&dd);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("mount").arg("--foreground");
+    cmd.arg("--threads").arg(r.threads.to_string());
+    if r.read_only {
+        cmd.arg("-r");
+    }
+    if let Some(m) = &r.mountpoint {
+        cmd.arg("-m").arg(m);
+    }
+    if !r.options.is_empty() {
+        cmd.arg("-o").arg(&r.options);
+    }
+    if let Some(u) = &r.uuid {
+        cmd.arg("-u").arg(u);
+    }
+    cmd.arg(&dd);
+    if std::env::var_os("PLOOP_LOG").is_none() {
+        cmd.env("PLOOP_LOG", "info");
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    BufReader::new(stdout).read_line(&mut line)?;
+    let device = line.trim().to_string();
+    if device.is_empty() {
+        let status = child.wait()?;
+        return Err(format!(
+            "the daemon failed ({status}); its log {} ends with:\n{}",
+            log.display(),
+            tail(&log, 5)
+        )
+        .into());
+    }
+    Ok(device)
+}
+
+pub fn mount(r: MountRequest) -> Res<ExitCode> {
+    if let Some(m) = &r.mountpoint {
+        if !m.is_dir() {
+            return Err(format!("mount point {} is not a directory", m.display()).into());
+        }
+    }
+    if !r.foreground {
+        let dev = start_daemon(&r)?;
+        println!("{dev}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let guid = match &r.uuid {
+        Some(u) => Some(parse_guid(u).ok_or_else(|| format!("incorrect uuid specified: {u}"))?),
+        None => None,
+    };
+    let opts = MountOptions {
+        descriptor: r.descriptor.clone(),
+        guid,
+        read_only: r.read_only,
+        mountpoint: r.mountpoint.clone(),
+        fs_options: r.options.clone(),
+        threads: r.threads,
+    };
+    daemon::serve(opts, |rec| {
+        if let Some(d) = &rec.device {
+            println!("{}", d.display());
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The read-write view of a disk that a live daemon serves.
+pub fn served_rw(dd: &Path) -> Option<MountRecord> {
+    let dd = dd.canonicalize().ok()?;
+    registry::all()
+        .into_iter()
+        .find(|r| r.descriptor == dd && !r.read_only && r.daemon_alive())
+}
+
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if !registry::process_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Clean up after a daemon that died (kill -9): unmount, detach, drop
+/// the dead FUSE mount and the record.
+fn cleanup_dead(rec: &MountRecord) -> Res<()> {
+    if let Some(m) = &rec.mountpoint {
+        if kernel::is_mounted(m) && kernel::umount(m).is_err() {
+            kernel::umount_lazy(m)?;
+        }
+    }
+    if let Some(d) = &rec.device {
+        let _ = kernel::loop_detach(d);
+    }
+    if kernel::is_mounted(&rec.fuse_file) {
+        kernel::umount_lazy(&rec.fuse_file)?;
+    }
+    registry::remove(rec);
+    Ok(())
+}
+
+pub fn umount(
+    mountpoint: Option<&Path>,
+    device: Option<&Path>,
+    dd: Option<&Path>,
+) -> Res<ExitCode> {
+    let all = registry::all();
+    let chosen: Vec<MountRecord> = all
+        .into_iter()
+        .filter(|r| match (mountpoint, device, dd) {
+            (Some(m), _, _) => r.mountpoint.as_deref() == Some(canonical(m).as_path()),
+            (_, Some(d), _) => r.device.as_deref() == Some(d),
+            (_, _, Some(dd)) => r.descriptor == canonical(dd),
+            _ => false,
+        })
+        .collect();
+    if chosen.is_empty() {
+        let what = mountpoint
+            .or(device)
+            .or(dd)
+            .map(|p| p.display().to_string());
+        return Err(format!("{} is not mounted", what.unwrap_or_default()).into());
+    }
+    for rec in chosen {
+        if rec.daemon_alive() {
+            let resp = control::call(&rec.socket, &Request::Stop, Duration::from_secs(600))?;
+            if !resp.ok {
+                return Err(resp.error.unwrap_or_else(|| "umount failed".into()).into());
+            }
+            if !wait_gone(rec.pid, Duration::from_secs(30)) {
+                return Err(format!("daemon {} did not exit", rec.pid).into());
+            }
+        } else {
+            eprintln!(
+                "ploop: the daemon of {} (pid {}) is gone; cleaning up",
+                rec.descriptor.display(),
+                rec.pid
+            );
+            cleanup_dead(&rec)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(as_json: bool) -> Res<ExitCode> {
+    let recs = registry::all();
+    if as_json {
+        let v: Vec<_> = recs
+            .iter()
+            .map(|r| {
+                json!({
+                    "descriptor": r.descriptor,
+                    "uuid": r.guid,
+                    "read_only": r.read_only,
+                    "device": r.device,
+                    "mountpoint": r.mountpoint,
+                    "pid": r.pid,
+                    "running": r.daemon_alive(),
+                    "log": r.log,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &recs {
+        println!(
+            "{:<12} {} {} {} pid={}{}{}",
+            r.device
+                .as_ref()
+                .map_or("-".into(), |d| d.display().to_string()),
+            r.descriptor.display(),
+            r.mountpoint
+                .as_ref()
+                .map_or("-".into(), |m| m.display().to_string()),
+            if r.read_only { "ro" } else { "rw" },
+            r.pid,
+            if r.guid == guid_string(&ploop_format::descriptor::TOP_GUID) {
+                String::new()
+            } else {
+                format!(" snapshot={}", r.guid)
+            },
+            if r.daemon_alive() {
+                ""
+            } else {
+                " (daemon gone)"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn online_call(rec: &MountRecord, req: &Request) -> Res<Option<serde_json::Value>> {
+    let resp = control::call(&rec.socket, req, Duration::from_secs(24 * 3600))?;
+    if resp.ok {
+        Ok(resp.value)
+    } else {
+        Err(resp.error.unwrap_or_else(|| "daemon refused".into()).into())
+    }
+}
+
+/// Snapshot a mounted disk: freeze the filesystem, switch the daemon to a
+/// new top delta, thaw.
+pub fn online_snapshot(rec: &MountRecord, uuid: Option<Uuid>) -> Res<Uuid> {
+    let frozen = match &rec.mountpoint {
+        Some(m) => {
+            kernel::freeze(m)?;
+            Some(m)
+        }
+        None => None,
+    };
+    let r = online_call(
+        rec,
+        &Request::Snapshot {
+            uuid: uuid.map(|u| guid_string(&u)),
+        },
+    );
+    if let Some(m) = frozen {
+        kernel::thaw(m)?;
+    }
+    let v = r?;
+    v.as_ref()
+        .and_then(|v| v.as_str())
+        .and_then(parse_guid)
+        .ok_or_else(|| "daemon did not return the snapshot GUID".into())
+}
+
+/// Make a filesystem on a new image through the same FUSE + loop path.
+pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
+    let req = MountRequest {
+        descriptor: dd.to_path_buf(),
+        read_only: false,
+        mountpoint: None,
+        options: String::new(),
+        uuid: None,
+        foreground: false,
+        threads: 4,
+    };
+    let dev = start_daemon(&req)?;
+    let made = kernel::mkfs(Path::new(&dev), fstype, block);
+    umount(None, None, Some(dd))?;
+    made.map_err(|e| e.into())
+}
