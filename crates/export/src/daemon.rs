@@ -181,9 +181,12 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             return Err(errors.join("; "));
         }
         // The loop device lets go of the file asynchronously.
+        if let Some(d) = &record.device {
+            kernel::wait_loop_released(d, &record.fuse_file, Duration::from_secs(10));
+        }
         let mut tries = 0;
         loop {
-            match unmounter.unmount() {
+            match kernel::umount_fuse(&record.fuse_file) {
                 Ok(()) => break,
                 Err(e) if tries < 100 => {
                     tries += 1;
@@ -192,11 +195,23 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(_) => {
+                Err(e) => {
+                    // Something still holds the file: detach lazily; the
+                    // FUSE threads end when the last user lets go, or with us.
+                    warn!("FUSE unmount kept failing ({e}); detaching lazily");
                     let _ = kernel::umount_lazy(&record.fuse_file);
                     break;
                 }
             }
+        }
+        let _ = unmounter;
+        let start = std::time::Instant::now();
+        while !fuse_thread.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !fuse_thread.is_finished() {
+            warn!("FUSE threads still running after unmount; leaving them to exit with us");
+            return Ok(());
         }
         if let Err(e) = fuse_thread.join() {
             error!("FUSE thread panicked: {e:?}");

@@ -67,7 +67,7 @@ impl OneFileFs {
 /// Map an image error to the errno the kernel passes up.
 fn errno(e: &ploop_format::Error) -> Errno {
     match e {
-        ploop_format::Error::Io { source, .. } => source
+        ploop_format::Error::Io { err, .. } => err
             .raw_os_error()
             .map(Errno::from_i32)
             .unwrap_or(Errno::EIO),
@@ -251,6 +251,7 @@ impl Filesystem for OneFileFs {
             reply.error(Errno::EROFS);
             return;
         }
+        tracing::debug!("fallocate mode {mode:#x} at {offset}+{length}");
         let end = offset.saturating_add(length);
         let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0;
         if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0

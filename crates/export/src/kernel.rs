@@ -39,6 +39,23 @@ pub fn loop_detach(dev: &Path) -> Result<(), String> {
     run("losetup", &["-d", s(dev)]).map(|_| ())
 }
 
+/// Wait until a detached loop device no longer holds `file`.
+pub fn wait_loop_released(dev: &Path, file: &Path, limit: std::time::Duration) {
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let backing = format!("/sys/block/{name}/loop/backing_file");
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        match std::fs::read_to_string(&backing) {
+            Ok(b) if Path::new(b.trim()) == file => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Whether direct I/O is really on for a loop device.
 pub fn loop_dio(dev: &Path) -> Option<bool> {
     let name = dev.file_name()?.to_str()?;
@@ -68,6 +85,12 @@ pub fn mount(dev: &Path, dir: &Path, opts: &str, read_only: bool) -> Result<(), 
 
 pub fn umount(dir: &Path) -> Result<(), String> {
     run("umount", &[s(dir)]).map(|_| ())
+}
+
+/// Unmount our FUSE file with umount(2) directly (EBUSY while a loop
+/// device still holds it).
+pub fn umount_fuse(path: &Path) -> std::io::Result<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::empty()).map_err(Into::into)
 }
 
 /// Lazy unmount, for a FUSE file whose daemon is gone.

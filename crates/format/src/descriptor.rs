@@ -343,12 +343,20 @@ impl Descriptor {
             what,
         };
         let mut seen = HashSet::new();
+        let mut files = HashSet::new();
         for i in &self.images {
             if !seen.insert(i.guid) {
                 return Err(bad(format!(
                     "image GUID {} appears twice",
                     guid_string(&i.guid)
                 )));
+            }
+            let normal: PathBuf = Path::new(&i.file)
+                .components()
+                .filter(|c| !matches!(c, Component::CurDir))
+                .collect();
+            if !files.insert(normal) {
+                return Err(bad(format!("image file {} is listed twice", i.file)));
             }
         }
         if self.snapshots.len() != self.images.len() {

@@ -3,13 +3,14 @@ use std::io;
 /// Every error names the file and says what was being done or what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {op} at byte {offset}: {source}")]
+    // The OS error is part of the message and deliberately not a chained
+    // `source`, so printers of the error chain show it once.
+    #[error("{path}: {op} at byte {offset}: {err}")]
     Io {
         path: String,
         op: &'static str,
         offset: u64,
-        #[source]
-        source: io::Error,
+        err: io::Error,
     },
     #[error("{path}: {what}")]
     Corrupt { path: String, what: String },
@@ -28,12 +29,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl Into<String>, op: &'static str, offset: u64, source: io::Error) -> Self {
+    pub fn io(path: impl Into<String>, op: &'static str, offset: u64, err: io::Error) -> Self {
         Error::Io {
             path: path.into(),
             op,
             offset,
-            source,
+            err,
         }
     }
 

@@ -51,6 +51,15 @@ pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<De
         },
     };
     let io = open_file(path, mode)?;
+    let mut first = [0u8; 16];
+    io.read_at(&mut first, 0)
+        .map_err(|e| Error::io(path.display().to_string(), "reading header", 0, e))?;
+    if kind == ImageType::Plain && ploop_format::ploop::has_signature(&first) {
+        return Err(Error::corrupt(
+            path.display().to_string(),
+            "the descriptor says this is a raw (Plain) image, but the file is a ploop image",
+        ));
+    }
     Ok(match kind {
         ImageType::Plain => Delta::Raw(RawDelta::open(io, opts.writable)?),
         ImageType::Compressed => Delta::Ploop(PloopDelta::open(

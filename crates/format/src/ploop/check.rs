@@ -53,8 +53,8 @@ pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
             .any(|&e| e != 0 && entry_to_offset(&header, e) == floor);
         let fixed = if used { floor + cs } else { floor };
         report.problems.push(format!(
-            "file size {new_size} is not a multiple of the cluster size {cs}; {} it to {fixed}",
-            if used { "extending" } else { "truncating" }
+            "file size {new_size} is not a multiple of the cluster size {cs} (fix: {} to {fixed})",
+            if used { "extend" } else { "truncate" }
         ));
         new_size = fixed;
     }
@@ -89,7 +89,7 @@ pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
     }
     if relocations.is_empty() && new_size > highest {
         report.problems.push(format!(
-            "{} unreferenced cluster(s) at the end of the file; truncating to {highest} bytes",
+            "{} unreferenced cluster(s) at the end of the file (fix: truncate to {highest} bytes)",
             (new_size - highest) / cs
         ));
         end = highest;

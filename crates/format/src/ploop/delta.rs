@@ -162,10 +162,20 @@ impl PloopDelta {
         let ioerr = |op, off| move |e| Error::io(name, op, off, e);
         let mut bat = vec![0u32; header.bat_entries as usize];
         let mut end = header.data_offset;
+        let mut raw = header.raw;
         if opts.preallocate {
             let data = u64::from(header.bat_entries) * header.cluster_size;
             io.preallocate(header.data_offset, data)
                 .map_err(ioerr("preallocating data clusters", header.data_offset))?;
+            // Written zeros, not just reserved space: OpenVZ's check refuses
+            // unwritten extents that later writes split off cluster bounds.
+            let zeros = AlignedBuf::zeroed(header.cluster_size.min(1 << 20) as usize);
+            let mut off = header.data_offset;
+            while off < header.data_offset + data {
+                io.write_at(zeros.as_slice(), off)
+                    .map_err(ioerr("zeroing data clusters", off))?;
+                off += zeros.len() as u64;
+            }
             for (i, e) in bat.iter_mut().enumerate() {
                 let off = header.data_offset + i as u64 * header.cluster_size;
                 *e = offset_to_entry(&header, off).ok_or_else(|| {
@@ -173,11 +183,12 @@ impl PloopDelta {
                 })?;
             }
             end += data;
+            raw.flags &= !FLAG_EMPTY;
         }
         io.set_len(end).map_err(ioerr("setting file size", end))?;
         let pages = header.data_offset.div_ceil(META_PAGE);
         for page in 0..pages {
-            let buf = metadata_page(page, &header.raw, &bat);
+            let buf = metadata_page(page, &raw, &bat);
             io.write_at(buf.as_slice(), page * META_PAGE)
                 .map_err(ioerr("writing metadata", page * META_PAGE))?;
         }

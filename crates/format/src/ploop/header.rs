@@ -223,6 +223,12 @@ impl Header {
                 "first data block at byte {data_offset} overlaps the BAT, which ends at byte {meta}"
             )));
         }
+        let meta_end = meta.div_ceil(cluster_size) * cluster_size;
+        if data_offset > meta_end {
+            return Err(bad(format!(
+                "first data block at byte {data_offset} lies past the end of the header and BAT clusters (byte {meta_end})"
+            )));
+        }
         if raw.flags & FLAG_CONVERTING != 0 {
             return Err(bad(
                 "a format version conversion was interrupted (header flag set)".into(),
@@ -360,6 +366,13 @@ mod tests {
                 ..good
             },
             "overlaps",
+        );
+        check(
+            RawHeader {
+                first_block_offset: 0x8000_0000,
+                ..good
+            },
+            "past the end of the header",
         );
         check(
             RawHeader {

@@ -1,0 +1,416 @@
+//! Helpers shared by the end-to-end tests: run the real binary and the
+//! independent tools, build deterministic data, keep an in-memory model of
+//! what the virtual disk should contain.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// OpenVZ's own `ploop` (only its `check` works on these machines).
+pub const OPENVZ_PLOOP: &str = "/usr/sbin/ploop";
+
+/// The GUID the top delta always has.
+pub const TOP_GUID: &str = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+
+pub const MIB: usize = 1 << 20;
+
+/// Our binary, as cargo built it for this test run.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ploop")
+}
+
+/// A finished command, with what is needed to explain a failure.
+pub struct Out {
+    pub what: String,
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Out {
+    fn from_output(what: String, o: Output) -> Self {
+        Self {
+            what,
+            code: o.status.code(),
+            signal: std::os::unix::process::ExitStatusExt::signal(&o.status),
+            stdout: o.stdout,
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Panic unless the command exited 0.
+    #[track_caller]
+    pub fn success(self) -> Self {
+        assert!(self.ok(), "command failed:\n{self}");
+        self
+    }
+
+    /// Panic unless the command failed with exit code `code`.
+    #[track_caller]
+    pub fn failure(self, code: i32) -> Self {
+        assert_eq!(self.code, Some(code), "expected exit code {code}:\n{self}");
+        self
+    }
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Binary output (`ploop read`) is summarised, not dumped.
+        let stdout = if self.stdout.len() > 4000 {
+            format!(
+                "{}... ({} bytes)",
+                String::from_utf8_lossy(&self.stdout[..4000]),
+                self.stdout.len()
+            )
+        } else {
+            String::from_utf8_lossy(&self.stdout).into_owned()
+        };
+        write!(
+            f,
+            "  $ {}\n  exit: {:?}{}\n  stdout: {}\n  stderr: {}",
+            self.what,
+            self.code,
+            self.signal
+                .map(|s| format!(" (killed by signal {s})"))
+                .unwrap_or_default(),
+            stdout,
+            self.stderr
+        )
+    }
+}
+
+fn describe(prog: &str, args: &[&OsStr]) -> String {
+    let mut s = prog.to_string();
+    for a in args {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Run `prog args...` in `dir` (if given) and collect its output.
+pub fn run_in<S: AsRef<OsStr>>(dir: Option<&Path>, prog: &str, args: &[S]) -> Out {
+    let args: Vec<&OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let mut cmd = Command::new(prog);
+    cmd.args(&args).stdin(Stdio::null());
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    Out::from_output(describe(prog, &args), o)
+}
+
+pub fn run<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> Out {
+    run_in(None, prog, args)
+}
+
+/// Our `ploop` with these arguments.
+pub fn ploop<S: AsRef<OsStr>>(args: &[S]) -> Out {
+    run(bin(), args)
+}
+
+/// Our `ploop`, which must succeed.
+#[track_caller]
+pub fn ploop_ok<S: AsRef<OsStr>>(args: &[S]) -> Out {
+    ploop(args).success()
+}
+
+/// `qemu-img check -f parallels FILE` must pass.
+#[track_caller]
+pub fn qemu_check(file: &Path) {
+    run(
+        "qemu-img",
+        &[
+            OsStr::new("check"),
+            "-f".as_ref(),
+            "parallels".as_ref(),
+            file.as_os_str(),
+        ],
+    )
+    .success();
+}
+
+/// OpenVZ's `ploop check -f -c -r FILE` (read-only, forced, detailed).
+pub fn openvz_check_result(file: &Path) -> Out {
+    run(
+        OPENVZ_PLOOP,
+        &[
+            OsStr::new("check"),
+            "-f".as_ref(),
+            "-c".as_ref(),
+            "-r".as_ref(),
+            file.as_os_str(),
+        ],
+    )
+}
+
+/// OpenVZ's `ploop check -f -c -r FILE` must pass (exit 0).
+#[track_caller]
+pub fn openvz_check(file: &Path) {
+    openvz_check_result(file).success();
+}
+
+/// Both independent checkers must accept this delta file.
+#[track_caller]
+pub fn peers_check(file: &Path) {
+    qemu_check(file);
+    openvz_check(file);
+}
+
+/// A scratch folder on /var/tmp (ext4: OpenVZ's check inspects sparse
+/// files only there).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ploop-e2e-")
+        .tempdir_in("/var/tmp")
+        .expect("creating a temp dir under /var/tmp")
+}
+
+/// xorshift64*: deterministic, dependency-free test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// `len` pseudo-random bytes from `seed`.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// First differing byte of two buffers, for assertion messages.
+pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+#[track_caller]
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if let Some(at) = first_diff(got, want) {
+        let show = |v: &[u8]| {
+            v.get(at..(at + 16).min(v.len()))
+                .map(|s| format!("{s:02x?}"))
+                .unwrap_or_else(|| "<past end>".into())
+        };
+        panic!(
+            "{what}: contents differ at byte {at} (got {} bytes, want {} bytes)\n  got : {}\n  want: {}",
+            got.len(),
+            want.len(),
+            show(got),
+            show(want)
+        );
+    }
+}
+
+/// A disk made with our `init`, plus a model of what it should hold.
+pub struct TestDisk {
+    pub dir: PathBuf,
+    pub dd: PathBuf,
+    pub image: PathBuf,
+    pub expected: Vec<u8>,
+    seq: u32,
+}
+
+impl TestDisk {
+    /// `ploop init -s SIZE -t none EXTRA... DIR/root.hdd`.
+    #[track_caller]
+    pub fn init(dir: &Path, size: usize, extra: &[&str]) -> Self {
+        let image = dir.join("root.hdd");
+        let size_arg = format!("{}K", size / 1024);
+        let mut args: Vec<&OsStr> = vec!["init".as_ref(), "-s".as_ref(), size_arg.as_ref()];
+        // No filesystem (the default is ext4, made through a mount): these
+        // tests look at the raw bytes of the virtual disk.
+        if !extra.contains(&"-t") {
+            args.extend([OsStr::new("-t"), OsStr::new("none")]);
+        }
+        args.extend(extra.iter().map(OsStr::new));
+        args.push(image.as_os_str());
+        ploop_ok(&args);
+        let dd = dir.join("DiskDescriptor.xml");
+        assert!(dd.exists(), "init did not create {}", dd.display());
+        Self {
+            dir: dir.to_path_buf(),
+            dd,
+            image,
+            expected: vec![0; size],
+            seq: 0,
+        }
+    }
+
+    /// Adopt an existing descriptor whose content is `expected`.
+    pub fn adopt(dir: &Path, image: &Path, expected: Vec<u8>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            dd: dir.join("DiskDescriptor.xml"),
+            image: image.to_path_buf(),
+            expected,
+            seq: 0,
+        }
+    }
+
+    /// Write `bytes` at `offset` through `ploop write`, and into the model.
+    #[track_caller]
+    pub fn write(&mut self, offset: usize, bytes: &[u8]) {
+        self.seq += 1;
+        let src = self.dir.join(format!("input-{}.bin", self.seq));
+        std::fs::write(&src, bytes).expect("writing input file");
+        let off = offset.to_string();
+        ploop_ok(&[
+            OsStr::new("write"),
+            "--offset".as_ref(),
+            off.as_ref(),
+            self.dd.as_os_str(),
+            src.as_os_str(),
+        ]);
+        std::fs::remove_file(&src).ok();
+        self.expected[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Write `len` bytes of seeded random data at `offset`.
+    #[track_caller]
+    pub fn write_random(&mut self, seed: u64, offset: usize, len: usize) {
+        self.write(offset, &data(seed, len));
+    }
+
+    /// The whole disk through `ploop read` (optionally a snapshot).
+    #[track_caller]
+    pub fn read(&self, uuid: Option<&str>) -> Vec<u8> {
+        let mut args: Vec<&OsStr> = vec!["read".as_ref()];
+        if let Some(u) = uuid {
+            args.push("-u".as_ref());
+            args.push(u.as_ref());
+        }
+        args.push(self.dd.as_os_str());
+        ploop_ok(&args).stdout
+    }
+
+    /// `ploop read` must equal the model.
+    #[track_caller]
+    pub fn assert_content(&self, what: &str) {
+        assert_same(&self.read(None), &self.expected, what);
+    }
+
+    /// The model as a raw file, for `qemu-img compare`.
+    pub fn expected_raw(&self) -> PathBuf {
+        let p = self.dir.join("expected.raw");
+        std::fs::write(&p, &self.expected).expect("writing expected.raw");
+        p
+    }
+
+    /// Every delta file of the disk, base first, per `snapshot-list --json`.
+    #[track_caller]
+    pub fn delta_files(&self) -> Vec<PathBuf> {
+        self.snapshots()
+            .iter()
+            .map(|s| PathBuf::from(s["fname"].as_str().expect("fname")))
+            .collect()
+    }
+
+    /// `snapshot-list --json`, parsed.
+    #[track_caller]
+    pub fn snapshots(&self) -> Vec<serde_json::Value> {
+        let out = ploop_ok(&[
+            OsStr::new("snapshot-list"),
+            "--json".as_ref(),
+            self.dd.as_os_str(),
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("snapshot-list --json is not JSON ({e}):\n{out}"));
+        v.as_array()
+            .unwrap_or_else(|| panic!("snapshot-list --json is not an array:\n{out}"))
+            .clone()
+    }
+
+    /// `ploop snapshot`, returning the new snapshot's GUID.
+    #[track_caller]
+    pub fn snapshot(&self) -> String {
+        let before: Vec<String> = self
+            .snapshots()
+            .iter()
+            .map(|s| s["uuid"].to_string())
+            .collect();
+        let out = ploop_ok(&[OsStr::new("snapshot"), self.dd.as_os_str()]);
+        let after = self.snapshots();
+        let new: Vec<String> = after
+            .iter()
+            .filter(|s| !before.contains(&s["uuid"].to_string()))
+            .map(|s| s["uuid"].as_str().expect("uuid").to_string())
+            .collect();
+        // The old top was renamed to the snapshot's GUID; the new top has
+        // the fixed top GUID (already present before), so exactly one
+        // GUID is new.
+        assert_eq!(
+            new.len(),
+            1,
+            "expected one new GUID after snapshot:\n{out}\n{after:#?}"
+        );
+        let guid = new[0].clone();
+        assert!(
+            out.stdout_str().contains(&guid),
+            "snapshot's output does not name the new GUID {guid}:\n{out}"
+        );
+        guid
+    }
+
+    /// Both peers accept every delta file of the disk.
+    #[track_caller]
+    pub fn peers_check_all(&self) {
+        for f in self.delta_files() {
+            peers_check(&f);
+        }
+    }
+}
+
+/// Read a little-endian u32 at `at` of a file.
+pub fn read_u32(path: &Path, at: u64) -> u32 {
+    let b = std::fs::read(path).expect("reading image");
+    u32::from_le_bytes(b[at as usize..at as usize + 4].try_into().unwrap())
+}
+
+/// Overwrite bytes of a file in place.
+pub fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening image to patch");
+    f.write_all_at(bytes, at).expect("patching image");
+    f.sync_all().ok();
+}

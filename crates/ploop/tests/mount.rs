@@ -1,0 +1,451 @@
+//! The device layer for real: FUSE + loop, mkfs, mount, fsck, online
+//! snapshots, a killed daemon, page-cache use. Needs root, /dev/fuse and
+//! loop devices (CI has them).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PLOOP: &str = env!("CARGO_BIN_EXE_ploop");
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn")
+}
+
+fn ploop(args: &[&str]) -> Output {
+    run(Command::new(PLOOP).args(args))
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A disk in a temporary folder that is unmounted however the test ends.
+struct Disk {
+    dir: tempfile::TempDir,
+}
+
+impl Disk {
+    fn new(size: &str, fstype: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ploop-mount-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let img = dir.path().join("root.hdd");
+        ok(
+            ploop(&["init", "-s", size, "-t", fstype, img.to_str().unwrap()]),
+            "init",
+        );
+        Self { dir }
+    }
+
+    fn dd(&self) -> String {
+        self.dir
+            .path()
+            .join("DiskDescriptor.xml")
+            .display()
+            .to_string()
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn mnt(&self, name: &str) -> PathBuf {
+        let m = self.path(name);
+        fs::create_dir_all(&m).unwrap();
+        m
+    }
+
+    fn mount(&self, mnt: &Path) -> String {
+        ok(
+            ploop(&["mount", "-m", mnt.to_str().unwrap(), &self.dd()]),
+            "mount",
+        )
+    }
+
+    fn umount(&self) {
+        ok(ploop(&["umount", &self.dd()]), "umount");
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = ploop(&["umount", &self.dd()]);
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn fsck_clean(disk: &Disk, fstype: &str) {
+    let dev = ok(ploop(&["mount", &disk.dd()]), "mount device only");
+    let out = match fstype {
+        "xfs" => run(Command::new("xfs_repair").args(["-n", &dev])),
+        _ => run(Command::new("fsck.ext4").args(["-n", "-f", &dev])),
+    };
+    disk.umount();
+    ok(out, &format!("fsck of {fstype}"));
+}
+
+fn roundtrip(fstype: &str) {
+    let disk = Disk::new("512M", fstype);
+    let mnt = disk.mnt("mnt");
+    let dev = disk.mount(&mnt);
+    assert!(dev.starts_with("/dev/loop"), "device {dev}");
+    let dio = fs::read_to_string(format!(
+        "/sys/block/{}/loop/dio",
+        Path::new(&dev).file_name().unwrap().to_str().unwrap()
+    ))
+    .unwrap();
+    assert_eq!(dio.trim(), "1", "loop device uses direct I/O");
+    let big = pattern(1, 40 << 20);
+    write_synced(&mnt.join("big"), &big);
+    fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..50 {
+        write_synced(
+            &mnt.join(format!("d/small{i}")),
+            &pattern(100 + i, 3000 + i as usize),
+        );
+    }
+    disk.umount();
+    assert!(!mnt.join("big").exists(), "unmounted");
+    disk.mount(&mnt);
+    assert!(
+        fs::read(mnt.join("big")).unwrap() == big,
+        "big file survives remount"
+    );
+    for i in 0..50 {
+        assert_eq!(
+            fs::read(mnt.join(format!("d/small{i}"))).unwrap(),
+            pattern(100 + i, 3000 + i as usize)
+        );
+    }
+    disk.umount();
+    fsck_clean(&disk, fstype);
+    // The delta itself stays valid for the independent tools.
+    ok(
+        run(Command::new("qemu-img").args([
+            "check",
+            "-f",
+            "parallels",
+            disk.path("root.hdd").to_str().unwrap(),
+        ])),
+        "qemu-img check",
+    );
+}
+
+#[test]
+fn ext4_write_remount_fsck() {
+    roundtrip("ext4");
+}
+
+#[test]
+fn xfs_write_remount_fsck() {
+    roundtrip("xfs");
+}
+
+#[test]
+fn online_snapshot_with_running_writer() {
+    let disk = Disk::new("512M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let writer = {
+        let (stop, done, mnt) = (stop.clone(), done.clone(), mnt.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                write_synced(&mnt.join(format!("f{i}")), &pattern(i, 256 << 10));
+                done.lock().unwrap().push(i);
+                i += 1;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let before: Vec<u64> = done.lock().unwrap().clone();
+    let out = ok(ploop(&["snapshot", &disk.dd()]), "online snapshot");
+    let snap = out
+        .split_whitespace()
+        .find(|w| w.starts_with('{'))
+        .expect("snapshot guid in output")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let all: Vec<u64> = done.lock().unwrap().clone();
+    assert!(
+        all.len() > before.len(),
+        "the writer kept going after the snapshot"
+    );
+
+    // The snapshot mounts read-only beside the running top.
+    let smnt = disk.mnt("snap");
+    ok(
+        ploop(&[
+            "mount",
+            "-r",
+            "-u",
+            &snap,
+            "-m",
+            smnt.to_str().unwrap(),
+            &disk.dd(),
+        ]),
+        "mount snapshot read-only",
+    );
+    for i in &before {
+        let got = fs::read(smnt.join(format!("f{i}"))).unwrap();
+        assert!(got == pattern(*i, 256 << 10), "snapshot file f{i}");
+    }
+    // Files in the snapshot are whole or absent: nothing torn.
+    for e in fs::read_dir(&smnt).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if let Some(i) = name.strip_prefix('f').and_then(|n| n.parse::<u64>().ok()) {
+            let got = fs::read(smnt.join(&name)).unwrap();
+            assert!(
+                got.is_empty() || got == pattern(i, 256 << 10),
+                "snapshot file {name} is torn"
+            );
+        }
+    }
+    ok(
+        ploop(&["umount", "-m", smnt.to_str().unwrap()]),
+        "umount snapshot",
+    );
+    // The top lost nothing.
+    for i in &all {
+        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == pattern(*i, 256 << 10));
+    }
+    // Merge the snapshot away online while writing more.
+    write_synced(&mnt.join("after"), b"after merge");
+    ok(ploop(&["snapshot-merge", &disk.dd()]), "online merge");
+    assert_eq!(fs::read(mnt.join("after")).unwrap(), b"after merge");
+    disk.umount();
+    let list = ok(
+        ploop(&["snapshot-list", "-H", "-o", "uuid", &disk.dd()]),
+        "list",
+    );
+    assert_eq!(list.lines().count(), 1, "merged into one delta: {list}");
+    disk.mount(&mnt);
+    for i in &all {
+        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == pattern(*i, 256 << 10));
+    }
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}
+
+fn daemon_pid(dd: &str) -> u32 {
+    let out = ok(ploop(&["list", "--json"]), "list");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let canon = fs::canonicalize(dd).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| Path::new(r["descriptor"].as_str().unwrap()) == canon)
+        .and_then(|r| r["pid"].as_u64())
+        .expect("our disk is listed") as u32
+}
+
+#[test]
+fn killed_daemon_gives_errors_and_recovers() {
+    let disk = Disk::new("256M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    let data = pattern(7, 8 << 20);
+    write_synced(&mnt.join("kept"), &data);
+    let pid = daemon_pid(&disk.dd());
+    ok(
+        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        "kill -9",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // I/O now fails instead of hanging.
+    let start = Instant::now();
+    let out = run(Command::new("timeout").args([
+        "30",
+        "dd",
+        "if=/dev/zero",
+        &format!("of={}", mnt.join("new").display()),
+        "bs=1M",
+        "count=4",
+        "oflag=direct",
+    ]));
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "I/O hung after the daemon died"
+    );
+    assert!(!out.status.success(), "I/O after the daemon died must fail");
+    // umount cleans up, a remount checks the image and sees flushed data.
+    ok(
+        ploop(&["umount", "-m", mnt.to_str().unwrap()]),
+        "umount after kill",
+    );
+    let listed = ok(ploop(&["list"]), "list");
+    assert!(!listed.contains(&disk.dd()), "record removed: {listed}");
+    let out = ploop(&["mount", "-m", mnt.to_str().unwrap(), &disk.dd()]);
+    ok(out, "remount after crash");
+    assert!(
+        fs::read(mnt.join("kept")).unwrap() == data,
+        "flushed data survived"
+    );
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}
+
+#[test]
+fn second_writer_is_refused() {
+    let disk = Disk::new("128M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    let out = ploop(&["mount", &disk.dd()]);
+    assert!(!out.status.success(), "second mount must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already mounted"), "{err}");
+    let mut child = Command::new(PLOOP)
+        .args(["write", &disk.dd(), "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "offline write while mounted must fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use") || err.contains("locked"), "{err}");
+    disk.umount();
+}
+
+fn meminfo_cached() -> u64 {
+    let m = fs::read_to_string("/proc/meminfo").unwrap();
+    m.lines()
+        .find(|l| l.starts_with("Cached:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// Page-cache growth while reading `file` once.
+fn cache_growth(file: &Path) -> u64 {
+    drop_caches();
+    let before = meminfo_cached();
+    let data = fs::read(file).unwrap();
+    let after = meminfo_cached();
+    drop(data);
+    after.saturating_sub(before)
+}
+
+#[test]
+fn data_is_cached_once() {
+    const N: usize = 128 << 20;
+    let disk = Disk::new("512M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    write_synced(&mnt.join("data"), &pattern(3, N));
+    let ploop_growth = cache_growth(&mnt.join("data"));
+    disk.umount();
+
+    // The same through a plain loop device without direct I/O on a raw file.
+    let raw = disk.path("plain.raw");
+    ok(
+        run(Command::new("truncate").args(["-s", "512M", raw.to_str().unwrap()])),
+        "truncate",
+    );
+    ok(
+        run(Command::new("mkfs.ext4").args(["-q", "-F", raw.to_str().unwrap()])),
+        "mkfs",
+    );
+    let dev = ok(
+        run(Command::new("losetup").args(["-f", "--show", raw.to_str().unwrap()])),
+        "losetup",
+    );
+    let pmnt = disk.mnt("plain");
+    ok(
+        run(Command::new("mount").args([&dev, pmnt.to_str().unwrap()])),
+        "mount plain",
+    );
+    write_synced(&pmnt.join("data"), &pattern(3, N));
+    let plain_growth = cache_growth(&pmnt.join("data"));
+    let _ = run(Command::new("umount").arg(&pmnt));
+    let _ = run(Command::new("losetup").args(["-d", &dev]));
+
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "page cache growth reading {} MiB: ploop {:.0} MiB ({:.2}x), plain loop {:.0} MiB ({:.2}x)",
+        N >> 20,
+        mib(ploop_growth),
+        ploop_growth as f64 / N as f64,
+        mib(plain_growth),
+        plain_growth as f64 / N as f64
+    );
+    assert!(
+        (ploop_growth as f64) <= 1.1 * N as f64,
+        "ploop cached {:.0} MiB for {} MiB read",
+        mib(ploop_growth),
+        N >> 20
+    );
+}
+
+#[test]
+fn fstrim_gives_space_back() {
+    let disk = Disk::new("512M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    write_synced(&mnt.join("big"), &pattern(9, 96 << 20));
+    let img = disk.path("root.hdd");
+    let used = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().blocks() * 512
+    };
+    let full = used(&img);
+    fs::remove_file(mnt.join("big")).unwrap();
+    // ext4 frees the blocks at the journal commit; fstrim skips them before.
+    ok(run(Command::new("sync").arg("-f").arg(&mnt)), "sync");
+    ok(
+        run(Command::new("fstrim").arg(mnt.to_str().unwrap())),
+        "fstrim",
+    );
+    ok(run(Command::new("sync").arg("-f").arg(&mnt)), "sync");
+    let trimmed = used(&img);
+    assert!(
+        trimmed + (64 << 20) < full,
+        "fstrim freed too little: {full} -> {trimmed} bytes"
+    );
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}
