@@ -39,6 +39,23 @@ impl AlignedBuf {
     }
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
+}
+
+/// Run `f` with this thread's reusable aligned buffer of at least `len`
+/// bytes (contents undefined). Saves a large allocation per request on hot
+/// paths. `f` must not call `with_scratch` again.
+pub fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            *buf = AlignedBuf::zeroed(len.next_power_of_two());
+        }
+        f(&mut buf.as_mut_slice()[..len])
+    })
+}
+
 /// True when a buffer and a file range can go to O_DIRECT as they are.
 pub fn is_direct_ready(ptr: *const u8, offset: u64, len: usize) -> bool {
     (ptr as usize).is_multiple_of(DIRECT_ALIGN)

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use rustix::fs::{fallocate, fdatasync, flock, FallocateFlags, FlockOperation, OFlags};
 
-use crate::aligned::{is_direct_ready, AlignedBuf, DIRECT_ALIGN};
+use crate::aligned::{is_direct_ready, with_scratch, AlignedBuf, DIRECT_ALIGN};
 use crate::BlockIo;
 
 /// Advisory lock taken on open, held until the file is closed.
@@ -172,11 +172,12 @@ impl BlockIo for FileIo {
             return self.read_raw(buf, offset);
         }
         let (start, span) = Self::aligned_span(offset, buf.len());
-        let mut bounce = AlignedBuf::zeroed(span);
-        self.read_raw(bounce.as_mut_slice(), start)?;
         let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
-        Ok(())
+        with_scratch(span, |bounce| {
+            self.read_raw(bounce, start)?;
+            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+            Ok(())
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -188,17 +189,20 @@ impl BlockIo for FileIo {
         }
         let (start, span) = Self::aligned_span(offset, buf.len());
         let skip = (offset - start) as usize;
-        let mut bounce = AlignedBuf::zeroed(span);
         if skip == 0 && span == buf.len() {
             // Aligned range, unaligned memory: a plain copy, no read needed.
-            bounce.as_mut_slice().copy_from_slice(buf);
-            return self.write_raw(bounce.as_slice(), start);
+            return with_scratch(span, |bounce| {
+                bounce.copy_from_slice(buf);
+                self.write_raw(bounce, start)
+            });
         }
         let _guard = self.rmw.lock().expect("rmw lock");
         let old_size = self.size()?;
-        self.read_raw(bounce.as_mut_slice(), start)?;
-        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-        self.write_raw(bounce.as_slice(), start)?;
+        with_scratch(span, |bounce| {
+            self.read_raw(bounce, start)?;
+            bounce[skip..skip + buf.len()].copy_from_slice(buf);
+            self.write_raw(bounce, start)
+        })?;
         // The bounce may have written past the intended end: trim it back.
         let want = old_size.max(offset + buf.len() as u64);
         if start + span as u64 > want {

@@ -12,7 +12,7 @@ mod memory;
 use std::io;
 use std::sync::Arc;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{with_scratch, AlignedBuf};
 pub use faulty::{FaultPlan, FaultyIo};
 pub use file::{FileIo, LockMode, OpenMode};
 pub use memory::MemIo;

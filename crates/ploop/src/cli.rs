@@ -172,8 +172,8 @@ struct MountArgs {
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 8)]
+    /// FUSE worker threads (each has one request in flight).
+    #[arg(long, default_value_t = 32)]
     threads: usize,
     descriptor: PathBuf,
 }

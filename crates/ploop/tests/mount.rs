@@ -449,3 +449,113 @@ fn fstrim_gives_space_back() {
     disk.umount();
     fsck_clean(&disk, "ext4");
 }
+
+/// Runs a writer of synced 64 KiB files in `dir` until stopped; returns
+/// the indexes it completed.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl Writer {
+    fn start(dir: &Path, prefix: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (stop, dir) = (stop.clone(), dir.to_path_buf());
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    write_synced(&dir.join(format!("{prefix}{i}")), &pattern(i, 64 << 10));
+                    done.push(i);
+                    i += 1;
+                }
+                done
+            })
+        };
+        Self { stop, handle }
+    }
+
+    fn finish(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+#[test]
+fn online_delete_and_merge_while_writing() {
+    let disk = Disk::new("512M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut guids = Vec::new();
+    for step in 0..2u64 {
+        let data = pattern(1000 + step, 3 << 20);
+        let name = format!("base{step}");
+        write_synced(&mnt.join(&name), &data);
+        files.push((name, data));
+        let out = ok(ploop(&["snapshot", &disk.dd()]), "snapshot");
+        guids.push(
+            out.split_whitespace()
+                .find(|w| w.starts_with('{'))
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Delete the oldest snapshot (its child is a lower delta), then merge
+    // the top with its parent, each while a writer keeps going.
+    let w = Writer::start(&mnt, "a");
+    std::thread::sleep(Duration::from_millis(300));
+    ok(
+        ploop(&["snapshot-delete", "-u", &guids[0], &disk.dd()]),
+        "online delete",
+    );
+    let a = w.finish();
+    let w = Writer::start(&mnt, "b");
+    std::thread::sleep(Duration::from_millis(300));
+    ok(
+        ploop(&["snapshot-merge", &disk.dd()]),
+        "online merge of the top",
+    );
+    let b = w.finish();
+    assert!(!a.is_empty() && !b.is_empty(), "the writers ran");
+    let list = ok(
+        ploop(&["snapshot-list", "-H", "-o", "uuid", &disk.dd()]),
+        "list",
+    );
+    assert_eq!(list.lines().count(), 1, "one delta left: {list}");
+    disk.umount();
+    disk.mount(&mnt);
+    for (name, data) in &files {
+        assert!(&fs::read(mnt.join(name)).unwrap() == data, "{name}");
+    }
+    for (prefix, done) in [("a", &a), ("b", &b)] {
+        for i in done {
+            assert!(
+                fs::read(mnt.join(format!("{prefix}{i}"))).unwrap() == pattern(*i, 64 << 10),
+                "{prefix}{i}"
+            );
+        }
+    }
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+    for f in fs::read_dir(disk.dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("root.hdd")
+        {
+            ok(
+                run(Command::new("qemu-img").args([
+                    "check",
+                    "-f",
+                    "parallels",
+                    p.to_str().unwrap(),
+                ])),
+                "qemu-img check",
+            );
+        }
+    }
+}
