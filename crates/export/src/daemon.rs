@@ -144,7 +144,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let cleanup_record = |r: &MountRecord| registry::remove(r);
-    let mut session = match fuser::Session::new(OneFileFs::new(served.clone()), &fuse_file, &cfg) {
+    let session = match fuser::Session::new(OneFileFs::new(served.clone()), &fuse_file, &cfg) {
         Ok(s) => s,
         Err(e) => {
             cleanup_record(&record);
@@ -152,14 +152,12 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
         }
     };
-    let mut unmounter = session.unmount_callable();
     let fuse_thread = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())
         .map_err(|e| e.to_string())?;
 
     let shutdown = |record: &MountRecord,
-                    unmounter: &mut fuser::SessionUnmounter,
                     fuse_thread: std::thread::JoinHandle<std::io::Result<()>>|
      -> Result<(), String> {
         let mut errors = Vec::new();
@@ -204,7 +202,6 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 }
             }
         }
-        let _ = unmounter;
         let start = std::time::Instant::now();
         while !fuse_thread.is_finished() && start.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
@@ -235,7 +232,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             record.mountpoint = mnt.map(|m| m.canonicalize().unwrap_or(m));
         }
         Err(e) => {
-            let _ = shutdown(&record, &mut unmounter, fuse_thread);
+            let _ = shutdown(&record, fuse_thread);
             let _ = served.current().close();
             cleanup_record(&record);
             return Err(e);
@@ -273,10 +270,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 .map_err(|e| e.to_string()),
             Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
                 Some(None) => Err("incorrect uuid".to_string()),
-                Some(u) => online::snapshot(&served, u)
-                    .map(|g| Some(json!(guid_string(&g))))
-                    .map_err(|e| e.to_string()),
-                None => online::snapshot(&served, None)
+                parsed => online::snapshot(&served, parsed.flatten())
                     .map(|g| Some(json!(guid_string(&g))))
                     .map_err(|e| e.to_string()),
             },
@@ -301,9 +295,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     .chain()
                     .flush()
                     .map_err(|e| e.to_string())
-                    .and_then(|_| {
-                        shutdown(&record, &mut unmounter, fuse_thread.take().expect("once"))
-                    });
+                    .and_then(|_| shutdown(&record, fuse_thread.take().expect("once")));
                 return match r {
                     Ok(()) => (Response::ok(None), true),
                     Err(e) => (Response::err(e), false),

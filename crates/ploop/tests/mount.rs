@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 
 const PLOOP: &str = env!("CARGO_BIN_EXE_ploop");
 
+/// These tests share the machine's page cache (one of them measures it)
+/// and loop devices: run them one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("spawn")
 }
@@ -163,16 +171,19 @@ fn roundtrip(fstype: &str) {
 
 #[test]
 fn ext4_write_remount_fsck() {
+    let _serial = serial();
     roundtrip("ext4");
 }
 
 #[test]
 fn xfs_write_remount_fsck() {
+    let _serial = serial();
     roundtrip("xfs");
 }
 
 #[test]
 fn online_snapshot_with_running_writer() {
+    let _serial = serial();
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
@@ -275,6 +286,7 @@ fn daemon_pid(dd: &str) -> u32 {
 
 #[test]
 fn killed_daemon_gives_errors_and_recovers() {
+    let _serial = serial();
     let disk = Disk::new("256M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
@@ -321,6 +333,7 @@ fn killed_daemon_gives_errors_and_recovers() {
 
 #[test]
 fn second_writer_is_refused() {
+    let _serial = serial();
     let disk = Disk::new("128M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
@@ -372,6 +385,7 @@ fn cache_growth(file: &Path) -> u64 {
 
 #[test]
 fn data_is_cached_once() {
+    let _serial = serial();
     const N: usize = 128 << 20;
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
@@ -423,6 +437,7 @@ fn data_is_cached_once() {
 
 #[test]
 fn fstrim_gives_space_back() {
+    let _serial = serial();
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
@@ -484,6 +499,7 @@ impl Writer {
 
 #[test]
 fn online_delete_and_merge_while_writing() {
+    let _serial = serial();
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
