@@ -24,15 +24,16 @@ jobs() { # $1 label, rest: fio target args
     R["$label|$rw"]=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "IOPS") print $(i-1)}')
   done
 }
-ploop_target() { # $1 label, $2 format
+ploop_target() { # $1 label, $2 format, $3 I/O engine
   rm -rf "$D/img"; mkdir -p "$D/img"
   "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
-  local dev; dev=$("$P" mount "$D/img/DiskDescriptor.xml") || exit 1
+  local dev; dev=$("$P" mount --io "$3" "$D/img/DiskDescriptor.xml") || exit 1
   jobs "$1" --filename="$dev" --ioengine=io_uring --direct=1
   "$P" umount "$D/img/DiskDescriptor.xml"
 }
-ploop_target "ploop ploop1 fuse+loop" ploop1
-ploop_target "ploop raw fuse+loop" raw
+ploop_target "ploop ploop1 fuse+loop" ploop1 sync
+ploop_target "ploop ploop1 io_uring" ploop1 uring
+ploop_target "ploop raw fuse+loop" raw sync
 rm -f $D/raw.img; fallocate -l $SIZE $D/raw.img
 L=$(losetup -f --show --direct-io=on $D/raw.img)
 jobs "loop(dio) on raw" --filename=$L --ioengine=io_uring --direct=1

@@ -31,6 +31,8 @@ pub struct MountOptions {
     pub fs_options: String,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Queue plain reads and in-place writes through io_uring.
+    pub uring: bool,
 }
 
 fn canonical(p: &Path) -> Result<PathBuf, String> {
@@ -144,7 +146,19 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let cleanup_record = |r: &MountRecord| registry::remove(r);
-    let session = match fuser::Session::new(OneFileFs::new(served.clone()), &fuse_file, &cfg) {
+    let ring = if opts.uring {
+        match crate::uring::Ring::start() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("io_uring unavailable ({e}); using synchronous I/O");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let session = match fuser::Session::new(OneFileFs::new(served.clone(), ring), &fuse_file, &cfg)
+    {
         Ok(s) => s,
         Err(e) => {
             cleanup_record(&record);

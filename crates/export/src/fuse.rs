@@ -19,7 +19,8 @@ use fuser::{
 use ploop_io::AlignedBuf;
 use tracing::{error, warn};
 
-use crate::served::ServedDisk;
+use crate::served::{InFlight, ServedDisk};
+use crate::uring::{Answer, Op, Ring};
 
 /// Largest request we ask the kernel for.
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -33,14 +34,43 @@ const SEEK_HOLE: i32 = 4;
 pub struct OneFileFs {
     disk: Arc<ServedDisk>,
     started: SystemTime,
+    /// Queued I/O for plain reads and in-place writes, if enabled.
+    ring: Option<Arc<Ring>>,
 }
 
+/// A request ready for the ring: the chain it was planned on, the file
+/// pieces, and its in-flight mark.
+type Queued = (Arc<ploop_image::Chain>, Vec<ploop_image::Segment>, InFlight);
+
+/// Requests aligned like this can go to the ring as they are.
+const QUEUE_ALIGN: u64 = 4096;
+
 impl OneFileFs {
-    pub fn new(disk: Arc<ServedDisk>) -> Self {
+    pub fn new(disk: Arc<ServedDisk>, ring: Option<Arc<Ring>>) -> Self {
         Self {
             disk,
             started: SystemTime::now(),
+            ring,
         }
+    }
+
+    /// Plan a request for the ring: Some((chain, segments)) when it can go
+    /// there; errors are answered by the caller.
+    fn plan(&self, offset: u64, len: u64, write: bool) -> ploop_format::Result<Option<Queued>> {
+        if self.ring.is_none()
+            || !offset.is_multiple_of(QUEUE_ALIGN)
+            || !len.is_multiple_of(QUEUE_ALIGN)
+        {
+            return Ok(None);
+        }
+        let chain = self.disk.chain();
+        let plan = if write {
+            chain.plan_write(offset, len)?
+        } else {
+            chain.plan_read(offset, len)?
+        };
+        // Registered while the guard is held: see ServedDisk::begin_queued.
+        Ok(plan.map(|segs| (chain.clone(), segs, self.disk.begin_queued())))
     }
 
     fn attr(&self) -> FileAttr {
@@ -169,6 +199,25 @@ impl Filesystem for OneFileFs {
             reply.data(&[]);
             return;
         }
+        match self.plan(offset, end - offset, false) {
+            Ok(Some((chain, segments, in_flight))) => {
+                let ring = self.ring.as_ref().expect("planned for the ring");
+                ring.submit(Op {
+                    segments,
+                    buf: AlignedBuf::zeroed((end - offset) as usize),
+                    answer: Answer::Read(reply),
+                    chain,
+                    in_flight,
+                });
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!("read at {offset}: {e}");
+                reply.error(errno(&e));
+                return;
+            }
+        }
         // The reply is written out before the buffer is reused.
         READ_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
@@ -206,6 +255,27 @@ impl Filesystem for OneFileFs {
         if offset.saturating_add(data.len() as u64) > self.disk.size {
             reply.error(Errno::ENOSPC);
             return;
+        }
+        match self.plan(offset, data.len() as u64, true) {
+            Ok(Some((chain, segments, in_flight))) => {
+                let mut buf = AlignedBuf::zeroed(data.len());
+                buf.as_mut_slice().copy_from_slice(data);
+                let ring = self.ring.as_ref().expect("planned for the ring");
+                ring.submit(Op {
+                    segments,
+                    buf,
+                    answer: Answer::Write(reply),
+                    chain,
+                    in_flight,
+                });
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!("write at {offset}: {e}");
+                reply.error(errno(&e));
+                return;
+            }
         }
         let chain = self.disk.chain();
         match chain.write_at(data, offset) {

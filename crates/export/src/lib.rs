@@ -9,3 +9,4 @@ pub mod kernel;
 pub mod online;
 pub mod registry;
 pub mod served;
+pub mod uring;

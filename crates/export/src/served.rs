@@ -2,7 +2,9 @@
 //! replace while the export keeps running.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use ploop_image::Chain;
 use uuid::Uuid;
@@ -16,6 +18,17 @@ pub struct ServedDisk {
     /// Each request holds the read side for its whole duration; an online
     /// operation takes the write side to drain requests before it swaps.
     chain: RwLock<Arc<Chain>>,
+    /// Queued requests that outlive their read guard.
+    in_flight: AtomicUsize,
+}
+
+/// Marks one queued request in flight until dropped.
+pub struct InFlight(Arc<ServedDisk>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ServedDisk {
@@ -26,7 +39,15 @@ impl ServedDisk {
             read_only,
             size: chain.virtual_size(),
             chain: RwLock::new(Arc::new(chain)),
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// Register a queued request; call with the chain guard held, so an
+    /// online operation either waits for it or it sees the new chain.
+    pub fn begin_queued(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
     }
 
     /// The chain, held for one request.
@@ -40,6 +61,10 @@ impl ServedDisk {
         f: impl FnOnce(&Arc<Chain>) -> ploop_format::Result<(Option<Chain>, T)>,
     ) -> ploop_format::Result<T> {
         let mut guard = self.chain.write().expect("chain lock");
+        // New requests wait on the lock; queued ones finish first.
+        while self.in_flight.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let (new, out) = f(&guard)?;
         if let Some(new) = new {
             *guard = Arc::new(new);

@@ -20,7 +20,24 @@ pub enum Delta {
     Ploop(PloopDelta),
 }
 
+/// One piece of a request that queued I/O can do directly on a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub fd: std::os::fd::RawFd,
+    pub file_offset: u64,
+    /// Where in the request's buffer the piece goes.
+    pub buf_offset: usize,
+    pub len: usize,
+}
+
 impl Delta {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            Delta::Raw(r) => r.io().raw_fd(),
+            Delta::Ploop(p) => p.io().raw_fd(),
+        }
+    }
+
     pub fn path(&self) -> &str {
         match self {
             Delta::Raw(r) => r.path(),
@@ -170,6 +187,51 @@ impl Chain {
             }
         }
         Ok(())
+    }
+
+    /// How to read a range with plain file reads: the pieces held by some
+    /// delta (pieces held by none read as zeros and are left out). None if
+    /// a delta has no file descriptor.
+    pub fn plan_read(&self, offset: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        for (cluster, in_off, at, n) in pieces(offset, len, self.cluster_size) {
+            if let Some((i, off)) = self.holder(cluster, self.layers.len()) {
+                let Some(fd) = self.layers[i].raw_fd() else {
+                    return Ok(None);
+                };
+                out.push(Segment {
+                    fd,
+                    file_offset: off + in_off,
+                    buf_offset: at,
+                    len: n,
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// How to write a range with plain file writes, if every piece lands
+    /// in place in the top delta (no allocation, no copy-up). None otherwise.
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+        self.check_range(offset, len)?;
+        let top = self.writable_top()?;
+        let Some(fd) = top.raw_fd() else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for (cluster, in_off, at, n) in pieces(offset, len, self.cluster_size) {
+            let Some(off) = top.map(cluster, self.cluster_size) else {
+                return Ok(None);
+            };
+            out.push(Segment {
+                fd,
+                file_offset: off + in_off,
+                buf_offset: at,
+                len: n,
+            });
+        }
+        Ok(Some(out))
     }
 
     /// Read the whole of `cluster` as seen from below layer `below`.

@@ -268,6 +268,11 @@ impl BlockIo for FileIo {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.file.as_raw_fd())
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,11 @@ pub trait BlockIo: Send + Sync {
     }
     /// A short human name for error messages (usually the path).
     fn describe(&self) -> String;
+    /// The file descriptor behind this backend, for queued I/O (io_uring)
+    /// that bypasses the trait. None for backends without one.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Shared handle to any backend.
@@ -103,6 +108,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).raw_fd()
     }
 }
 

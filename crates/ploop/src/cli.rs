@@ -175,6 +175,11 @@ struct MountArgs {
     /// FUSE worker threads (each has one request in flight).
     #[arg(long, default_value_t = 32)]
     threads: usize,
+    /// I/O engine for plain reads and in-place writes: sync (pread/pwrite
+    /// in the FUSE workers) or uring (queued to one io_uring thread, which
+    /// batches submissions; not faster on the machines measured so far).
+    #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
+    io: String,
     descriptor: PathBuf,
 }
 
@@ -731,6 +736,7 @@ impl From<MountArgs> for crate::mount::MountRequest {
             uuid: a.uuid,
             foreground: a.foreground,
             threads: a.threads,
+            uring: a.io == "uring",
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct MountRequest {
     pub uuid: Option<String>,
     pub foreground: bool,
     pub threads: usize,
+    pub uring: bool,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -47,6 +48,7 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount").arg("--foreground");
     cmd.arg("--threads").arg(r.threads.to_string());
+    cmd.arg("--io").arg(if r.uring { "uring" } else { "sync" });
     if r.read_only {
         cmd.arg("-r");
     }
@@ -108,6 +110,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         mountpoint: r.mountpoint.clone(),
         fs_options: r.options.clone(),
         threads: r.threads,
+        uring: r.uring,
     };
     daemon::serve(opts, |rec| {
         if let Some(d) = &rec.device {
@@ -294,6 +297,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         uuid: None,
         foreground: false,
         threads: 4,
+        uring: false,
     };
     let dev = start_daemon(&req)?;
     let made = kernel::mkfs(Path::new(&dev), fstype, block);

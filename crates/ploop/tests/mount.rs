@@ -575,3 +575,37 @@ fn online_delete_and_merge_while_writing() {
         }
     }
 }
+
+#[test]
+fn io_uring_engine_serves_the_same_data() {
+    let _serial = serial();
+    let disk = Disk::new("256M", "ext4");
+    let mnt = disk.mnt("mnt");
+    ok(
+        ploop(&[
+            "mount",
+            "--io",
+            "uring",
+            "-m",
+            mnt.to_str().unwrap(),
+            &disk.dd(),
+        ]),
+        "mount with io_uring",
+    );
+    let data = pattern(11, 24 << 20);
+    write_synced(&mnt.join("a"), &data);
+    // Overwrites in place go through the ring too.
+    write_synced(&mnt.join("a"), &data);
+    let out = ok(ploop(&["snapshot", &disk.dd()]), "online snapshot");
+    assert!(out.contains('{'), "{out}");
+    write_synced(&mnt.join("b"), &pattern(12, 5 << 20));
+    ok(run(&mut Command::new("sync")), "sync");
+    drop_caches();
+    assert!(fs::read(mnt.join("a")).unwrap() == data);
+    disk.umount();
+    disk.mount(&mnt);
+    assert!(fs::read(mnt.join("a")).unwrap() == data);
+    assert!(fs::read(mnt.join("b")).unwrap() == pattern(12, 5 << 20));
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}

@@ -1,0 +1,216 @@
+//! Queued I/O for the export: FUSE workers hand plain reads and in-place
+//! writes to one io_uring thread and go back to the kernel for the next
+//! request. The ring thread submits whatever has queued up in one batch
+//! (one doorbell for the disk instead of one per request) and answers each
+//! FUSE request when its last piece completes.
+//!
+//! Requests that need the image layer's logic (allocation, copy-up,
+//! discard, flush) never come here: they stay synchronous in the workers.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use fuser::{Errno, ReplyData, ReplyWrite};
+use io_uring::{opcode, types, IoUring};
+use ploop_image::{Chain, Segment};
+use ploop_io::AlignedBuf;
+use rustix::event::{eventfd, EventfdFlags};
+use tracing::error;
+
+use crate::served::InFlight;
+
+/// The FUSE answer owed when an operation completes.
+pub enum Answer {
+    Read(ReplyData),
+    Write(ReplyWrite),
+}
+
+/// One FUSE request turned into file I/O.
+pub struct Op {
+    pub segments: Vec<Segment>,
+    /// Read target or write source; aligned for O_DIRECT.
+    pub buf: AlignedBuf,
+    pub answer: Answer,
+    /// Keeps the deltas' files open and online operations waiting.
+    pub chain: Arc<Chain>,
+    pub in_flight: InFlight,
+}
+
+struct Pending {
+    op: Op,
+    remaining: usize,
+    failed: Option<i32>,
+}
+
+pub struct Ring {
+    queue: Mutex<VecDeque<Op>>,
+    wake: OwnedFd,
+}
+
+const WAKE: u64 = u64::MAX;
+const ENTRIES: u32 = 256;
+
+impl Ring {
+    /// Start the ring thread.
+    pub fn start() -> io::Result<Arc<Ring>> {
+        let ring = IoUring::new(ENTRIES)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC)?;
+        let this = Arc::new(Ring {
+            queue: Mutex::new(VecDeque::new()),
+            wake,
+        });
+        let worker = this.clone();
+        std::thread::Builder::new()
+            .name("io-uring".into())
+            .spawn(move || worker.run(ring))?;
+        Ok(this)
+    }
+
+    /// Queue an operation; the ring thread answers it.
+    pub fn submit(&self, op: Op) {
+        if op.segments.is_empty() {
+            // Nothing to do on disk (all zeros): answer at once.
+            finish(op, None);
+            return;
+        }
+        self.queue.lock().expect("ring queue").push_back(op);
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    fn run(&self, mut ring: IoUring) {
+        let mut slots: Vec<Option<Pending>> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut wake_buf = [0u8; 8];
+        let mut armed = false;
+        loop {
+            if !armed {
+                let sqe = opcode::Read::new(
+                    types::Fd(self.wake.as_fd().as_raw_fd()),
+                    wake_buf.as_mut_ptr(),
+                    8,
+                )
+                .build()
+                .user_data(WAKE);
+                // SAFETY: wake_buf lives on this thread's stack for the whole
+                // loop, and only one read of it is ever queued at a time.
+                if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                    armed = true;
+                }
+            }
+            if let Err(e) = ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    error!("io_uring wait: {e}");
+                }
+                continue;
+            }
+            let done: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (data, res) in done {
+                if data == WAKE {
+                    armed = false;
+                    let ops: Vec<Op> = self.queue.lock().expect("ring queue").drain(..).collect();
+                    for op in ops {
+                        self.start_op(&mut ring, op, &mut slots, &mut free);
+                    }
+                    continue;
+                }
+                let slot = (data >> 16) as usize;
+                let piece = (data & 0xffff) as usize;
+                let Some(p) = slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+                    continue;
+                };
+                let want = p.op.segments[piece].len as i32;
+                let is_read = matches!(p.op.answer, Answer::Read(_));
+                if res < 0 {
+                    p.failed = Some(-res);
+                } else if res != want {
+                    if is_read {
+                        // Past the end of a file: the rest reads as zeros.
+                        let s = p.op.segments[piece];
+                        let from = s.buf_offset + res as usize;
+                        p.op.buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
+                    } else {
+                        p.failed = Some(libc::EIO);
+                    }
+                }
+                p.remaining -= 1;
+                if p.remaining == 0 {
+                    let p = slots[slot].take().expect("slot in use");
+                    free.push(slot);
+                    finish(p.op, p.failed);
+                }
+            }
+        }
+    }
+
+    fn start_op(
+        &self,
+        ring: &mut IoUring,
+        op: Op,
+        slots: &mut Vec<Option<Pending>>,
+        free: &mut Vec<usize>,
+    ) {
+        let slot = free.pop().unwrap_or_else(|| {
+            slots.push(None);
+            slots.len() - 1
+        });
+        let n = op.segments.len();
+        slots[slot] = Some(Pending {
+            op,
+            remaining: n,
+            failed: None,
+        });
+        let p = slots[slot].as_mut().expect("just set");
+        let is_read = matches!(p.op.answer, Answer::Read(_));
+        let base = p.op.buf.as_mut_slice().as_mut_ptr();
+        for (i, s) in p.op.segments.iter().enumerate() {
+            let user_data = ((slot as u64) << 16) | i as u64;
+            // SAFETY: buf_offset + len lies inside the op's buffer (the
+            // planner splits the request's own range), and the buffer is
+            // owned by the slot until every piece has completed.
+            let ptr = unsafe { base.add(s.buf_offset) };
+            let sqe = if is_read {
+                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            } else {
+                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            }
+            .user_data(user_data);
+            loop {
+                // SAFETY: as above, the memory outlives the operation; the
+                // file descriptors stay open through `op.chain`.
+                if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                    break;
+                }
+                // Queue full: hand what we have to the kernel first.
+                if let Err(e) = ring.submit() {
+                    error!("io_uring submit: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn finish(op: Op, failed: Option<i32>) {
+    let Op {
+        buf,
+        answer,
+        segments: _,
+        chain: _,
+        in_flight,
+    } = op;
+    match (answer, failed) {
+        (Answer::Read(r), Some(e)) => r.error(Errno::from_i32(e)),
+        (Answer::Write(r), Some(e)) => r.error(Errno::from_i32(e)),
+        (Answer::Read(r), None) => r.data(buf.as_slice()),
+        (Answer::Write(r), None) => r.written(buf.len() as u32),
+    }
+    drop(in_flight);
+}
