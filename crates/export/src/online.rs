@@ -9,9 +9,7 @@
 
 use std::sync::Arc;
 
-use ploop_format::descriptor::{
-    guid_string, Descriptor, ImageEntry, ImageType, Shot, NONE_GUID, TOP_GUID,
-};
+use ploop_format::descriptor::{guid_string, Descriptor, ImageEntry, ImageType, NONE_GUID};
 use ploop_format::ploop::{OpenFlags, PloopDelta, Version};
 use ploop_format::{Error, Result};
 use ploop_image::disk::{image_path, open_delta, open_file, DescriptorLock};
@@ -41,19 +39,7 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
     let _lock = DescriptorLock::acquire(dd)?;
     served.exclusive(|chain| {
         let mut d = Descriptor::load(dd)?;
-        let snap = uuid.unwrap_or_else(Uuid::new_v4);
-        if d.shot(snap).is_some() || snap == TOP_GUID || snap == NONE_GUID {
-            return Err(desc_err(
-                served,
-                format!("snapshot {} already exists", guid_string(&snap)),
-            ));
-        }
-        if chain.layers().len() + 1 > ploop_format::descriptor::MAX_DELTAS {
-            return Err(desc_err(
-                served,
-                "the maximum number of deltas has been reached".into(),
-            ));
-        }
+        let snap = ops::new_snapshot_guid(dd, &d, uuid, chain.layers().len())?;
         let top = chain.top().clone();
         top.flush()?;
         let version = top
@@ -84,18 +70,7 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
                 return Err(e);
             }
         };
-        d.rename_guid(TOP_GUID, snap);
-        d.images.push(ImageEntry {
-            guid: TOP_GUID,
-            kind: ImageType::Compressed,
-            file,
-        });
-        d.snapshots.push(Shot {
-            guid: TOP_GUID,
-            parent: snap,
-            temporary: false,
-        });
-        d.top_guid = TOP_GUID;
+        ops::freeze_top(&mut d, snap, file);
         if let Err(e) = d.save(dd) {
             drop(new_chain);
             let _ = std::fs::remove_file(&path);
@@ -126,29 +101,7 @@ pub fn merge_with_parent(
     let dd = served.dd_path.as_path();
     let lock = DescriptorLock::acquire(dd)?;
     let d = Descriptor::load(dd)?;
-    let shot = d
-        .shot(child)
-        .cloned()
-        .ok_or_else(|| desc_err(served, format!("no snapshot {}", guid_string(&child))))?;
-    if shot.parent == NONE_GUID {
-        return Err(desc_err(
-            served,
-            format!(
-                "{} is the base image: it has no parent to merge with",
-                guid_string(&child)
-            ),
-        ));
-    }
-    let siblings = d.children(shot.parent).len();
-    if siblings != 1 {
-        return Err(desc_err(
-            served,
-            format!(
-                "cannot merge into {}: it has {siblings} children",
-                guid_string(&shot.parent)
-            ),
-        ));
-    }
+    let shot = ops::mergeable(dd, &d, child)?;
     let entries: Vec<ImageEntry> = d
         .chain(served.guid, &dd.display().to_string())?
         .into_iter()

@@ -203,20 +203,8 @@ fn ensure_not_in_use(dd: &Path, entry: &ImageEntry) -> Result<()> {
 pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     let _lock = DescriptorLock::acquire(dd)?;
     let mut d = Descriptor::load(dd)?;
-    let snap = uuid.unwrap_or_else(Uuid::new_v4);
-    if d.shot(snap).is_some() || snap == TOP_GUID || snap == NONE_GUID {
-        return Err(desc_err(
-            dd,
-            format!("snapshot {} already exists", guid_string(&snap)),
-        ));
-    }
     let chain_len = d.chain(d.top_guid, &dd.display().to_string())?.len();
-    if chain_len + 1 > MAX_DELTAS {
-        return Err(desc_err(
-            dd,
-            format!("the maximum number of deltas ({MAX_DELTAS}) has been reached"),
-        ));
-    }
+    let snap = new_snapshot_guid(dd, &d, uuid, chain_len)?;
     let top = d
         .image(d.top_guid)
         .cloned()
@@ -225,23 +213,87 @@ pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     let version = delta_version(dd, &top)?;
     let file = new_delta_name(&d);
     create_empty_delta(dd, &d, &file, version)?;
-    d.rename_guid(d.top_guid, snap);
-    d.images.push(ImageEntry {
-        guid: TOP_GUID,
-        kind: ImageType::Compressed,
-        file: file.clone(),
-    });
-    d.snapshots.push(Shot {
-        guid: TOP_GUID,
-        parent: snap,
-        temporary: false,
-    });
-    d.top_guid = TOP_GUID;
+    freeze_top(&mut d, snap, file.clone());
     if let Err(e) = d.save(dd) {
         let _ = std::fs::remove_file(image_path(dd, &file)?);
         return Err(e);
     }
     Ok(snap)
+}
+
+/// The GUID a new snapshot gets (`uuid` or a random one), checked against
+/// the descriptor and the chain-depth limit.
+pub fn new_snapshot_guid(
+    dd: &Path,
+    d: &Descriptor,
+    uuid: Option<Uuid>,
+    chain_len: usize,
+) -> Result<Uuid> {
+    let snap = uuid.unwrap_or_else(Uuid::new_v4);
+    if d.shot(snap).is_some() || snap == TOP_GUID || snap == NONE_GUID {
+        return Err(desc_err(
+            dd,
+            format!("snapshot {} already exists", guid_string(&snap)),
+        ));
+    }
+    if chain_len + 1 > MAX_DELTAS {
+        return Err(desc_err(
+            dd,
+            format!("the maximum number of deltas ({MAX_DELTAS}) has been reached"),
+        ));
+    }
+    Ok(snap)
+}
+
+/// Descriptor side of a snapshot: the top is renamed `snap` and a new top
+/// delta in `file` goes on it.
+pub fn freeze_top(d: &mut Descriptor, snap: Uuid, file: String) {
+    d.rename_guid(TOP_GUID, snap);
+    push_top(d, snap, file);
+}
+
+/// Add a new top delta in `file` over `parent`.
+fn push_top(d: &mut Descriptor, parent: Uuid, file: String) {
+    d.images.push(ImageEntry {
+        guid: TOP_GUID,
+        kind: ImageType::Compressed,
+        file,
+    });
+    d.snapshots.push(Shot {
+        guid: TOP_GUID,
+        parent,
+        temporary: false,
+    });
+    d.top_guid = TOP_GUID;
+}
+
+/// The shot of `child` if it can be merged with its parent: it has one,
+/// and the parent has no other child.
+pub fn mergeable(dd: &Path, d: &Descriptor, child: Uuid) -> Result<Shot> {
+    let shot = d
+        .shot(child)
+        .cloned()
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&child))))?;
+    if shot.parent == NONE_GUID {
+        return Err(desc_err(
+            dd,
+            format!(
+                "{} is the base image: it has no parent to merge with",
+                guid_string(&child)
+            ),
+        ));
+    }
+    let siblings = d.children(shot.parent).len();
+    if siblings != 1 {
+        return Err(desc_err(
+            dd,
+            format!(
+                "cannot merge into {}: it has {siblings} children",
+                guid_string(&shot.parent)
+            ),
+        ));
+    }
+    Ok(shot)
 }
 
 /// Drop an image and its shot from the descriptor; returns its file.
@@ -290,29 +342,7 @@ pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
     let _lock = DescriptorLock::acquire(dd)?;
     let mut d = Descriptor::load(dd)?;
     let child = guid.unwrap_or(d.top_guid);
-    let shot = d
-        .shot(child)
-        .cloned()
-        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&child))))?;
-    if shot.parent == NONE_GUID {
-        return Err(desc_err(
-            dd,
-            format!(
-                "{} is the base image: it has no parent to merge into",
-                guid_string(&child)
-            ),
-        ));
-    }
-    let siblings = d.children(shot.parent).len();
-    if siblings != 1 {
-        return Err(desc_err(
-            dd,
-            format!(
-                "cannot merge into {}: it has {siblings} children",
-                guid_string(&shot.parent)
-            ),
-        ));
-    }
+    let shot = mergeable(dd, &d, child)?;
     let child_entry = d.image(child).cloned().expect("validated");
     ensure_not_in_use(dd, &child_entry)?;
     {
@@ -409,17 +439,7 @@ pub fn switch(dd: &Path, guid: Uuid) -> Result<()> {
     create_empty_delta(dd, &d, &file, version)?;
     let top_guid = d.top_guid;
     let old_top = remove_image(dd, &mut d, top_guid)?;
-    d.images.push(ImageEntry {
-        guid: TOP_GUID,
-        kind: ImageType::Compressed,
-        file,
-    });
-    d.snapshots.push(Shot {
-        guid: TOP_GUID,
-        parent: guid,
-        temporary: false,
-    });
-    d.top_guid = TOP_GUID;
+    push_top(&mut d, guid, file);
     d.save(dd)?;
     std::fs::remove_file(&old_top).map_err(|e| {
         Error::io(
