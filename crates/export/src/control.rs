@@ -90,3 +90,58 @@ pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> (Respon
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_and_response_roundtrip_over_a_socket() {
+        let dir = std::env::temp_dir().join(format!("ploop-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            serve(&listener, |req| {
+                let stop = matches!(req, Request::Stop);
+                seen.push(format!("{req:?}"));
+                match req {
+                    Request::Snapshot { uuid } => {
+                        (Response::ok(Some(serde_json::json!(uuid))), false)
+                    }
+                    Request::Stop => (Response::ok(None), stop),
+                    _ => (Response::err("no"), false),
+                }
+            });
+            seen
+        });
+        let t = Duration::from_secs(5);
+        let r = call(
+            &sock,
+            &Request::Snapshot {
+                uuid: Some("{x}".into()),
+            },
+            t,
+        )
+        .unwrap();
+        assert!(r.ok);
+        assert_eq!(r.value, Some(serde_json::json!("{x}")));
+        let r = call(&sock, &Request::Flush, t).unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.error.as_deref(), Some("no"));
+        // A malformed request gets an error, not a dead daemon.
+        {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.write_all(b"{\"cmd\":\"bogus\"}\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains("bad request"), "{line}");
+        }
+        assert!(call(&sock, &Request::Stop, t).unwrap().ok);
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
