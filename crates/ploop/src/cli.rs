@@ -173,7 +173,7 @@ struct MountArgs {
     #[arg(long)]
     foreground: bool,
     /// FUSE worker threads (each has one request in flight).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 24)]
     threads: usize,
     /// I/O engine for plain reads and in-place writes: sync (pread/pwrite
     /// in the FUSE workers) or uring (queued to one io_uring thread, which
