@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, SessionACL};
 use ploop_format::descriptor::{guid_string, parse_guid, TOP_GUID};
+use ploop_image::disk::DescriptorLock;
 use ploop_image::{ops, Disk, OpenOptions};
 use serde_json::json;
 use tracing::{error, info, warn};
@@ -43,6 +44,9 @@ fn canonical(p: &Path) -> Result<PathBuf, String> {
 /// Open the disk; an image left in use by a crash is checked and repaired
 /// first, as OpenVZ does on mount.
 fn open_disk(dd: &Path, opts: &MountOptions) -> Result<Disk, String> {
+    // Held while opening: an offline snapshot, merge or switch is either
+    // done before we look at the descriptor or waits for our file locks.
+    let _lock = DescriptorLock::acquire(dd).map_err(|e| e.to_string())?;
     let open = || {
         Disk::open(
             dd,
@@ -166,13 +170,17 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
         }
     };
-    let fuse_thread = std::thread::Builder::new()
-        .name("fuse".into())
-        .spawn(move || session.run())
-        .map_err(|e| e.to_string())?;
+    let mut fuse_thread = Some(
+        std::thread::Builder::new()
+            .name("fuse".into())
+            .spawn(move || session.run())
+            .map_err(|e| e.to_string())?,
+    );
 
+    // Undo the kernel side: filesystem, loop device, FUSE mount. Safe to
+    // call again after a failure (a busy mount point, say).
     let shutdown = |record: &MountRecord,
-                    fuse_thread: std::thread::JoinHandle<std::io::Result<()>>|
+                    fuse_thread: &mut Option<std::thread::JoinHandle<std::io::Result<()>>>|
      -> Result<(), String> {
         let mut errors = Vec::new();
         if let Some(m) = &record.mountpoint {
@@ -192,6 +200,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         if !errors.is_empty() {
             return Err(errors.join("; "));
         }
+        let Some(fuse_thread) = fuse_thread.take() else {
+            return Ok(());
+        };
         // The loop device lets go of the file asynchronously.
         if let Some(d) = &record.device {
             kernel::wait_loop_released(d, &record.fuse_file, Duration::from_secs(10));
@@ -246,16 +257,27 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             record.mountpoint = mnt.map(|m| m.canonicalize().unwrap_or(m));
         }
         Err(e) => {
-            let _ = shutdown(&record, fuse_thread);
+            let _ = shutdown(&record, &mut fuse_thread);
             let _ = served.current().close();
             cleanup_record(&record);
             return Err(e);
         }
     }
-    record
+    let listener = record
         .save()
-        .map_err(|e| format!("saving mount record: {e}"))?;
-    let listener = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        .map_err(|e| format!("saving mount record: {e}"))
+        .and_then(|()| {
+            UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))
+        });
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = shutdown(&record, &mut fuse_thread);
+            let _ = served.current().close();
+            cleanup_record(&record);
+            return Err(e);
+        }
+    };
     info!(
         "serving {} ({}) on {} as {}",
         dd.display(),
@@ -269,7 +291,6 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     );
     ready(&record);
 
-    let mut fuse_thread = Some(fuse_thread);
     let no_progress = |_: u64, _: u64| {};
     control::serve(&listener, |req| {
         let result = match req {
@@ -309,7 +330,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     .chain()
                     .flush()
                     .map_err(|e| e.to_string())
-                    .and_then(|_| shutdown(&record, fuse_thread.take().expect("once")));
+                    .and_then(|_| shutdown(&record, &mut fuse_thread));
                 return match r {
                     Ok(()) => (Response::ok(None), true),
                     Err(e) => (Response::err(e), false),

@@ -78,7 +78,10 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
         }
         // The old top is read-only from now on: clean flag, shared lock,
         // so a backup can mount it read-only beside us.
-        top.close()?;
+        // The descriptor is saved: the swap must happen whatever follows.
+        if let Err(e) = top.close() {
+            tracing::warn!("closing the frozen top delta: {e}");
+        }
         if let Some(p) = top.as_ploop() {
             let _ = p.io().set_lock(LockMode::Shared);
         }

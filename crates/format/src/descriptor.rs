@@ -85,6 +85,9 @@ pub fn parse_guid(s: &str) -> Option<Uuid> {
     Uuid::parse_str(t).ok()
 }
 
+/// A descriptor is four levels deep; anything far deeper is hostile.
+const MAX_DEPTH: usize = 32;
+
 /// A tiny element tree: enough for a descriptor, nothing more.
 #[derive(Debug, Default)]
 struct Node {
@@ -118,6 +121,9 @@ fn parse_tree(text: &str, path: &str) -> Result<Node> {
             ))
         })?;
         match event {
+            Event::Start(_) if stack.len() > MAX_DEPTH => {
+                return Err(bad(format!("elements nested deeper than {MAX_DEPTH}")));
+            }
             Event::Start(e) => stack.push(Node {
                 name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
                 ..Node::default()
@@ -650,6 +656,10 @@ mod tests {
         let _ = a;
         expect_err(&d.to_xml(), "cycle");
         expect_err("<a><b></a>", "malformed");
+        expect_err(
+            &format!("{}{}", "<a>".repeat(100_000), "</a>".repeat(100_000)),
+            "nested",
+        );
         expect_err("", "no root");
         let x = sample()
             .to_xml()

@@ -156,3 +156,44 @@ fn full_disk_is_an_error_not_a_panic_and_keeps_flushed_data() {
     assert!(back[..CLUSTER as usize].iter().all(|&b| b == 7));
     reopened.close().unwrap();
 }
+
+#[test]
+fn failed_flush_keeps_the_bat_changes_pending() {
+    let faulty = Arc::new(FaultyIo::new("retry.hdd"));
+    PloopDelta::create(
+        faulty.clone(),
+        CreateOptions {
+            virtual_size: SIZE,
+            cluster_size: CLUSTER,
+            version: Version::V2,
+            preallocate: false,
+        },
+    )
+    .unwrap();
+    let chain = open_chain(faulty.clone());
+    // Clusters whose BAT entries sit on different metadata pages.
+    let far = CLUSTERS - 1;
+    chain.write_at(&vec![3u8; CLUSTER as usize], 0).unwrap();
+    chain
+        .write_at(&vec![4u8; CLUSTER as usize], far * CLUSTER)
+        .unwrap();
+    faulty.set_plan(FaultPlan {
+        fail_writes_after: None,
+        fail_flush: true,
+    });
+    assert!(chain.flush().is_err());
+    faulty.set_plan(FaultPlan::default());
+    chain.flush().unwrap();
+    // Power cut right after the retried flush: both clusters are mapped.
+    let image = faulty.crash_image(|_| false);
+    std::mem::forget(chain);
+    let mem: SharedIo = Arc::new(MemIo::from_bytes("after.hdd", image));
+    check(&mem, true).unwrap();
+    let chain = open_chain(mem);
+    let mut back = vec![0u8; CLUSTER as usize];
+    chain.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 3));
+    chain.read_at(&mut back, far * CLUSTER).unwrap();
+    assert!(back.iter().all(|&b| b == 4));
+    chain.close().unwrap();
+}

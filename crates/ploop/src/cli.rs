@@ -434,8 +434,11 @@ fn init(a: InitArgs) -> Res<ExitCode> {
             .transpose()?
             .map(|b| b as u32);
         if let Err(e) = crate::mount::make_filesystem(&dd, &a.fstype, fs_block) {
-            let _ = std::fs::remove_file(&dd);
-            let _ = std::fs::remove_file(&a.image);
+            // Remove the half-made disk, unless a daemon still serves it.
+            if crate::mount::served_rw(&dd).is_none() {
+                let _ = std::fs::remove_file(&dd);
+                let _ = std::fs::remove_file(&a.image);
+            }
             return Err(e);
         }
     }
@@ -689,6 +692,8 @@ fn read(dd: &Path, offset: &str, length: Option<&str>, uuid: Option<&str>) -> Re
 }
 
 fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
+    // Held while opening, so no offline snapshot/merge/switch is midway.
+    let lock = ploop_image::disk::DescriptorLock::acquire(dd)?;
     let disk = Disk::open(
         dd,
         OpenOptions {
@@ -696,6 +701,7 @@ fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
             ..OpenOptions::default()
         },
     )?;
+    drop(lock);
     let mut pos = parse_size(offset, 1)?;
     let mut src: Box<dyn Read> = if input == Path::new("-") {
         Box::new(std::io::stdin().lock())

@@ -1,6 +1,6 @@
 //! mount / umount / list, and the online paths of snapshot commands.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -114,7 +114,9 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
     };
     daemon::serve(opts, |rec| {
         if let Some(d) = &rec.device {
-            println!("{}", d.display());
+            // The parent `ploop mount` may be gone: a closed pipe is fine.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", d.display()).and_then(|()| out.flush());
         }
     })?;
     Ok(ExitCode::SUCCESS)

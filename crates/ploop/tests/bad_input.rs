@@ -823,3 +823,33 @@ fn init_over_existing_image() {
         "the OS error is printed more than once:\n{out}"
     );
 }
+
+// A crash can leave the header's "empty" flag out of step with the BAT;
+// OpenVZ's check refuses such an image, ours must put it right.
+#[test]
+fn check_repairs_the_empty_flag() {
+    let tmp = tempdir();
+    let disk = fixture(tmp.path());
+    let mut bytes = std::fs::read(&disk.image).unwrap();
+    bytes[52] |= 1; // CIF_Empty on an image that holds data
+    std::fs::write(&disk.image, &bytes).unwrap();
+    let out = ploop(&[OsStr::new("check"), OsStr::new("-r"), disk.dd.as_os_str()]);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "read-only check reports it: {}",
+        out.stderr
+    );
+    ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+    assert_eq!(std::fs::read(&disk.image).unwrap()[52] & 1, 0);
+    let openvz = Command::new("/usr/sbin/ploop")
+        .args(["check", "-f", "-c", "-r"])
+        .arg(&disk.image)
+        .output()
+        .unwrap();
+    assert!(
+        openvz.status.success(),
+        "{}",
+        String::from_utf8_lossy(&openvz.stdout)
+    );
+}

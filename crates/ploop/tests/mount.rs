@@ -609,3 +609,34 @@ fn io_uring_engine_serves_the_same_data() {
     disk.umount();
     fsck_clean(&disk, "ext4");
 }
+
+#[test]
+fn busy_umount_can_be_retried() {
+    let _serial = serial();
+    let disk = Disk::new("128M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .current_dir(&mnt)
+        .spawn()
+        .unwrap();
+    for attempt in 0..2 {
+        let out = ploop(&["umount", "-m", mnt.to_str().unwrap()]);
+        assert!(
+            !out.status.success(),
+            "umount of a busy mount point must fail"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("busy"), "attempt {attempt}: {err}");
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    ok(
+        ploop(&["umount", "-m", mnt.to_str().unwrap()]),
+        "umount once free",
+    );
+    let listed = ok(ploop(&["list"]), "list");
+    assert!(!listed.contains(&disk.dd()), "{listed}");
+    fsck_clean(&disk, "ext4");
+}

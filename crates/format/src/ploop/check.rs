@@ -5,6 +5,7 @@ use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::{scan_bat, BatProblem};
 use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
+use super::header::FLAG_EMPTY;
 use crate::{Error, Result};
 
 /// What check found and did.
@@ -93,6 +94,21 @@ pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
             (new_size - highest) / cs
         ));
         end = highest;
+    }
+
+    // OpenVZ keeps the "empty" flag exactly when nothing is mapped.
+    let empty = if bat.iter().all(|&e| e == 0) {
+        FLAG_EMPTY
+    } else {
+        0
+    };
+    if raw.flags & FLAG_EMPTY != empty {
+        report.problems.push(format!(
+            "the header's empty flag is {}, but the image {} data",
+            if empty == 0 { "set" } else { "clear" },
+            if empty == 0 { "holds" } else { "holds no" }
+        ));
+        raw.flags = (raw.flags & !FLAG_EMPTY) | empty;
     }
 
     if !repair || report.problems.is_empty() {

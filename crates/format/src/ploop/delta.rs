@@ -101,13 +101,22 @@ pub(crate) fn read_metadata(io: &SharedIo) -> Result<(Header, Vec<u32>, u64)> {
             ),
         ));
     }
-    let mut raw = vec![0u8; bat_bytes as usize];
-    io.read_at(&mut raw, HEADER_SIZE as u64)
-        .map_err(|e| Error::io(&path, "reading BAT", HEADER_SIZE as u64, e))?;
-    let bat = raw
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
+    // Read in chunks: the table is the only thing held in memory.
+    let mut bat = Vec::with_capacity(header.bat_entries as usize);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < bat_bytes {
+        let n = (bat_bytes - at).min(chunk.len() as u64) as usize;
+        let off = HEADER_SIZE as u64 + at;
+        io.read_at(&mut chunk[..n], off)
+            .map_err(|e| Error::io(&path, "reading BAT", off, e))?;
+        bat.extend(
+            chunk[..n]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        );
+        at += n as u64;
+    }
     Ok((header, bat, size))
 }
 
@@ -409,6 +418,11 @@ impl PloopDelta {
                 .map_err(|e| Error::io(&self.path, "zeroing cluster", file_off, e));
         }
         let _alloc = self.alloc.lock().expect("alloc lock");
+        if self.map(cluster) != Some(file_off) {
+            // A concurrent discard got here first (and the cluster may even
+            // have been reused since): nothing of ours to release.
+            return Ok(());
+        }
         {
             let mut bat = self.bat.write().expect("bat lock");
             bat[cluster as usize] = 0;
@@ -452,16 +466,28 @@ impl PloopDelta {
                 .collect();
             (pages, std::mem::take(&mut dirty.freed))
         };
-        self.sync("syncing data")?;
+        let written = self.sync("syncing data").and_then(|()| {
+            if pages.is_empty() && freed.is_empty() {
+                return Ok(());
+            }
+            for (page, buf) in &pages {
+                self.io
+                    .write_at(buf.as_slice(), page * META_PAGE)
+                    .map_err(|e| Error::io(&self.path, "writing BAT", page * META_PAGE, e))?;
+            }
+            self.sync("syncing BAT")
+        });
+        if let Err(e) = written {
+            // Nothing of this flush is known to be durable: keep it all
+            // pending so the next flush (or close) tries again.
+            let mut dirty = self.dirty.lock().expect("dirty lock");
+            dirty.pages.extend(pages.iter().map(|(p, _)| *p));
+            dirty.freed.extend(freed);
+            return Err(e);
+        }
         if pages.is_empty() && freed.is_empty() {
             return Ok(());
         }
-        for (page, buf) in &pages {
-            self.io
-                .write_at(buf.as_slice(), page * META_PAGE)
-                .map_err(|e| Error::io(&self.path, "writing BAT", page * META_PAGE, e))?;
-        }
-        self.sync("syncing BAT")?;
         let mut alloc = self.alloc.lock().expect("alloc lock");
         alloc.free.extend(freed);
         self.trim_tail(&mut alloc)
@@ -516,7 +542,11 @@ impl PloopDelta {
             return Ok(());
         }
         if self.writable {
-            self.set_in_use(false)?;
+            if let Err(e) = self.set_in_use(false) {
+                // Still open: a later close (or drop) tries again.
+                self.open.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
     }

@@ -205,6 +205,14 @@ impl Header {
             .checked_mul(SECTOR)
             .ok_or_else(|| bad(format!("size of {size_sectors} sectors overflows")))?;
         let needed = virtual_size.div_ceil(cluster_size);
+        // OpenVZ and qemu both write exactly this many entries; a larger
+        // count only makes us read (and hold) a bigger table.
+        if u64::from(raw.bat_entries) > needed.max(1) {
+            return Err(bad(format!(
+                "BAT has {} entries but a size of {virtual_size} bytes needs only {needed}",
+                raw.bat_entries
+            )));
+        }
         if u64::from(raw.bat_entries) < needed {
             return Err(bad(format!(
                 "BAT has {} entries but a size of {virtual_size} bytes needs {needed}",
@@ -359,6 +367,13 @@ mod tests {
                 ..good
             },
             "needs",
+        );
+        check(
+            RawHeader {
+                bat_entries: u32::MAX,
+                ..good
+            },
+            "needs only",
         );
         check(
             RawHeader {
