@@ -1,16 +1,18 @@
 //! Operations on a disk while it is served: snapshot, and merging a delta
 //! with its parent, with I/O going on.
 //!
-//! Merging online copies the parent's clusters *up* into the child (only
-//! those the child does not hold yet, allocated only if still unmapped, so
-//! concurrent writers always win), then drops the parent from the chain.
-//! Every view of the disk stays the same throughout: the child masks the
-//! parent for every cluster it holds.
+//! Merging online copies the child's clusters *down* into its parent, as
+//! OpenVZ does, so the work is the size of the (usually small) child. The
+//! child masks the parent for every cluster it holds, so no view of the disk
+//! changes while the copy runs; when the child is the live top, clusters the
+//! guest changes during the copy are recorded and copied again with I/O
+//! briefly paused, and the parent becomes the new top.
 
 use std::sync::Arc;
 
-use ploop_format::descriptor::{guid_string, Descriptor, ImageEntry, ImageType, NONE_GUID};
+use ploop_format::descriptor::{guid_string, Descriptor, ImageEntry, ImageType};
 use ploop_format::ploop::{OpenFlags, PloopDelta, Version};
+use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
 use ploop_image::disk::{image_path, open_delta, open_file, DescriptorLock};
 use ploop_image::ops;
@@ -89,8 +91,9 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
     })
 }
 
-/// Merge `child` with its parent while the disk is served. Deltas outside
-/// the served chain are merged the offline way.
+/// Merge `child` down into its parent while the disk is served, the way
+/// OpenVZ does: the parent's file takes the child's data and GUID, and the
+/// child's file goes. Deltas outside the served chain are merged offline.
 pub fn merge_with_parent(
     served: &ServedDisk,
     child: Uuid,
@@ -122,89 +125,164 @@ pub fn merge_with_parent(
             "descriptor and served chain disagree".into(),
         ));
     }
-    let parent = chain.layers()[pi].clone();
-    let Some(parent_ploop) = parent.as_ploop() else {
+    let source = chain.layers()[ci].clone();
+    let Some(src) = source.as_ploop() else {
         return Err(Error::Invalid(
-            "merging into a raw base needs the disk unmounted".into(),
+            "cannot merge a raw delta into its parent".into(),
         ));
     };
     let is_top = ci == chain.layers().len() - 1;
-    let target: Arc<Delta> = if is_top {
-        chain.top().clone()
-    } else {
-        // A second, writable handle on a lower delta (we already hold its
-        // shared lock through the served chain).
-        let path = image_path(dd, &entries[ci].file)?;
-        let io = open_file(
-            &path,
-            OpenMode {
-                write: true,
-                direct: true,
-                create_new: false,
-                lock: LockMode::None,
-            },
-        )?;
-        Arc::new(Delta::Ploop(PloopDelta::open(
-            io,
-            OpenFlags {
-                writable: true,
-                allow_dirty: false,
-            },
-        )?))
-    };
-    let target_ploop = target
-        .as_ploop()
-        .ok_or_else(|| Error::Invalid("cannot merge into a raw delta".into()))?;
-    let cs = chain.cluster_size();
-    let bat = parent_ploop.bat_snapshot();
+
+    // A second, writable handle on the parent. Its lock must become
+    // exclusive: a read-only mount of the parent elsewhere (a backup) would
+    // otherwise see it change.
+    let parent_old = chain.layers()[pi].clone();
+    let parent = Arc::new(open_writable_twin(dd, &entries[pi])?);
+    let _ = layer_io(&parent_old).set_lock(LockMode::None);
+    if layer_io(&parent).set_lock(LockMode::Exclusive).is_err() {
+        let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
+        return Err(Error::Locked {
+            path: parent.path().to_string(),
+        });
+    }
+    let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
+    lower.push(parent.clone());
+    let target = Chain::new(lower, chain.cluster_size(), chain.virtual_size())?;
+
+    // Phase 1, with I/O going on: copy what the child holds now. Clusters
+    // the guest changes meanwhile are recorded and copied again below.
+    if is_top {
+        src.start_tracking();
+    }
+    let bat = src.bat_snapshot();
     let total = bat.iter().filter(|&&e| e != 0).count() as u64;
-    let mut buf = AlignedBuf::zeroed(cs as usize);
+    let mut buf = AlignedBuf::zeroed(chain.cluster_size() as usize);
+    let mut copy = |cluster: u64| copy_cluster(src, &target, cluster, &mut buf);
     let mut done = 0;
+    let mut phase1 = Ok(());
     for (cluster, _) in bat.iter().enumerate().filter(|(_, &e)| e != 0) {
-        let cluster = cluster as u64;
-        if target_ploop.map(cluster).is_none() {
-            let off = parent_ploop.map(cluster).expect("mapped in the snapshot");
-            parent_ploop.read_data(buf.as_mut_slice(), off)?;
-            target_ploop.populate(cluster, buf.as_slice())?;
+        phase1 = copy(cluster as u64);
+        if phase1.is_err() {
+            break;
         }
         done += 1;
         progress(done, total);
     }
-    target.flush()?;
-    let parent_path = served.exclusive(|cur| {
-        let mut layers = cur.layers().to_vec();
-        if !is_top {
-            layers[ci] = target.clone();
+    let restore_locks = || {
+        let _ = layer_io(&parent).set_lock(LockMode::None);
+        let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
+    };
+    if let Err(e) = phase1 {
+        if is_top {
+            src.stop_tracking();
         }
-        layers.remove(pi);
-        let new_chain = Chain::new(layers, cur.cluster_size(), cur.virtual_size())?;
-        let mut d = Descriptor::load(dd)?;
-        let grandparent = d.shot(shot.parent).map(|s| s.parent).unwrap_or(NONE_GUID);
-        let path = ops::remove_image(dd, &mut d, shot.parent)?;
-        for s in &mut d.snapshots {
-            if s.guid == child {
-                s.parent = grandparent;
+        restore_locks();
+        return Err(e);
+    }
+
+    // Phase 2, with no request in flight: catch up, then switch the chain
+    // and the descriptor over.
+    let switched = served.exclusive(|cur| {
+        if is_top {
+            for cluster in src.stop_tracking() {
+                copy(cluster)?;
             }
         }
+        target.flush()?;
+        let mut layers = cur.layers().to_vec();
+        layers[pi] = parent.clone();
+        layers.remove(ci);
+        let new_chain = Chain::new(layers, cur.cluster_size(), cur.virtual_size())?;
+        let mut d = Descriptor::load(dd)?;
+        let child_path = ops::remove_image(dd, &mut d, child)?;
+        d.rename_guid(shot.parent, child);
         d.save(dd)?;
-        Ok((Some(new_chain), path))
-    })?;
-    drop(parent);
-    std::fs::remove_file(&parent_path).map_err(|e| {
+        Ok((Some(new_chain), child_path))
+    });
+    let child_path = match switched {
+        Ok(p) => p,
+        Err(e) => {
+            if is_top {
+                src.stop_tracking();
+            }
+            restore_locks();
+            return Err(e);
+        }
+    };
+    drop(chain);
+    if let Err(e) = source.close() {
+        tracing::warn!("closing the merged delta: {e}");
+    }
+    drop(source);
+    std::fs::remove_file(&child_path).map_err(|e| {
         Error::io(
-            parent_path.display().to_string(),
+            child_path.display().to_string(),
             "removing merged delta",
             0,
             e,
         )
     })?;
     if !is_top {
-        target.close()?;
-        if let Some(p) = target.as_ploop() {
-            let _ = p.io().set_lock(LockMode::Shared);
-        }
+        // The parent stays a read-only layer: clean flag, shared lock.
+        parent.close()?;
+        let _ = layer_io(&parent).set_lock(LockMode::Shared);
     }
     Ok(())
+}
+
+fn layer_io(d: &Delta) -> &ploop_io::SharedIo {
+    match d {
+        Delta::Ploop(p) => p.io(),
+        Delta::Raw(r) => r.io(),
+    }
+}
+
+/// Open a delta of the served chain a second time, writable, without a
+/// lock (the served chain already holds one on it).
+fn open_writable_twin(dd: &std::path::Path, entry: &ImageEntry) -> Result<Delta> {
+    let path = image_path(dd, &entry.file)?;
+    let io = open_file(
+        &path,
+        OpenMode {
+            write: true,
+            direct: true,
+            create_new: false,
+            lock: LockMode::None,
+        },
+    )?;
+    Ok(match entry.kind {
+        ImageType::Plain => Delta::Raw(RawDelta::open(io, true)?),
+        ImageType::Compressed => Delta::Ploop(PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: true,
+                allow_dirty: false,
+            },
+        )?),
+    })
+}
+
+/// Copy one cluster as the child sees it into the parent's chain (zeros
+/// where the child no longer holds it).
+fn copy_cluster(
+    src: &PloopDelta,
+    target: &Chain,
+    cluster: u64,
+    buf: &mut AlignedBuf,
+) -> Result<()> {
+    let cs = target.cluster_size();
+    let start = cluster * cs;
+    if start >= target.virtual_size() {
+        return Ok(());
+    }
+    let len = (target.virtual_size() - start).min(cs) as usize;
+    match src.map(cluster) {
+        Some(off) => {
+            src.read_data(&mut buf.as_mut_slice()[..len], off)?;
+            target.write_at(&buf.as_slice()[..len], start)
+        }
+        None => target.discard(start, len as u64),
+    }
 }
 
 /// Delete snapshot `guid` of a served disk.

@@ -74,6 +74,13 @@ impl Delta {
         }
     }
 
+    /// Tell a ploop delta that tracks changes that `cluster` changes.
+    fn note_change(&self, cluster: u64) {
+        if let Delta::Ploop(p) = self {
+            p.note_change(cluster);
+        }
+    }
+
     pub fn is_writable(&self) -> bool {
         match self {
             Delta::Raw(r) => r.is_writable(),
@@ -224,6 +231,7 @@ impl Chain {
             let Some(off) = top.map(cluster, self.cluster_size) else {
                 return Ok(None);
             };
+            top.note_change(cluster);
             out.push(Segment {
                 fd,
                 file_offset: off + in_off,
@@ -262,6 +270,7 @@ impl Chain {
         let top = self.writable_top()?;
         for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
             let data = &buf[at..at + n];
+            top.note_change(cluster);
             match top {
                 Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
                 Delta::Ploop(p) => {
@@ -291,6 +300,7 @@ impl Chain {
         let cs = self.cluster_size;
         for (cluster, in_off, _, n) in pieces(offset, len, cs) {
             let n = n as u64;
+            top.note_change(cluster);
             match top {
                 Delta::Raw(r) => r.punch(cluster * cs + in_off, n)?,
                 Delta::Ploop(p) => {

@@ -246,6 +246,14 @@ fn online_snapshot_with_running_writer() {
             );
         }
     }
+    // Merging would change the snapshot under the backup's feet: refused.
+    let out = ploop(&["snapshot-merge", &disk.dd()]);
+    assert!(
+        !out.status.success(),
+        "merge into a mounted snapshot must fail"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("locked") || err.contains("in use"), "{err}");
     ok(
         ploop(&["umount", "-m", smnt.to_str().unwrap()]),
         "umount snapshot",
@@ -540,6 +548,13 @@ fn online_delete_and_merge_while_writing() {
         "list",
     );
     assert_eq!(list.lines().count(), 1, "one delta left: {list}");
+    // Merges go down, as in OpenVZ: the base file is the one that stays.
+    let files_left: Vec<String> = fs::read_dir(disk.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("root.hdd"))
+        .collect();
+    assert_eq!(files_left, vec!["root.hdd".to_string()]);
     disk.umount();
     disk.mount(&mnt);
     for (name, data) in &files {

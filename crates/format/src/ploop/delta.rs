@@ -70,6 +70,10 @@ pub struct PloopDelta {
     meta: Mutex<()>,
     /// Number of mapped BAT entries.
     mapped: AtomicU64,
+    /// Virtual clusters changed while tracking is on (an online merge
+    /// copies them again at the end).
+    tracking: AtomicBool,
+    changed: Mutex<BTreeSet<u64>>,
     writable: bool,
     open: AtomicBool,
 }
@@ -221,6 +225,8 @@ impl PloopDelta {
         let mapped = bat.iter().filter(|&&e| e != 0).count() as u64;
         let delta = Self {
             mapped: AtomicU64::new(mapped),
+            tracking: AtomicBool::new(false),
+            changed: Mutex::new(BTreeSet::new()),
             raw: Mutex::new(header.raw),
             io,
             path,
@@ -383,19 +389,6 @@ impl PloopDelta {
         Ok(())
     }
 
-    /// Map `cluster` to a new cluster holding `data` (a whole cluster) only
-    /// if it is still unmapped; returns whether it did. Used to copy data up
-    /// while writers may be allocating the same cluster.
-    pub fn populate(&self, cluster: u64, data: &[u8]) -> Result<bool> {
-        self.ensure_writable()?;
-        let mut alloc = self.alloc.lock().expect("alloc lock");
-        if self.map(cluster).is_some() {
-            return Ok(false);
-        }
-        self.allocate_locked(&mut alloc, cluster, 0, data, None)?;
-        Ok(true)
-    }
-
     /// Make a byte range of a mapped cluster read as zeros. If `unmap` and
     /// the range is the whole cluster, the cluster is released instead and
     /// its space returned to the filesystem.
@@ -549,6 +542,25 @@ impl PloopDelta {
             }
         }
         Ok(())
+    }
+
+    /// Start recording which virtual clusters change.
+    pub fn start_tracking(&self) {
+        self.changed.lock().expect("changed lock").clear();
+        self.tracking.store(true, Ordering::SeqCst);
+    }
+
+    /// Stop recording; returns the clusters changed since the start.
+    pub fn stop_tracking(&self) -> BTreeSet<u64> {
+        self.tracking.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *self.changed.lock().expect("changed lock"))
+    }
+
+    /// Record that `cluster` is about to change (no-op unless tracking).
+    pub fn note_change(&self, cluster: u64) {
+        if self.tracking.load(Ordering::SeqCst) {
+            self.changed.lock().expect("changed lock").insert(cluster);
+        }
     }
 
     /// A copy of the BAT (for check, merge and info).
