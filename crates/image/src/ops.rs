@@ -9,7 +9,8 @@ use ploop_format::descriptor::{
     guid_string, parse_guid, Descriptor, ImageEntry, ImageType, Shot, FILE_NAME, MAX_DELTAS,
     NONE_GUID, TOP_GUID,
 };
-use ploop_format::ploop::{check::check, check::CheckReport, CreateOptions, PloopDelta, Version};
+use ploop_format::ploop::check::{check_with_backup, CheckReport};
+use ploop_format::ploop::{CreateOptions, PloopDelta, Version};
 use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result, SECTOR};
 use ploop_io::{is_zero, OpenMode};
@@ -564,9 +565,39 @@ pub fn convert_version(dd: &Path, to: Version) -> Result<()> {
         }
         let path = image_path(dd, &entry.file)?;
         let io = open_file(&path, OpenMode::read_write())?;
+        // Keep the header and BAT aside until the conversion is done, so
+        // check can roll an interrupted one back (as OpenVZ does).
+        let backup = backup_path(&path);
+        let meta = ploop_format::ploop::PloopDelta::open(io.clone(), Default::default())?
+            .header()
+            .data_offset;
+        let mut saved = vec![0u8; meta as usize];
+        io.read_at(&mut saved, 0)
+            .map_err(|e| Error::io(path.display().to_string(), "reading BAT", 0, e))?;
+        write_synced(&backup, &saved)?;
         ploop_format::ploop::convert::convert_version(&io, to)?;
+        std::fs::remove_file(&backup)
+            .map_err(|e| Error::io(backup.display().to_string(), "removing BAT backup", 0, e))?;
     }
     Ok(())
+}
+
+/// Where a version conversion keeps the old header and BAT.
+pub fn backup_path(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".idx");
+    PathBuf::from(p)
+}
+
+/// Write a whole file and make it (and its name) durable.
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let err = |e| Error::io(path.display().to_string(), "writing", 0, e);
+    let mut f = std::fs::File::create(path).map_err(err)?;
+    std::io::Write::write_all(&mut f, data).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::File::open(dd_dir(path))
+        .and_then(|d| d.sync_all())
+        .map_err(err)
 }
 
 /// Result of checking one delta.
@@ -583,7 +614,17 @@ pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
         OpenMode::read_write()
     };
     let io = open_file(path, mode)?;
-    let report = check(&io, !read_only)?;
+    let backup_file = backup_path(path);
+    let backup = if backup_file.exists() {
+        Some(open_file(&backup_file, OpenMode::read_only())?)
+    } else {
+        None
+    };
+    let report = check_with_backup(&io, !read_only, backup.as_ref())?;
+    if backup.is_some() && report.repaired {
+        drop(backup);
+        let _ = std::fs::remove_file(&backup_file);
+    }
     Ok(DeltaCheck {
         path: path.to_path_buf(),
         report,

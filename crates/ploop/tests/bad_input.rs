@@ -853,3 +853,36 @@ fn check_repairs_the_empty_flag() {
         String::from_utf8_lossy(&openvz.stdout)
     );
 }
+
+// A version conversion interrupted halfway leaves a BAT with mixed units;
+// check rolls it back from the backup `convert -v` keeps beside the image.
+#[test]
+fn check_rolls_back_an_interrupted_version_conversion() {
+    let tmp = tempdir();
+    let disk = fixture(tmp.path());
+    let before = disk.read(None);
+    let mut bytes = std::fs::read(&disk.image).unwrap();
+    let data_offset = u32::from_le_bytes(bytes[48..52].try_into().unwrap()) as usize * 512;
+    let mut idx = disk.image.as_os_str().to_owned();
+    idx.push(".idx");
+    std::fs::write(&idx, &bytes[..data_offset]).unwrap();
+    // Half converted: one mapped entry already in v1 units, header marked.
+    let first = (0..)
+        .map(|i| 64 + 4 * i)
+        .find(|&at| bytes[at..at + 4] != [0, 0, 0, 0])
+        .unwrap();
+    let e = u32::from_le_bytes(bytes[first..first + 4].try_into().unwrap());
+    bytes[first..first + 4].copy_from_slice(&(e * 128).to_le_bytes());
+    bytes[52] |= 2;
+    bytes[44..48].copy_from_slice(&0x746F_6E59u32.to_le_bytes());
+    std::fs::write(&disk.image, &bytes).unwrap();
+    expect_errors(&disk.dd, &["read"], "root.hdd", &["conversion"]);
+    ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+    assert!(!Path::new(&idx).exists(), "the backup is removed once used");
+    assert!(
+        disk.read(None) == before,
+        "content as before the conversion"
+    );
+    qemu_check(&disk.image);
+    openvz_check(&disk.image);
+}

@@ -5,7 +5,7 @@ use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::{scan_bat, BatProblem};
 use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
-use super::header::FLAG_EMPTY;
+use super::header::{RawHeader, FLAG_CONVERTING, FLAG_EMPTY, HEADER_SIZE};
 use crate::{Error, Result};
 
 /// What check found and did.
@@ -23,13 +23,67 @@ impl CheckReport {
     }
 }
 
+/// Put back the header and BAT saved before a version conversion.
+fn restore_backup(io: &SharedIo, backup: &SharedIo) -> Result<()> {
+    let path = io.describe();
+    let len = backup
+        .size()
+        .map_err(|e| Error::io(backup.describe(), "reading size", 0, e))?;
+    let mut saved = vec![0u8; len as usize];
+    backup
+        .read_at(&mut saved, 0)
+        .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
+    if saved.len() < HEADER_SIZE
+        || RawHeader::parse(saved[..HEADER_SIZE].try_into().expect("64 bytes")).flags
+            & FLAG_CONVERTING
+            != 0
+    {
+        return Err(Error::corrupt(backup.describe(), "not a usable BAT backup"));
+    }
+    io.write_at(&saved, 0)
+        .map_err(|e| Error::io(&path, "restoring BAT", 0, e))?;
+    io.flush()
+        .map_err(|e| Error::io(&path, "syncing restored BAT", 0, e))
+}
+
 /// Check one ploop delta. With `repair`, fix everything that can be fixed
 /// and leave the image closed cleanly.
 pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
+    check_with_backup(io, repair, None)
+}
+
+/// Like [`check`], with the metadata backup a version conversion leaves
+/// (`IMAGE.idx`), used if that conversion was interrupted.
+pub fn check_with_backup(
+    io: &SharedIo,
+    repair: bool,
+    backup: Option<&SharedIo>,
+) -> Result<CheckReport> {
     let path = io.describe();
+    let mut report = CheckReport::default();
+    let mut hb = [0u8; HEADER_SIZE];
+    io.read_at(&mut hb, 0)
+        .map_err(|e| Error::io(&path, "reading header", 0, e))?;
+    if RawHeader::parse(&hb).flags & FLAG_CONVERTING != 0 {
+        let Some(backup) = backup else {
+            return Err(Error::corrupt(
+                &path,
+                "a format version conversion was interrupted and its BAT backup (.idx) is missing",
+            ));
+        };
+        report.problems.push(
+            "a format version conversion was interrupted (fix: restore the BAT from its backup)"
+                .into(),
+        );
+        if !repair {
+            return Ok(report);
+        }
+        restore_backup(io, backup)?;
+        report.repaired = true;
+    }
+    let restored = report.problems.len();
     let (header, mut bat, size) = read_metadata(io)?;
     let cs = header.cluster_size;
-    let mut report = CheckReport::default();
     let mut raw = header.raw;
     if header.in_use {
         report
@@ -111,7 +165,7 @@ pub fn check(io: &SharedIo, repair: bool) -> Result<CheckReport> {
         raw.flags = (raw.flags & !FLAG_EMPTY) | empty;
     }
 
-    if !repair || report.problems.is_empty() {
+    if !repair || report.problems.len() == restored {
         return Ok(report);
     }
     let name = path.as_str();

@@ -239,7 +239,8 @@ impl Header {
         }
         if raw.flags & FLAG_CONVERTING != 0 {
             return Err(bad(
-                "a format version conversion was interrupted (header flag set)".into(),
+                "a format version conversion was interrupted; run `ploop check` to roll it back"
+                    .into(),
             ));
         }
         Ok(Self {
