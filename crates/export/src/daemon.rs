@@ -290,6 +290,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             .unwrap_or_default()
     );
     ready(&record);
+    watch_signals(&socket);
 
     let no_progress = |_: u64, _: u64| {};
     control::serve(&listener, |req| {
@@ -349,6 +350,39 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     registry::remove(&record);
     info!("stopped serving {}", dd.display());
     closed
+}
+
+/// SIGTERM, SIGINT and SIGHUP ask the daemon to stop the way `ploop umount`
+/// does (unmount, detach, close cleanly); if that fails (a busy mount
+/// point), it keeps serving rather than leave a dead device behind.
+fn watch_signals(socket: &Path) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot watch signals: {e}");
+            return;
+        }
+    };
+    let socket = socket.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                info!("signal {sig}: stopping");
+                match control::call(&socket, &Request::Stop, Duration::from_secs(600)) {
+                    Ok(r) if r.ok => return,
+                    Ok(r) => warn!(
+                        "stop on signal {sig} failed: {}",
+                        r.error.unwrap_or_default()
+                    ),
+                    Err(e) => warn!("stop on signal {sig} failed: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot watch signals: {e}");
+    }
 }
 
 /// The daemon's log, beside the descriptor.

@@ -454,8 +454,16 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         let path = image_path(dd, &e.file)?;
         let meta = std::fs::metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
         let (version, allocated) = if e.kind == ImageType::Compressed {
-            let delta = ploop_image::disk::open_delta(&path, e.kind, &OpenOptions::default())?;
-            let p = delta.as_ploop().expect("ploop delta");
+            // A peek without a lock, so info works on a mounted disk too
+            // (the on-disk BAT may then lag the daemon's by one flush).
+            let io = ploop_image::disk::open_file(
+                &path,
+                ploop_io::OpenMode {
+                    lock: ploop_io::LockMode::None,
+                    ..ploop_io::OpenMode::read_only()
+                },
+            )?;
+            let p = ploop_format::ploop::PloopDelta::open(io, Default::default())?;
             (
                 Some(p.header().version.number()),
                 Some(p.allocated_clusters()),
@@ -481,8 +489,24 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         (_, true) => "preallocated",
         _ => "ploop1",
     };
+    let canonical = dd.canonicalize().ok();
+    let mounts: Vec<_> = ploop_export::registry::all()
+        .into_iter()
+        .filter(|r| Some(&r.descriptor) == canonical.as_ref())
+        .map(|r| {
+            json!({
+                "uuid": r.guid,
+                "read_only": r.read_only,
+                "device": r.device,
+                "mountpoint": r.mountpoint,
+                "pid": r.pid,
+                "running": r.daemon_alive(),
+            })
+        })
+        .collect();
     if as_json {
         let v = json!({
+            "mounts": mounts,
             "descriptor": name,
             "size": size,
             "size_sectors": d.size_sectors,
@@ -500,6 +524,16 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             println!("fmt_version:\t{v}");
         }
         println!("format:\t\t{format}");
+        for m in &mounts {
+            println!(
+                "mounted:\t{} at {} ({}, daemon pid {}{})",
+                m["device"].as_str().unwrap_or("-"),
+                m["mountpoint"].as_str().unwrap_or("-"),
+                if m["read_only"] == true { "ro" } else { "rw" },
+                m["pid"],
+                if m["running"] == true { "" } else { ", gone" }
+            );
+        }
         println!("deltas (base first):");
         for x in &deltas {
             println!(

@@ -63,7 +63,8 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     }
     cmd.arg(&dd);
     if std::env::var_os("PLOOP_LOG").is_none() {
-        cmd.env("PLOOP_LOG", "info");
+        // fuser warns when its own unmount finds ours already done.
+        cmd.env("PLOOP_LOG", "info,fuser::session=error");
     }
     let mut child = cmd
         .stdin(Stdio::null())

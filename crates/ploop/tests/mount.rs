@@ -345,6 +345,12 @@ fn second_writer_is_refused() {
     let disk = Disk::new("128M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
+    // info works on a mounted disk and says where it is mounted.
+    let info = ok(ploop(&["info", &disk.dd()]), "info while mounted");
+    assert!(
+        info.contains("mounted:") && info.contains("/dev/loop"),
+        "{info}"
+    );
     let out = ploop(&["mount", &disk.dd()]);
     assert!(!out.status.success(), "second mount must fail");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -654,4 +660,39 @@ fn busy_umount_can_be_retried() {
     let listed = ok(ploop(&["list"]), "list");
     assert!(!listed.contains(&disk.dd()), "{listed}");
     fsck_clean(&disk, "ext4");
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly() {
+    let _serial = serial();
+    let disk = Disk::new("128M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    write_synced(&mnt.join("f"), b"kept");
+    let pid = daemon_pid(&disk.dd());
+    ok(
+        run(Command::new("kill").args(["-TERM", &pid.to_string()])),
+        "kill -TERM",
+    );
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}/stat")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "daemon still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!mnt.join("f").exists(), "the filesystem was unmounted");
+    let listed = ok(ploop(&["list"]), "list");
+    assert!(!listed.contains(&disk.dd()), "record removed: {listed}");
+    // Closed cleanly: the in-use flag is clear, nothing to repair.
+    let out = ok(ploop(&["check", "-r", &disk.dd()]), "read-only check");
+    assert!(out.contains("clean"), "{out}");
+    disk.mount(&mnt);
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"kept");
+    disk.umount();
 }
