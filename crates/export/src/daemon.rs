@@ -115,6 +115,10 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     let dir = registry::run_dir().join(&id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let fuse_file = dir.join("disk");
+    if kernel::is_mounted(&fuse_file) {
+        // A dead daemon's FUSE mount (not connected): drop it first.
+        let _ = kernel::umount_lazy(&fuse_file);
+    }
     std::fs::write(&fuse_file, b"").map_err(|e| format!("{}: {e}", fuse_file.display()))?;
     let socket = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&socket);
