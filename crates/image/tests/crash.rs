@@ -29,6 +29,23 @@ fn open_chain(io: SharedIo) -> Chain {
     Chain::new(vec![Arc::new(Delta::Ploop(delta))], CLUSTER, SIZE).unwrap()
 }
 
+/// A new empty delta on the fault-injecting backend, open in a chain.
+fn new_disk(name: &str) -> (Arc<FaultyIo>, Chain) {
+    let faulty = Arc::new(FaultyIo::new(name));
+    PloopDelta::create(
+        faulty.clone(),
+        CreateOptions {
+            virtual_size: SIZE,
+            cluster_size: CLUSTER,
+            version: Version::V2,
+            preallocate: false,
+        },
+    )
+    .unwrap();
+    let chain = open_chain(faulty.clone());
+    (faulty, chain)
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Write {
@@ -60,11 +77,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn crash_loses_nothing_flushed(ops in proptest::collection::vec(op(), 1..30), keep_seed in any::<u64>()) {
-        let faulty = Arc::new(FaultyIo::new("crash.hdd"));
-        PloopDelta::create(faulty.clone(), CreateOptions {
-            virtual_size: SIZE, cluster_size: CLUSTER, version: Version::V2, preallocate: false,
-        }).unwrap();
-        let chain = open_chain(faulty.clone());
+        let (faulty, chain) = new_disk("crash.hdd");
         let mut live = vec![0u8; SIZE as usize];
         let mut durable = live.clone();
         let mut touched: HashSet<u64> = HashSet::new();
@@ -117,18 +130,7 @@ proptest! {
 
 #[test]
 fn full_disk_is_an_error_not_a_panic_and_keeps_flushed_data() {
-    let faulty = Arc::new(FaultyIo::new("full.hdd"));
-    PloopDelta::create(
-        faulty.clone(),
-        CreateOptions {
-            virtual_size: SIZE,
-            cluster_size: CLUSTER,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
-    let chain = open_chain(faulty.clone());
+    let (faulty, chain) = new_disk("full.hdd");
     chain.write_at(&vec![7u8; CLUSTER as usize], 0).unwrap();
     chain.flush().unwrap();
     faulty.set_plan(FaultPlan {
@@ -159,18 +161,7 @@ fn full_disk_is_an_error_not_a_panic_and_keeps_flushed_data() {
 
 #[test]
 fn failed_flush_keeps_the_bat_changes_pending() {
-    let faulty = Arc::new(FaultyIo::new("retry.hdd"));
-    PloopDelta::create(
-        faulty.clone(),
-        CreateOptions {
-            virtual_size: SIZE,
-            cluster_size: CLUSTER,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
-    let chain = open_chain(faulty.clone());
+    let (faulty, chain) = new_disk("retry.hdd");
     // Clusters whose BAT entries sit on different metadata pages.
     let far = CLUSTERS - 1;
     chain.write_at(&vec![3u8; CLUSTER as usize], 0).unwrap();

@@ -493,16 +493,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
     let mounts: Vec<_> = ploop_export::registry::all()
         .into_iter()
         .filter(|r| Some(&r.descriptor) == canonical.as_ref())
-        .map(|r| {
-            json!({
-                "uuid": r.guid,
-                "read_only": r.read_only,
-                "device": r.device,
-                "mountpoint": r.mountpoint,
-                "pid": r.pid,
-                "running": r.daemon_alive(),
-            })
-        })
+        .map(|r| crate::mount::record_json(&r))
         .collect();
     if as_json {
         let v = json!({

@@ -207,24 +207,24 @@ pub fn umount(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A mount record as `list --json` and `info --json` show it.
+pub fn record_json(r: &MountRecord) -> serde_json::Value {
+    json!({
+        "descriptor": r.descriptor,
+        "uuid": r.guid,
+        "read_only": r.read_only,
+        "device": r.device,
+        "mountpoint": r.mountpoint,
+        "pid": r.pid,
+        "running": r.daemon_alive(),
+        "log": r.log,
+    })
+}
+
 pub fn list(as_json: bool) -> Res<ExitCode> {
     let recs = registry::all();
     if as_json {
-        let v: Vec<_> = recs
-            .iter()
-            .map(|r| {
-                json!({
-                    "descriptor": r.descriptor,
-                    "uuid": r.guid,
-                    "read_only": r.read_only,
-                    "device": r.device,
-                    "mountpoint": r.mountpoint,
-                    "pid": r.pid,
-                    "running": r.daemon_alive(),
-                    "log": r.log,
-                })
-            })
-            .collect();
+        let v: Vec<_> = recs.iter().map(record_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
