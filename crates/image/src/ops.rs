@@ -48,7 +48,7 @@ fn desc_err(dd: &Path, what: String) -> Error {
 }
 
 /// Create an image file and the DiskDescriptor.xml beside it.
-pub fn init(image: &Path, opts: InitOptions) -> Result<PathBuf> {
+pub fn init(image: &Path, opts: InitOptions, progress: Progress) -> Result<PathBuf> {
     let dir = dd_dir(image);
     let dd = dir.join(FILE_NAME);
     if dd.exists() {
@@ -68,14 +68,29 @@ pub fn init(image: &Path, opts: InitOptions) -> Result<PathBuf> {
         }
         DiskFormat::Expanded | DiskFormat::Preallocated => {
             PloopDelta::create(
-                io,
+                io.clone(),
                 CreateOptions {
                     virtual_size: header.virtual_size,
                     cluster_size: opts.cluster_size,
                     version: opts.version,
-                    preallocate: opts.format == DiskFormat::Preallocated,
+                    preallocate: false,
                 },
             )?;
+            if opts.format == DiskFormat::Preallocated {
+                // Cluster by cluster, so a large image shows progress.
+                let filled = PloopDelta::open(
+                    io,
+                    ploop_format::ploop::OpenFlags {
+                        writable: true,
+                        allow_dirty: false,
+                    },
+                )
+                .and_then(|p| allocate_all(&p, progress).and_then(|()| p.close()));
+                if let Err(e) = filled {
+                    let _ = std::fs::remove_file(image);
+                    return Err(e);
+                }
+            }
             ImageType::Compressed
         }
     };
@@ -91,6 +106,20 @@ pub fn init(image: &Path, opts: InitOptions) -> Result<PathBuf> {
         return Err(e);
     }
     Ok(dd)
+}
+
+/// Map every cluster of a delta to written zeros, in order (what OpenVZ
+/// calls a preallocated image).
+fn allocate_all(p: &PloopDelta, progress: Progress) -> Result<()> {
+    let zeros = ploop_io::AlignedBuf::zeroed(p.cluster_size() as usize);
+    let n = p.clusters();
+    for c in 0..n {
+        if p.map(c).is_none() {
+            p.write_cluster(c, 0, zeros.as_slice(), None)?;
+        }
+        progress(c + 1, n);
+    }
+    p.flush()
 }
 
 /// Write a descriptor in `dir` for an existing base image. `raw` forces
@@ -484,15 +513,7 @@ pub fn convert_format(dd: &Path, to: DiskFormat, progress: Progress) -> Result<(
                     ..Default::default()
                 },
             )?;
-            let p = delta.as_ploop().expect("ploop");
-            let zeros = ploop_io::AlignedBuf::zeroed(cs as usize);
-            let n = p.clusters();
-            for c in 0..n {
-                if p.map(c).is_none() {
-                    p.write_cluster(c, 0, zeros.as_slice(), None)?;
-                }
-                progress(c + 1, n);
-            }
+            allocate_all(delta.as_ploop().expect("ploop"), progress)?;
             delta.close()?;
         }
         (DiskFormat::Preallocated, DiskFormat::Expanded) => {}

@@ -106,6 +106,7 @@ fn run(ops_list: Vec<Op>, dir: &Path) {
             version: Version::V2,
             cluster_size: CLUSTER,
         },
+        &|_, _| {},
     )
     .unwrap();
     let mut model = Model {

@@ -417,15 +417,13 @@ fn init(a: InitArgs) -> Res<ExitCode> {
     if !["none", "ext4", "ext3", "xfs"].contains(&a.fstype.as_str()) {
         return Err(format!("incorrect file system type specified: {}", a.fstype).into());
     }
-    let dd = ops::init(
-        &a.image,
-        InitOptions {
-            size,
-            format: parse_format(&a.format)?,
-            version: parse_version(a.version)?,
-            cluster_size: cluster,
-        },
-    )?;
+    let opts = InitOptions {
+        size,
+        format: parse_format(&a.format)?,
+        version: parse_version(a.version)?,
+        cluster_size: cluster,
+    };
+    let dd = with_progress("allocating", |p| ops::init(&a.image, opts, p))?;
     if a.fstype != "none" {
         let fs_block = a
             .fs_block
