@@ -152,7 +152,12 @@ pub fn merge_with_parent(
     // Phase 1, with I/O going on: copy what the child holds now. Clusters
     // the guest changes meanwhile are recorded and copied again below.
     if is_top {
-        src.start_tracking();
+        // Started with no request in flight, so every write that lands
+        // after this point is one that tracking sees.
+        served.exclusive(|_| {
+            src.start_tracking();
+            Ok((None, ()))
+        })?;
     }
     let bat = src.bat_snapshot();
     let total = bat.iter().filter(|&&e| e != 0).count() as u64;
