@@ -133,51 +133,65 @@ pub fn merge_with_parent(
     };
     let is_top = ci == chain.layers().len() - 1;
 
-    // A second, writable handle on the parent. Its lock must become
-    // exclusive: a read-only mount of the parent elsewhere (a backup) would
-    // otherwise see it change.
+    // A second, writable handle on the parent, locked exclusively before
+    // it touches the file: a read-only mount of the parent elsewhere (a
+    // backup) must not see it change. Our own handle lets go of its shared
+    // lock for that.
     let parent_old = chain.layers()[pi].clone();
-    let parent = Arc::new(open_writable_twin(dd, &entries[pi])?);
     let _ = layer_io(&parent_old).set_lock(LockMode::None);
-    if layer_io(&parent).set_lock(LockMode::Exclusive).is_err() {
-        let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
-        return Err(Error::Locked {
-            path: parent.path().to_string(),
-        });
-    }
+    let parent = match open_writable_twin(dd, &entries[pi]) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
+            return Err(e);
+        }
+    };
     let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
     lower.push(parent.clone());
     let target = Chain::new(lower, chain.cluster_size(), chain.virtual_size())?;
-
-    // Phase 1, with I/O going on: copy what the child holds now. Clusters
-    // the guest changes meanwhile are recorded and copied again below.
-    if is_top {
-        // Started with no request in flight, so every write that lands
-        // after this point is one that tracking sees.
-        served.exclusive(|_| {
-            src.start_tracking();
-            Ok((None, ()))
-        })?;
-    }
-    let bat = src.bat_snapshot();
-    let total = bat.iter().filter(|&&e| e != 0).count() as u64;
-    let mut buf = AlignedBuf::zeroed(chain.cluster_size() as usize);
-    let mut copy = |cluster: u64| copy_cluster(src, &target, cluster, &mut buf);
-    let mut done = 0;
-    let mut phase1 = Ok(());
-    for (cluster, _) in bat.iter().enumerate().filter(|(_, &e)| e != 0) {
-        phase1 = copy(cluster as u64);
-        if phase1.is_err() {
-            break;
-        }
-        done += 1;
-        progress(done, total);
-    }
     let restore_locks = || {
         let _ = layer_io(&parent).set_lock(LockMode::None);
         let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
     };
-    if let Err(e) = phase1 {
+
+    // Phase 1, with I/O going on: copy what the child holds now. Clusters
+    // the guest changes meanwhile are recorded and copied again below.
+    let mut buf = AlignedBuf::zeroed(chain.cluster_size() as usize);
+    let mut copy = |cluster: u64| copy_cluster(src, &chain, ci, &target, cluster, &mut buf);
+    let copied = (|| -> Result<()> {
+        if is_top {
+            // Started with no request in flight, so every write that lands
+            // after this point is one that tracking sees.
+            served.exclusive(|_| {
+                src.start_tracking();
+                Ok((None, ()))
+            })?;
+        }
+        let bat = src.bat_snapshot();
+        let total = bat.iter().filter(|&&e| e != 0).count() as u64;
+        let mut done = 0;
+        for (cluster, _) in bat.iter().enumerate().filter(|(_, &e)| e != 0) {
+            copy(cluster as u64)?;
+            done += 1;
+            progress(done, total);
+        }
+        // Catch up with I/O still running while the guest keeps changing
+        // a lot, so the pause below stays short.
+        if is_top {
+            for _ in 0..8 {
+                let changed = src.take_changes();
+                if changed.len() < 64 {
+                    src.note_changes(changed);
+                    break;
+                }
+                for cluster in changed {
+                    copy(cluster)?;
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = copied {
         if is_top {
             src.stop_tracking();
         }
@@ -185,8 +199,8 @@ pub fn merge_with_parent(
         return Err(e);
     }
 
-    // Phase 2, with no request in flight: catch up, then switch the chain
-    // and the descriptor over.
+    // Phase 2, with no request in flight: the last changes, then switch the
+    // chain and the descriptor over.
     let switched = served.exclusive(|cur| {
         if is_top {
             for cluster in src.stop_tracking() {
@@ -214,23 +228,21 @@ pub fn merge_with_parent(
             return Err(e);
         }
     };
+    // Committed: what follows is tidying up, and failures are only logged.
     drop(chain);
+    if !is_top {
+        // The parent stays a read-only layer: clean flag, shared lock.
+        if let Err(e) = parent.close() {
+            tracing::warn!("closing the merged parent: {e}");
+        }
+        let _ = layer_io(&parent).set_lock(LockMode::Shared);
+    }
     if let Err(e) = source.close() {
         tracing::warn!("closing the merged delta: {e}");
     }
     drop(source);
-    std::fs::remove_file(&child_path).map_err(|e| {
-        Error::io(
-            child_path.display().to_string(),
-            "removing merged delta",
-            0,
-            e,
-        )
-    })?;
-    if !is_top {
-        // The parent stays a read-only layer: clean flag, shared lock.
-        parent.close()?;
-        let _ = layer_io(&parent).set_lock(LockMode::Shared);
+    if let Err(e) = std::fs::remove_file(&child_path) {
+        tracing::warn!("removing merged delta {}: {e}", child_path.display());
     }
     Ok(())
 }
@@ -242,8 +254,8 @@ fn layer_io(d: &Delta) -> &ploop_io::SharedIo {
     }
 }
 
-/// Open a delta of the served chain a second time, writable, without a
-/// lock (the served chain already holds one on it).
+/// Open a delta of the served chain a second time, writable and locked
+/// exclusively (the caller has released the served chain's shared lock).
 fn open_writable_twin(dd: &std::path::Path, entry: &ImageEntry) -> Result<Delta> {
     let path = image_path(dd, &entry.file)?;
     let io = open_file(
@@ -252,7 +264,7 @@ fn open_writable_twin(dd: &std::path::Path, entry: &ImageEntry) -> Result<Delta>
             write: true,
             direct: true,
             create_new: false,
-            lock: LockMode::None,
+            lock: LockMode::Exclusive,
         },
     )?;
     Ok(match entry.kind {
@@ -267,10 +279,14 @@ fn open_writable_twin(dd: &std::path::Path, entry: &ImageEntry) -> Result<Delta>
     })
 }
 
-/// Copy one cluster as the child sees it into the parent's chain (zeros
-/// where the child no longer holds it).
+/// Copy one cluster as the child sees it into the parent's chain. Where
+/// the child does not hold it, the view is what lies below the child in
+/// the served chain: untouched if something there holds it, else zeros
+/// (the child dropped a cluster an earlier pass had copied down).
 fn copy_cluster(
     src: &PloopDelta,
+    served: &Chain,
+    child_index: usize,
     target: &Chain,
     cluster: u64,
     buf: &mut AlignedBuf,
@@ -286,6 +302,7 @@ fn copy_cluster(
             src.read_data(&mut buf.as_mut_slice()[..len], off)?;
             target.write_at(&buf.as_slice()[..len], start)
         }
+        None if served.held_below(cluster, child_index) => Ok(()),
         None => target.discard(start, len as u64),
     }
 }
@@ -306,5 +323,82 @@ pub fn delete(served: &ServedDisk, guid: Uuid, progress: &dyn Fn(u64, u64)) -> R
     match children.as_slice() {
         [only] => merge_with_parent(served, *only, progress),
         _ => ops::delete(&served.dd_path, guid, progress),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ploop_format::ploop::CreateOptions;
+    use ploop_io::{MemIo, SharedIo};
+
+    const CS: u64 = 32 << 10;
+
+    fn delta(io: &SharedIo, writable: bool) -> Arc<Delta> {
+        Arc::new(Delta::Ploop(
+            PloopDelta::open(
+                io.clone(),
+                OpenFlags {
+                    writable,
+                    allow_dirty: true,
+                },
+            )
+            .unwrap(),
+        ))
+    }
+
+    fn new_io(name: &str) -> SharedIo {
+        let io: SharedIo = Arc::new(MemIo::new(name));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: 4 * CS,
+                cluster_size: CS,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        io
+    }
+
+    /// A cluster the child never held (say a guest write to it failed
+    /// during the merge) keeps the parent's data; one the child dropped
+    /// after an earlier pass copied it down reads as zeros.
+    #[test]
+    fn copy_keeps_what_lies_below_the_child() {
+        let parent_io = new_io("parent");
+        let child_io = new_io("child");
+        {
+            let p = delta(&parent_io, true);
+            let c = Chain::new(vec![p.clone()], CS, 4 * CS).unwrap();
+            c.write_at(&vec![7u8; CS as usize], 0).unwrap();
+            c.close().unwrap();
+        }
+        let parent = delta(&parent_io, false);
+        let child = delta(&child_io, true);
+        let served = Chain::new(vec![parent, child.clone()], CS, 4 * CS).unwrap();
+        // The child copies cluster 1 down, then the guest drops it.
+        served.write_at(&vec![9u8; CS as usize], CS).unwrap();
+        let twin = delta(&parent_io, true);
+        let target = Chain::new(vec![twin], CS, 4 * CS).unwrap();
+        let src = child.as_ploop().unwrap();
+        let mut buf = AlignedBuf::zeroed(CS as usize);
+        copy_cluster(src, &served, 1, &target, 1, &mut buf).unwrap();
+        served.discard(CS, CS).unwrap();
+        for cluster in [0, 1] {
+            copy_cluster(src, &served, 1, &target, cluster, &mut buf).unwrap();
+        }
+        let mut back = vec![0u8; CS as usize];
+        target.read_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 7),
+            "the parent's own cluster survives"
+        );
+        target.read_at(&mut back, CS).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "a dropped cluster reads as zeros"
+        );
     }
 }

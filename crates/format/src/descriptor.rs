@@ -543,11 +543,16 @@ impl Descriptor {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(self.to_xml().as_bytes())?;
             f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-            fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+            fs::rename(&tmp, path)
         };
-        write().map_err(|e| err(format!("cannot write: {e}")))
+        write().map_err(|e| err(format!("cannot write: {e}")))?;
+        // Renamed: the new descriptor is in effect, and callers act on it.
+        // A failed folder sync only weakens durability across a power cut.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Err(e) = fs::File::open(dir.unwrap_or(Path::new("."))).and_then(|d| d.sync_all()) {
+            tracing::warn!("{name}: syncing the folder after an update: {e}");
+        }
+        Ok(())
     }
 }
 

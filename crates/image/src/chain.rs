@@ -175,6 +175,11 @@ impl Chain {
         }
     }
 
+    /// Whether a layer under `layer` holds `cluster`.
+    pub fn held_below(&self, cluster: u64, layer: usize) -> bool {
+        self.holder(cluster, layer).is_some()
+    }
+
     /// Index of the top-most layer at or below `below` that holds `cluster`.
     fn holder(&self, cluster: u64, below: usize) -> Option<(usize, u64)> {
         self.layers[..below]

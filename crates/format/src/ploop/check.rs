@@ -33,12 +33,25 @@ fn restore_backup(io: &SharedIo, backup: &SharedIo) -> Result<()> {
     backup
         .read_at(&mut saved, 0)
         .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
-    if saved.len() < HEADER_SIZE
-        || RawHeader::parse(saved[..HEADER_SIZE].try_into().expect("64 bytes")).flags
-            & FLAG_CONVERTING
-            != 0
+    let unusable = || Error::corrupt(backup.describe(), "not a usable BAT backup for this image");
+    if saved.len() < HEADER_SIZE {
+        return Err(unusable());
+    }
+    let mut hb = [0u8; HEADER_SIZE];
+    io.read_at(&mut hb, 0)
+        .map_err(|e| Error::io(&path, "reading header", 0, e))?;
+    let now = RawHeader::parse(&hb);
+    let old = RawHeader::parse(saved[..HEADER_SIZE].try_into().expect("64 bytes"));
+    // Same geometry, a clean state, and exactly the header + BAT area.
+    let same = old.sectors == now.sectors
+        && old.bat_entries == now.bat_entries
+        && old.first_block_offset == now.first_block_offset
+        && old.size_in_sectors & 0xffff_ffff == now.size_in_sectors & 0xffff_ffff;
+    if !same
+        || old.flags & FLAG_CONVERTING != 0
+        || saved.len() as u64 != u64::from(old.first_block_offset) * crate::SECTOR
     {
-        return Err(Error::corrupt(backup.describe(), "not a usable BAT backup"));
+        return Err(unusable());
     }
     io.write_at(&saved, 0)
         .map_err(|e| Error::io(&path, "restoring BAT", 0, e))?;

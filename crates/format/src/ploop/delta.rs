@@ -556,6 +556,16 @@ impl PloopDelta {
         std::mem::take(&mut *self.changed.lock().expect("changed lock"))
     }
 
+    /// The clusters changed so far, with tracking left on.
+    pub fn take_changes(&self) -> BTreeSet<u64> {
+        std::mem::take(&mut *self.changed.lock().expect("changed lock"))
+    }
+
+    /// Put clusters back into the changed set.
+    pub fn note_changes(&self, clusters: BTreeSet<u64>) {
+        self.changed.lock().expect("changed lock").extend(clusters);
+    }
+
     /// Record that `cluster` is about to change (no-op unless tracking).
     pub fn note_change(&self, cluster: u64) {
         if self.tracking.load(Ordering::SeqCst) {
