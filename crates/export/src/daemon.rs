@@ -87,8 +87,12 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     let guid = opts.guid.unwrap_or(TOP_GUID);
     let guid_s = guid_string(&guid);
     let id = registry::id_for(&dd, &guid_s, opts.read_only);
-    if let Some(old) = registry::all().into_iter().find(|r| r.id == id) {
-        if old.daemon_alive() {
+    // One daemon per view, even when two start at the same instant: the
+    // second fails on this lock, held for the daemon's whole life.
+    let view_lock = registry::lock_view(&id);
+    let existing = registry::all().into_iter().find(|r| r.id == id);
+    if let Some(old) = &existing {
+        if old.daemon_alive() || view_lock.is_err() {
             return Err(format!(
                 "{} is already mounted (device {}, daemon pid {})",
                 dd.display(),
@@ -98,6 +102,14 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 old.pid
             ));
         }
+    }
+    let _view_lock = view_lock.map_err(|_| {
+        format!(
+            "{} is being mounted by another daemon right now",
+            dd.display()
+        )
+    })?;
+    if let Some(old) = existing {
         return Err(format!(
             "{} has a stale mount record (daemon {} is gone); run `ploop umount {}` first",
             dd.display(),
@@ -181,6 +193,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             .map_err(|e| e.to_string())?,
     );
 
+    let late_requests = std::sync::atomic::AtomicBool::new(false);
     // Undo the kernel side: filesystem, loop device, FUSE mount. Safe to
     // call again after a failure (a busy mount point, say).
     let shutdown = |record: &MountRecord,
@@ -237,6 +250,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         }
         if !fuse_thread.is_finished() {
             warn!("FUSE threads still running after unmount; leaving them to exit with us");
+            // Late requests may still land: flush what we have but leave
+            // the image marked in use, so the next mount checks it.
+            late_requests.store(true, std::sync::atomic::Ordering::SeqCst);
             return Ok(());
         }
         if let Err(e) = fuse_thread.join() {
@@ -350,7 +366,11 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             }
         }
     });
-    let closed = served.current().close().map_err(|e| e.to_string());
+    let closed = if late_requests.load(std::sync::atomic::Ordering::SeqCst) {
+        served.current().flush().map_err(|e| e.to_string())
+    } else {
+        served.current().close().map_err(|e| e.to_string())
+    };
     registry::remove(&record);
     info!("stopped serving {}", dd.display());
     closed

@@ -82,6 +82,19 @@ pub fn id_for(descriptor: &Path, guid: &str, read_only: bool) -> String {
     format!("{h:016x}")
 }
 
+/// Hold the lock of one served view (`<run dir>/<id>.lock`) for as long
+/// as the returned file lives.
+pub fn lock_view(id: &str) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(run_dir())?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(run_dir().join(format!("{id}.lock")))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+    Ok(f)
+}
+
 /// Every record on this machine.
 pub fn all() -> Vec<MountRecord> {
     let Ok(entries) = std::fs::read_dir(run_dir()) else {
