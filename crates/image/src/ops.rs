@@ -563,17 +563,60 @@ pub fn convert_format(dd: &Path, to: DiskFormat, progress: Progress) -> Result<(
                 dst.close()?;
             }
             src.close()?;
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| Error::io(path.display().to_string(), "replacing image", 0, e))?;
+            // The descriptor names the new file before it takes the old
+            // one's name, so a crash at any point leaves a descriptor that
+            // matches a file; check finishes the job (finish_conversion).
+            set_format(&mut d, to);
+            d.images[0].file = tmp_name;
+            d.save(dd)?;
+            return finish_conversion(dd).map(|_| ());
         }
     }
+    set_format(&mut d, to);
+    d.save(dd)
+}
+
+fn set_format(d: &mut Descriptor, to: DiskFormat) {
     d.images[0].kind = if to == DiskFormat::Raw {
         ImageType::Plain
     } else {
         ImageType::Compressed
     };
     d.preallocated = to == DiskFormat::Preallocated;
-    d.save(dd)
+}
+
+/// Suffix of the file a format conversion writes before renaming it.
+const CONVERT_SUFFIX: &str = ".convert.tmp";
+
+/// Finish a format conversion the descriptor shows under way (an image
+/// named `*.convert.tmp`): the new file takes the old name. Returns the
+/// image names it fixed.
+pub fn finish_conversion(dd: &Path) -> Result<Vec<String>> {
+    let mut d = Descriptor::load(dd)?;
+    let mut fixed = Vec::new();
+    for i in 0..d.images.len() {
+        let Some(final_name) = d.images[i].file.strip_suffix(CONVERT_SUFFIX) else {
+            continue;
+        };
+        let final_name = final_name.to_string();
+        let tmp = image_path(dd, &d.images[i].file)?;
+        let target = image_path(dd, &final_name)?;
+        if tmp.exists() {
+            std::fs::rename(&tmp, &target)
+                .map_err(|e| Error::io(target.display().to_string(), "replacing image", 0, e))?;
+        } else if !target.exists() {
+            return Err(desc_err(
+                dd,
+                format!("image file {} is missing", tmp.display()),
+            ));
+        }
+        fixed.push(final_name.clone());
+        d.images[i].file = final_name;
+    }
+    if !fixed.is_empty() {
+        d.save(dd)?;
+    }
+    Ok(fixed)
 }
 
 /// Change the ploop format version of every delta of a disk.
@@ -654,8 +697,30 @@ pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
 
 /// Check every ploop delta of a disk, base first.
 pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
-    let d = Descriptor::load(dd)?;
     let mut out = Vec::new();
+    let pending = Descriptor::load(dd)?
+        .images
+        .iter()
+        .any(|i| i.file.ends_with(CONVERT_SUFFIX));
+    if pending {
+        let mut report = CheckReport::default();
+        report
+            .problems
+            .push("a format conversion was interrupted (fix: finish it)".into());
+        if !read_only {
+            let _lock = DescriptorLock::acquire(dd)?;
+            finish_conversion(dd)?;
+            report.repaired = true;
+        }
+        out.push(DeltaCheck {
+            path: dd.to_path_buf(),
+            report,
+        });
+        if read_only {
+            return Ok(out);
+        }
+    }
+    let d = Descriptor::load(dd)?;
     for entry in d.chain(d.top_guid, &dd.display().to_string())? {
         let path = image_path(dd, &entry.file)?;
         if !path.exists() {

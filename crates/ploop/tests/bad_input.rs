@@ -886,3 +886,40 @@ fn check_rolls_back_an_interrupted_version_conversion() {
     qemu_check(&disk.image);
     openvz_check(&disk.image);
 }
+
+// `convert -f` names the new file in the descriptor before the file takes
+// the old name; check finishes a conversion a crash cut short, from either
+// side of the rename.
+#[test]
+fn check_finishes_an_interrupted_format_conversion() {
+    for renamed in [false, true] {
+        let tmp = tempdir();
+        let disk = fixture(tmp.path());
+        let before = disk.read(None);
+        let converted = disk.dir.join("root.hdd.convert.tmp");
+        if renamed {
+            // The rename happened; the descriptor was not fixed yet.
+        } else {
+            std::fs::rename(&disk.image, &converted).unwrap();
+        }
+        let dd = std::fs::read_to_string(&disk.dd).unwrap();
+        std::fs::write(
+            &disk.dd,
+            dd.replace("<File>root.hdd</File>", "<File>root.hdd.convert.tmp</File>"),
+        )
+        .unwrap();
+        let out = ploop(&[OsStr::new("check"), OsStr::new("-r"), disk.dd.as_os_str()]);
+        assert_eq!(
+            out.code,
+            Some(2),
+            "read-only check reports it: {}",
+            out.stderr
+        );
+        ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+        assert!(!converted.exists());
+        let dd = std::fs::read_to_string(&disk.dd).unwrap();
+        assert!(dd.contains("<File>root.hdd</File>"), "{dd}");
+        assert!(disk.read(None) == before, "renamed={renamed}: content kept");
+        qemu_check(&disk.image);
+    }
+}
