@@ -73,14 +73,6 @@ fn open_disk(dd: &Path, opts: &MountOptions) -> Result<Disk, String> {
     }
 }
 
-/// Find the record of a served view, dropping it if its daemon is gone
-/// and nothing of it is left mounted.
-pub fn find(dd: &Path, guid: Uuid, read_only: bool) -> Option<MountRecord> {
-    let dd = dd.canonicalize().ok()?;
-    let id = registry::id_for(&dd, &guid_string(&guid), read_only);
-    registry::all().into_iter().find(|r| r.id == id)
-}
-
 /// Serve until stopped. `ready` runs once the device (and mount) is up.
 pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(), String> {
     let dd = canonical(&opts.descriptor)?;

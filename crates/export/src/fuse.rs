@@ -110,7 +110,8 @@ const TTL: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// Each FUSE worker reads into its own aligned buffer (O_DIRECT-ready),
-    /// instead of allocating up to 1 MiB per request.
+    /// instead of allocating up to 1 MiB per request. Not the I/O layer's
+    /// `with_scratch`: the read below may use that one for a bounce.
     static READ_BUF: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
 }
 

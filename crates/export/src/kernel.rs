@@ -56,13 +56,6 @@ pub fn wait_loop_released(dev: &Path, file: &Path, limit: std::time::Duration) {
     }
 }
 
-/// Whether direct I/O is really on for a loop device.
-pub fn loop_dio(dev: &Path) -> Option<bool> {
-    let name = dev.file_name()?.to_str()?;
-    let v = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).ok()?;
-    Some(v.trim() == "1")
-}
-
 /// Filesystem type on a device, if any.
 pub fn fs_type(dev: &Path) -> Option<String> {
     run("blkid", &["-o", "value", "-s", "TYPE", s(dev)])

@@ -339,11 +339,6 @@ impl Chain {
         }
         first_err.map_or(Ok(()), Err)
     }
-
-    /// Bytes of data held by the top delta (for progress and info).
-    pub fn top_allocated_clusters(&self) -> Option<u64> {
-        self.top().as_ploop().map(|p| p.allocated_clusters())
-    }
 }
 
 #[cfg(test)]

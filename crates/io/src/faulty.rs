@@ -57,11 +57,6 @@ impl FaultyIo {
         st.writes = 0;
     }
 
-    /// Number of operations not yet made durable.
-    pub fn unflushed_ops(&self) -> usize {
-        self.state.lock().expect("faulty lock").unflushed.len()
-    }
-
     /// The image after a power cut: durable content plus the unflushed
     /// operations for which `keep(index)` is true, applied in order.
     pub fn crash_image(&self, mut keep: impl FnMut(usize) -> bool) -> Vec<u8> {
