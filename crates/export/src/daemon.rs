@@ -43,7 +43,7 @@ fn canonical(p: &Path) -> Result<PathBuf, String> {
 
 /// Open the disk; an image left in use by a crash is checked and repaired
 /// first, as OpenVZ does on mount.
-fn open_disk(dd: &Path, opts: &MountOptions) -> Result<Disk, String> {
+pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk, String> {
     // Held while opening: an offline snapshot, merge or switch is either
     // done before we look at the descriptor or waits for our file locks.
     let _lock = DescriptorLock::acquire(dd).map_err(|e| e.to_string())?;
@@ -51,9 +51,9 @@ fn open_disk(dd: &Path, opts: &MountOptions) -> Result<Disk, String> {
         Disk::open(
             dd,
             OpenOptions {
-                writable: !opts.read_only,
+                writable: !read_only,
                 direct: true,
-                guid: opts.guid,
+                guid,
                 ..OpenOptions::default()
             },
         )
@@ -109,7 +109,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             dd.display()
         ));
     }
-    let disk = open_disk(&dd, &opts)?;
+    let disk = open_disk(&dd, opts.read_only, opts.guid)?;
     let served = Arc::new(ServedDisk::new(
         dd.clone(),
         disk.guid,

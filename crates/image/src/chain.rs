@@ -201,6 +201,35 @@ impl Chain {
         Ok(())
     }
 
+    /// Which parts of a range some delta stores, as runs of (length, held)
+    /// in order. A raw delta stores everything. Stops after `max_runs`
+    /// runs, so the runs may cover less than the range (never nothing).
+    pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<(u64, bool)>> {
+        self.check_range(offset, len)?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for (cluster, _, _, n) in pieces(offset, len, self.cluster_size) {
+            let held = self.holder(cluster, self.layers.len()).is_some();
+            if let Some((run, h)) = runs.last_mut() {
+                if *h == held {
+                    *run += n as u64;
+                    continue;
+                }
+            }
+            if runs.len() == max_runs.max(1) {
+                break;
+            }
+            runs.push((n as u64, held));
+        }
+        Ok(runs)
+    }
+
+    /// Whether a delta under the top stores any part of a range.
+    pub fn held_under_top(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_range(offset, len)?;
+        let top = self.layers.len() - 1;
+        Ok(pieces(offset, len, self.cluster_size).any(|(c, ..)| self.holder(c, top).is_some()))
+    }
+
     /// How to read a range with plain file reads: the pieces held by some
     /// delta (pieces held by none read as zeros and are left out). None if
     /// a delta has no file descriptor.

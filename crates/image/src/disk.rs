@@ -72,6 +72,44 @@ pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<De
     })
 }
 
+/// Open one image file on its own, as a chain of one delta: a ploop
+/// delta (by its signature) or else a raw image.
+pub fn open_image(path: &Path, writable: bool) -> Result<Chain> {
+    let opts = OpenOptions {
+        writable,
+        direct: true,
+        ..OpenOptions::default()
+    };
+    let probe = open_file(
+        path,
+        OpenMode {
+            write: false,
+            direct: false,
+            create_new: false,
+            lock: LockMode::None,
+        },
+    )?;
+    let mut first = [0u8; 16];
+    probe
+        .read_at(&mut first, 0)
+        .map_err(|e| Error::io(path.display().to_string(), "reading header", 0, e))?;
+    drop(probe);
+    let kind = if ploop_format::ploop::has_signature(&first) {
+        ImageType::Compressed
+    } else {
+        ImageType::Plain
+    };
+    let delta = open_delta(path, kind, &opts)?;
+    let (cluster, size) = match &delta {
+        Delta::Ploop(p) => (p.cluster_size(), p.virtual_size()),
+        Delta::Raw(r) => (RAW_IMAGE_CLUSTER, r.virtual_size()),
+    };
+    Chain::new(vec![Arc::new(delta)], cluster, size)
+}
+
+/// The unit a raw image on its own is split into (any size works).
+const RAW_IMAGE_CLUSTER: u64 = 1 << 20;
+
 /// An open disk: its descriptor and its chain.
 pub struct Disk {
     pub dd_path: PathBuf,

@@ -104,6 +104,8 @@ enum Cmd {
     Mount(MountArgs),
     /// Unmount, detach and stop serving a disk.
     Umount(UmountArgs),
+    /// Serve a disk or an image file over NBD (foreground, until a signal).
+    Serve(ServeArgs),
     /// Show mounted disks.
     List {
         #[arg(long)]
@@ -181,6 +183,46 @@ struct MountArgs {
     #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
     io: String,
     descriptor: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen on this unix socket.
+    #[arg(long, conflicts_with = "tcp")]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP address (default 127.0.0.1:10809). Addresses
+    /// other than loopback need TLS, or --insecure.
+    #[arg(long, value_name = "ADDR:PORT")]
+    tcp: Option<String>,
+    /// Read-only export.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Export name (clients may also ask for the default, "").
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Serve this snapshot (with -r) instead of the top.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+    /// PEM certificate chain: require TLS (STARTTLS) from every client.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Allow plain text on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+    /// Worker threads doing the disk I/O, shared by all clients.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Most clients connected at once.
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// DiskDescriptor.xml, or one image file (ploop or raw).
+    target: PathBuf,
 }
 
 #[derive(Args)]
@@ -373,6 +415,20 @@ pub fn run() -> Res<ExitCode> {
             a.target.descriptor.as_deref(),
         ),
         Cmd::List { json } => crate::mount::list(json),
+        Cmd::Serve(a) => crate::serve::serve(crate::serve::ServeRequest {
+            uuid: a.uuid.as_deref().map(guid_arg).transpose()?,
+            target: a.target,
+            socket: a.socket,
+            tcp: a.tcp,
+            read_only: a.read_only,
+            name: a.name,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_ca: a.tls_ca,
+            insecure: a.insecure,
+            threads: a.threads,
+            max_connections: a.max_connections,
+        }),
         Cmd::Read {
             offset,
             length,

@@ -2,6 +2,7 @@
 
 mod cli;
 mod mount;
+mod serve;
 mod size;
 
 use std::process::ExitCode;

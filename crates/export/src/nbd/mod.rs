@@ -1,0 +1,298 @@
+//! The NBD export: a server for the NBD protocol (fixed newstyle
+//! negotiation, structured replies, base:allocation, extended headers,
+//! STARTTLS) on a unix socket or TCP, serving one disk to many clients.
+
+pub mod handshake;
+pub mod proto;
+pub mod tls;
+pub mod transmission;
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::served::ServedDisk;
+use handshake::{Agreed, Outcome, TlsPolicy};
+use transmission::{Connection, Executor, Pool, MAX_PAYLOAD};
+
+/// One disk as clients see it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub read_only: bool,
+    pub disk: Arc<ServedDisk>,
+}
+
+impl Export {
+    pub fn size(&self) -> u64 {
+        self.disk.size
+    }
+
+    /// The empty name asks for the default export, which this is.
+    pub fn answers_to(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+
+    /// (minimum, preferred, maximum) request sizes.
+    pub fn block_sizes(&self) -> (u32, u32, u32) {
+        (1, 4096, MAX_PAYLOAD)
+    }
+}
+
+/// A connected client's socket.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the server listens.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    pub fn bind(at: &Listen) -> io::Result<Listener> {
+        let l = match at {
+            Listen::Unix(path) => {
+                // A socket file left by a server that is gone.
+                if UnixStream::connect(path).is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+                Listener::Unix(UnixListener::bind(path)?, path.clone())
+            }
+            Listen::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr)?),
+        };
+        match &l {
+            Listener::Unix(u, _) => u.set_nonblocking(true)?,
+            Listener::Tcp(t) => t.set_nonblocking(true)?,
+        }
+        Ok(l)
+    }
+
+    /// An NBD URI for clients.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Listener::Unix(_, path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Listener::Tcp(t) => match t.local_addr() {
+                Ok(a) if a.is_ipv6() => format!("nbd://[{}]:{}/{export}", a.ip(), a.port()),
+                Ok(a) => format!("nbd://{a}/{export}"),
+                Err(_) => String::new(),
+            },
+        }
+    }
+
+    /// Wait up to `timeout` for a client.
+    fn accept(&self, timeout: Duration) -> io::Result<Option<Stream>> {
+        let fd = match self {
+            Listener::Unix(u, _) => u.as_fd(),
+            Listener::Tcp(t) => t.as_fd(),
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::event::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let r = match self {
+            Listener::Unix(u, _) => u.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(t) => t.accept().map(|(s, _)| Stream::Tcp(s)),
+        };
+        match r {
+            Ok(s) => {
+                match &s {
+                    Stream::Unix(u) => u.set_nonblocking(false)?,
+                    Stream::Tcp(t) => {
+                        t.set_nonblocking(false)?;
+                        t.set_nodelay(true)?;
+                    }
+                }
+                Ok(Some(s))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            // A client that left before we took it (ECONNABORTED and the like).
+            Err(e) => {
+                debug!("accept: {e}");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+pub struct ServeOptions {
+    pub export: Arc<Export>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub threads: usize,
+    pub max_connections: usize,
+}
+
+/// How long a client may take to negotiate.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serve clients until `stop` is set; then let each connection finish the
+/// requests it has started and return.
+pub fn serve(listener: &Listener, opts: ServeOptions, stop: &AtomicBool) -> io::Result<()> {
+    let pool: Arc<dyn Executor> = Arc::new(Pool::new(opts.threads)?);
+    let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
+    let mut served = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(stream) = listener.accept(Duration::from_millis(200))? else {
+            clients.retain(|(h, _)| !h.is_finished());
+            continue;
+        };
+        clients.retain(|(h, _)| !h.is_finished());
+        if clients.len() >= opts.max_connections {
+            warn!("{} clients connected: refusing another", clients.len());
+            continue; // dropping the stream closes it
+        }
+        let handle = stream.try_clone()?;
+        served += 1;
+        let (export, tls, pool) = (opts.export.clone(), opts.tls.clone(), pool.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{served}"))
+            .spawn(move || {
+                if let Err(e) = handle_client(stream, &export, tls, &*pool) {
+                    debug!("client {served}: {e}");
+                }
+            });
+        match spawned {
+            Ok(h) => clients.push((h, handle)),
+            Err(e) => warn!("cannot start a thread for a client: {e}"),
+        }
+    }
+    info!("stopping: {} client(s) connected", clients.len());
+    // Readers see end of input, answer what they have started, and leave.
+    for (_, s) in &clients {
+        let _ = s.shutdown(std::net::Shutdown::Read);
+    }
+    for (h, _) in clients {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Negotiate with one client, then serve its requests.
+pub fn handle_client(
+    stream: Stream,
+    export: &Arc<Export>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    exec: &dyn Executor,
+) -> io::Result<()> {
+    let mut s = stream;
+    s.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
+    let Some(flags) = handshake::greet(&mut s)? else {
+        return Ok(()); // unknown client flags: the spec says hang up
+    };
+    let policy = if tls.is_some() {
+        TlsPolicy::Required
+    } else {
+        TlsPolicy::Off
+    };
+    let mut agreed = Agreed {
+        no_zeroes: flags & proto::FLAG_C_NO_ZEROES != 0,
+        ..Agreed::default()
+    };
+    let agreed = loop {
+        match handshake::negotiate(&mut s, export, policy, agreed)? {
+            Outcome::Transmit(a) => break a,
+            Outcome::Close => return Ok(()),
+            Outcome::StartTls(a) => {
+                let config = tls.clone().expect("STARTTLS only when configured");
+                s = Stream::Unix(tls::start(config, s)?);
+                s.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
+                agreed = Agreed {
+                    tls_done: true,
+                    ..a
+                };
+            }
+        }
+    };
+    s.set_read_timeout(None)?;
+    debug!("transmission: {agreed:?}");
+    let conn = Connection::new(export.clone(), agreed, Box::new(s.try_clone()?));
+    let mut input = BufReader::with_capacity(256 * 1024, s.try_clone()?);
+    let end = transmission::serve_requests(&conn, &mut input, exec);
+    debug!("connection ended: {end:?}");
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    Ok(())
+}

@@ -1,0 +1,643 @@
+//! The transmission phase: one reader per connection parses requests and
+//! hands them to a shared pool of workers, which do the I/O on the delta
+//! chain and send their replies as they finish (out of order).
+
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use ploop_io::AlignedBuf;
+use tracing::{debug, warn};
+
+use super::handshake::{Agreed, ALLOCATION_ID};
+use super::proto::*;
+use super::Export;
+
+/// Largest READ or WRITE payload we take (advertised as the maximum).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// A WRITE payload above this ends the connection instead of being
+/// read and thrown away.
+const MAX_DRAIN: u64 = 256 << 20;
+/// Block status looks at no more than this much of the disk per request.
+const MAX_STATUS_SPAN: u64 = 1 << 30;
+const MAX_STATUS_RUNS: usize = 64 * 1024;
+/// Per connection: requests and payload bytes in flight before the reader
+/// waits, so that a client cannot make us buffer without bound.
+const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+/// Reads up to this size reuse the worker's buffer; larger ones allocate.
+const KEEP_READ_BUF: usize = 1 << 20;
+
+/// Runs jobs for every connection.
+pub trait Executor: Send + Sync {
+    fn run(&self, job: Box<dyn FnOnce() + Send>);
+}
+
+/// Runs each job on the calling thread (tests, fuzzing).
+pub struct Inline;
+
+impl Executor for Inline {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) {
+        job()
+    }
+}
+
+/// A fixed pool of worker threads.
+pub struct Pool {
+    tx: crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Pool {
+    pub fn new(threads: usize) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })?;
+        }
+        Ok(Self { tx })
+    }
+}
+
+impl Executor for Pool {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) {
+        if let Err(e) = self.tx.send(job) {
+            // Only when every worker is gone: run it here rather than drop it.
+            (e.into_inner())();
+        }
+    }
+}
+
+/// The sending half of a connection, shared by the workers.
+pub type ReplySink = Box<dyn Write + Send>;
+
+struct Budget {
+    requests: usize,
+    bytes: usize,
+}
+
+/// One connection in transmission.
+pub struct Connection {
+    export: Arc<Export>,
+    agreed: Agreed,
+    out: Mutex<ReplySink>,
+    budget: Mutex<Budget>,
+    budget_freed: Condvar,
+    /// A reply could not be sent: stop reading requests.
+    broken: AtomicBool,
+}
+
+/// Why a request failed: an NBD error number and a message for the client.
+struct Failure(u32, String);
+
+fn failure(errno: u32, msg: impl Into<String>) -> Failure {
+    Failure(errno, msg.into())
+}
+
+/// The NBD error for an image error.
+fn image_failure(e: &ploop_format::Error) -> Failure {
+    let code = match e {
+        ploop_format::Error::Io { err, .. } => match err.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+            Some(libc::EROFS | libc::EPERM | libc::EACCES) => EPERM,
+            Some(libc::ENOMEM) => ENOMEM,
+            _ => EIO,
+        },
+        ploop_format::Error::Invalid(_) => EINVAL,
+        _ => EIO,
+    };
+    failure(code, e.to_string())
+}
+
+thread_local! {
+    /// Each worker reads into its own aligned buffer (O_DIRECT-ready).
+    static READ_BUF: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
+}
+
+/// Write all of `bufs`, with as few system calls as the kernel allows.
+fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Connection {
+    pub fn new(export: Arc<Export>, agreed: Agreed, out: ReplySink) -> Arc<Self> {
+        Arc::new(Self {
+            export,
+            agreed,
+            out: Mutex::new(out),
+            budget: Mutex::new(Budget {
+                requests: 0,
+                bytes: 0,
+            }),
+            budget_freed: Condvar::new(),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    fn structured(&self) -> bool {
+        self.agreed.structured || self.agreed.extended
+    }
+
+    /// Send one whole reply (all its chunks) without interleaving.
+    fn send(&self, parts: &[&[u8]]) {
+        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut out = self.out.lock().expect("reply lock");
+        let r = write_all_vectored(&mut **out, &mut slices).and_then(|_| out.flush());
+        if let Err(e) = r {
+            if !self.broken.swap(true, Ordering::SeqCst) {
+                debug!("sending a reply failed: {e}");
+            }
+        }
+    }
+
+    /// Reply to a command that returns no data.
+    fn reply_done(&self, req: &Request, result: Result<(), Failure>) {
+        match result {
+            Ok(()) if self.agreed.extended => {
+                let h = chunk_header(true, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
+                self.send(&[&h]);
+            }
+            Ok(()) => self.send(&[&simple_reply(0, req.cookie)]),
+            Err(f) => self.reply_error(req, f),
+        }
+    }
+
+    fn reply_error(&self, req: &Request, Failure(code, msg): Failure) {
+        debug!(
+            "request {} at {}+{}: error {code}: {msg}",
+            req.kind, req.offset, req.length
+        );
+        if self.structured() {
+            let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
+            let mut p = Vec::with_capacity(6 + msg.len());
+            p.extend_from_slice(&code.to_be_bytes());
+            p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            p.extend_from_slice(msg);
+            let h = chunk_header(
+                self.agreed.extended,
+                REPLY_FLAG_DONE,
+                CHUNK_ERROR,
+                req.cookie,
+                req.offset,
+                p.len() as u64,
+            );
+            self.send(&[&h, &p]);
+        } else {
+            self.send(&[&simple_reply(code, req.cookie)]);
+        }
+    }
+
+    fn check_range(&self, req: &Request, past_end: u32) -> Result<(), Failure> {
+        match req.offset.checked_add(req.length) {
+            Some(end) if end <= self.export.size() => Ok(()),
+            _ => Err(failure(
+                past_end,
+                format!(
+                    "{}+{} is past the end of the {}-byte export",
+                    req.offset,
+                    req.length,
+                    self.export.size()
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), Failure> {
+        if self.export.read_only {
+            Err(failure(EPERM, "the export is read-only"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fua(&self, req: &Request) -> Result<(), Failure> {
+        if req.flags & CMD_FLAG_FUA != 0 {
+            self.export
+                .disk
+                .chain()
+                .flush()
+                .map_err(|e| image_failure(&e))?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, req: &Request) {
+        let result = self.check_range(req, EINVAL).and_then(|()| {
+            if req.length > u64::from(MAX_PAYLOAD) {
+                return Err(failure(EINVAL, "read longer than the maximum payload"));
+            }
+            Ok(())
+        });
+        if let Err(f) = result {
+            return self.reply_error(req, f);
+        }
+        let len = req.length as usize;
+        if len > KEEP_READ_BUF {
+            let mut buf = AlignedBuf::zeroed(len);
+            return self.read_into(req, buf.as_mut_slice());
+        }
+        READ_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < len {
+                *buf = AlignedBuf::zeroed(len.next_power_of_two());
+            }
+            self.read_into(req, &mut buf.as_mut_slice()[..len])
+        })
+    }
+
+    fn read_into(&self, req: &Request, data: &mut [u8]) {
+        let len = data.len();
+        {
+            let chain = self.export.disk.chain();
+            let holes = self.structured() && req.flags & CMD_FLAG_DF == 0 && len > 0;
+            let runs = if holes {
+                match chain.allocation(req.offset, req.length, MAX_STATUS_RUNS) {
+                    Ok(r) => r,
+                    Err(e) => return self.reply_error(req, image_failure(&e)),
+                }
+            } else {
+                Vec::new()
+            };
+            if let Err(e) = chain.read_at(data, req.offset) {
+                drop(chain);
+                return self.reply_error(req, image_failure(&e));
+            }
+            drop(chain);
+            if !self.structured() {
+                return self.send(&[&simple_reply(0, req.cookie), data]);
+            }
+            self.send_read_chunks(req, data, &runs);
+        }
+    }
+
+    /// A structured READ reply: data and hole chunks, the last one DONE.
+    fn send_read_chunks(&self, req: &Request, data: &[u8], runs: &[(u64, bool)]) {
+        let ext = self.agreed.extended;
+        let covered: u64 = runs.iter().map(|r| r.0).sum();
+        let mut runs = runs.to_vec();
+        if covered != req.length {
+            // Fewer runs than the read (capped): send the rest as data.
+            runs.push((req.length - covered, true));
+        }
+        if data.is_empty() {
+            let h = chunk_header(ext, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
+            return self.send(&[&h]);
+        }
+        let mut headers: Vec<Vec<u8>> = Vec::with_capacity(runs.len());
+        let mut at = 0u64;
+        let last = runs.len() - 1;
+        for (i, &(len, held)) in runs.iter().enumerate() {
+            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+            let offset = req.offset + at;
+            let mut h;
+            if held {
+                h = chunk_header(
+                    ext,
+                    flags,
+                    CHUNK_OFFSET_DATA,
+                    req.cookie,
+                    req.offset,
+                    8 + len,
+                );
+                h.extend_from_slice(&offset.to_be_bytes());
+            } else {
+                h = chunk_header(ext, flags, CHUNK_OFFSET_HOLE, req.cookie, req.offset, 12);
+                h.extend_from_slice(&offset.to_be_bytes());
+                h.extend_from_slice(&(len as u32).to_be_bytes());
+            }
+            headers.push(h);
+            at += len;
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(runs.len() * 2);
+        let mut at = 0usize;
+        for (h, &(len, held)) in headers.iter().zip(&runs) {
+            parts.push(h);
+            if held {
+                parts.push(&data[at..at + len as usize]);
+            }
+            at += len as usize;
+        }
+        self.send(&parts);
+    }
+
+    fn write(&self, req: &Request, payload: &[u8]) -> Result<(), Failure> {
+        self.check_writable()?;
+        self.check_range(req, ENOSPC)?;
+        self.export
+            .disk
+            .chain()
+            .write_at(payload, req.offset)
+            .map_err(|e| image_failure(&e))?;
+        self.fua(req)
+    }
+
+    fn write_zeroes(&self, req: &Request) -> Result<(), Failure> {
+        self.check_writable()?;
+        self.check_range(req, ENOSPC)?;
+        let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+        let chain = self.export.disk.chain();
+        if req.flags & CMD_FLAG_NO_HOLE != 0 {
+            if fast {
+                return Err(failure(ENOTSUP, "zeroes without holes are written in full"));
+            }
+            let zeros = vec![0u8; req.length.min(1 << 20) as usize];
+            let mut at = 0;
+            while at < req.length {
+                let n = (req.length - at).min(zeros.len() as u64);
+                chain
+                    .write_at(&zeros[..n as usize], req.offset + at)
+                    .map_err(|e| image_failure(&e))?;
+                at += n;
+            }
+        } else {
+            // Data below the top must be masked by copying zeros up: not fast.
+            let slow = chain
+                .held_under_top(req.offset, req.length)
+                .map_err(|e| image_failure(&e))?;
+            if fast && slow {
+                return Err(failure(ENOTSUP, "zeroing here means copying up"));
+            }
+            chain
+                .discard(req.offset, req.length)
+                .map_err(|e| image_failure(&e))?;
+        }
+        drop(chain);
+        self.fua(req)
+    }
+
+    fn trim(&self, req: &Request) -> Result<(), Failure> {
+        self.check_writable()?;
+        self.check_range(req, EINVAL)?;
+        self.export
+            .disk
+            .chain()
+            .discard(req.offset, req.length)
+            .map_err(|e| image_failure(&e))?;
+        self.fua(req)
+    }
+
+    fn block_status(&self, req: &Request) {
+        let Some(id) = self.agreed.allocation else {
+            return self.reply_error(req, failure(EINVAL, "no metadata context selected"));
+        };
+        debug_assert_eq!(id, ALLOCATION_ID);
+        if let Err(f) = self.check_range(req, EINVAL) {
+            return self.reply_error(req, f);
+        }
+        if req.length == 0 {
+            return self.reply_error(req, failure(EINVAL, "zero-length block status"));
+        }
+        let span = req.length.min(MAX_STATUS_SPAN);
+        let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let runs = {
+            let chain = self.export.disk.chain();
+            chain.allocation(req.offset, span, if one { 1 } else { MAX_STATUS_RUNS })
+        };
+        let runs = match runs {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(req, image_failure(&e)),
+        };
+        let status = |held: bool| if held { 0 } else { STATE_HOLE | STATE_ZERO };
+        let ext = self.agreed.extended;
+        let mut p = Vec::with_capacity(8 + runs.len() * 16);
+        p.extend_from_slice(&id.to_be_bytes());
+        if ext {
+            p.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+            for &(len, held) in &runs {
+                p.extend_from_slice(&len.to_be_bytes());
+                p.extend_from_slice(&u64::from(status(held)).to_be_bytes());
+            }
+        } else {
+            for &(len, held) in &runs {
+                p.extend_from_slice(&(len as u32).to_be_bytes());
+                p.extend_from_slice(&status(held).to_be_bytes());
+            }
+        }
+        let kind = if ext {
+            CHUNK_BLOCK_STATUS_EXT
+        } else {
+            CHUNK_BLOCK_STATUS
+        };
+        let h = chunk_header(
+            ext,
+            REPLY_FLAG_DONE,
+            kind,
+            req.cookie,
+            req.offset,
+            p.len() as u64,
+        );
+        self.send(&[&h, &p]);
+    }
+
+    /// Carry out one request and send its reply.
+    fn execute(&self, req: Request, payload: Option<(AlignedBuf, usize)>) {
+        match req.kind {
+            CMD_READ => self.read(&req),
+            CMD_WRITE => {
+                let (buf, len) = payload.expect("WRITE carries its payload");
+                let r = self.write(&req, &buf.as_slice()[..len]);
+                self.reply_done(&req, r);
+            }
+            CMD_WRITE_ZEROES => {
+                let r = self.write_zeroes(&req);
+                self.reply_done(&req, r);
+            }
+            CMD_TRIM => {
+                let r = self.trim(&req);
+                self.reply_done(&req, r);
+            }
+            CMD_FLUSH => {
+                let r = self
+                    .export
+                    .disk
+                    .chain()
+                    .flush()
+                    .map_err(|e| image_failure(&e));
+                self.reply_done(&req, r);
+            }
+            CMD_CACHE => {
+                // The image is read with O_DIRECT: there is no cache to fill.
+                let r = self.check_range(&req, EINVAL);
+                self.reply_done(&req, r);
+            }
+            CMD_BLOCK_STATUS => self.block_status(&req),
+            _ => unreachable!("filtered by the reader"),
+        }
+    }
+
+    fn take_budget(&self, bytes: usize) {
+        let mut b = self.budget.lock().expect("budget lock");
+        while b.requests >= MAX_IN_FLIGHT || (b.bytes > 0 && b.bytes + bytes > MAX_IN_FLIGHT_BYTES)
+        {
+            b = self.budget_freed.wait(b).expect("budget lock");
+        }
+        b.requests += 1;
+        b.bytes += bytes;
+    }
+
+    fn give_budget(&self, bytes: usize) {
+        let mut b = self.budget.lock().expect("budget lock");
+        b.requests -= 1;
+        b.bytes -= bytes;
+        self.budget_freed.notify_all();
+    }
+
+    /// Wait until every request handed to the workers has been answered.
+    fn drain(&self) {
+        let mut b = self.budget.lock().expect("budget lock");
+        while b.requests > 0 {
+            b = self.budget_freed.wait(b).expect("budget lock");
+        }
+    }
+}
+
+/// Read and throw away `len` bytes.
+fn skip(r: &mut dyn Read, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
+    if copied < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Which flags each command accepts.
+fn allowed_flags(kind: u16, extended: bool) -> u16 {
+    let payload = if extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
+    match kind {
+        CMD_READ => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA | payload,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM | CMD_FLUSH | CMD_CACHE => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => 0,
+    }
+}
+
+/// How the request loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// NBD_CMD_DISC, or the client closed the connection.
+    Disconnect,
+    /// The client broke the protocol (bad magic, oversized payload).
+    Violation,
+    /// A read or a reply failed.
+    IoError,
+}
+
+/// Read requests until the client leaves; replies go through `conn`.
+/// Returns once every request handed out has been answered.
+pub fn serve_requests(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executor) -> End {
+    let end = request_loop(conn, input, exec);
+    conn.drain();
+    end
+}
+
+fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executor) -> End {
+    let extended = conn.agreed.extended;
+    let mut header = [0u8; EXTENDED_REQUEST_LEN];
+    let header_len = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
+    loop {
+        if conn.broken.load(Ordering::SeqCst) {
+            return End::IoError;
+        }
+        match input.read_exact(&mut header[..header_len]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::Disconnect,
+            Err(e) => {
+                debug!("reading a request: {e}");
+                return End::IoError;
+            }
+        }
+        let parsed = if extended {
+            Request::parse_extended(&header)
+        } else {
+            Request::parse(header[..REQUEST_LEN].try_into().expect("28 bytes"))
+        };
+        let Some(req) = parsed else {
+            warn!("bad request magic: dropping the client");
+            return End::Violation;
+        };
+        if req.kind == CMD_DISC {
+            return End::Disconnect;
+        }
+        // Payload first: whatever we answer, the stream must stay in step.
+        let mut payload = None;
+        if req.has_payload(extended) {
+            if req.length > u64::from(MAX_PAYLOAD) || req.kind != CMD_WRITE {
+                if req.length > MAX_DRAIN || extended && req.length > u64::from(MAX_PAYLOAD) {
+                    warn!("{}-byte payload: dropping the client", req.length);
+                    return End::Violation;
+                }
+                if skip(input, req.length).is_err() {
+                    return End::IoError;
+                }
+                let why = if req.kind == CMD_WRITE {
+                    "write longer than the maximum payload"
+                } else {
+                    "this command takes no payload"
+                };
+                conn.reply_error(&req, failure(EINVAL, why));
+                continue;
+            }
+            let len = req.length as usize;
+            let mut buf = AlignedBuf::zeroed(len);
+            if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
+                // Cut off in the middle of a write: nothing was acknowledged.
+                return End::IoError;
+            }
+            payload = Some((buf, len));
+        } else if req.kind == CMD_WRITE {
+            conn.reply_error(&req, failure(EINVAL, "WRITE without a payload"));
+            continue;
+        }
+        let known = matches!(
+            req.kind,
+            CMD_READ
+                | CMD_WRITE
+                | CMD_FLUSH
+                | CMD_TRIM
+                | CMD_CACHE
+                | CMD_WRITE_ZEROES
+                | CMD_BLOCK_STATUS
+        );
+        if !known {
+            conn.reply_error(
+                &req,
+                failure(EINVAL, format!("unknown command {}", req.kind)),
+            );
+            continue;
+        }
+        let extra = req.flags & !allowed_flags(req.kind, extended);
+        if extra != 0 || (req.flags & CMD_FLAG_DF != 0 && !conn.structured()) {
+            conn.reply_error(
+                &req,
+                failure(EINVAL, format!("unexpected flags {extra:#x}")),
+            );
+            continue;
+        }
+        let bytes = payload.as_ref().map_or(0, |p| p.1);
+        conn.take_budget(bytes);
+        let c = conn.clone();
+        exec.run(Box::new(move || {
+            c.execute(req, payload);
+            c.give_budget(bytes);
+        }));
+    }
+}

@@ -1,0 +1,151 @@
+//! `ploop serve`: an NBD server for a disk (DiskDescriptor.xml) or one
+//! image file, in the foreground until a signal stops it.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use ploop_export::daemon::open_disk;
+use ploop_export::nbd::{self, Export, Listen, Listener, ServeOptions};
+use ploop_export::served::ServedDisk;
+use ploop_format::descriptor::TOP_GUID;
+use tracing::info;
+use uuid::Uuid;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub struct ServeRequest {
+    pub target: PathBuf,
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<String>,
+    pub read_only: bool,
+    pub name: String,
+    pub uuid: Option<Uuid>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub insecure: bool,
+    pub threads: usize,
+    pub max_connections: usize,
+}
+
+/// The port NBD is registered on.
+const NBD_PORT: u16 = 10809;
+
+fn is_descriptor(path: &Path) -> bool {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("xml"))
+    {
+        return true;
+    }
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    head[..n]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'<')
+}
+
+fn listen_address(r: &ServeRequest) -> Res<Listen> {
+    if let Some(path) = &r.socket {
+        return Ok(Listen::Unix(path.clone()));
+    }
+    let text = r
+        .tcp
+        .clone()
+        .unwrap_or_else(|| format!("127.0.0.1:{NBD_PORT}"));
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("--tcp {text}: expected ADDRESS:PORT, like 127.0.0.1:10809"))?;
+    let tls = r.tls_cert.is_some();
+    if !addr.ip().is_loopback() && !tls && !r.insecure {
+        return Err(format!(
+            "refusing to serve {addr} without TLS: anyone on the network could read and write \
+             the disk. Give --tls-cert and --tls-key, or --insecure if the network is trusted"
+        )
+        .into());
+    }
+    Ok(Listen::Tcp(addr))
+}
+
+pub fn serve(r: ServeRequest) -> Res<ExitCode> {
+    let listen = listen_address(&r)?;
+    let tls = match (&r.tls_cert, &r.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            nbd::tls::server_config(cert, key, r.tls_ca.as_deref())
+                .map_err(|e| format!("TLS: {e}"))?,
+        ),
+        (None, None) if r.tls_ca.is_none() => None,
+        _ => return Err("TLS needs both --tls-cert and --tls-key".into()),
+    };
+    if r.uuid.is_some() && !r.read_only {
+        return Err("a snapshot (-u) can only be served read-only: add -r".into());
+    }
+    let target = r
+        .target
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", r.target.display()))?;
+    let disk = if is_descriptor(&target) {
+        let disk = open_disk(&target, r.read_only, r.uuid)?;
+        ServedDisk::new(target.clone(), disk.guid, r.read_only, disk.chain)
+    } else {
+        if r.uuid.is_some() {
+            return Err("-u needs a DiskDescriptor.xml, not an image file".into());
+        }
+        let chain = ploop_image::disk::open_image(&target, !r.read_only)?;
+        ServedDisk::new(target.clone(), TOP_GUID, r.read_only, chain)
+    };
+    let disk = Arc::new(disk);
+    let export = Arc::new(Export {
+        name: r.name.clone(),
+        description: format!("ploop disk {}", target.display()),
+        read_only: r.read_only,
+        disk: disk.clone(),
+    });
+    let listener = Listener::bind(&listen).map_err(|e| {
+        let _ = disk.current().close();
+        format!("listening on {listen:?}: {e}")
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let uri = listener.uri(&r.name);
+    info!("serving {} at {uri}", target.display());
+    // The address on stdout (scripts wait for it); the rest on stderr.
+    println!("{uri}");
+    std::io::stdout().flush()?;
+    eprintln!(
+        "ploop: serving {} ({} bytes{}) at {uri}{}",
+        target.display(),
+        export.size(),
+        if r.read_only { ", read-only" } else { "" },
+        if tls.is_some() { " with TLS" } else { "" }
+    );
+    let served = nbd::serve(
+        &listener,
+        ServeOptions {
+            export,
+            tls,
+            threads: r.threads,
+            max_connections: r.max_connections,
+        },
+        &stop,
+    );
+    drop(listener);
+    let closed = disk.current().close();
+    served?;
+    closed?;
+    eprintln!("ploop: stopped serving {}", target.display());
+    Ok(ExitCode::SUCCESS)
+}
