@@ -112,52 +112,67 @@ fn pump_in(
     let mut buf = vec![0u8; 64 * 1024];
     let mut clear = Vec::with_capacity(64 * 1024);
     let mut net_out = net.try_clone()?;
+    // The handshake may already have read records past its end (the
+    // client's first option): pass those on before waiting for more.
+    let mut received = 0;
     loop {
-        let n = net.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut closed = false;
-        {
+        let closed = {
             let mut s = session.lock().expect("TLS session lock");
-            let mut data = &buf[..n];
-            while !data.is_empty() {
-                s.read_tls(&mut data)?;
+            let mut data = &buf[..received];
+            let mut closed = false;
+            loop {
+                if !data.is_empty() {
+                    s.read_tls(&mut data)?;
+                }
                 if let Err(e) = s.process_new_packets() {
                     // Send the alert, then give up on the session.
                     while s.wants_write() && s.write_tls(&mut net_out).is_ok() {}
                     return Err(tls_err(e));
                 }
-                loop {
-                    let at = clear.len();
-                    clear.resize(at + 64 * 1024, 0);
-                    match s.reader().read(&mut clear[at..]) {
-                        Ok(0) => {
-                            clear.truncate(at);
-                            closed = true;
-                            break;
-                        }
-                        Ok(got) => clear.truncate(at + got),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            clear.truncate(at);
-                            break;
-                        }
-                        Err(e) => {
-                            clear.truncate(at);
-                            return Err(e);
-                        }
-                    }
+                closed |= drain_plaintext(&mut s, &mut clear)?;
+                if data.is_empty() {
+                    break;
                 }
             }
             // Handshake messages after the start (key updates) need answers.
             while s.wants_write() {
                 s.write_tls(&mut net_out)?;
             }
-        }
+            closed
+        };
         plain.write_all(&clear)?;
         clear.clear();
         if closed {
             return Ok(());
+        }
+        received = net.read(&mut buf)?;
+        if received == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Move the session's decrypted bytes to `clear`; true once the peer has
+/// closed the session.
+fn drain_plaintext(s: &mut ServerConnection, clear: &mut Vec<u8>) -> io::Result<bool> {
+    loop {
+        let at = clear.len();
+        clear.resize(at + 64 * 1024, 0);
+        let r = s.reader().read(&mut clear[at..]);
+        match r {
+            Ok(0) => {
+                clear.truncate(at);
+                return Ok(true);
+            }
+            Ok(got) => clear.truncate(at + got),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                clear.truncate(at);
+                return Ok(false);
+            }
+            Err(e) => {
+                clear.truncate(at);
+                return Err(e);
+            }
         }
     }
 }
@@ -175,9 +190,14 @@ fn pump_out(
             return Ok(());
         }
         let mut s = session.lock().expect("TLS session lock");
-        s.writer().write_all(&buf[..n])?;
-        while s.wants_write() {
-            s.write_tls(net)?;
+        // The session takes only so much plaintext before it must send.
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            let took = s.writer().write(data)?;
+            data = &data[took..];
+            while s.wants_write() {
+                s.write_tls(net)?;
+            }
         }
     }
 }
