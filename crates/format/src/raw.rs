@@ -73,10 +73,16 @@ impl RawDelta {
             .map_err(|e| Error::io(&self.path, "writing data", offset, e))
     }
 
+    /// Make a range read as zeros: a hole where the filesystem can punch
+    /// one, written zeros where it cannot.
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        self.io
-            .punch_hole(offset, len)
-            .map_err(|e| Error::io(&self.path, "punching hole", offset, e))
+        match self.io.punch_hole(offset, len) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => self
+                .io
+                .zero_range(offset, len)
+                .map_err(|e| Error::io(&self.path, "zeroing", offset, e)),
+            r => r.map_err(|e| Error::io(&self.path, "punching hole", offset, e)),
+        }
     }
 
     pub fn flush(&self) -> Result<()> {

@@ -72,9 +72,9 @@ pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<De
     })
 }
 
-/// Open one image file on its own, as a chain of one delta: a ploop
-/// delta (by its signature) or else a raw image.
-pub fn open_image(path: &Path, writable: bool) -> Result<Chain> {
+/// Open one image file on its own, as a chain of one delta: in the format
+/// given, or else a ploop delta if it has the signature, raw if not.
+pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Result<Chain> {
     let opts = OpenOptions {
         writable,
         direct: true,
@@ -94,7 +94,9 @@ pub fn open_image(path: &Path, writable: bool) -> Result<Chain> {
         .read_at(&mut first, 0)
         .map_err(|e| Error::io(path.display().to_string(), "reading header", 0, e))?;
     drop(probe);
-    let kind = if ploop_format::ploop::has_signature(&first) {
+    let kind = if let Some(k) = kind {
+        k
+    } else if ploop_format::ploop::has_signature(&first) {
         ImageType::Compressed
     } else {
         ImageType::Plain

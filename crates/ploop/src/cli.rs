@@ -221,6 +221,11 @@ struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
+    /// Format of an image file given on its own: raw or ploop. Without
+    /// it, a file with the ploop signature is served as ploop; give -f raw
+    /// for raw disks whose guest could have written that signature.
+    #[arg(short = 'f', long = "format", value_parser = ["raw", "ploop"])]
+    format: Option<String>,
     /// DiskDescriptor.xml, or one image file (ploop or raw).
     target: PathBuf,
 }
@@ -428,6 +433,10 @@ pub fn run() -> Res<ExitCode> {
             insecure: a.insecure,
             threads: a.threads,
             max_connections: a.max_connections,
+            image_format: a.format.as_deref().map(|f| match f {
+                "raw" => ImageType::Plain,
+                _ => ImageType::Compressed,
+            }),
         }),
         Cmd::Read {
             offset,

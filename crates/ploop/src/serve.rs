@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ploop_export::daemon::open_disk;
 use ploop_export::nbd::{self, Export, Listen, Listener, ServeOptions};
 use ploop_export::served::ServedDisk;
-use ploop_format::descriptor::TOP_GUID;
+use ploop_format::descriptor::{ImageType, TOP_GUID};
 use tracing::info;
 use uuid::Uuid;
 
@@ -30,6 +30,8 @@ pub struct ServeRequest {
     pub insecure: bool,
     pub threads: usize,
     pub max_connections: usize,
+    /// Format of an image file given on its own (None: look at it).
+    pub image_format: Option<ImageType>,
 }
 
 /// The port NBD is registered on.
@@ -98,7 +100,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         if r.uuid.is_some() {
             return Err("-u needs a DiskDescriptor.xml, not an image file".into());
         }
-        let chain = ploop_image::disk::open_image(&target, !r.read_only)?;
+        let chain = ploop_image::disk::open_image(&target, !r.read_only, r.image_format)?;
         ServedDisk::new(target.clone(), TOP_GUID, r.read_only, chain)
     };
     let disk = Arc::new(disk);
@@ -118,6 +120,8 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ] {
+        // A second signal while stopping exits at once (image left in use).
+        signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let uri = listener.uri(&r.name);
@@ -140,10 +144,18 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
             threads: r.threads,
             max_connections: r.max_connections,
         },
-        &stop,
+        stop,
     );
     drop(listener);
-    let closed = disk.current().close();
+    let closed = match served {
+        Ok(true) => disk.current().close(),
+        // Requests may still be running: flush what is done, and leave the
+        // image marked in use so that the next open checks it.
+        _ => disk.current().flush(),
+    };
+    if matches!(served, Ok(false)) {
+        eprintln!("ploop: some clients did not let go; the image is left marked in use");
+    }
     served?;
     closed?;
     eprintln!("ploop: stopped serving {}", target.display());

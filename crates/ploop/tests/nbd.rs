@@ -902,6 +902,24 @@ fn hostile_clients_get_errors_and_lose_nothing() {
         let _ = s.read_to_end(&mut rest); // the server answers or hangs up, not hangs
     }
 
+    // A client that asks for 64 MiB and reads none of it holds up no one.
+    let mut lazy = raw_client(&sock);
+    for i in 0..64u64 {
+        lazy.write_all(&request(0, 0, i, 0, MIB as u32)).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let script = format!(
+        "h = nbd.NBD()\nh.connect_uri({:?})\nh.pwrite(b'q' * 4096, 0)\nh.flush()\nassert h.pread(4096, 0) == b'q' * 4096\n",
+        server.uri
+    );
+    run(NBDSH[0], &[NBDSH[1], "-c", &script]).success();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "a client that does not read held up another for {:?}",
+        start.elapsed()
+    );
+    drop(lazy);
+
     // A thousand short-lived connections.
     for i in 0..1000 {
         let mut s = UnixStream::connect(&sock).unwrap_or_else(|e| panic!("connection {i}: {e}"));
@@ -926,6 +944,7 @@ fn hostile_clients_get_errors_and_lose_nothing() {
     server.stop();
     peers_check(&disk.image);
     let mut want = vec![0u8; size];
+    want[..4096].fill(b'q');
     want[MIB..MIB + kept.len()].copy_from_slice(&kept);
     assert_same(&disk.read(None), &want, "disk after hostile clients");
 }

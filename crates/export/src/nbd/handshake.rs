@@ -41,6 +41,9 @@ pub enum TlsPolicy {
     Required,
 }
 
+/// Options one client may send before it must choose an export.
+const MAX_OPTIONS: usize = 1024;
+
 /// The id we give base:allocation.
 pub const ALLOCATION_ID: u32 = 1;
 
@@ -91,7 +94,7 @@ pub fn negotiate<S: Read + Write>(
     tls: TlsPolicy,
     mut agreed: Agreed,
 ) -> io::Result<Outcome> {
-    loop {
+    for _ in 0..MAX_OPTIONS {
         let mut head = [0u8; 16];
         match s.read_exact(&mut head) {
             Ok(()) => {}
@@ -248,6 +251,10 @@ pub fn negotiate<S: Read + Write>(
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection even when it fails.
+                    agreed.allocation = None;
+                }
                 let req = match parse_meta_request(&data) {
                     Ok(r) => r,
                     Err(e) => {
@@ -306,6 +313,8 @@ pub fn negotiate<S: Read + Write>(
         }
         s.flush()?;
     }
+    debug!("more than {MAX_OPTIONS} options: closing");
+    Ok(Outcome::Close)
 }
 
 fn option_error<S: Write>(s: &mut S, option: u32, e: OptionError) -> io::Result<()> {

@@ -15,13 +15,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::served::ServedDisk;
 use handshake::{Agreed, Outcome, TlsPolicy};
-use transmission::{Connection, Executor, Pool, MAX_PAYLOAD};
+use transmission::{Connection, Pool, Shared, MAX_PAYLOAD};
 
 /// One disk as clients see it.
 pub struct Export {
@@ -74,6 +74,13 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t),
         }
     }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -119,8 +126,11 @@ impl Listener {
     pub fn bind(at: &Listen) -> io::Result<Listener> {
         let l = match at {
             Listen::Unix(path) => {
-                // A socket file left by a server that is gone.
-                if UnixStream::connect(path).is_err() {
+                // A socket file left by a server that is gone (never
+                // anything else that happens to have that name).
+                let is_socket = std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                if is_socket && UnixStream::connect(path).is_err() {
                     let _ = std::fs::remove_file(path);
                 }
                 Listener::Unix(UnixListener::bind(path)?, path.clone())
@@ -182,11 +192,9 @@ impl Listener {
                 Ok(Some(s))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            // A client that left before we took it (ECONNABORTED and the like).
-            Err(e) => {
-                debug!("accept: {e}");
-                Ok(None)
-            }
+            // A client that left before we took it.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }
@@ -206,32 +214,100 @@ pub struct ServeOptions {
     pub max_connections: usize,
 }
 
-/// How long a client may take to negotiate.
+/// How long a client may take to negotiate, TLS handshake included.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// A reply the client does not take for this long cuts the connection
+/// (so that a client that stops reading cannot hold the workers).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// On stop: how long clients get to finish what they started, before
+/// their connections are cut.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl transmission::ReplySink for Stream {
+    fn abort(&mut self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads that fail once a deadline has passed, however slowly the bytes
+/// trickle in.
+struct Deadline<'a> {
+    s: &'a mut Stream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.s.set_read_timeout(Some(left))?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Wait for threads to end, up to `limit`; true if all did.
+fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if clients.iter().all(|(h, _)| h.is_finished()) {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// Serve clients until `stop` is set; then let each connection finish the
-/// requests it has started and return.
-pub fn serve(listener: &Listener, opts: ServeOptions, stop: &AtomicBool) -> io::Result<()> {
-    let pool: Arc<dyn Executor> = Arc::new(Pool::new(opts.threads)?);
+/// requests it has started. Returns true when every connection ended;
+/// false when some were still busy after being cut off (their requests
+/// may still touch the image).
+pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> io::Result<bool> {
+    let shared = Shared::new(Box::new(Pool::new(opts.threads)?), stop.clone());
     let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
     let mut served = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        let Some(stream) = listener.accept(Duration::from_millis(200))? else {
-            clients.retain(|(h, _)| !h.is_finished());
-            continue;
-        };
+        let accepted = listener.accept(Duration::from_millis(200));
         clients.retain(|(h, _)| !h.is_finished());
+        let stream = match accepted {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, go on.
+                warn!("accepting a client: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         if clients.len() >= opts.max_connections {
             warn!("{} clients connected: refusing another", clients.len());
             continue; // dropping the stream closes it
         }
-        let handle = stream.try_clone()?;
+        let handle = match stream.try_clone() {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("cannot serve a client: {e}");
+                continue;
+            }
+        };
         served += 1;
-        let (export, tls, pool) = (opts.export.clone(), opts.tls.clone(), pool.clone());
+        let (export, tls, shared) = (opts.export.clone(), opts.tls.clone(), shared.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{served}"))
             .spawn(move || {
-                if let Err(e) = handle_client(stream, &export, tls, &*pool) {
+                if let Err(e) = handle_client(stream, &export, tls, &shared) {
                     debug!("client {served}: {e}");
                 }
             });
@@ -241,14 +317,24 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: &AtomicBool) -> io::
         }
     }
     info!("stopping: {} client(s) connected", clients.len());
-    // Readers see end of input, answer what they have started, and leave.
+    // Readers see the end of their input; requests that still arrive get
+    // ESHUTDOWN; what was started is answered.
     for (_, s) in &clients {
         let _ = s.shutdown(std::net::Shutdown::Read);
+    }
+    if !wait_finished(&clients, STOP_GRACE) {
+        warn!("clients still busy after {STOP_GRACE:?}: cutting their connections");
+        for (_, s) in &clients {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if !wait_finished(&clients, STOP_GRACE) {
+            return Ok(false);
+        }
     }
     for (h, _) in clients {
         let _ = h.join();
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Negotiate with one client, then serve its requests.
@@ -256,14 +342,17 @@ pub fn handle_client(
     stream: Stream,
     export: &Arc<Export>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    exec: &dyn Executor,
+    shared: &Arc<Shared>,
 ) -> io::Result<()> {
     let mut s = stream;
-    s.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
-    let Some(flags) = handshake::greet(&mut s)? else {
+    let until = Instant::now() + NEGOTIATION_TIMEOUT;
+    let Some(flags) = handshake::greet(&mut Deadline { s: &mut s, until })? else {
         return Ok(()); // unknown client flags: the spec says hang up
     };
     let policy = if tls.is_some() {
+        if flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
+            return Ok(()); // TLS needs fixed newstyle, and we require TLS
+        }
         TlsPolicy::Required
     } else {
         TlsPolicy::Off
@@ -273,13 +362,13 @@ pub fn handle_client(
         ..Agreed::default()
     };
     let agreed = loop {
-        match handshake::negotiate(&mut s, export, policy, agreed)? {
+        let mut d = Deadline { s: &mut s, until };
+        match handshake::negotiate(&mut d, export, policy, agreed)? {
             Outcome::Transmit(a) => break a,
             Outcome::Close => return Ok(()),
             Outcome::StartTls(a) => {
                 let config = tls.clone().expect("STARTTLS only when configured");
-                s = Stream::Unix(tls::start(config, s)?);
-                s.set_read_timeout(Some(NEGOTIATION_TIMEOUT))?;
+                s = Stream::Unix(tls::start(config, s, until, SEND_TIMEOUT)?);
                 agreed = Agreed {
                     tls_done: true,
                     ..a
@@ -288,11 +377,21 @@ pub fn handle_client(
         }
     };
     s.set_read_timeout(None)?;
+    s.set_write_timeout(Some(SEND_TIMEOUT))?;
     debug!("transmission: {agreed:?}");
-    let conn = Connection::new(export.clone(), agreed, Box::new(s.try_clone()?));
+    let conn = Connection::new(
+        export.clone(),
+        agreed,
+        Box::new(s.try_clone()?),
+        shared.clone(),
+    );
     let mut input = BufReader::with_capacity(256 * 1024, s.try_clone()?);
-    let end = transmission::serve_requests(&conn, &mut input, exec);
+    let end = transmission::serve_requests(&conn, &mut input);
     debug!("connection ended: {end:?}");
-    let _ = s.shutdown(std::net::Shutdown::Both);
+    // Replies first, then let the client see the end; closing with unread
+    // input would reset the connection and could drop the last replies.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = io::copy(&mut input.take(64 << 20), &mut io::sink());
     Ok(())
 }

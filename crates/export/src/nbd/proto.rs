@@ -163,7 +163,8 @@ impl Request {
         })
     }
 
-    /// Whether a payload follows the header.
+    /// Whether a payload follows the header. A WRITE always carries one,
+    /// with or without PAYLOAD_LEN (qemu's extended WRITEs omit the flag).
     pub fn has_payload(&self, extended: bool) -> bool {
         self.kind == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0)
     }

@@ -5,8 +5,8 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -15,9 +15,6 @@ use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use tracing::debug;
 
 use super::Stream;
-
-/// How long a client may take over the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -65,25 +62,69 @@ fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Run the TLS handshake on `sock`, then return the plain end of a socket
-/// pair; two threads move bytes between it and the session.
-pub fn start(config: Arc<ServerConfig>, mut sock: Stream) -> io::Result<UnixStream> {
+/// One TLS session shared by the two pump threads. Records are made under
+/// `session` and sent under `net_out`, taken before `session` is let go so
+/// that they leave in order; no socket I/O happens under `session`, so a
+/// client that is slow to read does not stop its requests being decrypted.
+struct Tls {
+    session: Mutex<ServerConnection>,
+    net_out: Mutex<Stream>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Tls {
+    /// Send whatever records the session has made.
+    fn send(&self, mut session: MutexGuard<'_, ServerConnection>) -> io::Result<()> {
+        let mut records = Vec::new();
+        while session.wants_write() {
+            session.write_tls(&mut records)?;
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut net = lock(&self.net_out);
+        drop(session);
+        net.write_all(&records)
+    }
+}
+
+/// Run the TLS handshake on `sock` (by `until`), then return the plain end
+/// of a socket pair; two threads move bytes between it and the session.
+pub fn start(
+    config: Arc<ServerConfig>,
+    mut sock: Stream,
+    until: Instant,
+    send_timeout: Duration,
+) -> io::Result<UnixStream> {
     let mut session = ServerConnection::new(config).map_err(tls_err)?;
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     while session.is_handshaking() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        sock.set_read_timeout(Some(left))?;
         session.complete_io(&mut sock)?;
     }
     sock.set_read_timeout(None)?;
+    // A client that stops reading cuts its own connection.
+    sock.set_write_timeout(Some(send_timeout))?;
+    // Bounded by what one read from the plain side brings.
+    session.set_buffer_limit(None);
     let (plain, pump_end) = UnixStream::pair()?;
-    let session = Arc::new(Mutex::new(session));
-
-    let (net_in, mut net_out) = (sock.try_clone()?, sock);
+    let tls = Arc::new(Tls {
+        session: Mutex::new(session),
+        net_out: Mutex::new(sock.try_clone()?),
+    });
+    let net_in = sock;
     let (mut to_plain, mut from_plain) = (pump_end.try_clone()?, pump_end);
-    let s = session.clone();
+    let t = tls.clone();
     std::thread::Builder::new()
         .name("nbd-tls-in".into())
         .spawn(move || {
-            if let Err(e) = pump_in(&s, net_in, &mut to_plain) {
+            if let Err(e) = pump_in(&t, net_in, &mut to_plain) {
                 debug!("TLS input: {e}");
             }
             let _ = to_plain.shutdown(std::net::Shutdown::Write);
@@ -91,55 +132,47 @@ pub fn start(config: Arc<ServerConfig>, mut sock: Stream) -> io::Result<UnixStre
     std::thread::Builder::new()
         .name("nbd-tls-out".into())
         .spawn(move || {
-            if let Err(e) = pump_out(&session, &mut from_plain, &mut net_out) {
+            if let Err(e) = pump_out(&tls, &mut from_plain) {
                 debug!("TLS output: {e}");
             }
-            if let Ok(mut s) = session.lock() {
-                s.send_close_notify();
-                while s.wants_write() && s.write_tls(&mut net_out).is_ok() {}
-            }
-            let _ = net_out.shutdown(std::net::Shutdown::Both);
+            let mut session = lock(&tls.session);
+            session.send_close_notify();
+            let _ = tls.send(session);
+            let _ = lock(&tls.net_out).shutdown(std::net::Shutdown::Both);
+            // Wakes the input side if the client is still sending.
+            let _ = from_plain.shutdown(std::net::Shutdown::Both);
         })?;
     Ok(plain)
 }
 
 /// Network to plain: decrypt what arrives and pass it on.
-fn pump_in(
-    session: &Mutex<ServerConnection>,
-    mut net: Stream,
-    plain: &mut UnixStream,
-) -> io::Result<()> {
+fn pump_in(tls: &Tls, mut net: Stream, plain: &mut UnixStream) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut clear = Vec::with_capacity(64 * 1024);
-    let mut net_out = net.try_clone()?;
     // The handshake may already have read records past its end (the
     // client's first option): pass those on before waiting for more.
     let mut received = 0;
     loop {
-        let closed = {
-            let mut s = session.lock().expect("TLS session lock");
-            let mut data = &buf[..received];
-            let mut closed = false;
-            loop {
-                if !data.is_empty() {
-                    s.read_tls(&mut data)?;
-                }
-                if let Err(e) = s.process_new_packets() {
-                    // Send the alert, then give up on the session.
-                    while s.wants_write() && s.write_tls(&mut net_out).is_ok() {}
-                    return Err(tls_err(e));
-                }
-                closed |= drain_plaintext(&mut s, &mut clear)?;
-                if data.is_empty() {
-                    break;
-                }
+        let mut session = lock(&tls.session);
+        let mut data = &buf[..received];
+        let mut closed = false;
+        loop {
+            if !data.is_empty() && session.read_tls(&mut data)? == 0 {
+                closed = true; // close_notify seen: the rest is ignored
+                break;
             }
-            // Handshake messages after the start (key updates) need answers.
-            while s.wants_write() {
-                s.write_tls(&mut net_out)?;
+            if let Err(e) = session.process_new_packets() {
+                // Send the alert, then give up on the session.
+                let _ = tls.send(session);
+                return Err(tls_err(e));
             }
-            closed
-        };
+            closed |= drain_plaintext(&mut session, &mut clear)?;
+            if data.is_empty() || closed {
+                break;
+            }
+        }
+        // Handshake messages after the start (key updates) need answers.
+        tls.send(session)?;
         plain.write_all(&clear)?;
         clear.clear();
         if closed {
@@ -178,26 +211,15 @@ fn drain_plaintext(s: &mut ServerConnection, clear: &mut Vec<u8>) -> io::Result<
 }
 
 /// Plain to network: encrypt what the server writes.
-fn pump_out(
-    session: &Mutex<ServerConnection>,
-    plain: &mut UnixStream,
-    net: &mut Stream,
-) -> io::Result<()> {
+fn pump_out(tls: &Tls, plain: &mut UnixStream) -> io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = plain.read(&mut buf)?;
         if n == 0 {
             return Ok(());
         }
-        let mut s = session.lock().expect("TLS session lock");
-        // The session takes only so much plaintext before it must send.
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            let took = s.writer().write(data)?;
-            data = &data[took..];
-            while s.wants_write() {
-                s.write_tls(net)?;
-            }
-        }
+        let mut session = lock(&tls.session);
+        session.writer().write_all(&buf[..n])?;
+        tls.send(session)?;
     }
 }

@@ -3,11 +3,12 @@
 //! chain and send their replies as they finish (out of order).
 
 use std::io::{self, IoSlice, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use ploop_io::AlignedBuf;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::handshake::{Agreed, ALLOCATION_ID};
 use super::proto::*;
@@ -25,6 +26,15 @@ const MAX_STATUS_RUNS: usize = 64 * 1024;
 /// waits, so that a client cannot make us buffer without bound.
 const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+/// All connections together: payload bytes held before readers wait.
+const MAX_TOTAL_BYTES: usize = 1 << 30;
+/// Write payloads up to this size reuse pooled buffers.
+const POOLED_BUF: usize = 1 << 20;
+const POOL_KEEP: usize = 64;
+
+// Compact replies carry 32-bit lengths: keep what we send within them.
+const _: () = assert!(MAX_STATUS_SPAN <= u32::MAX as u64);
+const _: () = assert!((MAX_PAYLOAD as u64) < u32::MAX as u64 - 8);
 /// Reads up to this size reuse the worker's buffer; larger ones allocate.
 const KEEP_READ_BUF: usize = 1 << 20;
 
@@ -74,7 +84,76 @@ impl Executor for Pool {
 }
 
 /// The sending half of a connection, shared by the workers.
-pub type ReplySink = Box<dyn Write + Send>;
+pub trait ReplySink: Write + Send {
+    /// Cut the connection: a reply could not be sent.
+    fn abort(&mut self) {}
+}
+
+impl ReplySink for Vec<u8> {}
+
+/// Lock a mutex even if a panicking thread held it: what it guards (a
+/// socket, counters) stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What all connections of one server share.
+pub struct Shared {
+    exec: Box<dyn Executor>,
+    /// The server is stopping: new requests get ESHUTDOWN.
+    stop: Arc<AtomicBool>,
+    bytes: Mutex<usize>,
+    bytes_freed: Condvar,
+    buffers: Mutex<Vec<AlignedBuf>>,
+}
+
+impl Shared {
+    pub fn new(exec: Box<dyn Executor>, stop: Arc<AtomicBool>) -> Arc<Self> {
+        Arc::new(Self {
+            exec,
+            stop,
+            bytes: Mutex::new(0),
+            bytes_freed: Condvar::new(),
+            buffers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take_bytes(&self, n: usize) {
+        let mut used = lock(&self.bytes);
+        while *used > 0 && *used + n > MAX_TOTAL_BYTES {
+            used = self
+                .bytes_freed
+                .wait(used)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *used += n;
+    }
+
+    fn give_bytes(&self, n: usize) {
+        *lock(&self.bytes) -= n;
+        self.bytes_freed.notify_all();
+    }
+
+    /// An aligned buffer of at least `len` bytes (contents undefined).
+    fn buffer(&self, len: usize) -> AlignedBuf {
+        if len <= POOLED_BUF {
+            if let Some(b) = lock(&self.buffers).pop() {
+                return b;
+            }
+            return AlignedBuf::zeroed(POOLED_BUF);
+        }
+        AlignedBuf::zeroed(len)
+    }
+
+    fn recycle(&self, buf: AlignedBuf) {
+        if buf.len() == POOLED_BUF {
+            let mut pool = lock(&self.buffers);
+            if pool.len() < POOL_KEEP {
+                pool.push(buf);
+            }
+        }
+    }
+}
 
 struct Budget {
     requests: usize,
@@ -85,11 +164,26 @@ struct Budget {
 pub struct Connection {
     export: Arc<Export>,
     agreed: Agreed,
-    out: Mutex<ReplySink>,
+    shared: Arc<Shared>,
+    out: Mutex<Box<dyn ReplySink>>,
+    /// Replies waiting for the worker that is sending.
+    queued: Mutex<Vec<Vec<u8>>>,
     budget: Mutex<Budget>,
     budget_freed: Condvar,
     /// A reply could not be sent: stop reading requests.
     broken: AtomicBool,
+}
+
+/// Gives a request's budget back however its job ends.
+struct BudgetGuard {
+    conn: Arc<Connection>,
+    bytes: usize,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.conn.give_budget(self.bytes);
+    }
 }
 
 /// Why a request failed: an NBD error number and a message for the client.
@@ -105,7 +199,6 @@ fn image_failure(e: &ploop_format::Error) -> Failure {
         ploop_format::Error::Io { err, .. } => match err.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
             Some(libc::EROFS | libc::EPERM | libc::EACCES) => EPERM,
-            Some(libc::ENOMEM) => ENOMEM,
             _ => EIO,
         },
         ploop_format::Error::Invalid(_) => EINVAL,
@@ -133,11 +226,18 @@ fn write_all_vectored(w: &mut dyn Write, mut bufs: &mut [IoSlice<'_>]) -> io::Re
 }
 
 impl Connection {
-    pub fn new(export: Arc<Export>, agreed: Agreed, out: ReplySink) -> Arc<Self> {
+    pub fn new(
+        export: Arc<Export>,
+        agreed: Agreed,
+        out: Box<dyn ReplySink>,
+        shared: Arc<Shared>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             export,
             agreed,
+            shared,
             out: Mutex::new(out),
+            queued: Mutex::new(Vec::new()),
             budget: Mutex::new(Budget {
                 requests: 0,
                 bytes: 0,
@@ -151,15 +251,67 @@ impl Connection {
         self.agreed.structured || self.agreed.extended
     }
 
-    /// Send one whole reply (all its chunks) without interleaving.
+    /// Send one whole reply (all its chunks) without interleaving. A
+    /// worker that finds another one sending leaves a copy of its reply
+    /// for that one to send, and goes back to work: a client slow to read
+    /// holds at most one worker.
     fn send(&self, parts: &[&[u8]]) {
+        if self.broken.load(Ordering::SeqCst) {
+            return; // the connection is being cut: no reply can arrive
+        }
+        match self.out.try_lock() {
+            Ok(mut out) => {
+                self.write_parts(&mut out, parts);
+                self.send_queued(out);
+            }
+            Err(TryLockError::Poisoned(p)) => {
+                let mut out = p.into_inner();
+                self.write_parts(&mut out, parts);
+                self.send_queued(out);
+            }
+            Err(TryLockError::WouldBlock) => {
+                lock(&self.queued).push(parts.concat());
+                // The sender may have looked at the queue just before.
+                if let Ok(out) = self.out.try_lock() {
+                    self.send_queued(out);
+                }
+            }
+        }
+    }
+
+    /// Send queued replies until none is left, then let go of the socket.
+    fn send_queued<'a>(&'a self, mut out: MutexGuard<'a, Box<dyn ReplySink>>) {
+        loop {
+            let batch = std::mem::take(&mut *lock(&self.queued));
+            if batch.is_empty() {
+                drop(out);
+                // One queued between the look and the unlock is ours to
+                // send, unless someone else has the socket (then theirs).
+                if lock(&self.queued).is_empty() {
+                    return;
+                }
+                match self.out.try_lock() {
+                    Ok(o) => out = o,
+                    Err(_) => return,
+                }
+                continue;
+            }
+            let parts: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            self.write_parts(&mut out, &parts);
+        }
+    }
+
+    fn write_parts(&self, out: &mut Box<dyn ReplySink>, parts: &[&[u8]]) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
         let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut out = self.out.lock().expect("reply lock");
         let r = write_all_vectored(&mut **out, &mut slices).and_then(|_| out.flush());
         if let Err(e) = r {
-            if !self.broken.swap(true, Ordering::SeqCst) {
-                debug!("sending a reply failed: {e}");
-            }
+            // A client that stopped reading (the send timed out) or left.
+            debug!("sending a reply failed: {e}: cutting the connection");
+            self.broken.store(true, Ordering::SeqCst);
+            out.abort();
         }
     }
 
@@ -266,7 +418,10 @@ impl Connection {
             let runs = if holes {
                 match chain.allocation(req.offset, req.length, MAX_STATUS_RUNS) {
                     Ok(r) => r,
-                    Err(e) => return self.reply_error(req, image_failure(&e)),
+                    Err(e) => {
+                        drop(chain);
+                        return self.reply_error(req, image_failure(&e));
+                    }
                 }
             } else {
                 Vec::new()
@@ -449,6 +604,7 @@ impl Connection {
             CMD_WRITE => {
                 let (buf, len) = payload.expect("WRITE carries its payload");
                 let r = self.write(&req, &buf.as_slice()[..len]);
+                self.shared.recycle(buf);
                 self.reply_done(&req, r);
             }
             CMD_WRITE_ZEROES => {
@@ -478,18 +634,26 @@ impl Connection {
         }
     }
 
+    /// Wait for room for one more request of `bytes` payload, then take
+    /// it; the payload is allocated only after this.
     fn take_budget(&self, bytes: usize) {
-        let mut b = self.budget.lock().expect("budget lock");
+        let mut b = lock(&self.budget);
         while b.requests >= MAX_IN_FLIGHT || (b.bytes > 0 && b.bytes + bytes > MAX_IN_FLIGHT_BYTES)
         {
-            b = self.budget_freed.wait(b).expect("budget lock");
+            b = self
+                .budget_freed
+                .wait(b)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         b.requests += 1;
         b.bytes += bytes;
+        drop(b);
+        self.shared.take_bytes(bytes);
     }
 
     fn give_budget(&self, bytes: usize) {
-        let mut b = self.budget.lock().expect("budget lock");
+        self.shared.give_bytes(bytes);
+        let mut b = lock(&self.budget);
         b.requests -= 1;
         b.bytes -= bytes;
         self.budget_freed.notify_all();
@@ -497,9 +661,12 @@ impl Connection {
 
     /// Wait until every request handed to the workers has been answered.
     fn drain(&self) {
-        let mut b = self.budget.lock().expect("budget lock");
+        let mut b = lock(&self.budget);
         while b.requests > 0 {
-            b = self.budget_freed.wait(b).expect("budget lock");
+            b = self
+                .budget_freed
+                .wait(b)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
@@ -539,13 +706,13 @@ pub enum End {
 
 /// Read requests until the client leaves; replies go through `conn`.
 /// Returns once every request handed out has been answered.
-pub fn serve_requests(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executor) -> End {
-    let end = request_loop(conn, input, exec);
+pub fn serve_requests(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
+    let end = request_loop(conn, input);
     conn.drain();
     end
 }
 
-fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executor) -> End {
+fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
     let extended = conn.agreed.extended;
     let mut header = [0u8; EXTENDED_REQUEST_LEN];
     let header_len = if extended {
@@ -597,14 +764,29 @@ fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executo
                 continue;
             }
             let len = req.length as usize;
-            let mut buf = AlignedBuf::zeroed(len);
+            conn.take_budget(len);
+            let mut buf = conn.shared.buffer(len);
             if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
                 // Cut off in the middle of a write: nothing was acknowledged.
+                conn.give_budget(len);
                 return End::IoError;
             }
             payload = Some((buf, len));
         } else if req.kind == CMD_WRITE {
             conn.reply_error(&req, failure(EINVAL, "WRITE without a payload"));
+            continue;
+        }
+        let bytes = payload.as_ref().map_or(0, |p| p.1);
+        // A payload took its budget before it was read.
+        let budgeted = payload.is_some();
+        let refuse = |f: Failure| {
+            conn.reply_error(&req, f);
+            if budgeted {
+                conn.give_budget(bytes);
+            }
+        };
+        if conn.shared.stop.load(Ordering::SeqCst) {
+            refuse(failure(ESHUTDOWN, "the server is stopping"));
             continue;
         }
         let known = matches!(
@@ -618,26 +800,38 @@ fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read, exec: &dyn Executo
                 | CMD_BLOCK_STATUS
         );
         if !known {
-            conn.reply_error(
-                &req,
-                failure(EINVAL, format!("unknown command {}", req.kind)),
-            );
+            refuse(failure(EINVAL, format!("unknown command {}", req.kind)));
             continue;
         }
         let extra = req.flags & !allowed_flags(req.kind, extended);
         if extra != 0 || (req.flags & CMD_FLAG_DF != 0 && !conn.structured()) {
-            conn.reply_error(
-                &req,
-                failure(EINVAL, format!("unexpected flags {extra:#x}")),
-            );
+            refuse(failure(EINVAL, format!("unexpected flags {extra:#x}")));
             continue;
         }
-        let bytes = payload.as_ref().map_or(0, |p| p.1);
-        conn.take_budget(bytes);
-        let c = conn.clone();
-        exec.run(Box::new(move || {
-            c.execute(req, payload);
-            c.give_budget(bytes);
+        // A read's reply may wait in memory: it counts like a payload.
+        let bytes = if req.kind == CMD_READ {
+            req.length.min(u64::from(MAX_PAYLOAD)) as usize
+        } else {
+            bytes
+        };
+        if !budgeted {
+            conn.take_budget(bytes);
+        }
+        let guard = BudgetGuard {
+            conn: conn.clone(),
+            bytes,
+        };
+        conn.shared.exec.run(Box::new(move || {
+            let c = guard.conn.clone();
+            let done = catch_unwind(AssertUnwindSafe(|| c.execute(req, payload)));
+            if let Err(panic) = done {
+                // A bug, not the client's fault: this connection cannot be
+                // trusted to stay in step; the others go on.
+                error!("request {req:?} panicked: {panic:?}; cutting the connection");
+                c.broken.store(true, Ordering::SeqCst);
+                lock(&c.out).abort();
+            }
+            drop(guard);
         }));
     }
 }
