@@ -1,6 +1,6 @@
-//! Queued I/O for the export: FUSE workers hand plain reads and in-place
-//! writes to one io_uring thread and go back to the kernel for the next
-//! request. The ring thread submits whatever has queued up in one batch
+//! Queued I/O for the exports: FUSE workers and NBD readers hand plain
+//! reads and in-place writes to one io_uring thread and go back for the
+//! next request. The ring thread submits whatever has queued up in one batch
 //! (one doorbell for the disk instead of one per request) and answers each
 //! FUSE request when its last piece completes.
 //!
@@ -21,10 +21,28 @@ use tracing::error;
 
 use crate::served::InFlight;
 
-/// The FUSE answer owed when an operation completes.
+/// The answer owed when an operation completes.
 pub enum Answer {
+    /// A FUSE read: the data, or an errno.
     Read(ReplyData),
+    /// A FUSE write.
     Write(ReplyWrite),
+    /// Anything else: called on the ring thread with the buffer and the
+    /// errno of a failed piece. It must not block.
+    Call {
+        read: bool,
+        done: Box<dyn FnOnce(AlignedBuf, Option<i32>) + Send>,
+    },
+}
+
+impl Answer {
+    fn is_read(&self) -> bool {
+        match self {
+            Answer::Read(_) => true,
+            Answer::Write(_) => false,
+            Answer::Call { read, .. } => *read,
+        }
+    }
 }
 
 /// One FUSE request turned into file I/O.
@@ -79,6 +97,25 @@ impl Ring {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
+    /// Queue several operations with one wake-up: the ring thread then
+    /// hands them to the kernel in one submission.
+    pub fn submit_batch(&self, ops: impl IntoIterator<Item = Op>) {
+        let mut queue = self.queue.lock().expect("ring queue");
+        let before = queue.len();
+        for op in ops {
+            if op.segments.is_empty() {
+                finish(op, None);
+            } else {
+                queue.push_back(op);
+            }
+        }
+        let added = queue.len() > before;
+        drop(queue);
+        if added {
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
+    }
+
     fn run(&self, mut ring: IoUring) {
         let mut slots: Vec<Option<Pending>> = Vec::new();
         let mut free: Vec<usize> = Vec::new();
@@ -124,7 +161,7 @@ impl Ring {
                     continue;
                 };
                 let want = p.op.segments[piece].len as i32;
-                let is_read = matches!(p.op.answer, Answer::Read(_));
+                let is_read = p.op.answer.is_read();
                 if res < 0 {
                     p.failed = Some(-res);
                 } else if res != want {
@@ -165,7 +202,7 @@ impl Ring {
             failed: None,
         });
         let p = slots[slot].as_mut().expect("just set");
-        let is_read = matches!(p.op.answer, Answer::Read(_));
+        let is_read = p.op.answer.is_read();
         let base = p.op.buf.as_mut_slice().as_mut_ptr();
         for (i, s) in p.op.segments.iter().enumerate() {
             let user_data = ((slot as u64) << 16) | i as u64;
@@ -211,6 +248,7 @@ fn finish(op: Op, failed: Option<i32>) {
         (Answer::Write(r), Some(e)) => r.error(Errno::from_i32(e)),
         (Answer::Read(r), None) => r.data(buf.as_slice()),
         (Answer::Write(r), None) => r.written(buf.len() as u32),
+        (Answer::Call { done, .. }, failed) => done(buf, failed),
     }
     drop(in_flight);
 }

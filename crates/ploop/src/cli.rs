@@ -221,6 +221,12 @@ struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
+    /// I/O engine for plain reads and in-place writes: sync (pread/pwrite
+    /// in the workers) or uring (batched submissions on one io_uring
+    /// thread; slower than sync on the 2-core machines measured so far).
+    /// Other requests always run in the workers.
+    #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
+    io: String,
     /// Format of an image file given on its own: raw or ploop. Without
     /// it, a file with the ploop signature is served as ploop; give -f raw
     /// for raw disks whose guest could have written that signature.
@@ -433,6 +439,7 @@ pub fn run() -> Res<ExitCode> {
             insecure: a.insecure,
             threads: a.threads,
             max_connections: a.max_connections,
+            uring: a.io == "uring",
             image_format: a.format.as_deref().map(|f| match f {
                 "raw" => ImageType::Plain,
                 _ => ImageType::Compressed,

@@ -30,6 +30,8 @@ pub struct ServeRequest {
     pub insecure: bool,
     pub threads: usize,
     pub max_connections: usize,
+    /// Plain reads and in-place writes through io_uring.
+    pub uring: bool,
     /// Format of an image file given on its own (None: look at it).
     pub image_format: Option<ImageType>,
 }
@@ -143,6 +145,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
             tls,
             threads: r.threads,
             max_connections: r.max_connections,
+            uring: r.uring,
         },
         stop,
     );

@@ -370,6 +370,15 @@ fn data_pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn nbdcopy_both_ways_with_several_connections() {
+    nbdcopy_both_ways("sync");
+}
+
+#[test]
+fn nbdcopy_both_ways_through_io_uring() {
+    nbdcopy_both_ways("uring");
+}
+
+fn nbdcopy_both_ways(io: &str) {
     let tmp = tempdir();
     let size = 48 * MIB;
     let mut disk = TestDisk::init(tmp.path(), size, &[]);
@@ -382,6 +391,8 @@ fn nbdcopy_both_ways_with_several_connections() {
         &[
             OsStr::new("--socket"),
             sock.as_os_str(),
+            "--io".as_ref(),
+            io.as_ref(),
             disk.dd.as_os_str(),
         ],
     );

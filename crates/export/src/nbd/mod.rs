@@ -212,6 +212,8 @@ pub struct ServeOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub threads: usize,
     pub max_connections: usize,
+    /// Queue plain reads and in-place writes through io_uring.
+    pub uring: bool,
 }
 
 /// How long a client may take to negotiate, TLS handshake included.
@@ -275,7 +277,18 @@ fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool 
 /// false when some were still busy after being cut off (their requests
 /// may still touch the image).
 pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> io::Result<bool> {
-    let shared = Shared::new(Box::new(Pool::new(opts.threads)?), stop.clone());
+    let ring = if opts.uring {
+        match crate::uring::Ring::start() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("io_uring unavailable ({e}); using synchronous I/O");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let shared = Shared::new(Box::new(Pool::new(opts.threads)?), ring, stop.clone());
     let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
     let mut served = 0u64;
     while !stop.load(Ordering::SeqCst) {

@@ -2,7 +2,7 @@
 //! hands them to a shared pool of workers, which do the I/O on the delta
 //! chain and send their replies as they finish (out of order).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
@@ -13,6 +13,7 @@ use tracing::{debug, error, warn};
 use super::handshake::{Agreed, ALLOCATION_ID};
 use super::proto::*;
 use super::Export;
+use crate::uring::{Answer, Op, Ring};
 
 /// Largest READ or WRITE payload we take (advertised as the maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -100,6 +101,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What all connections of one server share.
 pub struct Shared {
     exec: Box<dyn Executor>,
+    /// Plain reads and in-place writes go here, batched, when set.
+    ring: Option<Arc<Ring>>,
     /// The server is stopping: new requests get ESHUTDOWN.
     stop: Arc<AtomicBool>,
     bytes: Mutex<usize>,
@@ -108,9 +111,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(exec: Box<dyn Executor>, stop: Arc<AtomicBool>) -> Arc<Self> {
+    pub fn new(
+        exec: Box<dyn Executor>,
+        ring: Option<Arc<Ring>>,
+        stop: Arc<AtomicBool>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             exec,
+            ring,
             stop,
             bytes: Mutex::new(0),
             bytes_freed: Condvar::new(),
@@ -168,11 +176,27 @@ pub struct Connection {
     out: Mutex<Box<dyn ReplySink>>,
     /// Replies waiting for the worker that is sending.
     queued: Mutex<Vec<Vec<u8>>>,
+    /// Requests the ring has done, waiting for a worker to reply.
+    completed: Mutex<Vec<Completed>>,
+    reply_scheduled: AtomicBool,
     budget: Mutex<Budget>,
     budget_freed: Condvar,
     /// A reply could not be sent: stop reading requests.
     broken: AtomicBool,
 }
+
+/// A READ or WRITE the ring has done, waiting for its reply.
+struct Completed {
+    req: Request,
+    buf: AlignedBuf,
+    /// Allocation of a structured read, for its hole chunks.
+    runs: Vec<(u64, bool)>,
+    failed: Option<i32>,
+    _budget: BudgetGuard,
+}
+
+/// Requests the ring can take: whole O_DIRECT blocks.
+const QUEUE_ALIGN: u64 = 4096;
 
 /// Gives a request's budget back however its job ends.
 struct BudgetGuard {
@@ -186,11 +210,36 @@ impl Drop for BudgetGuard {
     }
 }
 
+/// A piece of a reply: built for it, or borrowed from a data buffer.
+enum Piece<'a> {
+    Own(Vec<u8>),
+    Data(&'a [u8]),
+}
+
+impl Piece<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Own(v) => v,
+            Piece::Data(d) => d,
+        }
+    }
+}
+
 /// Why a request failed: an NBD error number and a message for the client.
 struct Failure(u32, String);
 
 fn failure(errno: u32, msg: impl Into<String>) -> Failure {
     Failure(errno, msg.into())
+}
+
+/// The NBD error for a system error number.
+fn errno_failure(errno: i32) -> Failure {
+    let code = match errno {
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
+        libc::EROFS | libc::EPERM | libc::EACCES => EPERM,
+        _ => EIO,
+    };
+    failure(code, std::io::Error::from_raw_os_error(errno).to_string())
 }
 
 /// The NBD error for an image error.
@@ -238,6 +287,8 @@ impl Connection {
             shared,
             out: Mutex::new(out),
             queued: Mutex::new(Vec::new()),
+            completed: Mutex::new(Vec::new()),
+            reply_scheduled: AtomicBool::new(false),
             budget: Mutex::new(Budget {
                 requests: 0,
                 bytes: 0,
@@ -318,16 +369,17 @@ impl Connection {
     /// Reply to a command that returns no data.
     fn reply_done(&self, req: &Request, result: Result<(), Failure>) {
         match result {
-            Ok(()) if self.agreed.extended => {
-                let h = chunk_header(true, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
-                self.send(&[&h]);
-            }
-            Ok(()) => self.send(&[&simple_reply(0, req.cookie)]),
+            Ok(()) => self.send(&[&self.done_reply(req)]),
             Err(f) => self.reply_error(req, f),
         }
     }
 
-    fn reply_error(&self, req: &Request, Failure(code, msg): Failure) {
+    fn reply_error(&self, req: &Request, f: Failure) {
+        self.send(&[&self.error_reply(req, f)]);
+    }
+
+    /// A whole error reply for `req`.
+    fn error_reply(&self, req: &Request, Failure(code, msg): Failure) -> Vec<u8> {
         debug!(
             "request {} at {}+{}: error {code}: {msg}",
             req.kind, req.offset, req.length
@@ -346,9 +398,18 @@ impl Connection {
                 req.offset,
                 p.len() as u64,
             );
-            self.send(&[&h, &p]);
+            [h, p].concat()
         } else {
-            self.send(&[&simple_reply(code, req.cookie)]);
+            simple_reply(code, req.cookie).to_vec()
+        }
+    }
+
+    /// A whole success reply for a command that returns no data.
+    fn done_reply(&self, req: &Request) -> Vec<u8> {
+        if self.agreed.extended {
+            chunk_header(true, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0)
+        } else {
+            simple_reply(0, req.cookie).to_vec()
         }
     }
 
@@ -431,35 +492,45 @@ impl Connection {
                 return self.reply_error(req, image_failure(&e));
             }
             drop(chain);
-            if !self.structured() {
-                return self.send(&[&simple_reply(0, req.cookie), data]);
-            }
-            self.send_read_chunks(req, data, &runs);
+            let pieces = self.read_reply(req, data, &runs);
+            self.send_pieces(&pieces);
         }
     }
 
-    /// A structured READ reply: data and hole chunks, the last one DONE.
-    fn send_read_chunks(&self, req: &Request, data: &[u8], runs: &[(u64, bool)]) {
+    /// A successful READ reply: simple, or structured with data and hole
+    /// chunks (per `runs`), the last one DONE.
+    fn read_reply<'a>(
+        &self,
+        req: &Request,
+        data: &'a [u8],
+        runs: &[(u64, bool)],
+    ) -> Vec<Piece<'a>> {
+        if !self.structured() {
+            return vec![
+                Piece::Own(simple_reply(0, req.cookie).to_vec()),
+                Piece::Data(data),
+            ];
+        }
         let ext = self.agreed.extended;
+        if data.is_empty() {
+            let h = chunk_header(ext, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
+            return vec![Piece::Own(h)];
+        }
         let covered: u64 = runs.iter().map(|r| r.0).sum();
         let mut runs = runs.to_vec();
         if covered != req.length {
-            // Fewer runs than the read (capped): send the rest as data.
+            // Fewer runs than the read (capped, or none asked): the rest
+            // goes as data.
             runs.push((req.length - covered, true));
         }
-        if data.is_empty() {
-            let h = chunk_header(ext, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
-            return self.send(&[&h]);
-        }
-        let mut headers: Vec<Vec<u8>> = Vec::with_capacity(runs.len());
+        let mut pieces = Vec::with_capacity(runs.len() * 2);
         let mut at = 0u64;
         let last = runs.len() - 1;
         for (i, &(len, held)) in runs.iter().enumerate() {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
             let offset = req.offset + at;
-            let mut h;
             if held {
-                h = chunk_header(
+                let mut h = chunk_header(
                     ext,
                     flags,
                     CHUNK_OFFSET_DATA,
@@ -468,23 +539,21 @@ impl Connection {
                     8 + len,
                 );
                 h.extend_from_slice(&offset.to_be_bytes());
+                pieces.push(Piece::Own(h));
+                pieces.push(Piece::Data(&data[at as usize..(at + len) as usize]));
             } else {
-                h = chunk_header(ext, flags, CHUNK_OFFSET_HOLE, req.cookie, req.offset, 12);
+                let mut h = chunk_header(ext, flags, CHUNK_OFFSET_HOLE, req.cookie, req.offset, 12);
                 h.extend_from_slice(&offset.to_be_bytes());
                 h.extend_from_slice(&(len as u32).to_be_bytes());
+                pieces.push(Piece::Own(h));
             }
-            headers.push(h);
             at += len;
         }
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(runs.len() * 2);
-        let mut at = 0usize;
-        for (h, &(len, held)) in headers.iter().zip(&runs) {
-            parts.push(h);
-            if held {
-                parts.push(&data[at..at + len as usize]);
-            }
-            at += len as usize;
-        }
+        pieces
+    }
+
+    fn send_pieces(&self, pieces: &[Piece<'_>]) {
+        let parts: Vec<&[u8]> = pieces.iter().map(Piece::bytes).collect();
         self.send(&parts);
     }
 
@@ -597,6 +666,141 @@ impl Connection {
         self.send(&[&h, &p]);
     }
 
+    /// Hand a plain READ or in-place WRITE to the ring. Gives the payload
+    /// and budget back when the request needs the image layer instead.
+    fn try_queue(
+        self: &Arc<Self>,
+        req: Request,
+        payload: Option<(AlignedBuf, usize)>,
+        budget: BudgetGuard,
+    ) -> Result<Op, (Option<(AlignedBuf, usize)>, BudgetGuard)> {
+        if self.shared.ring.is_none() {
+            return Err((payload, budget));
+        }
+        let read = req.kind == CMD_READ;
+        let plain = (read || (req.kind == CMD_WRITE && !self.export.read_only))
+            && req.length > 0
+            && req.length <= u64::from(MAX_PAYLOAD)
+            && req.offset.is_multiple_of(QUEUE_ALIGN)
+            && req.length.is_multiple_of(QUEUE_ALIGN)
+            && self.check_range(&req, EINVAL).is_ok();
+        if !plain {
+            return Err((payload, budget));
+        }
+        let disk = &self.export.disk;
+        let chain = disk.chain();
+        let plan = if read {
+            chain.plan_read(req.offset, req.length)
+        } else {
+            chain.plan_write(req.offset, req.length)
+        };
+        let Ok(Some(segments)) = plan else {
+            return Err((payload, budget));
+        };
+        let runs = if read && self.structured() && req.flags & CMD_FLAG_DF == 0 {
+            match chain.allocation(req.offset, req.length, MAX_STATUS_RUNS) {
+                Ok(r) => r,
+                Err(_) => return Err((payload, budget)),
+            }
+        } else {
+            Vec::new()
+        };
+        let len = req.length as usize;
+        let buf = if read {
+            let mut buf = self.shared.buffer(len);
+            // Pieces no delta holds read as zeros.
+            let b = buf.as_mut_slice();
+            let mut at = 0;
+            for s in &segments {
+                b[at..s.buf_offset].fill(0);
+                at = s.buf_offset + s.len;
+            }
+            b[at..len].fill(0);
+            buf
+        } else {
+            payload.expect("WRITE carries its payload").0
+        };
+        // Registered while the guard is held: see ServedDisk::begin_queued.
+        let in_flight = disk.begin_queued();
+        let planned_on = Arc::clone(&chain);
+        drop(chain);
+        let conn = self.clone();
+        Ok(Op {
+            segments,
+            buf,
+            chain: planned_on,
+            in_flight,
+            answer: Answer::Call {
+                read,
+                done: Box::new(move |buf, failed| {
+                    conn.completed_by_ring(Completed {
+                        req,
+                        buf,
+                        runs,
+                        failed,
+                        _budget: budget,
+                    })
+                }),
+            },
+        })
+    }
+
+    /// On the ring thread: keep the result, and have a worker reply
+    /// (a send may block; the ring must not).
+    fn completed_by_ring(self: &Arc<Self>, c: Completed) {
+        lock(&self.completed).push(c);
+        if !self.reply_scheduled.swap(true, Ordering::SeqCst) {
+            let conn = self.clone();
+            self.shared
+                .exec
+                .run(Box::new(move || conn.reply_completed()));
+        }
+    }
+
+    /// Reply to everything the ring has finished, in one send.
+    fn reply_completed(&self) {
+        loop {
+            self.reply_scheduled.store(false, Ordering::SeqCst);
+            let batch = std::mem::take(&mut *lock(&self.completed));
+            if batch.is_empty() {
+                return;
+            }
+            let fua = |c: &Completed| {
+                c.req.kind == CMD_WRITE && c.failed.is_none() && c.req.flags & CMD_FLAG_FUA != 0
+            };
+            let flushed = if batch.iter().any(fua) {
+                self.export
+                    .disk
+                    .chain()
+                    .flush()
+                    .map_err(|e| image_failure(&e).1)
+            } else {
+                Ok(())
+            };
+            let mut pieces = Vec::with_capacity(batch.len() * 2);
+            for c in &batch {
+                match c.failed {
+                    Some(e) => pieces.push(Piece::Own(self.error_reply(&c.req, errno_failure(e)))),
+                    None if c.req.kind == CMD_READ => {
+                        let data = &c.buf.as_slice()[..c.req.length as usize];
+                        pieces.extend(self.read_reply(&c.req, data, &c.runs));
+                    }
+                    None => match &flushed {
+                        Err(msg) if fua(c) => pieces.push(Piece::Own(
+                            self.error_reply(&c.req, failure(EIO, msg.clone())),
+                        )),
+                        _ => pieces.push(Piece::Own(self.done_reply(&c.req))),
+                    },
+                }
+            }
+            self.send_pieces(&pieces);
+            drop(pieces);
+            for c in batch {
+                self.shared.recycle(c.buf);
+            }
+        }
+    }
+
     /// Carry out one request and send its reply.
     fn execute(&self, req: Request, payload: Option<(AlignedBuf, usize)>) {
         match req.kind {
@@ -706,13 +910,28 @@ pub enum End {
 
 /// Read requests until the client leaves; replies go through `conn`.
 /// Returns once every request handed out has been answered.
-pub fn serve_requests(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
+pub fn serve_requests<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
     let end = request_loop(conn, input);
     conn.drain();
     end
 }
 
-fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
+fn request_loop<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
+    let mut batch: Vec<Op> = Vec::new();
+    let end = request_loop_batched(conn, input, &mut batch);
+    if let Some(ring) = &conn.shared.ring {
+        ring.submit_batch(batch.drain(..));
+    }
+    end
+}
+
+/// The request loop; requests for the ring gather in `batch` while more
+/// are already buffered, and go to the ring together.
+fn request_loop_batched<R: Read>(
+    conn: &Arc<Connection>,
+    input: &mut BufReader<R>,
+    batch: &mut Vec<Op>,
+) -> End {
     let extended = conn.agreed.extended;
     let mut header = [0u8; EXTENDED_REQUEST_LEN];
     let header_len = if extended {
@@ -723,6 +942,12 @@ fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
     loop {
         if conn.broken.load(Ordering::SeqCst) {
             return End::IoError;
+        }
+        if !batch.is_empty() && input.buffer().len() < header_len {
+            // Nothing more without waiting: let the ring start on these.
+            if let Some(ring) = &conn.shared.ring {
+                ring.submit_batch(batch.drain(..));
+            }
         }
         match input.read_exact(&mut header[..header_len]) {
             Ok(()) => {}
@@ -820,6 +1045,13 @@ fn request_loop(conn: &Arc<Connection>, input: &mut dyn Read) -> End {
         let guard = BudgetGuard {
             conn: conn.clone(),
             bytes,
+        };
+        let (payload, guard) = match conn.try_queue(req, payload, guard) {
+            Ok(op) => {
+                batch.push(op);
+                continue;
+            }
+            Err(back) => back,
         };
         conn.shared.exec.run(Box::new(move || {
             let c = guard.conn.clone();
