@@ -4,6 +4,7 @@
 
 pub mod handshake;
 pub mod proto;
+pub mod replay;
 pub mod tls;
 pub mod transmission;
 
