@@ -338,8 +338,9 @@ pub fn remove_image(dd: &Path, d: &mut Descriptor, guid: Uuid) -> Result<PathBuf
     image_path(dd, &entry.file)
 }
 
-/// Copy every cluster `child` holds into `target` (the top of `chain`).
-fn copy_down(child: &Delta, chain: &Chain, progress: Progress) -> Result<()> {
+/// Copy every cluster `child` holds into the top of `chain` (its parent,
+/// open as a merge target), then flush: the data half of a merge.
+pub fn copy_down(child: &Delta, chain: &Chain, progress: Progress) -> Result<()> {
     let cs = chain.cluster_size();
     let Some(p) = child.as_ploop() else {
         return Err(Error::Invalid(

@@ -7,6 +7,7 @@
 mod aligned;
 mod faulty;
 mod file;
+mod journal;
 mod memory;
 
 use std::io;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 pub use aligned::{with_scratch, AlignedBuf};
 pub use faulty::{FaultPlan, FaultyIo};
 pub use file::{FileIo, LockMode, OpenMode};
+pub use journal::{Journal, JournaledIo, Survivors};
 pub use memory::MemIo;
 
 /// Positional I/O on one file-like object.
