@@ -211,7 +211,7 @@ impl Disk {
 /// Serialises changes to one descriptor between processes: an exclusive
 /// lock on `DiskDescriptor.xml.lck`, as libploop does.
 pub struct DescriptorLock {
-    _file: std::fs::File,
+    _file: Option<std::fs::File>,
 }
 
 impl DescriptorLock {
@@ -220,18 +220,26 @@ impl DescriptorLock {
         lck.push(".lck");
         let lck = PathBuf::from(lck);
         let name = lck.display().to_string();
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lck)
-            .map_err(|e| Error::io(&name, "opening lock file", 0, e))?;
+        {
+            Ok(f) => f,
+            // On a read-only filesystem nothing can change the descriptor:
+            // there is no one to serialise with.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+                return Ok(Self { _file: None });
+            }
+            Err(e) => return Err(Error::io(&name, "opening lock file", 0, e)),
+        };
         rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
             |_| Error::Descriptor {
                 path: dd_path.display().to_string(),
                 what: "another ploop command is changing this disk (descriptor is locked)".into(),
             },
         )?;
-        Ok(Self { _file: file })
+        Ok(Self { _file: Some(file) })
     }
 }

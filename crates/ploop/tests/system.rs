@@ -1,0 +1,307 @@
+//! System tests of what goes wrong around a disk: the filesystem holding
+//! the image fills up or is read-only, and two servers race for one image.
+//! The client side is libnbd (nbdsh) against `ploop serve`.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// nbdsh under Debian's Python, whatever python3 is first on PATH.
+const NBDSH: [&str; 2] = ["/usr/bin/python3", "-mnbd"];
+
+fn nbdsh(uri: &str, script: &str) -> Out {
+    run(
+        NBDSH[0],
+        &[
+            NBDSH[1],
+            "-c",
+            &format!("import errno\nuri = {uri:?}\n{script}"),
+        ],
+    )
+}
+
+/// A small ext4 filesystem in a file, loop-mounted; unmounted on drop.
+struct SmallFs {
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    fn new(dir: &Path, mib: u64) -> SmallFs {
+        let img = dir.join("backing.ext4");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(mib << 20).unwrap();
+        run(
+            "mkfs.ext4",
+            &[OsStr::new("-q"), OsStr::new("-F"), img.as_os_str()],
+        )
+        .success();
+        let mnt = dir.join("backing");
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(
+            "mount",
+            &[
+                OsStr::new("-o"),
+                OsStr::new("loop"),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        )
+        .success();
+        SmallFs { mnt }
+    }
+
+    fn remount(&self, opts: &str) {
+        run(
+            "mount",
+            &[OsStr::new("-o"), OsStr::new(opts), self.mnt.as_os_str()],
+        )
+        .success();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+fn start_serve(args: &[&OsStr], log: &Path) -> (Child, String) {
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let uri = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    (child, uri)
+}
+
+fn stop(mut child: Child, log: &Path) {
+    run("kill", &["-TERM".to_string(), child.id().to_string()]);
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(
+                status.success(),
+                "ploop serve exited with {status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "serve did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn full_backing_filesystem_gives_enospc_and_resumes_after_space_is_freed() {
+    let tmp = tempdir();
+    let fs = SmallFs::new(tmp.path(), 48);
+    // Most of the small filesystem taken by a file we can delete later.
+    let filler = fs.mnt.join("filler");
+    run(
+        "fallocate",
+        &[OsStr::new("-l"), OsStr::new("30M"), filler.as_os_str()],
+    )
+    .success();
+    let dir = fs.mnt.join("disk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = TestDisk::init(&dir, 64 * MIB, &[]);
+    let sock = tmp.path().join("nbd.sock");
+    let log = tmp.path().join("serve.log");
+    let (child, uri) = start_serve(
+        &[
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            disk.dd.as_os_str(),
+        ],
+        &log,
+    );
+    assert!(
+        !uri.is_empty(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // Fill until the image cannot grow; what was flushed before must stay.
+    let script = r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+mib = 1024 * 1024
+h.pwrite(b"K" * mib, 0)
+h.flush()
+failed_at = None
+for i in range(1, 64):
+    try:
+        h.pwrite(bytes([i]) * mib, i * mib)
+    except nbd.Error as e:
+        assert e.errnum in (errno.ENOSPC, errno.EIO), e
+        failed_at = i
+        break
+assert failed_at is not None, "the disk never filled"
+try:
+    h.flush()
+except nbd.Error:
+    pass
+print(failed_at)
+"#;
+    let out = nbdsh(&uri, script);
+    assert!(
+        out.ok(),
+        "{out}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let failed_at: usize = out.stdout_str().trim().parse().expect("index");
+    assert!(failed_at > 1, "nothing could be written: {out}");
+
+    // Free space: work resumes on the same server, nothing acknowledged lost.
+    std::fs::remove_file(&filler).unwrap();
+    let script = format!(
+        r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+mib = 1024 * 1024
+assert h.pread(mib, 0) == b"K" * mib
+for i in range(1, {failed_at}):
+    assert h.pread(mib, i * mib) == bytes([i]) * mib, i
+h.pwrite(b"R" * mib, {failed_at} * mib)
+h.flush()
+assert h.pread(mib, {failed_at} * mib) == b"R" * mib
+print("ok")
+"#
+    );
+    let out = nbdsh(&uri, &script);
+    assert!(
+        out.ok() && out.stdout_str().contains("ok"),
+        "{out}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    stop(child, &log);
+    // The image is consistent for both independent checkers.
+    peers_check(&disk.image);
+    let data = disk.read(None);
+    assert!(data[..MIB].iter().all(|&b| b == b'K'));
+    for i in 1..failed_at {
+        assert!(data[i * MIB..(i + 1) * MIB].iter().all(|&b| b == i as u8));
+    }
+    assert!(data[failed_at * MIB..(failed_at + 1) * MIB]
+        .iter()
+        .all(|&b| b == b'R'));
+}
+
+#[test]
+fn read_only_backing_filesystem_serves_read_only_and_refuses_writes_clearly() {
+    let tmp = tempdir();
+    let fs = SmallFs::new(tmp.path(), 32);
+    let dir = fs.mnt.join("disk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut disk = TestDisk::init(&dir, 8 * MIB, &[]);
+    disk.write_random(3, MIB, 64 * 1024);
+    fs.remount("remount,ro");
+    let sock = tmp.path().join("nbd.sock");
+    let refused = ploop(&[
+        OsStr::new("serve"),
+        "--socket".as_ref(),
+        sock.as_os_str(),
+        disk.dd.as_os_str(),
+    ]);
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(
+        refused.stderr.contains("Read-only file system") || refused.stderr.contains("read-only"),
+        "{refused}"
+    );
+    let log = tmp.path().join("serve.log");
+    let (child, uri) = start_serve(
+        &[
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            "-r".as_ref(),
+            disk.dd.as_os_str(),
+        ],
+        &log,
+    );
+    assert!(
+        !uri.is_empty(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let copy = tmp.path().join("copy.raw");
+    run("nbdcopy", &[uri.as_str(), copy.to_str().unwrap()]).success();
+    assert_same(
+        &std::fs::read(&copy).unwrap(),
+        &disk.expected,
+        "read-only copy",
+    );
+    stop(child, &log);
+    fs.remount("remount,rw");
+}
+
+#[test]
+fn two_servers_racing_for_one_image_one_wins() {
+    let tmp = tempdir();
+    let disk = TestDisk::init(tmp.path(), 8 * MIB, &[]);
+    for round in 0..5 {
+        let spawn = |n: usize| {
+            let log = tmp.path().join(format!("race-{round}-{n}.log"));
+            let sock = tmp.path().join(format!("race-{round}-{n}.sock"));
+            let child = Command::new(bin())
+                .arg("serve")
+                .arg("--socket")
+                .arg(&sock)
+                .arg(&disk.dd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (child, log)
+        };
+        let mut a = spawn(0);
+        let mut b = spawn(1);
+        std::thread::sleep(Duration::from_millis(700));
+        let mut running = Vec::new();
+        for (child, log) in [&mut a, &mut b] {
+            match child.try_wait().unwrap() {
+                None => running.push(child.id()),
+                Some(status) => {
+                    let err = std::fs::read_to_string(&*log).unwrap();
+                    assert_eq!(status.code(), Some(1), "{err}");
+                    assert!(err.contains("locked") || err.contains("in use"), "{err}");
+                }
+            }
+        }
+        assert_eq!(
+            running.len(),
+            1,
+            "round {round}: {} servers running",
+            running.len()
+        );
+        for (child, log) in [a, b] {
+            if running.contains(&child.id()) {
+                stop(child, &log);
+            }
+        }
+    }
+    peers_check(&disk.image);
+}
