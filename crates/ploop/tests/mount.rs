@@ -339,6 +339,67 @@ fn killed_daemon_gives_errors_and_recovers() {
     fsck_clean(&disk, "ext4");
 }
 
+/// What the writer loop below puts in file `i`.
+fn loop_file(i: u64) -> Vec<u8> {
+    format!("{i}\n").repeat(65536).into_bytes()[..65536].to_vec()
+}
+
+#[test]
+fn daemon_killed_during_a_write_and_fsync_loop_loses_nothing_flushed() {
+    let _serial = serial();
+    let disk = Disk::new("256M", "ext4");
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    // Each file is written, fsynced, then its number printed: a printed
+    // number is a write the filesystem has made durable.
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); yes \"$i\" | head -c 65536 > {m}/f$i && sync {m}/f$i && echo $i || exit 1; done",
+        m = mnt.display()
+    );
+    let mut writer = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = daemon_pid(&disk.dd());
+    ok(
+        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        "kill -9",
+    );
+    let start = Instant::now();
+    while writer.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the writer hung after the daemon died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut writer.stdout.take().unwrap(), &mut printed).unwrap();
+    let last: u64 = printed
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .expect("some files were flushed before the kill");
+    ok(
+        ploop(&["umount", "-m", mnt.to_str().unwrap()]),
+        "umount after kill",
+    );
+    ok(
+        ploop(&["mount", "-m", mnt.to_str().unwrap(), &disk.dd()]),
+        "remount after the kill",
+    );
+    for i in 1..=last {
+        let got = fs::read(mnt.join(format!("f{i}")))
+            .unwrap_or_else(|e| panic!("file {i} of {last} flushed files: {e}"));
+        assert!(got == loop_file(i), "file {i} of {last} differs");
+    }
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}
+
 #[test]
 fn second_writer_is_refused() {
     let _serial = serial();
