@@ -5,105 +5,12 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// A running `ploop serve`.
-struct Server {
-    child: Option<Child>,
-    uri: String,
-    log: PathBuf,
-}
-
-impl Server {
-    #[track_caller]
-    fn start<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Server {
-        let log = dir.join(format!("serve-{}.log", std::process::id()));
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .args(args)
-            .env("PLOOP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("starting ploop serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let uri = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        if uri.is_empty() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "ploop serve did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        Server {
-            child: Some(child),
-            uri,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// SIGTERM; the server must stop cleanly (exit 0).
-    #[track_caller]
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        run("kill", &["-TERM".to_string(), child.id().to_string()]);
-        let status = wait_timeout(&mut child, Duration::from_secs(30));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "ploop serve did not stop cleanly ({status:?}):\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A qcow2 file with known patterns, and the same content as raw bytes.
 fn qcow2_source(dir: &Path, size: usize) -> (PathBuf, Vec<u8>) {
@@ -425,16 +332,6 @@ fn nbdcopy_both_ways(io: &str) {
     server.stop();
     assert_same(&disk.read(None), &fresh, "disk after nbdcopy in");
     peers_check(&disk.image);
-}
-
-/// nbdsh under Debian's Python, whatever python3 is first on PATH.
-const NBDSH: [&str; 2] = ["/usr/bin/python3", "-mnbd"];
-
-/// Run a Python script under nbdsh, with `uri` and `size` defined.
-#[track_caller]
-fn nbdsh(uri: &str, script: &str) -> Out {
-    let prelude = format!("import errno\nuri = {uri:?}\n");
-    run(NBDSH[0], &[NBDSH[1], "-c", &format!("{prelude}{script}")])
 }
 
 #[test]

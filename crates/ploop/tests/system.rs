@@ -5,26 +5,11 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-/// nbdsh under Debian's Python, whatever python3 is first on PATH.
-const NBDSH: [&str; 2] = ["/usr/bin/python3", "-mnbd"];
-
-fn nbdsh(uri: &str, script: &str) -> Out {
-    run(
-        NBDSH[0],
-        &[
-            NBDSH[1],
-            "-c",
-            &format!("import errno\nuri = {uri:?}\n{script}"),
-        ],
-    )
-}
 
 /// A small ext4 filesystem in a file, loop-mounted; unmounted on drop.
 struct SmallFs {
@@ -71,50 +56,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn start_serve(args: &[&OsStr], log: &Path) -> (Child, String) {
-    let mut child = Command::new(bin())
-        .arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let uri = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    (child, uri)
-}
-
-fn stop(mut child: Child, log: &Path) {
-    run("kill", &["-TERM".to_string(), child.id().to_string()]);
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            assert!(
-                status.success(),
-                "ploop serve exited with {status}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "serve did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn full_backing_filesystem_gives_enospc_and_resumes_after_space_is_freed() {
     let tmp = tempdir();
@@ -130,20 +71,15 @@ fn full_backing_filesystem_gives_enospc_and_resumes_after_space_is_freed() {
     std::fs::create_dir_all(&dir).unwrap();
     let disk = TestDisk::init(&dir, 64 * MIB, &[]);
     let sock = tmp.path().join("nbd.sock");
-    let log = tmp.path().join("serve.log");
-    let (child, uri) = start_serve(
+    let server = Server::start(
+        tmp.path(),
         &[
             OsStr::new("--socket"),
             sock.as_os_str(),
             disk.dd.as_os_str(),
         ],
-        &log,
     );
-    assert!(
-        !uri.is_empty(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    let uri = server.uri.clone();
     // Fill until the image cannot grow; what was flushed before must stay.
     let script = r#"
 h = nbd.NBD()
@@ -167,11 +103,7 @@ except nbd.Error:
 print(failed_at)
 "#;
     let out = nbdsh(&uri, script);
-    assert!(
-        out.ok(),
-        "{out}\n{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    assert!(out.ok(), "{out}\n{}", server.log());
     let failed_at: usize = out.stdout_str().trim().parse().expect("index");
     assert!(failed_at > 1, "nothing could be written: {out}");
 
@@ -195,9 +127,9 @@ print("ok")
     assert!(
         out.ok() && out.stdout_str().contains("ok"),
         "{out}\n{}",
-        std::fs::read_to_string(&log).unwrap()
+        server.log()
     );
-    stop(child, &log);
+    server.stop();
     // The image is consistent for both independent checkers.
     peers_check(&disk.image);
     let data = disk.read(None);
@@ -231,29 +163,23 @@ fn read_only_backing_filesystem_serves_read_only_and_refuses_writes_clearly() {
         refused.stderr.contains("Read-only file system") || refused.stderr.contains("read-only"),
         "{refused}"
     );
-    let log = tmp.path().join("serve.log");
-    let (child, uri) = start_serve(
+    let server = Server::start(
+        tmp.path(),
         &[
             OsStr::new("--socket"),
             sock.as_os_str(),
             "-r".as_ref(),
             disk.dd.as_os_str(),
         ],
-        &log,
-    );
-    assert!(
-        !uri.is_empty(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
     );
     let copy = tmp.path().join("copy.raw");
-    run("nbdcopy", &[uri.as_str(), copy.to_str().unwrap()]).success();
+    run("nbdcopy", &[server.uri.as_str(), copy.to_str().unwrap()]).success();
     assert_same(
         &std::fs::read(&copy).unwrap(),
         &disk.expected,
         "read-only copy",
     );
-    stop(child, &log);
+    server.stop();
     fs.remount("remount,rw");
 }
 
@@ -297,9 +223,15 @@ fn two_servers_racing_for_one_image_one_wins() {
             "round {round}: {} servers running",
             running.len()
         );
-        for (child, log) in [a, b] {
+        for (mut child, log) in [a, b] {
             if running.contains(&child.id()) {
-                stop(child, &log);
+                run("kill", &["-TERM".to_string(), child.id().to_string()]);
+                let status = wait_timeout(&mut child, Duration::from_secs(30));
+                assert!(
+                    status.is_some_and(|s| s.success()),
+                    "{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         }
     }

@@ -232,24 +232,27 @@ fn failure(errno: u32, msg: impl Into<String>) -> Failure {
     Failure(errno, msg.into())
 }
 
+/// The NBD error number for a system one.
+fn nbd_errno(errno: Option<i32>) -> u32 {
+    match errno {
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+        Some(libc::EROFS | libc::EPERM | libc::EACCES) => EPERM,
+        _ => EIO,
+    }
+}
+
 /// The NBD error for a system error number.
 fn errno_failure(errno: i32) -> Failure {
-    let code = match errno {
-        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => ENOSPC,
-        libc::EROFS | libc::EPERM | libc::EACCES => EPERM,
-        _ => EIO,
-    };
-    failure(code, std::io::Error::from_raw_os_error(errno).to_string())
+    failure(
+        nbd_errno(Some(errno)),
+        std::io::Error::from_raw_os_error(errno).to_string(),
+    )
 }
 
 /// The NBD error for an image error.
 fn image_failure(e: &ploop_format::Error) -> Failure {
     let code = match e {
-        ploop_format::Error::Io { err, .. } => match err.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
-            Some(libc::EROFS | libc::EPERM | libc::EACCES) => EPERM,
-            _ => EIO,
-        },
+        ploop_format::Error::Io { err, .. } => nbd_errno(err.raw_os_error()),
         ploop_format::Error::Invalid(_) => EINVAL,
         _ => EIO,
     };

@@ -6,8 +6,10 @@
 
 use std::ffi::OsStr;
 use std::fmt;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 /// OpenVZ's own `ploop` (only its `check` works on these machines).
 pub const OPENVZ_PLOOP: &str = "/usr/sbin/ploop";
@@ -413,4 +415,108 @@ pub fn patch(path: &Path, at: u64, bytes: &[u8]) {
         .expect("opening image to patch");
     f.write_all_at(bytes, at).expect("patching image");
     f.sync_all().ok();
+}
+
+// --- ploop serve and NBD clients ---------------------------------------
+
+/// A running `ploop serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub uri: String,
+    log: PathBuf,
+}
+
+impl Server {
+    #[track_caller]
+    pub fn start<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Server {
+        let log = dir.join(format!("serve-{}.log", std::process::id()));
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .args(args)
+            .env("PLOOP_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("starting ploop serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let uri = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if uri.is_empty() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ploop serve did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Server {
+            child: Some(child),
+            uri,
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGTERM; the server must stop cleanly (exit 0).
+    #[track_caller]
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        run("kill", &["-TERM".to_string(), child.id().to_string()]);
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "ploop serve did not stop cleanly ({status:?}):\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nbdsh under Debian's Python, whatever python3 is first on PATH.
+pub const NBDSH: [&str; 2] = ["/usr/bin/python3", "-mnbd"];
+
+/// Run a Python script under nbdsh, with `uri` and `errno` defined.
+#[track_caller]
+pub fn nbdsh(uri: &str, script: &str) -> Out {
+    let prelude = format!("import errno\nuri = {uri:?}\n");
+    run(NBDSH[0], &[NBDSH[1], "-c", &format!("{prelude}{script}")])
 }
