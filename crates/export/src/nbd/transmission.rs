@@ -29,15 +29,13 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
 /// All connections together: payload bytes held before readers wait.
 const MAX_TOTAL_BYTES: usize = 1 << 30;
-/// Write payloads up to this size reuse pooled buffers.
+/// Payloads and read data up to this size reuse pooled buffers.
 const POOLED_BUF: usize = 1 << 20;
 const POOL_KEEP: usize = 64;
 
 // Compact replies carry 32-bit lengths: keep what we send within them.
 const _: () = assert!(MAX_STATUS_SPAN <= u32::MAX as u64);
 const _: () = assert!((MAX_PAYLOAD as u64) < u32::MAX as u64 - 8);
-/// Reads up to this size reuse the worker's buffer; larger ones allocate.
-const KEEP_READ_BUF: usize = 1 << 20;
 
 /// Runs jobs for every connection.
 pub trait Executor: Send + Sync {
@@ -175,7 +173,7 @@ pub struct Connection {
     shared: Arc<Shared>,
     out: Mutex<Box<dyn ReplySink>>,
     /// Replies waiting for the worker that is sending.
-    queued: Mutex<Vec<Vec<u8>>>,
+    queued: Mutex<Vec<Reply>>,
     /// Requests the ring has done, waiting for a worker to reply.
     completed: Mutex<Vec<Completed>>,
     reply_scheduled: AtomicBool,
@@ -210,18 +208,36 @@ impl Drop for BudgetGuard {
     }
 }
 
-/// A piece of a reply: built for it, or borrowed from a data buffer.
-enum Piece<'a> {
-    Own(Vec<u8>),
-    Data(&'a [u8]),
+/// A whole reply, ready to send: header bytes, and ranges of a data
+/// buffer it owns (so a queued reply moves its data instead of copying it).
+struct Reply {
+    parts: Vec<Part>,
+    data: Option<AlignedBuf>,
 }
 
-impl Piece<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Piece::Own(v) => v,
-            Piece::Data(d) => d,
+enum Part {
+    Bytes(Vec<u8>),
+    /// A range of the reply's data buffer.
+    Data(usize, usize),
+}
+
+impl Reply {
+    fn bytes(b: Vec<u8>) -> Self {
+        Reply {
+            parts: vec![Part::Bytes(b)],
+            data: None,
         }
+    }
+
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.parts.iter().map(move |p| match p {
+            Part::Bytes(b) => b.as_slice(),
+            Part::Data(from, to) => &self
+                .data
+                .as_ref()
+                .expect("a data part has a buffer")
+                .as_slice()[*from..*to],
+        })
     }
 }
 
@@ -257,11 +273,6 @@ fn image_failure(e: &ploop_format::Error) -> Failure {
         _ => EIO,
     };
     failure(code, e.to_string())
-}
-
-thread_local! {
-    /// Each worker reads into its own aligned buffer (O_DIRECT-ready).
-    static READ_BUF: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
 }
 
 /// Write all of `bufs`, with as few system calls as the kernel allows.
@@ -306,37 +317,36 @@ impl Connection {
     }
 
     /// Send one whole reply (all its chunks) without interleaving. A
-    /// worker that finds another one sending leaves a copy of its reply
-    /// for that one to send, and goes back to work: a client slow to read
-    /// holds at most one worker.
-    fn send(&self, parts: &[&[u8]]) {
+    /// worker that finds another one sending leaves its reply for that one
+    /// to send, and goes back to work: a client slow to read holds at most
+    /// one worker.
+    fn send(&self, reply: Reply) {
         if self.broken.load(Ordering::SeqCst) {
-            return; // the connection is being cut: no reply can arrive
+            return self.recycle(reply); // being cut: no reply can arrive
         }
-        match self.out.try_lock() {
-            Ok(mut out) => {
-                self.write_parts(&mut out, parts);
-                self.send_queued(out);
-            }
-            Err(TryLockError::Poisoned(p)) => {
-                let mut out = p.into_inner();
-                self.write_parts(&mut out, parts);
-                self.send_queued(out);
-            }
+        let out = match self.out.try_lock() {
+            Ok(out) => out,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                lock(&self.queued).push(parts.concat());
+                lock(&self.queued).push(reply);
                 // The sender may have looked at the queue just before.
                 if let Ok(out) = self.out.try_lock() {
-                    self.send_queued(out);
+                    self.send_queued(out, Vec::new());
                 }
+                return;
             }
-        }
+        };
+        self.send_queued(out, vec![reply]);
     }
 
-    /// Send queued replies until none is left, then let go of the socket.
-    fn send_queued<'a>(&'a self, mut out: MutexGuard<'a, Box<dyn ReplySink>>) {
+    /// Send `batch` and whatever queues meanwhile, then let go of the socket.
+    fn send_queued<'a>(
+        &'a self,
+        mut out: MutexGuard<'a, Box<dyn ReplySink>>,
+        mut batch: Vec<Reply>,
+    ) {
         loop {
-            let batch = std::mem::take(&mut *lock(&self.queued));
+            batch.append(&mut lock(&self.queued));
             if batch.is_empty() {
                 drop(out);
                 // One queued between the look and the unlock is ours to
@@ -350,8 +360,18 @@ impl Connection {
                 }
                 continue;
             }
-            let parts: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            let parts: Vec<&[u8]> = batch.iter().flat_map(Reply::slices).collect();
             self.write_parts(&mut out, &parts);
+            drop(parts);
+            for r in batch.drain(..) {
+                self.recycle(r);
+            }
+        }
+    }
+
+    fn recycle(&self, reply: Reply) {
+        if let Some(buf) = reply.data {
+            self.shared.recycle(buf);
         }
     }
 
@@ -372,13 +392,13 @@ impl Connection {
     /// Reply to a command that returns no data.
     fn reply_done(&self, req: &Request, result: Result<(), Failure>) {
         match result {
-            Ok(()) => self.send(&[&self.done_reply(req)]),
+            Ok(()) => self.send(Reply::bytes(self.done_reply(req))),
             Err(f) => self.reply_error(req, f),
         }
     }
 
     fn reply_error(&self, req: &Request, f: Failure) {
-        self.send(&[&self.error_reply(req, f)]);
+        self.send(Reply::bytes(self.error_reply(req, f)));
     }
 
     /// A whole error reply for `req`.
@@ -461,103 +481,76 @@ impl Connection {
             return self.reply_error(req, f);
         }
         let len = req.length as usize;
-        if len > KEEP_READ_BUF {
-            let mut buf = AlignedBuf::zeroed(len);
-            return self.read_into(req, buf.as_mut_slice());
-        }
-        READ_BUF.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            if buf.len() < len {
-                *buf = AlignedBuf::zeroed(len.next_power_of_two());
+        let mut buf = self.shared.buffer(len);
+        let chain = self.export.disk.chain();
+        let holes = self.structured() && req.flags & CMD_FLAG_DF == 0 && len > 0;
+        let runs = if holes {
+            chain.allocation(req.offset, req.length, MAX_STATUS_RUNS)
+        } else {
+            Ok(Vec::new())
+        };
+        let read = runs.and_then(|runs| {
+            chain
+                .read_at(&mut buf.as_mut_slice()[..len], req.offset)
+                .map(|()| runs)
+        });
+        drop(chain);
+        match read {
+            Ok(runs) => self.send(self.read_reply(req, buf, &runs)),
+            Err(e) => {
+                self.shared.recycle(buf);
+                self.reply_error(req, image_failure(&e));
             }
-            self.read_into(req, &mut buf.as_mut_slice()[..len])
-        })
-    }
-
-    fn read_into(&self, req: &Request, data: &mut [u8]) {
-        let len = data.len();
-        {
-            let chain = self.export.disk.chain();
-            let holes = self.structured() && req.flags & CMD_FLAG_DF == 0 && len > 0;
-            let runs = if holes {
-                match chain.allocation(req.offset, req.length, MAX_STATUS_RUNS) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        drop(chain);
-                        return self.reply_error(req, image_failure(&e));
-                    }
-                }
-            } else {
-                Vec::new()
-            };
-            if let Err(e) = chain.read_at(data, req.offset) {
-                drop(chain);
-                return self.reply_error(req, image_failure(&e));
-            }
-            drop(chain);
-            let pieces = self.read_reply(req, data, &runs);
-            self.send_pieces(&pieces);
         }
     }
 
-    /// A successful READ reply: simple, or structured with data and hole
-    /// chunks (per `runs`), the last one DONE.
-    fn read_reply<'a>(
-        &self,
-        req: &Request,
-        data: &'a [u8],
-        runs: &[(u64, bool)],
-    ) -> Vec<Piece<'a>> {
+    /// A successful READ reply from the first `req.length` bytes of
+    /// `data`: simple, or structured with data and hole chunks (per
+    /// `runs`), the last one DONE.
+    fn read_reply(&self, req: &Request, data: AlignedBuf, runs: &[(u64, bool)]) -> Reply {
+        let len = req.length as usize;
+        let mut parts = Vec::with_capacity(runs.len() * 2 + 2);
         if !self.structured() {
-            return vec![
-                Piece::Own(simple_reply(0, req.cookie).to_vec()),
-                Piece::Data(data),
-            ];
-        }
-        let ext = self.agreed.extended;
-        if data.is_empty() {
+            parts.push(Part::Bytes(simple_reply(0, req.cookie).to_vec()));
+            parts.push(Part::Data(0, len));
+        } else if len == 0 {
+            let ext = self.agreed.extended;
             let h = chunk_header(ext, REPLY_FLAG_DONE, CHUNK_NONE, req.cookie, req.offset, 0);
-            return vec![Piece::Own(h)];
-        }
-        let covered: u64 = runs.iter().map(|r| r.0).sum();
-        let mut runs = runs.to_vec();
-        if covered != req.length {
-            // Fewer runs than the read (capped, or none asked): the rest
-            // goes as data.
-            runs.push((req.length - covered, true));
-        }
-        let mut pieces = Vec::with_capacity(runs.len() * 2);
-        let mut at = 0u64;
-        let last = runs.len() - 1;
-        for (i, &(len, held)) in runs.iter().enumerate() {
-            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-            let offset = req.offset + at;
-            if held {
-                let mut h = chunk_header(
-                    ext,
-                    flags,
-                    CHUNK_OFFSET_DATA,
-                    req.cookie,
-                    req.offset,
-                    8 + len,
-                );
-                h.extend_from_slice(&offset.to_be_bytes());
-                pieces.push(Piece::Own(h));
-                pieces.push(Piece::Data(&data[at as usize..(at + len) as usize]));
-            } else {
-                let mut h = chunk_header(ext, flags, CHUNK_OFFSET_HOLE, req.cookie, req.offset, 12);
-                h.extend_from_slice(&offset.to_be_bytes());
-                h.extend_from_slice(&(len as u32).to_be_bytes());
-                pieces.push(Piece::Own(h));
+            parts.push(Part::Bytes(h));
+        } else {
+            let ext = self.agreed.extended;
+            let covered: u64 = runs.iter().map(|r| r.0).sum();
+            let mut runs = runs.to_vec();
+            if covered != req.length {
+                // Fewer runs than the read (capped, or none asked): the
+                // rest goes as data.
+                runs.push((req.length - covered, true));
             }
-            at += len;
+            let mut at = 0u64;
+            let last = runs.len() - 1;
+            for (i, &(n, held)) in runs.iter().enumerate() {
+                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                let offset = req.offset + at;
+                let mut h;
+                if held {
+                    h = chunk_header(ext, flags, CHUNK_OFFSET_DATA, req.cookie, req.offset, 8 + n);
+                    h.extend_from_slice(&offset.to_be_bytes());
+                } else {
+                    h = chunk_header(ext, flags, CHUNK_OFFSET_HOLE, req.cookie, req.offset, 12);
+                    h.extend_from_slice(&offset.to_be_bytes());
+                    h.extend_from_slice(&(n as u32).to_be_bytes());
+                }
+                parts.push(Part::Bytes(h));
+                if held {
+                    parts.push(Part::Data(at as usize, (at + n) as usize));
+                }
+                at += n;
+            }
         }
-        pieces
-    }
-
-    fn send_pieces(&self, pieces: &[Piece<'_>]) {
-        let parts: Vec<&[u8]> = pieces.iter().map(Piece::bytes).collect();
-        self.send(&parts);
+        Reply {
+            parts,
+            data: Some(data),
+        }
     }
 
     fn write(&self, req: &Request, payload: &[u8]) -> Result<(), Failure> {
@@ -666,7 +659,7 @@ impl Connection {
             req.offset,
             p.len() as u64,
         );
-        self.send(&[&h, &p]);
+        self.send(Reply::bytes([h, p].concat()));
     }
 
     /// Hand a plain READ or in-place WRITE to the ring. Gives the payload
@@ -780,26 +773,27 @@ impl Connection {
             } else {
                 Ok(())
             };
-            let mut pieces = Vec::with_capacity(batch.len() * 2);
-            for c in &batch {
-                match c.failed {
-                    Some(e) => pieces.push(Piece::Own(self.error_reply(&c.req, errno_failure(e)))),
-                    None if c.req.kind == CMD_READ => {
-                        let data = &c.buf.as_slice()[..c.req.length as usize];
-                        pieces.extend(self.read_reply(&c.req, data, &c.runs));
-                    }
-                    None => match &flushed {
-                        Err(msg) if fua(c) => pieces.push(Piece::Own(
-                            self.error_reply(&c.req, failure(EIO, msg.clone())),
-                        )),
-                        _ => pieces.push(Piece::Own(self.done_reply(&c.req))),
-                    },
-                }
-            }
-            self.send_pieces(&pieces);
-            drop(pieces);
             for c in batch {
-                self.shared.recycle(c.buf);
+                let reply = match c.failed {
+                    Some(e) => {
+                        self.shared.recycle(c.buf);
+                        Reply::bytes(self.error_reply(&c.req, errno_failure(e)))
+                    }
+                    None if c.req.kind == CMD_READ => self.read_reply(&c.req, c.buf, &c.runs),
+                    None => {
+                        let r = match &flushed {
+                            Err(msg) if fua(&c) => {
+                                self.error_reply(&c.req, failure(EIO, msg.clone()))
+                            }
+                            _ => self.done_reply(&c.req),
+                        };
+                        self.shared.recycle(c.buf);
+                        Reply::bytes(r)
+                    }
+                };
+                // Replies while the socket is busy queue up, and go out
+                // together.
+                self.send(reply);
             }
         }
     }
