@@ -4,8 +4,6 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::fs;
-use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 
 use quick_xml::events::Event;
@@ -523,9 +521,13 @@ impl Descriptor {
 
     pub fn load(path: &Path) -> Result<Self> {
         let name = path.display().to_string();
-        let text = fs::read_to_string(path).map_err(|e| Error::Descriptor {
+        let bytes = ploop_io::fsys::read(path).map_err(|e| Error::Descriptor {
             path: name.clone(),
             what: format!("cannot read: {e}"),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| Error::Descriptor {
+            path: name.clone(),
+            what: "cannot read: not UTF-8 text".into(),
         })?;
         Self::parse(&text, &name)
     }
@@ -539,17 +541,13 @@ impl Descriptor {
             what,
         };
         let tmp = path.with_extension("xml.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(self.to_xml().as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)
-        };
-        write().map_err(|e| err(format!("cannot write: {e}")))?;
+        ploop_io::fsys::write_synced(&tmp, self.to_xml().as_bytes())
+            .and_then(|()| ploop_io::fsys::rename(&tmp, path))
+            .map_err(|e| err(format!("cannot write: {e}")))?;
         // Renamed: the new descriptor is in effect, and callers act on it.
         // A failed folder sync only weakens durability across a power cut.
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if let Err(e) = fs::File::open(dir.unwrap_or(Path::new("."))).and_then(|d| d.sync_all()) {
+        if let Err(e) = ploop_io::fsys::sync_dir(dir.unwrap_or(Path::new("."))) {
             tracing::warn!("{name}: syncing the folder after an update: {e}");
         }
         Ok(())

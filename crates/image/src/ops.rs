@@ -51,7 +51,7 @@ fn desc_err(dd: &Path, what: String) -> Error {
 pub fn init(image: &Path, opts: InitOptions, progress: Progress) -> Result<PathBuf> {
     let dir = dd_dir(image);
     let dd = dir.join(FILE_NAME);
-    if dd.exists() {
+    if ploop_io::fsys::exists(&dd) {
         return Err(desc_err(&dd, "already exists".into()));
     }
     let file_name = image
@@ -87,7 +87,7 @@ pub fn init(image: &Path, opts: InitOptions, progress: Progress) -> Result<PathB
                 )
                 .and_then(|p| allocate_all(&p, progress).and_then(|()| p.close()));
                 if let Err(e) = filled {
-                    let _ = std::fs::remove_file(image);
+                    let _ = ploop_io::fsys::remove(image);
                     return Err(e);
                 }
             }
@@ -102,7 +102,7 @@ pub fn init(image: &Path, opts: InitOptions, progress: Progress) -> Result<PathB
         opts.format == DiskFormat::Preallocated,
     );
     if let Err(e) = d.save(&dd) {
-        let _ = std::fs::remove_file(image);
+        let _ = ploop_io::fsys::remove(image);
         return Err(e);
     }
     Ok(dd)
@@ -132,7 +132,7 @@ pub fn restore_descriptor(
     cluster: Option<u64>,
 ) -> Result<PathBuf> {
     let dd = dir.join(FILE_NAME);
-    if dd.exists() {
+    if ploop_io::fsys::exists(&dd) {
         return Err(desc_err(&dd, "already exists".into()));
     }
     let io = open_file(image, OpenMode::read_only())?;
@@ -245,7 +245,7 @@ pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     create_empty_delta(dd, &d, &file, version)?;
     freeze_top(&mut d, snap, file.clone());
     if let Err(e) = d.save(dd) {
-        let _ = std::fs::remove_file(image_path(dd, &file)?);
+        let _ = ploop_io::fsys::remove(&image_path(dd, &file)?);
         return Err(e);
     }
     Ok(snap)
@@ -399,7 +399,7 @@ pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
     let child_path = remove_image(dd, &mut d, child)?;
     d.rename_guid(shot.parent, child);
     d.save(dd)?;
-    std::fs::remove_file(&child_path).map_err(|e| {
+    ploop_io::fsys::remove(&child_path).map_err(|e| {
         Error::io(
             child_path.display().to_string(),
             "removing merged delta",
@@ -435,7 +435,7 @@ pub fn delete(dd: &Path, guid: Uuid, progress: Progress) -> Result<()> {
                 d.rename_guid(shot.parent, TOP_GUID);
             }
             d.save(dd)?;
-            std::fs::remove_file(&path)
+            ploop_io::fsys::remove(&path)
                 .map_err(|e| Error::io(path.display().to_string(), "removing delta", 0, e))
         }
         n => Err(desc_err(
@@ -472,7 +472,7 @@ pub fn switch(dd: &Path, guid: Uuid) -> Result<()> {
     let old_top = remove_image(dd, &mut d, top_guid)?;
     push_top(&mut d, guid, file);
     d.save(dd)?;
-    std::fs::remove_file(&old_top).map_err(|e| {
+    ploop_io::fsys::remove(&old_top).map_err(|e| {
         Error::io(
             old_top.display().to_string(),
             "removing old top delta",
@@ -522,7 +522,7 @@ pub fn convert_format(dd: &Path, to: DiskFormat, progress: Progress) -> Result<(
             // Rewrite into a new file, then rename over the old one.
             let tmp_name = format!("{}.convert.tmp", entry.file);
             let tmp = image_path(dd, &tmp_name)?;
-            let _ = std::fs::remove_file(&tmp);
+            let _ = ploop_io::fsys::remove(&tmp);
             let src = Disk::open_with(dd, d.clone(), OpenOptions::default())?;
             {
                 let io = open_file(&tmp, OpenMode::create())?;
@@ -602,10 +602,10 @@ pub fn finish_conversion(dd: &Path) -> Result<Vec<String>> {
         let final_name = final_name.to_string();
         let tmp = image_path(dd, &d.images[i].file)?;
         let target = image_path(dd, &final_name)?;
-        if tmp.exists() {
-            std::fs::rename(&tmp, &target)
+        if ploop_io::fsys::exists(&tmp) {
+            ploop_io::fsys::rename(&tmp, &target)
                 .map_err(|e| Error::io(target.display().to_string(), "replacing image", 0, e))?;
-        } else if !target.exists() {
+        } else if !ploop_io::fsys::exists(&target) {
             return Err(desc_err(
                 dd,
                 format!("image file {} is missing", tmp.display()),
@@ -641,7 +641,7 @@ pub fn convert_version(dd: &Path, to: Version) -> Result<()> {
             .map_err(|e| Error::io(path.display().to_string(), "reading BAT", 0, e))?;
         write_synced(&backup, &saved)?;
         ploop_format::ploop::convert::convert_version(&io, to)?;
-        std::fs::remove_file(&backup)
+        ploop_io::fsys::remove(&backup)
             .map_err(|e| Error::io(backup.display().to_string(), "removing BAT backup", 0, e))?;
     }
     Ok(())
@@ -656,13 +656,9 @@ pub fn backup_path(image: &Path) -> PathBuf {
 
 /// Write a whole file and make it (and its name) durable.
 fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
-    let err = |e| Error::io(path.display().to_string(), "writing", 0, e);
-    let mut f = std::fs::File::create(path).map_err(err)?;
-    std::io::Write::write_all(&mut f, data).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::File::open(dd_dir(path))
-        .and_then(|d| d.sync_all())
-        .map_err(err)
+    ploop_io::fsys::write_synced(path, data)
+        .and_then(|()| ploop_io::fsys::sync_dir(&dd_dir(path)))
+        .map_err(|e| Error::io(path.display().to_string(), "writing", 0, e))
 }
 
 /// Result of checking one delta.
@@ -680,7 +676,7 @@ pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
     };
     let io = open_file(path, mode)?;
     let backup_file = backup_path(path);
-    let backup = if backup_file.exists() {
+    let backup = if ploop_io::fsys::exists(&backup_file) {
         Some(open_file(&backup_file, OpenMode::read_only())?)
     } else {
         None
@@ -688,7 +684,7 @@ pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
     let report = check_with_backup(&io, !read_only, backup.as_ref())?;
     if backup.is_some() && report.repaired {
         drop(backup);
-        let _ = std::fs::remove_file(&backup_file);
+        let _ = ploop_io::fsys::remove(&backup_file);
     }
     Ok(DeltaCheck {
         path: path.to_path_buf(),
@@ -724,7 +720,7 @@ pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
     let d = Descriptor::load(dd)?;
     for entry in d.chain(d.top_guid, &dd.display().to_string())? {
         let path = image_path(dd, &entry.file)?;
-        if !path.exists() {
+        if !ploop_io::fsys::exists(&path) {
             return Err(desc_err(
                 dd,
                 format!("image file {} is missing", path.display()),

@@ -9,7 +9,9 @@
 //! subset of the later operations, in any order; a kept write may be torn,
 //! keeping only some of its 512-byte sectors.
 
+use std::collections::BTreeMap;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::{BlockIo, MemIo};
@@ -23,7 +25,15 @@ enum Change {
     Punch(u64, u64),
     SetLen(u64),
     Flush,
+    /// Folder changes (recorded under [`FOLDER`]).
+    Create(PathBuf, usize),
+    Rename(PathBuf, PathBuf),
+    Remove(PathBuf),
+    SyncDir,
 }
+
+/// The file id folder changes are recorded under.
+const FOLDER: usize = usize::MAX;
 
 #[derive(Default)]
 struct Record {
@@ -46,6 +56,11 @@ pub trait Survivors {
     fn torn(&mut self, sectors: usize) -> Option<Vec<bool>>;
     /// A permutation of `0..n`: the order kept operations land in.
     fn order(&mut self, n: usize) -> Vec<usize>;
+    /// How many of `n` unsynced folder changes survive (they keep their
+    /// order, so a prefix).
+    fn prefix(&mut self, n: usize) -> usize {
+        n
+    }
 }
 
 impl Journal {
@@ -62,6 +77,67 @@ impl Journal {
             live: MemIo::new(name),
             journal: self.clone(),
         }
+    }
+
+    fn push(&self, file: usize, c: Change) {
+        self.record.lock().expect("journal lock").ops.push((file, c));
+    }
+
+    pub(crate) fn dir_create(&self, path: &Path, id: usize) {
+        self.push(FOLDER, Change::Create(path.to_path_buf(), id));
+    }
+
+    pub(crate) fn dir_rename(&self, from: &Path, to: &Path) {
+        self.push(FOLDER, Change::Rename(from.to_path_buf(), to.to_path_buf()));
+    }
+
+    pub(crate) fn dir_remove(&self, path: &Path) {
+        self.push(FOLDER, Change::Remove(path.to_path_buf()));
+    }
+
+    pub(crate) fn dir_sync(&self) {
+        self.push(FOLDER, Change::SyncDir);
+    }
+
+    /// The folder as a crash after the first `point` operations leaves it:
+    /// file name to content. Folder changes since the last folder sync
+    /// survive as a prefix (a journaling filesystem keeps their order);
+    /// each file's content is as [`Journal::crash`] makes it.
+    pub fn crash_folder(&self, point: usize, s: &mut dyn Survivors) -> BTreeMap<PathBuf, Vec<u8>> {
+        let contents = self.crash(point, s);
+        let r = self.record.lock().expect("journal lock");
+        let changes: Vec<&Change> = r.ops[..point.min(r.ops.len())]
+            .iter()
+            .filter(|(f, _)| *f == FOLDER)
+            .map(|(_, c)| c)
+            .collect();
+        let synced = changes
+            .iter()
+            .rposition(|c| matches!(c, Change::SyncDir))
+            .map_or(0, |i| i + 1);
+        let pending = changes.len() - synced;
+        let kept = synced + s.prefix(pending);
+        let mut names: BTreeMap<PathBuf, usize> = BTreeMap::new();
+        for c in &changes[..kept] {
+            match c {
+                Change::Create(p, id) => {
+                    names.insert(p.clone(), *id);
+                }
+                Change::Rename(from, to) => {
+                    if let Some(id) = names.remove(from) {
+                        names.insert(to.clone(), id);
+                    }
+                }
+                Change::Remove(p) => {
+                    names.remove(p);
+                }
+                _ => {}
+            }
+        }
+        names
+            .into_iter()
+            .map(|(p, id)| (p, contents[id].clone()))
+            .collect()
     }
 
     /// Operations recorded so far: crash points are `0..=len()`.
@@ -137,7 +213,7 @@ fn apply(img: &MemIo, c: &Change, sectors: Option<&[bool]>) {
         },
         Change::Punch(off, len) => img.punch_hole(*off, *len),
         Change::SetLen(len) => img.set_len(*len),
-        Change::Flush => Ok(()),
+        _ => Ok(()),
     };
 }
 
@@ -150,6 +226,11 @@ pub struct JournaledIo {
 }
 
 impl JournaledIo {
+    /// This file's id in its journal.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
     fn record(&self, c: Change) {
         self.journal
             .record

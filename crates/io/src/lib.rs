@@ -7,6 +7,7 @@
 mod aligned;
 mod faulty;
 mod file;
+pub mod fsys;
 mod journal;
 mod memory;
 
