@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --release -- --test-threads=2
 # The crash explorer's figures (written by crates/image/tests/explorer.rs).
-cat target/crash-explorer.txt 2>/dev/null || true
+cat target/crash-explorer.txt target/crash-explorer-ops.txt 2>/dev/null || true

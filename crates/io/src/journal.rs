@@ -80,7 +80,11 @@ impl Journal {
     }
 
     fn push(&self, file: usize, c: Change) {
-        self.record.lock().expect("journal lock").ops.push((file, c));
+        self.record
+            .lock()
+            .expect("journal lock")
+            .ops
+            .push((file, c));
     }
 
     pub(crate) fn dir_create(&self, path: &Path, id: usize) {
