@@ -1,6 +1,6 @@
 //! Crash explorer for the operations that change a disk's files and its
-//! DiskDescriptor.xml: init, snapshot, merge, delete, switch and
-//! `convert -v`, run as they are (the real `ops` code) on a journaled
+//! DiskDescriptor.xml: snapshot, merge, delete, switch, `convert -v` and
+//! `convert -f`, run as they are (the real `ops` code) on a journaled
 //! in-memory filesystem. At every recorded write, flush, creation, rename,
 //! removal and folder sync, the folder is rebuilt as a power cut would
 //! leave it (files: any subset of unflushed writes, in any order, some
@@ -25,7 +25,7 @@ use ploop_io::{Journal, Survivors};
 const CS: u64 = 64 << 10;
 const CLUSTERS: u64 = 6;
 const SIZE: u64 = CS * CLUSTERS;
-const LIVES: u64 = 6;
+const LIVES: u64 = 8;
 const DRAWS: usize = 4;
 
 struct Rng(u64);
@@ -139,6 +139,21 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
             });
         };
         step("write", &mut || write_clusters(&dd, &mut rng));
+        if seed % 2 == 0 {
+            // Format conversions rewrite the image into a new file.
+            for (what, to) in [
+                ("convert -f raw", DiskFormat::Raw),
+                ("convert -f ploop1", DiskFormat::Expanded),
+                ("convert -f preallocated", DiskFormat::Preallocated),
+                ("convert -f ploop1", DiskFormat::Expanded),
+            ] {
+                step(what, &mut || {
+                    ops::convert_format(&dd, to, &|_, _| {}).expect("convert")
+                });
+                step("write", &mut || write_clusters(&dd, &mut rng));
+            }
+            return steps;
+        }
         let mut first = None;
         step("snapshot", &mut || {
             first = Some(ops::snapshot(&dd, None).expect("snapshot"))
