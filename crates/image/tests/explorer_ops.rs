@@ -139,7 +139,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
             });
         };
         step("write", &mut || write_clusters(&dd, &mut rng));
-        if seed % 2 == 0 {
+        if seed.is_multiple_of(2) {
             // Format conversions rewrite the image into a new file.
             for (what, to) in [
                 ("convert -f raw", DiskFormat::Raw),
