@@ -254,7 +254,12 @@ impl BlockIo for FileIo {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let meta = self.file.metadata()?;
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            // A block device's length is where its end is, not st_size.
+            return Ok(rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0))?);
+        }
+        Ok(meta.len())
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {

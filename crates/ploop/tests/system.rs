@@ -237,3 +237,54 @@ fn two_servers_racing_for_one_image_one_wins() {
     }
     peers_check(&disk.image);
 }
+
+#[test]
+fn a_block_device_is_served_whole() {
+    let tmp = tempdir();
+    let backing = tmp.path().join("dev.img");
+    let want = data(17, 16 * MIB);
+    std::fs::write(&backing, &want).unwrap();
+    let attached = run(
+        "losetup",
+        &[OsStr::new("-f"), OsStr::new("--show"), backing.as_os_str()],
+    )
+    .success();
+    let dev = attached.stdout_str().trim().to_string();
+    let detach = |dev: &str| {
+        run("losetup", &["-d", dev]);
+    };
+    let sock = tmp.path().join("nbd.sock");
+    let server = Server::start(
+        tmp.path(),
+        &[
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            dev.as_ref(),
+        ],
+    );
+    let script = r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+assert h.get_size() == 16 * 1024 * 1024, h.get_size()
+h.pwrite(b"D" * 8192, 4096)
+h.flush()
+print("ok")
+"#;
+    let out = nbdsh(&server.uri, script);
+    let copy = tmp.path().join("copy.raw");
+    let copied = run("nbdcopy", &[server.uri.as_str(), copy.to_str().unwrap()]);
+    server.stop();
+    detach(&dev);
+    assert!(out.ok() && out.stdout_str().contains("ok"), "{out}");
+    copied.success();
+    let mut want = want;
+    want[4096..4096 + 8192].fill(b'D');
+    assert_same(&std::fs::read(&copy).unwrap(), &want, "copy of the device");
+    assert_same(
+        &std::fs::read(&backing).unwrap(),
+        &want,
+        "the device's file",
+    );
+}
