@@ -357,11 +357,15 @@ impl PloopDelta {
             None => alloc.end,
         };
         let file_off = index * cs;
+        // Out of room is ENOSPC, as from a full disk: a filesystem or an
+        // NBD client then reports (or pauses on) a full device.
         let entry = offset_to_entry(&self.header, file_off).ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: a version 1 image cannot grow past 2 TiB; convert it with `ploop convert -v 2`",
-                self.path
-            ))
+            Error::io(
+                &self.path,
+                "growing the image (a version 1 image stops at 2 TiB: `ploop convert -v 2`)",
+                file_off,
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )
         })?;
         // A new cluster is always written whole: OpenVZ's check refuses
         // sparse delta files, and a full write costs one request anyway.
