@@ -202,10 +202,25 @@ impl Chain {
     }
 
     /// Which parts of a range some delta stores, as runs of (length, held)
-    /// in order. A raw delta stores everything. Stops after `max_runs`
+    /// in order. A raw delta stores everything, but for the holes of a raw
+    /// image that is the whole chain (its file says where they are, where
+    /// the filesystem can tell). Stops after `max_runs`
     /// runs, so the runs may cover less than the range (never nothing).
     pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<(u64, bool)>> {
         self.check_range(offset, len)?;
+        if let [layer] = self.layers.as_slice() {
+            if let Delta::Raw(r) = &**layer {
+                // A raw image alone: its file's own holes.
+                let runs = r
+                    .io()
+                    .data_runs(offset, len)
+                    .map_err(|e| Error::io(r.path(), "finding holes", offset, e))?;
+                if let Some(mut runs) = runs {
+                    runs.truncate(max_runs.max(1));
+                    return Ok(runs);
+                }
+            }
+        }
         let mut runs: Vec<(u64, bool)> = Vec::new();
         for (cluster, _, _, n) in pieces(offset, len, self.cluster_size) {
             let held = self.holder(cluster, self.layers.len()).is_some();

@@ -270,6 +270,41 @@ impl BlockIo for FileIo {
         Ok(Some(self.file.metadata()?.blocks() * 512))
     }
 
+    fn data_runs(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, bool)>>> {
+        use rustix::fs::{seek, SeekFrom};
+        let end = offset.saturating_add(len);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, data: bool| match runs.last_mut() {
+            Some((run, d)) if *d == data => *run += n,
+            _ if n > 0 => runs.push((n, data)),
+            _ => {}
+        };
+        let mut pos = offset;
+        while pos < end {
+            let data = match seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(d) => d.min(end),
+                // No data from here on (past the end, or all hole).
+                Err(rustix::io::Errno::NXIO) => end,
+                // Not supported here (some filesystems, block devices).
+                Err(_) => return Ok(None),
+            };
+            push(data - pos, false);
+            if data >= end {
+                break;
+            }
+            let hole = match seek(&self.file, SeekFrom::Hole(data)) {
+                Ok(h) => h.clamp(data, end),
+                Err(_) => return Ok(None),
+            };
+            if hole == data {
+                return Ok(None); // a filesystem that says nothing useful
+            }
+            push(hole - data, true);
+            pos = hole;
+        }
+        Ok(Some(runs))
+    }
+
     fn describe(&self) -> String {
         self.path.display().to_string()
     }

@@ -66,6 +66,12 @@ pub trait BlockIo: Send + Sync {
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// Which parts of a range hold data, as runs of (length, data) in
+    /// order, covering the range; None where the backend cannot tell
+    /// (then all of it counts as data). Holes read as zeros.
+    fn data_runs(&self, _offset: u64, _len: u64) -> io::Result<Option<Vec<(u64, bool)>>> {
+        Ok(None)
+    }
     /// A short human name for error messages (usually the path).
     fn describe(&self) -> String;
     /// The file descriptor behind this backend, for queued I/O (io_uring)
@@ -105,6 +111,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()
+    }
+    fn data_runs(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, bool)>>> {
+        (**self).data_runs(offset, len)
     }
     fn set_lock(&self, mode: LockMode) -> io::Result<()> {
         (**self).set_lock(mode)
