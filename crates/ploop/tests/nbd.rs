@@ -828,6 +828,25 @@ fn hostile_clients_get_errors_and_lose_nothing() {
     );
     drop(lazy);
 
+    // Nor does one that asks for 20,000 small reads and reads none: what
+    // waits for it in memory stays bounded.
+    let mut lazy = raw_client(&sock);
+    let mut burst = Vec::new();
+    for i in 0..20_000u64 {
+        burst.extend(request(0, 0, i, (i % 2000) * 4096, 4096));
+    }
+    // The server stops taking requests once enough wait: do not wait on it.
+    lazy.set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = lazy.write_all(&burst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss = server.rss_kib();
+    assert!(
+        rss < 300 * 1024,
+        "server holds {rss} KiB for a client that does not read"
+    );
+    drop(lazy);
+
     // A thousand short-lived connections.
     for i in 0..1000 {
         let mut s = UnixStream::connect(&sock).unwrap_or_else(|e| panic!("connection {i}: {e}"));

@@ -96,6 +96,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// [`lock`] without waiting: None only when another thread holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Replies waiting for the worker that is sending, and their size.
+#[derive(Default)]
+struct Queue {
+    replies: Vec<Reply>,
+    bytes: usize,
+}
+
+/// Most reply bytes one connection queues behind a busy socket.
+const MAX_QUEUED: usize = 64 << 20;
+
 /// What all connections of one server share.
 pub struct Shared {
     exec: Box<dyn Executor>,
@@ -173,7 +192,7 @@ pub struct Connection {
     shared: Arc<Shared>,
     out: Mutex<Box<dyn ReplySink>>,
     /// Replies waiting for the worker that is sending.
-    queued: Mutex<Vec<Reply>>,
+    queued: Mutex<Queue>,
     /// Requests the ring has done, waiting for a worker to reply.
     completed: Mutex<Vec<Completed>>,
     reply_scheduled: AtomicBool,
@@ -227,6 +246,29 @@ impl Reply {
             parts: vec![Part::Bytes(b)],
             data: None,
         }
+    }
+
+    fn len(&self) -> usize {
+        self.slices().map(<[u8]>::len).sum()
+    }
+
+    /// Copy data much smaller than its buffer out of it, and give the
+    /// buffer back.
+    fn compact(self, shared: &Shared) -> Reply {
+        let Some(buf) = &self.data else {
+            return self;
+        };
+        if buf.len() < 4 * self.len() {
+            return self;
+        }
+        let parts = self
+            .slices()
+            .map(|s| Part::Bytes(s.to_vec()))
+            .collect::<Vec<_>>();
+        if let Some(buf) = self.data {
+            shared.recycle(buf);
+        }
+        Reply { parts, data: None }
     }
 
     fn slices(&self) -> impl Iterator<Item = &[u8]> {
@@ -300,7 +342,7 @@ impl Connection {
             agreed,
             shared,
             out: Mutex::new(out),
-            queued: Mutex::new(Vec::new()),
+            queued: Mutex::new(Queue::default()),
             completed: Mutex::new(Vec::new()),
             reply_scheduled: AtomicBool::new(false),
             budget: Mutex::new(Budget {
@@ -321,22 +363,41 @@ impl Connection {
     /// to send, and goes back to work: a client slow to read holds at most
     /// one worker.
     fn send(&self, reply: Reply) {
+        self.send_all(vec![reply]);
+    }
+
+    /// Send several replies, in one system call where the socket is free.
+    /// Queued replies are bounded: past [`MAX_QUEUED`] bytes a worker
+    /// waits for the socket instead (a client that stops reading is cut
+    /// by the send timeout).
+    fn send_all(&self, mut replies: Vec<Reply>) {
         if self.broken.load(Ordering::SeqCst) {
-            return self.recycle(reply); // being cut: no reply can arrive
+            // Being cut: no reply can arrive.
+            return replies.into_iter().for_each(|r| self.recycle(r));
         }
-        let out = match self.out.try_lock() {
-            Ok(out) => out,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                lock(&self.queued).push(reply);
+        let out = match try_lock(&self.out) {
+            Some(out) => out,
+            None => {
+                let size: usize = replies.iter().map(Reply::len).sum();
+                let mut q = lock(&self.queued);
+                if q.bytes + size > MAX_QUEUED {
+                    drop(q);
+                    let out = lock(&self.out);
+                    return self.send_queued(out, replies);
+                }
+                // Small data need not hold on to a large pooled buffer.
+                q.replies
+                    .extend(replies.drain(..).map(|r| r.compact(&self.shared)));
+                q.bytes += size;
+                drop(q);
                 // The sender may have looked at the queue just before.
-                if let Ok(out) = self.out.try_lock() {
+                if let Some(out) = try_lock(&self.out) {
                     self.send_queued(out, Vec::new());
                 }
                 return;
             }
         };
-        self.send_queued(out, vec![reply]);
+        self.send_queued(out, replies);
     }
 
     /// Send `batch` and whatever queues meanwhile, then let go of the socket.
@@ -346,17 +407,21 @@ impl Connection {
         mut batch: Vec<Reply>,
     ) {
         loop {
-            batch.append(&mut lock(&self.queued));
+            {
+                let mut q = lock(&self.queued);
+                batch.append(&mut q.replies);
+                q.bytes = 0;
+            }
             if batch.is_empty() {
                 drop(out);
                 // One queued between the look and the unlock is ours to
                 // send, unless someone else has the socket (then theirs).
-                if lock(&self.queued).is_empty() {
+                if lock(&self.queued).replies.is_empty() {
                     return;
                 }
-                match self.out.try_lock() {
-                    Ok(o) => out = o,
-                    Err(_) => return,
+                match try_lock(&self.out) {
+                    Some(o) => out = o,
+                    None => return,
                 }
                 continue;
             }
@@ -755,6 +820,20 @@ impl Connection {
 
     /// Reply to everything the ring has finished, in one send.
     fn reply_completed(&self) {
+        let done = catch_unwind(AssertUnwindSafe(|| self.reply_completed_batches()));
+        if let Err(panic) = done {
+            error!("replying to queued requests panicked: {panic:?}; cutting the connection");
+            self.broken.store(true, Ordering::SeqCst);
+            if let Some(mut out) = try_lock(&self.out) {
+                out.abort();
+            }
+            // Their budgets go back; nothing more is sent.
+            lock(&self.completed).clear();
+            self.reply_scheduled.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn reply_completed_batches(&self) {
         loop {
             self.reply_scheduled.store(false, Ordering::SeqCst);
             let batch = std::mem::take(&mut *lock(&self.completed));
@@ -773,8 +852,9 @@ impl Connection {
             } else {
                 Ok(())
             };
+            let mut replies = Vec::with_capacity(batch.len());
             for c in batch {
-                let reply = match c.failed {
+                replies.push(match c.failed {
                     Some(e) => {
                         self.shared.recycle(c.buf);
                         Reply::bytes(self.error_reply(&c.req, errno_failure(e)))
@@ -790,11 +870,9 @@ impl Connection {
                         self.shared.recycle(c.buf);
                         Reply::bytes(r)
                     }
-                };
-                // Replies while the socket is busy queue up, and go out
-                // together.
-                self.send(reply);
+                });
             }
+            self.send_all(replies);
         }
     }
 
