@@ -189,7 +189,8 @@ pub fn new_delta_name(d: &Descriptor) -> String {
     format!("{base}.{}", guid_string(&Uuid::new_v4()))
 }
 
-/// Create an empty ploop delta shaped like the disk.
+/// Create an empty ploop delta shaped like the disk, durable with its
+/// folder entry before any descriptor names it.
 pub fn create_empty_delta(dd: &Path, d: &Descriptor, file: &str, version: Version) -> Result<()> {
     let path = image_path(dd, file)?;
     let io = open_file(&path, OpenMode::create())?;
@@ -201,7 +202,16 @@ pub fn create_empty_delta(dd: &Path, d: &Descriptor, file: &str, version: Versio
             version,
             preallocate: false,
         },
-    )
+    )?;
+    sync_folder_of(&path)
+}
+
+/// Make the folder entry of `path` durable (it may differ from the
+/// descriptor's folder).
+fn sync_folder_of(path: &Path) -> Result<()> {
+    let dir = dd_dir(path);
+    ploop_io::fsys::sync_dir(&dir)
+        .map_err(|e| Error::io(dir.display().to_string(), "syncing folder", 0, e))
 }
 
 /// Version of a delta file (V2 for a raw one).
@@ -562,6 +572,7 @@ pub fn convert_format(dd: &Path, to: DiskFormat, progress: Progress) -> Result<(
                     progress(c + 1, n);
                 }
                 dst.close()?;
+                sync_folder_of(&tmp)?;
             }
             src.close()?;
             // The descriptor names the new file before it takes the old
@@ -605,6 +616,8 @@ pub fn finish_conversion(dd: &Path) -> Result<Vec<String>> {
         if ploop_io::fsys::exists(&tmp) {
             ploop_io::fsys::rename(&tmp, &target)
                 .map_err(|e| Error::io(target.display().to_string(), "replacing image", 0, e))?;
+            // The image's new name is durable before the descriptor uses it.
+            sync_folder_of(&target)?;
         } else if !ploop_io::fsys::exists(&target) {
             return Err(desc_err(
                 dd,

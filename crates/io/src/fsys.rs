@@ -31,10 +31,16 @@ thread_local! {
 
 /// Run `f` with `fs` in place of the real filesystem on this thread.
 pub fn with_fs<T>(fs: Rc<dyn Fs>, f: impl FnOnce() -> T) -> T {
-    let before = REPLACED.with(|r| r.replace(Some(fs)));
-    let out = f();
-    REPLACED.with(|r| *r.borrow_mut() = before);
-    out
+    /// Puts the earlier filesystem back, even if `f` panics.
+    struct Restore(Option<Rc<dyn Fs>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            REPLACED.with(|r| *r.borrow_mut() = before);
+        }
+    }
+    let _restore = Restore(REPLACED.with(|r| r.replace(Some(fs))));
+    f()
 }
 
 fn replaced() -> Option<Rc<dyn Fs>> {
@@ -91,8 +97,9 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Write a new file, replacing any of that name, and make its content
 /// durable (not its folder entry).
 pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    if exists(path) {
-        remove(path)?;
+    match remove(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        r => r?,
     }
     let io = open(path, OpenMode::create())?;
     io.write_at(data, 0)?;
@@ -115,6 +122,37 @@ impl JournaledFs {
     }
 }
 
+/// A handle opened without write access: writes fail, as with EBADF.
+struct ReadOnly(Arc<JournaledIo>);
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "file opened read-only")
+}
+
+impl BlockIo for ReadOnly {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn punch_hole(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.0.size()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
 fn not_found(path: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -128,6 +166,9 @@ impl Fs for JournaledFs {
         if let Some(f) = names.get(path) {
             if mode.create_new {
                 return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            if !mode.write {
+                return Ok(Arc::new(ReadOnly(f.clone())));
             }
             return Ok(f.clone());
         }

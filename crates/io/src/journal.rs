@@ -190,7 +190,7 @@ impl Journal {
                 for i in s.order(kept.len()) {
                     let c = kept[i];
                     let torn = match c {
-                        Change::Write(_, data) => s.torn(data.len().div_ceil(SECTOR as usize)),
+                        Change::Write(off, data) => s.torn(sectors_spanned(*off, data.len())),
                         _ => None,
                     };
                     apply(&img, c, torn.as_deref());
@@ -201,16 +201,32 @@ impl Journal {
     }
 }
 
+/// How many device sectors a write touches.
+fn sectors_spanned(off: u64, len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    let last = off + len as u64 - 1;
+    (last / SECTOR - off / SECTOR + 1) as usize
+}
+
 fn apply(img: &MemIo, c: &Change, sectors: Option<&[bool]>) {
     // In-memory: these cannot fail.
     let _ = match c {
         Change::Write(off, data) => match sectors {
             None => img.write_at(data, *off),
             Some(keep) => {
-                for (i, chunk) in data.chunks(SECTOR as usize).enumerate() {
+                // Pieces split at the device's sector boundaries.
+                let mut at = 0usize;
+                let mut i = 0;
+                while at < data.len() {
+                    let pos = off + at as u64;
+                    let n = ((SECTOR - pos % SECTOR) as usize).min(data.len() - at);
                     if keep.get(i).copied().unwrap_or(true) {
-                        let _ = img.write_at(chunk, off + i as u64 * SECTOR);
+                        let _ = img.write_at(&data[at..at + n], pos);
                     }
+                    at += n;
+                    i += 1;
                 }
                 Ok(())
             }
