@@ -63,6 +63,15 @@ impl Survivors for Rng {
     }
 }
 
+/// A write or discard: when it began, where, and the byte it leaves.
+#[derive(Clone, Copy)]
+struct Touch {
+    point: usize,
+    at: u64,
+    len: u64,
+    val: u8,
+}
+
 /// What the disk should hold, and when.
 #[derive(Default)]
 struct Model {
@@ -70,7 +79,7 @@ struct Model {
     /// (journal point, content) at each completed flush.
     checkpoints: Vec<(usize, Vec<u8>)>,
     /// (journal point when it began, cluster) of each write and discard.
-    touches: Vec<(usize, u64)>,
+    touches: Vec<Touch>,
     /// (journal point, files making up the disk from then on).
     views: Vec<(usize, Vec<usize>)>,
 }
@@ -114,7 +123,12 @@ fn work(chain: &Chain, j: &Journal, m: &mut Model, rng: &mut Rng, steps: usize) 
                 let val = 1 + rng.below(255) as u8;
                 chain.write_at(&vec![val; len as usize], at).expect("write");
                 m.live[at as usize..(at + len) as usize].fill(val);
-                m.touches.push((start, cluster));
+                m.touches.push(Touch {
+                    point: start,
+                    at,
+                    len,
+                    val,
+                });
             }
             4 => {
                 let (off, len) = if rng.below(2) == 0 {
@@ -126,7 +140,12 @@ fn work(chain: &Chain, j: &Journal, m: &mut Model, rng: &mut Rng, steps: usize) 
                 let at = cluster * CS + off;
                 chain.discard(at, len).expect("discard");
                 m.live[at as usize..(at + len) as usize].fill(0);
-                m.touches.push((start, cluster));
+                m.touches.push(Touch {
+                    point: start,
+                    at,
+                    len,
+                    val: 0,
+                });
             }
             _ => {
                 chain.flush().expect("flush");
@@ -264,17 +283,28 @@ fn explore(j: &Journal, names: &[String], m: &Model, point: usize, rng: &mut Rng
         eprintln!("point {point}: read failed: {e}");
         return;
     }
-    let changed: Vec<u64> = m
+    // Each byte holds what the last flush left, or what a write or discard
+    // since then (flushed or not) put there: nothing else.
+    let since_flush: Vec<Touch> = m
         .touches
         .iter()
-        .filter(|(p, _)| *p >= *since && *p < point)
-        .map(|&(_, c)| c)
+        .filter(|t| t.point >= *since && t.point < point)
+        .copied()
         .collect();
-    for c in (0..CLUSTERS).filter(|c| !changed.contains(c)) {
+    for c in 0..CLUSTERS {
         let r = (c * CS) as usize..((c + 1) * CS) as usize;
-        if back[r.clone()] != durable[r] {
+        if back[r.clone()] == durable[r.clone()] {
+            continue;
+        }
+        let bad = r.clone().find(|&b| {
+            back[b] != durable[b]
+                && !since_flush
+                    .iter()
+                    .any(|t| (t.at..t.at + t.len).contains(&(b as u64)) && t.val == back[b])
+        });
+        if let Some(b) = bad {
             f.lost += 1;
-            eprintln!("point {point}: cluster {c} lost its flushed content");
+            eprintln!("point {point}: byte {b} (cluster {c}) lost its flushed content");
             return;
         }
     }
@@ -319,12 +349,12 @@ fn explorer_detects_a_lost_flushed_write() {
     let (j, names, mut m) = life(3);
     // Pretend a flush happened right after the first write of the last
     // phase, that in truth was never flushed: the explorer must report it.
-    let last_write = m.touches.last().expect("some writes").0 + 1;
+    let last = *m.touches.last().expect("some writes");
+    let last_write = last.point + 1;
     let mut fake = m.live.clone();
-    let c = m.touches.last().unwrap().1 as usize;
-    fake[c * CS as usize] ^= 0xff;
+    fake[last.at as usize] ^= 0xff;
     m.checkpoints.push((last_write, fake));
-    m.touches.retain(|&(p, _)| p < last_write);
+    m.touches.retain(|t| t.point < last_write);
     let mut f = Figures::default();
     let mut rng = Rng(99);
     explore(&j, &names, &m, last_write, &mut rng, &mut f);

@@ -7,12 +7,14 @@
 //! torn; folder changes since the last folder sync: any prefix), written
 //! to a real directory, and then:
 //!   - `check` (the real one, on real files) must repair the disk;
-//!   - the disk must open, and each cluster must read as it did either
-//!     before or after the operation that was under way.
+//!   - the disk must open and read as it did before or after the step
+//!     under way (after it, once it is over); a write under way may leave
+//!     each sector old or new. The contents come from a model, and the
+//!     real code must agree with it after every step.
 //!
 //! Figures go to target/crash-explorer-ops.txt (scripts/test.sh prints it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -21,6 +23,7 @@ use ploop_image::ops::{self, DiskFormat, InitOptions};
 use ploop_image::{Disk, OpenOptions};
 use ploop_io::fsys::{with_fs, JournaledFs};
 use ploop_io::{Journal, Survivors};
+use uuid::Uuid;
 
 const CS: u64 = 64 << 10;
 const CLUSTERS: u64 = 6;
@@ -63,13 +66,20 @@ impl Survivors for Rng {
 }
 
 /// One step of a life: the journal span it covers, and the disk's content
-/// before and after it.
+/// before (None: no disk yet) and after it, from the model.
 struct Step {
     what: String,
     from: usize,
     to: usize,
-    before: Vec<u8>,
+    before: Option<Vec<u8>>,
     after: Vec<u8>,
+}
+
+impl Step {
+    /// Writes change clusters in place: a crash may tear them per sector.
+    fn is_write(&self) -> bool {
+        self.what == "write"
+    }
 }
 
 /// The disk's content through the real code (on whatever fs is in place).
@@ -81,8 +91,9 @@ fn content(dd: &Path) -> Vec<u8> {
     buf
 }
 
-/// Write whole clusters with new values through the real chain, and close.
-fn write_clusters(dd: &Path, rng: &mut Rng) {
+/// Write whole clusters with new values through the real chain, and close;
+/// the model gets the same values.
+fn write_clusters(dd: &Path, rng: &mut Rng, model: &mut [u8]) {
     let disk = Disk::open(
         dd,
         OpenOptions {
@@ -91,28 +102,51 @@ fn write_clusters(dd: &Path, rng: &mut Rng) {
         },
     )
     .expect("open writable");
-    for _ in 0..1 + rng.below(3) {
-        let c = rng.below(CLUSTERS);
+    // Distinct clusters: a sector is then either as before or as written.
+    let first = rng.below(CLUSTERS);
+    for c in (0..1 + rng.below(3)).map(|i| (first + 2 * i) % CLUSTERS) {
         let val = 1 + rng.below(255) as u8;
         disk.chain
             .write_at(&vec![val; CS as usize], c * CS)
             .expect("write");
+        model[(c * CS) as usize..((c + 1) * CS) as usize].fill(val);
     }
     disk.close().expect("close");
 }
 
-fn snapshots(dd: &Path) -> Vec<uuid::Uuid> {
+fn snapshots(dd: &Path) -> Vec<Uuid> {
     let d = ploop_format::descriptor::Descriptor::load(dd).expect("descriptor");
     d.snapshots.iter().map(|s| s.guid).collect()
 }
 
-/// A disk's life on the journaled filesystem; returns the steps.
+/// A disk's life on the journaled filesystem; returns the steps. After
+/// every step the disk must read as the model says: operations that keep
+/// the content keep it, a switch brings back the snapshot's content.
 fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
     let fs = Rc::new(JournaledFs::new(j.clone()));
     with_fs(fs, || {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let image = dir.join("root.hdd");
         let dd = dir.join("DiskDescriptor.xml");
+        let mut steps: Vec<Step> = Vec::new();
+        let mut model = vec![0u8; SIZE as usize];
+        // Content of each snapshot, as it was when taken.
+        let mut saved: HashMap<Uuid, Vec<u8>> = HashMap::new();
+        let record = |steps: &mut Vec<Step>, what: &str, from: usize, model: &[u8]| {
+            let got = content(&dd);
+            assert!(
+                got == model,
+                "life {seed}: after {what}, the disk does not read as it should"
+            );
+            steps.push(Step {
+                what: what.to_string(),
+                from,
+                to: j.len(),
+                before: steps.last().map(|s| s.after.clone()),
+                after: model.to_vec(),
+            });
+        };
+        let from = j.len();
         ops::init(
             &image,
             InitOptions {
@@ -124,21 +158,13 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
             &|_, _| {},
         )
         .expect("init");
-        let mut steps = Vec::new();
-        let mut now = content(&dd);
-        let mut step = |what: &str, f: &mut dyn FnMut()| {
+        record(&mut steps, "init", from, &model);
+        let write = |steps: &mut Vec<Step>, model: &mut Vec<u8>, rng: &mut Rng| {
             let from = j.len();
-            f();
-            let after = content(&dd);
-            steps.push(Step {
-                what: what.to_string(),
-                from,
-                to: j.len(),
-                before: std::mem::replace(&mut now, after.clone()),
-                after,
-            });
+            write_clusters(&dd, rng, model);
+            record(steps, "write", from, model);
         };
-        step("write", &mut || write_clusters(&dd, &mut rng));
+        write(&mut steps, &mut model, &mut rng);
         if seed.is_multiple_of(2) {
             // Format conversions rewrite the image into a new file.
             for (what, to) in [
@@ -147,44 +173,47 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
                 ("convert -f preallocated", DiskFormat::Preallocated),
                 ("convert -f ploop1", DiskFormat::Expanded),
             ] {
-                step(what, &mut || {
-                    ops::convert_format(&dd, to, &|_, _| {}).expect("convert")
-                });
-                step("write", &mut || write_clusters(&dd, &mut rng));
+                let from = j.len();
+                ops::convert_format(&dd, to, &|_, _| {}).expect("convert");
+                record(&mut steps, what, from, &model);
+                write(&mut steps, &mut model, &mut rng);
             }
             return steps;
         }
-        let mut first = None;
-        step("snapshot", &mut || {
-            first = Some(ops::snapshot(&dd, None).expect("snapshot"))
-        });
-        step("write", &mut || write_clusters(&dd, &mut rng));
-        step("snapshot", &mut || {
-            ops::snapshot(&dd, None).expect("snapshot");
-        });
-        step("write", &mut || write_clusters(&dd, &mut rng));
-        step("merge", &mut || {
-            ops::merge(&dd, None, &|_, _| {}).expect("merge")
-        });
-        step("write", &mut || write_clusters(&dd, &mut rng));
-        let first = first.expect("first snapshot");
-        step("snapshot-delete", &mut || {
-            ops::delete(&dd, first, &|_, _| {}).expect("delete")
-        });
-        step("snapshot", &mut || {
-            ops::snapshot(&dd, None).expect("snapshot");
-        });
-        step("write", &mut || write_clusters(&dd, &mut rng));
-        let back = *snapshots(&dd)
+        let mut snapshot = |steps: &mut Vec<Step>, model: &Vec<u8>| {
+            let from = j.len();
+            let g = ops::snapshot(&dd, None).expect("snapshot");
+            saved.insert(g, model.clone());
+            record(steps, "snapshot", from, model);
+            g
+        };
+        let first = snapshot(&mut steps, &model);
+        write(&mut steps, &mut model, &mut rng);
+        snapshot(&mut steps, &model);
+        write(&mut steps, &mut model, &mut rng);
+        let from = j.len();
+        ops::merge(&dd, None, &|_, _| {}).expect("merge");
+        record(&mut steps, "merge", from, &model);
+        write(&mut steps, &mut model, &mut rng);
+        let from = j.len();
+        ops::delete(&dd, first, &|_, _| {}).expect("delete");
+        record(&mut steps, "snapshot-delete", from, &model);
+        snapshot(&mut steps, &model);
+        write(&mut steps, &mut model, &mut rng);
+        // Merges keep each remaining snapshot's view; take one that is left.
+        let left = snapshots(&dd);
+        let back = *left
             .iter()
-            .find(|g| **g != ploop_format::descriptor::TOP_GUID)
-            .expect("a snapshot");
-        step("snapshot-switch", &mut || {
-            ops::switch(&dd, back).expect("switch")
-        });
-        step("convert -v 1", &mut || {
-            ops::convert_version(&dd, Version::V1).expect("convert")
-        });
+            .find(|g| saved.contains_key(g))
+            .expect("a snapshot taken here");
+        let from = j.len();
+        ops::switch(&dd, back).expect("switch");
+        model = saved[&back].clone();
+        record(&mut steps, "snapshot-switch", from, &model);
+        let from = j.len();
+        ops::convert_version(&dd, Version::V1).expect("convert");
+        record(&mut steps, "convert -v 1", from, &model);
+        write(&mut steps, &mut model, &mut rng);
         steps
     })
 }
@@ -207,8 +236,15 @@ fn materialize(files: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path) {
     }
 }
 
-fn verify(dir: &Path, step: &Step) -> Result<(), String> {
+fn verify(dir: &Path, step: &Step, point: usize) -> Result<(), String> {
     let dd = dir.join("DiskDescriptor.xml");
+    if !dd.exists() {
+        // Only a crash inside init may leave no disk at all.
+        return match step.before {
+            None if point < step.to => Ok(()),
+            _ => Err("the descriptor is gone".into()),
+        };
+    }
     // Whatever an interrupted operation left: the real check repairs it.
     ops::check_disk(&dd, false).map_err(|e| format!("check: {e}"))?;
     let disk = Disk::open(&dd, OpenOptions::default()).map_err(|e| format!("open: {e}"))?;
@@ -217,15 +253,28 @@ fn verify(dir: &Path, step: &Step) -> Result<(), String> {
         .read_at(&mut back, 0)
         .map_err(|e| format!("read: {e}"))?;
     let _ = disk.close();
-    for c in 0..CLUSTERS as usize {
-        let r = c * CS as usize..(c + 1) * CS as usize;
-        let (was, will) = (&step.before[r.clone()], &step.after[r.clone()]);
-        // A cluster being written in place, not yet flushed, may be torn.
-        if step.what == "write" && was != will {
-            continue;
-        }
-        if back[r.clone()] != *was && back[r] != *will {
-            return Err(format!("cluster {c} is neither as before nor as after"));
+    if back == step.after {
+        return Ok(());
+    }
+    // Once the step is over, its result is durable.
+    if point == step.to {
+        return Err("the completed step's result is not all there".into());
+    }
+    let Some(before) = &step.before else {
+        return Err("a disk made by an unfinished init is not empty".into());
+    };
+    if back == *before {
+        return Ok(());
+    }
+    if !step.is_write() {
+        return Err("the disk is neither as before nor as after".into());
+    }
+    // A write under way: each sector holds its old or its new content.
+    let sector = 512;
+    for (i, got) in back.chunks(sector).enumerate() {
+        let r = i * sector..(i + 1) * sector;
+        if got != &before[r.clone()] && got != &step.after[r] {
+            return Err(format!("sector {i} is neither as before nor as written"));
         }
     }
     Ok(())
@@ -249,7 +298,7 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
                     materialize(&files, &crashed);
                     f.states += 1;
                     *f.per_op.entry(step.what.clone()).or_default() += 1;
-                    if let Err(e) = verify(&crashed, step) {
+                    if let Err(e) = verify(&crashed, step, point) {
                         f.failed += 1;
                         eprintln!("life {seed}, {} at point {point}: {e}", step.what);
                     }
