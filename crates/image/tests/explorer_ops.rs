@@ -21,8 +21,8 @@ use std::rc::Rc;
 use ploop_format::ploop::Version;
 use ploop_image::ops::{self, DiskFormat, InitOptions};
 use ploop_image::{Disk, OpenOptions};
-use ploop_io::fsys::{with_fs, JournaledFs};
-use ploop_io::{Journal, Survivors};
+use ploop_io::fsys::{self, with_fs, JournaledFs};
+use ploop_io::{BlockIo, Journal, OpenMode, Survivors};
 use uuid::Uuid;
 
 const CS: u64 = 64 << 10;
@@ -221,6 +221,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
 #[derive(Default)]
 struct Figures {
     states: u64,
+    repair_states: u64,
     points: u64,
     failed: u64,
     per_op: BTreeMap<String, u64>,
@@ -236,16 +237,9 @@ fn materialize(files: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path) {
     }
 }
 
-fn verify(dir: &Path, step: &Step, point: usize) -> Result<(), String> {
+/// Repair the disk in `dir` with the real check, open it and read it all.
+fn repair_and_read(dir: &Path) -> Result<Vec<u8>, String> {
     let dd = dir.join("DiskDescriptor.xml");
-    if !dd.exists() {
-        // Only a crash inside init may leave no disk at all.
-        return match step.before {
-            None if point < step.to => Ok(()),
-            _ => Err("the descriptor is gone".into()),
-        };
-    }
-    // Whatever an interrupted operation left: the real check repairs it.
     ops::check_disk(&dd, false).map_err(|e| format!("check: {e}"))?;
     let disk = Disk::open(&dd, OpenOptions::default()).map_err(|e| format!("open: {e}"))?;
     let mut back = vec![0u8; SIZE as usize];
@@ -253,6 +247,26 @@ fn verify(dir: &Path, step: &Step, point: usize) -> Result<(), String> {
         .read_at(&mut back, 0)
         .map_err(|e| format!("read: {e}"))?;
     let _ = disk.close();
+    Ok(back)
+}
+
+/// Check a crash state against its step; returns what the disk holds
+/// (None: no disk yet).
+fn verify(dir: &Path, step: &Step, point: usize) -> Result<Option<Vec<u8>>, String> {
+    if !dir.join("DiskDescriptor.xml").exists() {
+        // Only a crash inside init may leave no disk at all.
+        return match step.before {
+            None if point < step.to => Ok(None),
+            _ => Err("the descriptor is gone".into()),
+        };
+    }
+    // Whatever an interrupted operation left: the real check repairs it.
+    let back = repair_and_read(dir)?;
+    check_content(&back, step, point)?;
+    Ok(Some(back))
+}
+
+fn check_content(back: &[u8], step: &Step, point: usize) -> Result<(), String> {
     if back == step.after {
         return Ok(());
     }
@@ -263,7 +277,7 @@ fn verify(dir: &Path, step: &Step, point: usize) -> Result<(), String> {
     let Some(before) = &step.before else {
         return Err("a disk made by an unfinished init is not empty".into());
     };
-    if back == *before {
+    if back == before.as_slice() {
         return Ok(());
     }
     if !step.is_write() {
@@ -280,6 +294,61 @@ fn verify(dir: &Path, step: &Step, point: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// A crash state copied onto a fresh journaled filesystem (every file and
+/// name durable), in a folder named `dir`.
+fn journaled_copy(files: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path) -> (Journal, Rc<JournaledFs>) {
+    let j = Journal::new();
+    let fs = Rc::new(JournaledFs::new(j.clone()));
+    with_fs(fs.clone(), || {
+        for (path, data) in files {
+            let p = dir.join(path.file_name().expect("a file name"));
+            let io = fsys::open(&p, OpenMode::create()).expect("create");
+            io.write_at(data, 0).expect("write");
+            io.flush().expect("flush");
+        }
+        fsys::sync_dir(dir).expect("sync");
+    });
+    (j, fs)
+}
+
+/// Crash the repair of a crash state: run the real check on a journaled
+/// copy of `files`, crash it at every point, and repair what that leaves
+/// on real files; the disk must read `want` every time.
+fn crash_the_repair(
+    files: &BTreeMap<PathBuf, Vec<u8>>,
+    want: &[u8],
+    scratch: &Path,
+    rng: &mut Rng,
+    f: &mut Figures,
+) {
+    let dir = scratch.join("repair-home");
+    let (j, fs) = journaled_copy(files, &dir);
+    let from = j.len();
+    let dd = dir.join("DiskDescriptor.xml");
+    if with_fs(fs, || ops::check_disk(&dd, false)).is_err() {
+        f.failed += 1;
+        eprintln!("check failed on the journaled copy of a state it repairs on files");
+        return;
+    }
+    let crashed = scratch.join("repair-crashed");
+    for point in from..=j.len() {
+        let files = j.crash_folder(point, rng);
+        materialize(&files, &crashed);
+        f.repair_states += 1;
+        match repair_and_read(&crashed) {
+            Ok(back) if back == want => {}
+            Ok(_) => {
+                f.failed += 1;
+                eprintln!("a repair cut at point {point} changed the disk");
+            }
+            Err(e) => {
+                f.failed += 1;
+                eprintln!("a repair cut at point {point}: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
     let scratch = tempfile::tempdir().unwrap();
@@ -293,14 +362,22 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
         for step in &steps {
             for point in step.from..=step.to {
                 f.points += 1;
-                for _ in 0..DRAWS {
+                for draw in 0..DRAWS {
                     let files = j.crash_folder(point, &mut rng);
                     materialize(&files, &crashed);
                     f.states += 1;
                     *f.per_op.entry(step.what.clone()).or_default() += 1;
-                    if let Err(e) = verify(&crashed, step, point) {
-                        f.failed += 1;
-                        eprintln!("life {seed}, {} at point {point}: {e}", step.what);
+                    match verify(&crashed, step, point) {
+                        Err(e) => {
+                            f.failed += 1;
+                            eprintln!("life {seed}, {} at point {point}: {e}", step.what);
+                        }
+                        // Conversions leave the most for check to finish:
+                        // crash that too.
+                        Ok(Some(back)) if draw == 0 && step.what.starts_with("convert") => {
+                            crash_the_repair(&files, &back, scratch.path(), &mut rng, &mut f);
+                        }
+                        Ok(_) => {}
                     }
                 }
             }
@@ -308,10 +385,12 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
     }
     let per_op: Vec<String> = f.per_op.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let report = format!(
-        "crash explorer (operations): {} crash points, {} crash states ({}); failed: {}\n",
+        "crash explorer (operations): {} crash points, {} crash states ({}), \
+         {} more with the repair of a conversion's crash state crashed too; failed: {}\n",
         f.points,
         f.states,
         per_op.join(", "),
+        f.repair_states,
         f.failed
     );
     print!("{report}");
