@@ -1,0 +1,360 @@
+//! The transmission phase: one reader per connection parses requests and
+//! hands them to a shared pool of workers, which do the I/O on the delta
+//! chain and send their replies as they finish (out of order).
+//!
+//! Here: the connection, its budgets and the request loop. `pool`: the
+//! workers and what connections share. `commands`: each command.
+//! `reply`: encoding and sending replies. `ring`: the io_uring path.
+//! The submodules share this module's imports (`use super::*`).
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+
+use ploop_io::AlignedBuf;
+use tracing::{debug, error, warn};
+
+use super::handshake::{Agreed, ALLOCATION_ID};
+use super::proto::*;
+use super::Export;
+use crate::uring::{Answer, Op, Ring};
+
+mod commands;
+mod pool;
+mod reply;
+mod ring;
+
+pub use pool::{Executor, Inline, Pool, Shared};
+pub use reply::ReplySink;
+use reply::{errno_failure, failure, image_failure, Failure, Queue, Reply};
+use ring::Completed;
+
+/// Largest READ or WRITE payload we take (advertised as the maximum).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// A WRITE payload above this ends the connection instead of being
+/// read and thrown away.
+const MAX_DRAIN: u64 = 256 << 20;
+/// Block status looks at no more than this much of the disk per request.
+const MAX_STATUS_SPAN: u64 = 1 << 30;
+const MAX_STATUS_RUNS: usize = 64 * 1024;
+/// Per connection: requests and payload bytes in flight before the reader
+/// waits, so that a client cannot make us buffer without bound.
+const MAX_IN_FLIGHT: usize = 256;
+const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+/// All connections together: payload bytes held before readers wait.
+const MAX_TOTAL_BYTES: usize = 1 << 30;
+/// Payloads and read data up to this size reuse pooled buffers.
+const POOLED_BUF: usize = 1 << 20;
+const POOL_KEEP: usize = 64;
+
+// Compact replies carry 32-bit lengths: keep what we send within them.
+const _: () = assert!(MAX_STATUS_SPAN <= u32::MAX as u64);
+const _: () = assert!((MAX_PAYLOAD as u64) < u32::MAX as u64 - 8);
+
+/// Lock a mutex even if a panicking thread held it: what it guards (a
+/// socket, counters) stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// [`lock`] without waiting: None only when another thread holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+struct Budget {
+    requests: usize,
+    bytes: usize,
+}
+
+/// One connection in transmission.
+pub struct Connection {
+    export: Arc<Export>,
+    agreed: Agreed,
+    shared: Arc<Shared>,
+    out: Mutex<Box<dyn ReplySink>>,
+    /// Replies waiting for the worker that is sending.
+    queued: Mutex<Queue>,
+    /// Requests the ring has done, waiting for a worker to reply.
+    completed: Mutex<Vec<Completed>>,
+    reply_scheduled: AtomicBool,
+    budget: Mutex<Budget>,
+    budget_freed: Condvar,
+    /// A reply could not be sent: stop reading requests.
+    broken: AtomicBool,
+}
+
+/// Gives a request's budget back however its job ends.
+struct BudgetGuard {
+    conn: Arc<Connection>,
+    bytes: usize,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.conn.give_budget(self.bytes);
+    }
+}
+
+impl Connection {
+    pub fn new(
+        export: Arc<Export>,
+        agreed: Agreed,
+        out: Box<dyn ReplySink>,
+        shared: Arc<Shared>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            export,
+            agreed,
+            shared,
+            out: Mutex::new(out),
+            queued: Mutex::new(Queue::default()),
+            completed: Mutex::new(Vec::new()),
+            reply_scheduled: AtomicBool::new(false),
+            budget: Mutex::new(Budget {
+                requests: 0,
+                bytes: 0,
+            }),
+            budget_freed: Condvar::new(),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    fn structured(&self) -> bool {
+        self.agreed.structured || self.agreed.extended
+    }
+
+    /// Wait for room for one more request of `bytes` payload, then take
+    /// it; the payload is allocated only after this.
+    fn take_budget(&self, bytes: usize) {
+        let mut b = lock(&self.budget);
+        while b.requests >= MAX_IN_FLIGHT || (b.bytes > 0 && b.bytes + bytes > MAX_IN_FLIGHT_BYTES)
+        {
+            b = self
+                .budget_freed
+                .wait(b)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        b.requests += 1;
+        b.bytes += bytes;
+        drop(b);
+        self.shared.take_bytes(bytes);
+    }
+
+    fn give_budget(&self, bytes: usize) {
+        self.shared.give_bytes(bytes);
+        let mut b = lock(&self.budget);
+        b.requests -= 1;
+        b.bytes -= bytes;
+        self.budget_freed.notify_all();
+    }
+
+    /// Wait until every request handed to the workers has been answered.
+    fn drain(&self) {
+        let mut b = lock(&self.budget);
+        while b.requests > 0 {
+            b = self
+                .budget_freed
+                .wait(b)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Read and throw away `len` bytes.
+fn skip(r: &mut dyn Read, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(len), &mut io::sink())?;
+    if copied < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Which flags each command accepts.
+fn allowed_flags(kind: u16, extended: bool) -> u16 {
+    let payload = if extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
+    match kind {
+        CMD_READ => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_WRITE => CMD_FLAG_FUA | payload,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_TRIM | CMD_FLUSH | CMD_CACHE => CMD_FLAG_FUA,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => 0,
+    }
+}
+
+/// How the request loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// NBD_CMD_DISC, or the client closed the connection.
+    Disconnect,
+    /// The client broke the protocol (bad magic, oversized payload).
+    Violation,
+    /// A read or a reply failed.
+    IoError,
+}
+
+/// Read requests until the client leaves; replies go through `conn`.
+/// Returns once every request handed out has been answered.
+pub fn serve_requests<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
+    let end = request_loop(conn, input);
+    conn.drain();
+    end
+}
+
+fn request_loop<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
+    let mut batch: Vec<Op> = Vec::new();
+    let end = request_loop_batched(conn, input, &mut batch);
+    if let Some(ring) = &conn.shared.ring {
+        ring.submit_batch(batch.drain(..));
+    }
+    end
+}
+
+/// The request loop; requests for the ring gather in `batch` while more
+/// are already buffered, and go to the ring together.
+fn request_loop_batched<R: Read>(
+    conn: &Arc<Connection>,
+    input: &mut BufReader<R>,
+    batch: &mut Vec<Op>,
+) -> End {
+    let extended = conn.agreed.extended;
+    let mut header = [0u8; EXTENDED_REQUEST_LEN];
+    let header_len = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
+    loop {
+        if conn.broken.load(Ordering::SeqCst) {
+            return End::IoError;
+        }
+        if !batch.is_empty() && input.buffer().len() < header_len {
+            // Nothing more without waiting: let the ring start on these.
+            if let Some(ring) = &conn.shared.ring {
+                ring.submit_batch(batch.drain(..));
+            }
+        }
+        match input.read_exact(&mut header[..header_len]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::Disconnect,
+            Err(e) => {
+                debug!("reading a request: {e}");
+                return End::IoError;
+            }
+        }
+        let parsed = if extended {
+            Request::parse_extended(&header)
+        } else {
+            Request::parse(header[..REQUEST_LEN].try_into().expect("28 bytes"))
+        };
+        let Some(req) = parsed else {
+            warn!("bad request magic: dropping the client");
+            return End::Violation;
+        };
+        if req.kind == CMD_DISC {
+            return End::Disconnect;
+        }
+        // Payload first: whatever we answer, the stream must stay in step.
+        let mut payload = None;
+        if req.has_payload(extended) {
+            if req.length > u64::from(MAX_PAYLOAD) || req.kind != CMD_WRITE {
+                if req.length > MAX_DRAIN || extended && req.length > u64::from(MAX_PAYLOAD) {
+                    warn!("{}-byte payload: dropping the client", req.length);
+                    return End::Violation;
+                }
+                if skip(input, req.length).is_err() {
+                    return End::IoError;
+                }
+                let why = if req.kind == CMD_WRITE {
+                    "write longer than the maximum payload"
+                } else {
+                    "this command takes no payload"
+                };
+                conn.reply_error(&req, failure(EINVAL, why));
+                continue;
+            }
+            let len = req.length as usize;
+            conn.take_budget(len);
+            let mut buf = conn.shared.buffer(len);
+            if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
+                // Cut off in the middle of a write: nothing was acknowledged.
+                conn.give_budget(len);
+                return End::IoError;
+            }
+            payload = Some((buf, len));
+        } else if req.kind == CMD_WRITE {
+            conn.reply_error(&req, failure(EINVAL, "WRITE without a payload"));
+            continue;
+        }
+        let bytes = payload.as_ref().map_or(0, |p| p.1);
+        // A payload took its budget before it was read.
+        let budgeted = payload.is_some();
+        let refuse = |f: Failure| {
+            conn.reply_error(&req, f);
+            if budgeted {
+                conn.give_budget(bytes);
+            }
+        };
+        if conn.shared.stop.load(Ordering::SeqCst) {
+            refuse(failure(ESHUTDOWN, "the server is stopping"));
+            continue;
+        }
+        let known = matches!(
+            req.kind,
+            CMD_READ
+                | CMD_WRITE
+                | CMD_FLUSH
+                | CMD_TRIM
+                | CMD_CACHE
+                | CMD_WRITE_ZEROES
+                | CMD_BLOCK_STATUS
+        );
+        if !known {
+            refuse(failure(EINVAL, format!("unknown command {}", req.kind)));
+            continue;
+        }
+        let extra = req.flags & !allowed_flags(req.kind, extended);
+        if extra != 0 || (req.flags & CMD_FLAG_DF != 0 && !conn.structured()) {
+            refuse(failure(EINVAL, format!("unexpected flags {extra:#x}")));
+            continue;
+        }
+        // A read's reply may wait in memory: it counts like a payload.
+        let bytes = if req.kind == CMD_READ {
+            req.length.min(u64::from(MAX_PAYLOAD)) as usize
+        } else {
+            bytes
+        };
+        if !budgeted {
+            conn.take_budget(bytes);
+        }
+        let guard = BudgetGuard {
+            conn: conn.clone(),
+            bytes,
+        };
+        let (payload, guard) = match conn.try_queue(req, payload, guard) {
+            Ok(op) => {
+                batch.push(op);
+                continue;
+            }
+            Err(back) => back,
+        };
+        conn.shared.exec.run(Box::new(move || {
+            let c = guard.conn.clone();
+            let done = catch_unwind(AssertUnwindSafe(|| c.execute(req, payload)));
+            if let Err(panic) = done {
+                // A bug, not the client's fault: this connection cannot be
+                // trusted to stay in step; the others go on.
+                error!("request {req:?} panicked: {panic:?}; cutting the connection");
+                c.broken.store(true, Ordering::SeqCst);
+                lock(&c.out).abort();
+            }
+            drop(guard);
+        }));
+    }
+}
