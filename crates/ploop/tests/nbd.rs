@@ -240,6 +240,21 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
     );
     let covered: u64 = map.iter().map(|m| m.1).sum();
     assert_eq!(covered, size as u64, "{map:?}");
+    // qemu asks over extended headers (64-bit block status): same answer.
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", server.uri.as_str()],
+    )
+    .success();
+    let extents: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let qemu_data: Vec<(u64, u64)> = extents
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(qemu_data, data, "qemu-img map: {out}");
     server.stop();
     // Not OpenVZ's check: the discard punched a hole in the file, which it
     // calls "sparse" (its own discard compacts instead).
