@@ -158,17 +158,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     cfg.n_threads = Some(opts.threads.max(1));
     cfg.clone_fd = true;
     let cleanup_record = |r: &MountRecord| registry::remove(r);
-    let ring = if opts.uring {
-        match crate::uring::Ring::start() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!("io_uring unavailable ({e}); using synchronous I/O");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let ring = crate::uring::Ring::start_if(opts.uring);
     let session = match fuser::Session::new(OneFileFs::new(served.clone(), ring), &fuse_file, &cfg)
     {
         Ok(s) => s,

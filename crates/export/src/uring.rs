@@ -86,6 +86,17 @@ impl Ring {
         Ok(this)
     }
 
+    /// The ring if `wanted` and the kernel gives us one; None (synchronous
+    /// I/O) otherwise, with a warning.
+    pub fn start_if(wanted: bool) -> Option<Arc<Ring>> {
+        if !wanted {
+            return None;
+        }
+        Ring::start()
+            .inspect_err(|e| tracing::warn!("io_uring unavailable ({e}); using synchronous I/O"))
+            .ok()
+    }
+
     /// Queue an operation; the ring thread answers it.
     pub fn submit(&self, op: Op) {
         if op.segments.is_empty() {

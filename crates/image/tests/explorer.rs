@@ -13,13 +13,17 @@
 //!
 //! The figures go to target/crash-explorer.txt (scripts/test.sh prints it).
 
+mod common;
+
 use std::sync::Arc;
+
+use common::Rng;
 
 use ploop_format::ploop::check::check;
 use ploop_format::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
 use ploop_image::ops::copy_down;
 use ploop_image::{Chain, Delta};
-use ploop_io::{Journal, MemIo, SharedIo, Survivors};
+use ploop_io::{Journal, MemIo, SharedIo};
 
 const CS: u64 = 32 << 10;
 const CLUSTERS: u64 = 8;
@@ -27,41 +31,6 @@ const SIZE: u64 = CS * CLUSTERS;
 /// Seeds (disk lives) and survivor draws per crash point.
 const LIVES: u64 = 32;
 const DRAWS: usize = 5;
-
-/// xorshift64: deterministic choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-impl Survivors for Rng {
-    fn keep(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-    fn torn(&mut self, sectors: usize) -> Option<Vec<bool>> {
-        if sectors > 1 && self.below(4) == 0 {
-            Some((0..sectors).map(|_| self.next() & 1 == 1).collect())
-        } else {
-            None
-        }
-    }
-    fn order(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            v.swap(i, self.below(i as u64 + 1) as usize);
-        }
-        v
-    }
-}
 
 /// A write or discard: when it began, where, and the byte it leaves.
 #[derive(Clone, Copy)]

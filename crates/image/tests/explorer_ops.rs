@@ -14,6 +14,8 @@
 //!
 //! Figures go to target/crash-explorer-ops.txt (scripts/test.sh prints it).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -22,48 +24,16 @@ use ploop_format::ploop::Version;
 use ploop_image::ops::{self, DiskFormat, InitOptions};
 use ploop_image::{Disk, OpenOptions};
 use ploop_io::fsys::{self, with_fs, JournaledFs};
-use ploop_io::{BlockIo, Journal, OpenMode, Survivors};
+use ploop_io::{BlockIo, Journal, OpenMode};
 use uuid::Uuid;
+
+use common::Rng;
 
 const CS: u64 = 64 << 10;
 const CLUSTERS: u64 = 6;
 const SIZE: u64 = CS * CLUSTERS;
 const LIVES: u64 = 8;
 const DRAWS: usize = 4;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-impl Survivors for Rng {
-    fn keep(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-    fn torn(&mut self, sectors: usize) -> Option<Vec<bool>> {
-        (sectors > 1 && self.below(4) == 0)
-            .then(|| (0..sectors).map(|_| self.next() & 1 == 1).collect())
-    }
-    fn order(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            v.swap(i, self.below(i as u64 + 1) as usize);
-        }
-        v
-    }
-    fn prefix(&mut self, n: usize) -> usize {
-        self.below(n as u64 + 1) as usize
-    }
-}
 
 /// One step of a life: the journal span it covers, and the disk's content
 /// before (None: no disk yet) and after it, from the model.

@@ -278,17 +278,7 @@ fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool 
 /// false when some were still busy after being cut off (their requests
 /// may still touch the image).
 pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> io::Result<bool> {
-    let ring = if opts.uring {
-        match crate::uring::Ring::start() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!("io_uring unavailable ({e}); using synchronous I/O");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let ring = crate::uring::Ring::start_if(opts.uring);
     let shared = Shared::new(Box::new(Pool::new(opts.threads)?), ring, stop.clone());
     let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
     let mut served = 0u64;
