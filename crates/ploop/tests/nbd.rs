@@ -45,6 +45,24 @@ fn qcow2_source(dir: &Path, size: usize) -> (PathBuf, Vec<u8>) {
     (q, want)
 }
 
+/// `qemu-img compare` of a qcow2 file with an NBD export must pass.
+#[track_caller]
+fn qemu_compare(qcow2: &Path, uri: &str) {
+    run(
+        "qemu-img",
+        &[
+            OsStr::new("compare"),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            qcow2.as_os_str(),
+            nbd_uri_arg(uri),
+        ],
+    )
+    .success();
+}
+
 fn nbd_uri_arg(uri: &str) -> &OsStr {
     OsStr::new(uri)
 }
@@ -85,19 +103,7 @@ fn qemu_img_convert_and_compare_over_unix_and_tcp() {
         ],
     )
     .success();
-    run(
-        "qemu-img",
-        &[
-            OsStr::new("compare"),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            src.as_os_str(),
-            nbd_uri_arg(&server.uri),
-        ],
-    )
-    .success();
+    qemu_compare(&src, &server.uri);
     server.stop();
     // What the clients wrote is in the ploop file itself, which the peers accept.
     peers_check(&disk.image);
@@ -117,19 +123,7 @@ fn qemu_img_convert_and_compare_over_unix_and_tcp() {
     );
     assert!(server.uri.starts_with("nbd://127.0.0.1:"), "{}", server.uri);
     assert!(server.uri.ends_with("/root"), "{}", server.uri);
-    run(
-        "qemu-img",
-        &[
-            OsStr::new("compare"),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            src.as_os_str(),
-            nbd_uri_arg(&server.uri),
-        ],
-    )
-    .success();
+    qemu_compare(&src, &server.uri);
     let refused = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &server.uri]);
     assert!(
         !refused.ok()
