@@ -762,26 +762,32 @@ fn sigterm_stops_the_daemon_cleanly() {
 fn two_daemons_for_one_view_cannot_both_start() {
     let _serial = serial();
     let disk = Disk::new("128M", "none");
-    let spawn = || {
-        Command::new(PLOOP)
-            .args(["mount", "-r", &disk.dd()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (a, b) = (spawn(), spawn());
-    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
-    let started = outs.iter().filter(|o| o.status.success()).count();
-    assert_eq!(
-        started,
-        1,
-        "exactly one daemon serves the view: {:?}",
-        outs.iter()
-            .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
-            .collect::<Vec<_>>()
-    );
-    disk.umount();
-    let listed = ok(ploop(&["list"]), "list");
-    assert!(!listed.contains(&disk.dd()), "{listed}");
+    // Read-only views and the read-write top alike: two mounts started at
+    // once, exactly one wins.
+    for mode in [&["-r"][..], &[][..]] {
+        let spawn = || {
+            Command::new(PLOOP)
+                .arg("mount")
+                .args(mode)
+                .arg(disk.dd())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+        let started = outs.iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            started,
+            1,
+            "exactly one daemon serves the view {mode:?}: {:?}",
+            outs.iter()
+                .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+                .collect::<Vec<_>>()
+        );
+        disk.umount();
+        let listed = ok(ploop(&["list"]), "list");
+        assert!(!listed.contains(&disk.dd()), "{listed}");
+    }
 }
