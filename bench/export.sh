@@ -24,16 +24,20 @@ jobs() { # $1 label, rest: fio target args
     R["$label|$rw"]=$(echo "$line" | awk '{for (i = 2; i <= NF; i++) if ($i == "IOPS") print $(i-1)}')
   done
 }
-ploop_target() { # $1 label, $2 format, $3 I/O engine
+ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring, dev: /dev/fuse)
   rm -rf "$D/img"; mkdir -p "$D/img"
   "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
-  local dev; dev=$("$P" mount --io "$3" "$D/img/DiskDescriptor.xml") || exit 1
+  local dev; dev=$("$P" mount --fuse-queues "$3" "$D/img/DiskDescriptor.xml") || exit 1
   jobs "$1" --filename="$dev" --ioengine=io_uring --direct=1
   "$P" umount "$D/img/DiskDescriptor.xml"
 }
-ploop_target "ploop ploop1 fuse+loop" ploop1 sync
-ploop_target "ploop ploop1 io_uring" ploop1 uring
-ploop_target "ploop raw fuse+loop" raw sync
+# FUSE over io_uring needs the fuse module's enable_uring (Linux 6.14+).
+if [ -w /sys/module/fuse/parameters/enable_uring ]; then
+  echo Y > /sys/module/fuse/parameters/enable_uring
+  ploop_target "ploop ploop1 fuse-ring" ploop1 ring
+  ploop_target "ploop raw fuse-ring" raw ring
+fi
+ploop_target "ploop ploop1 /dev/fuse" ploop1 dev
 rm -f $D/raw.img; fallocate -l $SIZE $D/raw.img
 L=$(losetup -f --show --direct-io=on $D/raw.img)
 jobs "loop(dio) on raw" --filename=$L --ioengine=io_uring --direct=1
@@ -48,8 +52,10 @@ jobs "qsd qcow2 fuse+loop" --filename=$L --ioengine=io_uring --direct=1
 losetup -d $L; kill $SP; wait $SP 2>/dev/null
 echo
 echo "ratios (ploop1 export): vs qsd (goal >= 1.5), vs loop on raw (goal >= 0.7)"
-for rw in randread randwrite read write; do
-  p=${R["ploop ploop1 fuse+loop|$rw"]}; q=${R["qsd qcow2 fuse+loop|$rw"]}; l=${R["loop(dio) on raw|$rw"]}
-  awk -v rw=$rw -v p=$p -v q=$q -v l=$l 'BEGIN{printf "%-10s %6.2fx qsd   %6.2fx loop-on-raw\n", rw, (q>0?p/q:0), (l>0?p/l:0)}'
+for t in "fuse-ring" "/dev/fuse"; do
+  for rw in randread randwrite read write; do
+    p=${R["ploop ploop1 $t|$rw"]:-0}; q=${R["qsd qcow2 fuse+loop|$rw"]}; l=${R["loop(dio) on raw|$rw"]}
+    awk -v t=$t -v rw=$rw -v p=$p -v q=$q -v l=$l 'BEGIN{printf "%-10s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
+  done
 done
 rm -rf "$D"

@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::control::{self, Request, Response};
-use crate::fuse::{OneFileFs, MAX_REQUEST};
+use crate::fuse::{DiskFile, OneFileFs, MAX_REQUEST};
+use crate::fuse_ring::Queues;
 use crate::kernel;
 use crate::online;
 use crate::registry::{self, MountRecord};
@@ -34,6 +35,19 @@ pub struct MountOptions {
     pub threads: usize,
     /// Queue plain reads and in-place writes through io_uring.
     pub uring: bool,
+    /// How the kernel hands FUSE requests over.
+    pub fuse_queues: FuseQueues,
+}
+
+/// FUSE over io_uring (per-CPU queues) or /dev/fuse (worker threads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseQueues {
+    /// io_uring where the kernel offers it, /dev/fuse otherwise.
+    Auto,
+    /// io_uring or fail.
+    Ring,
+    /// /dev/fuse.
+    Dev,
 }
 
 fn canonical(p: &Path) -> Result<PathBuf, String> {
@@ -116,6 +130,21 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         opts.read_only,
         disk.chain,
     ));
+    let file = Arc::new(DiskFile::new(served.clone()));
+    let queues = match opts.fuse_queues {
+        FuseQueues::Dev => None,
+        mode => match Queues::prepare(file.clone(), MAX_REQUEST as usize, opts.threads) {
+            Ok(q) => Some(q),
+            Err(e) if mode == FuseQueues::Auto => {
+                info!("FUSE over io_uring not used: {e}; serving over /dev/fuse");
+                None
+            }
+            Err(e) => {
+                let _ = served.current().close();
+                return Err(format!("FUSE over io_uring: {e}"));
+            }
+        },
+    };
     let dir = registry::run_dir().join(&id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let fuse_file = dir.join("disk");
@@ -159,8 +188,8 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     cfg.clone_fd = true;
     let cleanup_record = |r: &MountRecord| registry::remove(r);
     let ring = crate::uring::Ring::start_if(opts.uring);
-    let session = match fuser::Session::new(OneFileFs::new(served.clone(), ring), &fuse_file, &cfg)
-    {
+    let fs = OneFileFs::new(file, ring, queues.clone());
+    let session = match fuser::Session::new(fs, &fuse_file, &cfg) {
         Ok(s) => s,
         Err(e) => {
             cleanup_record(&record);
@@ -168,6 +197,21 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
         }
     };
+    if let Some(q) = &queues {
+        let started = match q.start_if_negotiated(&session) {
+            Ok(false) if opts.fuse_queues == FuseQueues::Ring => {
+                Err("the kernel did not agree to FUSE over io_uring".to_string())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("starting the FUSE queues: {e}")),
+        };
+        if let Err(e) = started {
+            drop(session);
+            cleanup_record(&record);
+            let _ = served.current().close();
+            return Err(e);
+        }
+    }
     let mut fuse_thread = Some(
         std::thread::Builder::new()
             .name("fuse".into())

@@ -31,11 +31,20 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 const SEEK_DATA: i32 = 3;
 const SEEK_HOLE: i32 = 4;
 
-pub struct OneFileFs {
-    disk: Arc<ServedDisk>,
+/// The one file and what can be done to it, whichever way requests come
+/// in (/dev/fuse through fuser, or FUSE over io_uring).
+pub struct DiskFile {
+    pub(crate) disk: Arc<ServedDisk>,
     started: SystemTime,
+}
+
+pub struct OneFileFs {
+    file: Arc<DiskFile>,
+    disk: Arc<ServedDisk>,
     /// Queued I/O for plain reads and in-place writes, if enabled.
     ring: Option<Arc<Ring>>,
+    /// Queues ready to take requests over io_uring, if the kernel agrees.
+    fuse_ring: Option<Arc<crate::fuse_ring::Queues>>,
 }
 
 /// A request ready for the ring: the chain it was planned on, the file
@@ -46,11 +55,16 @@ type Queued = (Arc<ploop_image::Chain>, Vec<ploop_image::Segment>, InFlight);
 const QUEUE_ALIGN: u64 = 4096;
 
 impl OneFileFs {
-    pub fn new(disk: Arc<ServedDisk>, ring: Option<Arc<Ring>>) -> Self {
+    pub fn new(
+        file: Arc<DiskFile>,
+        ring: Option<Arc<Ring>>,
+        fuse_ring: Option<Arc<crate::fuse_ring::Queues>>,
+    ) -> Self {
         Self {
-            disk,
-            started: SystemTime::now(),
+            disk: file.disk.clone(),
+            file,
             ring,
+            fuse_ring,
         }
     }
 
@@ -72,8 +86,17 @@ impl OneFileFs {
         // Registered while the guard is held: see ServedDisk::begin_queued.
         Ok(plan.map(|segs| (chain.clone(), segs, self.disk.begin_queued())))
     }
+}
 
-    fn attr(&self) -> FileAttr {
+impl DiskFile {
+    pub fn new(disk: Arc<ServedDisk>) -> Self {
+        Self {
+            disk,
+            started: SystemTime::now(),
+        }
+    }
+
+    pub(crate) fn attr(&self) -> FileAttr {
         FileAttr {
             ino: INodeNo::ROOT,
             size: self.disk.size,
@@ -90,6 +113,98 @@ impl OneFileFs {
             rdev: 0,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    /// Refuse a writable open of a read-only disk.
+    pub(crate) fn check_open(&self, acc_mode: OpenAccMode) -> Result<(), Errno> {
+        if self.disk.read_only && acc_mode != OpenAccMode::O_RDONLY {
+            return Err(Errno::EROFS);
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (the caller clamps to the disk).
+    pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.disk.chain().read_at(buf, offset).map_err(|e| {
+            error!("read at {offset}: {e}");
+            errno(&e)
+        })
+    }
+
+    /// Refuse a write the disk cannot take before doing any work.
+    pub(crate) fn check_write(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        if self.disk.read_only {
+            return Err(Errno::EROFS);
+        }
+        if offset.saturating_add(len) > self.disk.size {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write(&self, data: &[u8], offset: u64) -> Result<(), Errno> {
+        self.check_write(offset, data.len() as u64)?;
+        self.disk.chain().write_at(data, offset).map_err(|e| {
+            error!("write at {offset}: {e}");
+            errno(&e)
+        })
+    }
+
+    pub(crate) fn fsync(&self) -> Result<(), Errno> {
+        if self.disk.read_only {
+            return Ok(());
+        }
+        self.disk.chain().flush().map_err(|e| {
+            error!("fsync: {e}");
+            errno(&e)
+        })
+    }
+
+    pub(crate) fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        if self.disk.read_only {
+            return Err(Errno::EROFS);
+        }
+        tracing::debug!("fallocate mode {mode:#x} at {offset}+{length}");
+        let end = offset.saturating_add(length);
+        let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0;
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0
+            || (mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0)
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if !zeroing {
+            // Plain preallocation: space is allocated on first write; only
+            // a request to grow the disk is refused.
+            if end > self.disk.size && mode & FALLOC_FL_KEEP_SIZE == 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            return Ok(());
+        }
+        let end = end.min(self.disk.size);
+        if offset >= end {
+            return Ok(());
+        }
+        self.disk
+            .chain()
+            .discard(offset, end - offset)
+            .map_err(|e| {
+                error!("fallocate mode {mode:#x} at {offset}+{length}: {e}");
+                errno(&e)
+            })
+    }
+
+    pub(crate) fn lseek(&self, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let size = self.disk.size as i64;
+        match whence {
+            // Everything counts as data; the only hole is at the end.
+            SEEK_DATA if offset < size => Ok(offset.max(0)),
+            SEEK_HOLE if offset < size => Ok(size),
+            SEEK_DATA | SEEK_HOLE => Err(Errno::ENXIO),
+            other => {
+                warn!("lseek whence {other} not supported");
+                Err(Errno::EINVAL)
+            }
         }
     }
 }
@@ -123,6 +238,23 @@ impl Filesystem for OneFileFs {
         // Parallel async direct I/O from the loop device.
         let wanted = InitFlags::FUSE_ASYNC_DIO & config.capabilities();
         let _ = config.add_capabilities(wanted);
+        if let Some(queues) = &self.fuse_ring {
+            let _ = config.set_max_readahead(MAX_REQUEST);
+            let offered = config
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING);
+            let pages = MAX_REQUEST.div_ceil(4096) as usize;
+            if offered
+                && queues.negotiate(MAX_REQUEST, pages)
+                && config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok()
+            {
+                tracing::info!("serving requests over io_uring");
+            } else {
+                tracing::info!("serving requests over /dev/fuse (io_uring offered: {offered})");
+            }
+        }
         Ok(())
     }
 
@@ -146,7 +278,7 @@ impl Filesystem for OneFileFs {
     }
 
     fn getattr(&self, _req: &Request, _ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply.attr(&TTL, &self.attr());
+        reply.attr(&TTL, &self.file.attr());
     }
 
     fn setattr(
@@ -169,19 +301,18 @@ impl Filesystem for OneFileFs {
     ) {
         match size {
             Some(s) if s != self.disk.size => reply.error(Errno::EINVAL),
-            _ => reply.attr(&TTL, &self.attr()),
+            _ => reply.attr(&TTL, &self.file.attr()),
         }
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.disk.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
-            reply.error(Errno::EROFS);
-            return;
+        match self.file.check_open(flags.acc_mode()) {
+            Ok(()) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            Err(e) => reply.error(e),
         }
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
     }
 
     fn read(
@@ -226,13 +357,9 @@ impl Filesystem for OneFileFs {
             if buf.len() < len {
                 *buf = AlignedBuf::zeroed(len.next_power_of_two());
             }
-            let chain = self.disk.chain();
-            match chain.read_at(&mut buf.as_mut_slice()[..len], offset) {
+            match self.file.read(&mut buf.as_mut_slice()[..len], offset) {
                 Ok(()) => reply.data(&buf.as_slice()[..len]),
-                Err(e) => {
-                    error!("read at {offset}: {e}");
-                    reply.error(errno(&e));
-                }
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -249,12 +376,8 @@ impl Filesystem for OneFileFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if self.disk.read_only {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        if offset.saturating_add(data.len() as u64) > self.disk.size {
-            reply.error(Errno::ENOSPC);
+        if let Err(e) = self.file.check_write(offset, data.len() as u64) {
+            reply.error(e);
             return;
         }
         match self.plan(offset, data.len() as u64, true) {
@@ -278,13 +401,9 @@ impl Filesystem for OneFileFs {
                 return;
             }
         }
-        let chain = self.disk.chain();
-        match chain.write_at(data, offset) {
+        match self.file.write(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
-            Err(e) => {
-                error!("write at {offset}: {e}");
-                reply.error(errno(&e));
-            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -307,17 +426,9 @@ impl Filesystem for OneFileFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.disk.read_only {
-            reply.ok();
-            return;
-        }
-        let chain = self.disk.chain();
-        match chain.flush() {
+        match self.file.fsync() {
             Ok(()) => reply.ok(),
-            Err(e) => {
-                error!("fsync: {e}");
-                reply.error(errno(&e));
-            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -331,41 +442,9 @@ impl Filesystem for OneFileFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if self.disk.read_only {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        tracing::debug!("fallocate mode {mode:#x} at {offset}+{length}");
-        let end = offset.saturating_add(length);
-        let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0;
-        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0
-            || (mode & FALLOC_FL_PUNCH_HOLE != 0 && mode & FALLOC_FL_KEEP_SIZE == 0)
-        {
-            reply.error(Errno::EOPNOTSUPP);
-            return;
-        }
-        if !zeroing {
-            // Plain preallocation: space is allocated on first write; only
-            // a request to grow the disk is refused.
-            if end > self.disk.size && mode & FALLOC_FL_KEEP_SIZE == 0 {
-                reply.error(Errno::EOPNOTSUPP);
-            } else {
-                reply.ok();
-            }
-            return;
-        }
-        let end = end.min(self.disk.size);
-        if offset >= end {
-            reply.ok();
-            return;
-        }
-        let chain = self.disk.chain();
-        match chain.discard(offset, end - offset) {
+        match self.file.fallocate(offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(e) => {
-                error!("fallocate mode {mode:#x} at {offset}+{length}: {e}");
-                reply.error(errno(&e));
-            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -378,16 +457,9 @@ impl Filesystem for OneFileFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let size = self.disk.size as i64;
-        match whence {
-            // Everything counts as data; the only hole is at the end.
-            SEEK_DATA if offset < size => reply.offset(offset.max(0)),
-            SEEK_HOLE if offset < size => reply.offset(size),
-            SEEK_DATA | SEEK_HOLE => reply.error(Errno::ENXIO),
-            other => {
-                warn!("lseek whence {other} not supported");
-                reply.error(Errno::EINVAL);
-            }
+        match self.file.lseek(offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(e),
         }
     }
 }

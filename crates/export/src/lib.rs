@@ -5,6 +5,7 @@
 pub mod control;
 pub mod daemon;
 pub mod fuse;
+pub mod fuse_ring;
 pub mod kernel;
 pub mod nbd;
 pub mod online;

@@ -55,6 +55,12 @@ impl ServedDisk {
         self.chain.read().expect("chain lock")
     }
 
+    /// The chain if it can be had without waiting (no online operation
+    /// holds or waits for it).
+    pub fn try_chain(&self) -> Option<RwLockReadGuard<'_, Arc<Chain>>> {
+        self.chain.try_read().ok()
+    }
+
     /// Run `f` with no request in flight; it may return a new chain.
     pub fn exclusive<T>(
         &self,

@@ -182,6 +182,12 @@ struct MountArgs {
     /// batches submissions; not faster on the machines measured so far).
     #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
     io: String,
+    /// How the kernel hands requests to the daemon: ring (FUSE over
+    /// io_uring: per-CPU queues, Linux 6.14+ with the fuse module's
+    /// enable_uring set), dev (/dev/fuse and worker threads), or auto (ring
+    /// where the kernel offers it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ring", "dev"])]
+    fuse_queues: String,
     descriptor: PathBuf,
 }
 
@@ -838,6 +844,7 @@ impl From<MountArgs> for crate::mount::MountRequest {
             foreground: a.foreground,
             threads: a.threads,
             uring: a.io == "uring",
+            fuse_queues: a.fuse_queues,
         }
     }
 }

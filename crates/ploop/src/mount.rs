@@ -25,6 +25,8 @@ pub struct MountRequest {
     pub foreground: bool,
     pub threads: usize,
     pub uring: bool,
+    /// How the kernel hands FUSE requests over: auto, ring or dev.
+    pub fuse_queues: String,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -49,6 +51,7 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     cmd.arg("mount").arg("--foreground");
     cmd.arg("--threads").arg(r.threads.to_string());
     cmd.arg("--io").arg(if r.uring { "uring" } else { "sync" });
+    cmd.arg("--fuse-queues").arg(&r.fuse_queues);
     if r.read_only {
         cmd.arg("-r");
     }
@@ -112,6 +115,11 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         fs_options: r.options.clone(),
         threads: r.threads,
         uring: r.uring,
+        fuse_queues: match r.fuse_queues.as_str() {
+            "ring" => daemon::FuseQueues::Ring,
+            "dev" => daemon::FuseQueues::Dev,
+            _ => daemon::FuseQueues::Auto,
+        },
     };
     daemon::serve(opts, |rec| {
         if let Some(d) = &rec.device {
@@ -301,6 +309,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         foreground: false,
         threads: 4,
         uring: false,
+        fuse_queues: "auto".into(),
     };
     let dev = start_daemon(&req)?;
     let made = kernel::mkfs(Path::new(&dev), fstype, block);

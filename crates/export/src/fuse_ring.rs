@@ -1,0 +1,832 @@
+//! FUSE over io_uring (Linux 6.14+, with the fuse module's `enable_uring`
+//! parameter set).
+//!
+//! Over /dev/fuse every request costs a read() and a write() by a worker
+//! thread, and a worker blocks in the disk I/O. Here the kernel hands each
+//! request to a per-CPU queue of registered buffers and takes the answer
+//! and the next request in one io_uring command. One thread per CPU runs
+//! its queue: plain reads and in-place writes of the image go on the same
+//! ring, straight into or out of the request's registered buffer, so the
+//! thread never waits for the disk. What needs the image layer's logic
+//! (allocation, copy-up, discard, flush) goes to a few helper threads.
+//!
+//! fuser still owns the mount and /dev/fuse: it answers INIT and whatever
+//! arrives before the queues are registered.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::Errno;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use ploop_image::{Chain, Segment};
+use ploop_io::AlignedBuf;
+use rustix::event::{eventfd, EventfdFlags};
+use tracing::{debug, error};
+
+use crate::fuse::DiskFile;
+use crate::served::InFlight;
+
+/// Requests in flight over all queues (each has a buffer of the largest
+/// request), and the most one queue takes.
+const TOTAL_DEPTH: usize = 128;
+const MAX_DEPTH: usize = 32;
+
+// The kernel's ABI (include/uapi/linux/fuse.h).
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// fuse_in_header / fuse_out_header area, per-opcode argument area, then
+/// struct fuse_uring_ent_in_out.
+const IN_OUT: usize = 0;
+const OP_IN: usize = 128;
+const ENT_IN_OUT: usize = 256;
+const HEADER_LEN: usize = 288;
+
+const FUSE_LOOKUP: u32 = 1;
+const FUSE_GETATTR: u32 = 3;
+const FUSE_SETATTR: u32 = 4;
+const FUSE_OPEN: u32 = 14;
+const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+const FUSE_STATFS: u32 = 17;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_FSYNC: u32 = 20;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
+const FUSE_FLUSH: u32 = 25;
+const FUSE_DESTROY: u32 = 38;
+const FUSE_FALLOCATE: u32 = 43;
+const FUSE_LSEEK: u32 = 46;
+
+const FATTR_SIZE: u32 = 1 << 3;
+const FOPEN_DIRECT_IO: u32 = 1 << 0;
+const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+const S_IFREG: u32 = 0o100_000;
+const ATTR_TTL_SECS: u64 = 1;
+
+/// Queued plain I/O in flight is aligned like this (O_DIRECT).
+const QUEUE_ALIGN: u64 = 4096;
+
+// user_data: what completed, in the top byte; the slot and piece below.
+const KIND_CMD: u64 = 1 << 56;
+const KIND_IO: u64 = 2 << 56;
+const KIND_WAKE: u64 = 3 << 56;
+const KIND_MASK: u64 = 0xff << 56;
+
+/// The queues, made before the mount's INIT so that INIT only asks the
+/// kernel for io_uring when they exist.
+pub struct Queues {
+    file: Arc<DiskFile>,
+    /// /dev/fuse of the session (a duplicate), set once it is mounted.
+    device: OnceLock<OwnedFd>,
+    /// INIT asked the kernel for io_uring.
+    negotiated: AtomicBool,
+    prepared: Mutex<Vec<Queue>>,
+    payload_len: usize,
+    helpers: usize,
+}
+
+impl Queues {
+    /// Queues for every possible CPU (the kernel wants all of them before it
+    /// sends a request over the ring), or None with the reason logged.
+    pub fn prepare(
+        file: Arc<DiskFile>,
+        payload_len: usize,
+        helpers: usize,
+    ) -> Result<Arc<Queues>, String> {
+        if !kernel_offers() {
+            return Err(format!(
+                "the fuse module does not offer it ({ENABLE_URING} is not Y)"
+            ));
+        }
+        let cpus = possible_cpus().map_err(|e| format!("counting CPUs: {e}"))?;
+        // Buffers on CPUs that never send a request are never touched.
+        let depth = (TOTAL_DEPTH / cpus).clamp(4, MAX_DEPTH);
+        let mut prepared = Vec::with_capacity(cpus);
+        for qid in 0..cpus {
+            let q = Queue::new(qid as u16, payload_len, depth)
+                .map_err(|e| format!("setting up queue {qid}: {e}"))?;
+            prepared.push(q);
+        }
+        Ok(Arc::new(Queues {
+            helpers: helpers.max(1),
+            file,
+            device: OnceLock::new(),
+            negotiated: AtomicBool::new(false),
+            prepared: Mutex::new(prepared),
+            payload_len,
+        }))
+    }
+
+    /// Called by INIT: whether to ask the kernel for io_uring (the kernel's
+    /// buffers must fit ours). Until the queues are started, the kernel
+    /// holds new requests back.
+    pub fn negotiate(&self, max_write: u32, max_pages: usize) -> bool {
+        let need = (max_write as usize)
+            .max(max_pages.saturating_mul(4096))
+            .max(8192);
+        let yes = need <= self.payload_len;
+        self.negotiated.store(yes, Ordering::SeqCst);
+        yes
+    }
+
+    /// Once the session is mounted (fuser answers INIT while mounting):
+    /// start the queues if INIT asked for io_uring. An error means the
+    /// mount cannot answer requests.
+    pub fn start_if_negotiated(self: &Arc<Self>, device: impl AsFd) -> io::Result<bool> {
+        if !self.negotiated.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let fd = device.as_fd().try_clone_to_owned()?;
+        let fd = self.device.get_or_init(|| fd).as_raw_fd();
+        self.start(fd)?;
+        Ok(true)
+    }
+
+    fn start(self: &Arc<Self>, fd: RawFd) -> io::Result<()> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..self.helpers {
+            let rx = rx.clone();
+            let file = self.file.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("fuse-helper-{i}"))
+                .spawn(move || helper(&file, rx));
+            spawned?;
+        }
+        let queues: Vec<Queue> = std::mem::take(&mut *self.prepared.lock().expect("queues"));
+        for mut q in queues {
+            let this = self.clone();
+            let jobs = jobs.clone();
+            let qid = q.qid;
+            let spawned = std::thread::Builder::new()
+                .name(format!("fuse-ring-{qid}"))
+                .spawn(move || {
+                    pin_to_cpu(qid as usize);
+                    q.run(fd, &this.file, &jobs);
+                });
+            // The kernel waits for every queue: without this one, requests
+            // would hang.
+            spawned?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the fuse module lets a connection use io_uring.
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+fn kernel_offers() -> bool {
+    std::fs::read_to_string(ENABLE_URING)
+        .map(|s| s.trim() == "Y" || s.trim() == "1")
+        .unwrap_or(false)
+}
+
+/// The kernel makes one queue per possible CPU.
+fn possible_cpus() -> io::Result<usize> {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut max = None;
+    for part in list.trim().split(',') {
+        let last = part.rsplit('-').next().unwrap_or(part);
+        let n: usize = last
+            .parse()
+            .map_err(|_| io::Error::other(format!("bad CPU list {list:?}")))?;
+        max = max.max(Some(n));
+    }
+    max.map(|n| n + 1)
+        .ok_or_else(|| io::Error::other("no CPUs listed"))
+}
+
+fn pin_to_cpu(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        debug!("pinning FUSE queue {cpu} to its CPU: {e}");
+    }
+}
+
+/// What became of a read or write the queue tried to do itself.
+enum Planned {
+    /// File I/O under way; answered when it completes.
+    Started,
+    /// Nothing to do on disk: answer now.
+    Answer(Result<usize, i32>),
+    /// Needs the image layer's logic, or would wait: a helper does it.
+    Helper,
+}
+
+/// Plain file I/O under way for one request.
+struct Pending {
+    segments: Vec<Segment>,
+    remaining: usize,
+    failed: Option<i32>,
+    write: bool,
+    len: usize,
+    _chain: Arc<Chain>,
+    _in_flight: InFlight,
+}
+
+/// struct iovec, held as plain numbers so that a queue can move to its
+/// thread (the memory it points at belongs to the same slot).
+#[repr(C)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+const _: () = assert!(std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>());
+
+/// One registered request buffer.
+struct Slot {
+    /// Header area (the kernel's struct fuse_uring_req_header).
+    header: AlignedBuf,
+    /// Payload area; lent to a helper while it works on the request.
+    payload: Option<AlignedBuf>,
+    /// The two areas as the kernel reads them at registration.
+    iov: [IoVec; 2],
+    io: Option<Pending>,
+    /// Connection gone: no command of this slot is pending any more.
+    dead: bool,
+}
+
+struct Queue {
+    qid: u16,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    slots: Vec<Slot>,
+    done: Arc<Completions>,
+}
+
+/// Helpers' answers, waiting for their queue thread.
+struct Completions {
+    list: Mutex<Vec<Done>>,
+    wake: OwnedFd,
+}
+
+/// Work for a helper thread.
+struct Job {
+    to: Arc<Completions>,
+    slot: usize,
+    what: Work,
+    payload: AlignedBuf,
+}
+
+enum Work {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, len: usize },
+    Fsync,
+    Fallocate { offset: u64, length: u64, mode: i32 },
+}
+
+struct Done {
+    slot: usize,
+    payload: AlignedBuf,
+    /// Payload bytes of the answer, or a positive errno.
+    result: Result<usize, i32>,
+}
+
+impl Queue {
+    fn new(qid: u16, payload_len: usize, depth: usize) -> io::Result<Queue> {
+        // Room for every slot's command plus its file I/O.
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .setup_cqsize((depth * 8) as u32)
+            .build((depth * 4) as u32)?;
+        // File I/O the kernel cannot start without blocking (an O_DIRECT
+        // write that updates the file's times, say) goes to io-wq workers;
+        // let as many run as requests can be in flight.
+        let mut workers = [(depth * 2) as u32, (depth * 2) as u32];
+        if let Err(e) = ring.submitter().register_iowq_max_workers(&mut workers) {
+            debug!("io-wq worker limit: {e}");
+        }
+        let mut slots = Vec::with_capacity(depth);
+        for _ in 0..depth {
+            let mut header = AlignedBuf::zeroed(4096);
+            let mut payload = AlignedBuf::zeroed(payload_len);
+            let iov = [
+                IoVec {
+                    base: header.as_mut_slice().as_mut_ptr() as u64,
+                    len: HEADER_LEN as u64,
+                },
+                IoVec {
+                    base: payload.as_mut_slice().as_mut_ptr() as u64,
+                    len: payload_len as u64,
+                },
+            ];
+            slots.push(Slot {
+                header,
+                payload: Some(payload),
+                iov,
+                io: None,
+                dead: false,
+            });
+        }
+        let done = Arc::new(Completions {
+            list: Mutex::new(Vec::new()),
+            wake: eventfd(0, EventfdFlags::CLOEXEC)?,
+        });
+        Ok(Queue {
+            qid,
+            ring,
+            slots,
+            done,
+        })
+    }
+
+    fn push(&mut self, sqe: squeue::Entry128) {
+        loop {
+            // SAFETY: every buffer an entry points at (slot headers and
+            // payloads, their iovecs, the wake counter) is owned by this
+            // queue and outlives the operation: run() drains the ring before
+            // it returns.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                error!("FUSE queue {}: submit: {e}", self.qid);
+            }
+        }
+    }
+
+    fn register(&mut self, fd: RawFd, slot: usize) {
+        let iov = self.slots[slot].iov.as_ptr() as u64;
+        let sqe = opcode::UringCmd80::new(types::Fd(fd), CMD_REGISTER)
+            .cmd(cmd_req(0, self.qid))
+            .addr(Some(iov))
+            .build()
+            .user_data(KIND_CMD | (slot as u64) << 16);
+        self.push(with_len(sqe, 2));
+    }
+
+    /// Answer the request in `slot` and ask for the next one.
+    fn commit(&mut self, fd: RawFd, slot: usize, result: Result<usize, i32>) {
+        let s = &mut self.slots[slot];
+        let h = s.header.as_mut_slice();
+        let unique = u64_at(h, IN_OUT + 8);
+        let commit_id = u64_at(h, ENT_IN_OUT + 8);
+        let (error, len) = match result {
+            Ok(n) => (0i32, n),
+            Err(e) => (-e, 0),
+        };
+        put_u32(h, IN_OUT, (16 + len) as u32);
+        h[IN_OUT + 4..IN_OUT + 8].copy_from_slice(&error.to_ne_bytes());
+        put_u64(h, IN_OUT + 8, unique);
+        put_u32(h, ENT_IN_OUT + 16, len as u32);
+        let sqe = opcode::UringCmd80::new(types::Fd(fd), CMD_COMMIT_AND_FETCH)
+            .cmd(cmd_req(commit_id, self.qid))
+            .build()
+            .user_data(KIND_CMD | (slot as u64) << 16);
+        self.push(sqe);
+    }
+
+    fn arm_wake(&mut self, counter: &mut [u8; 8]) {
+        let sqe = opcode::Read::new(
+            types::Fd(self.done.wake.as_raw_fd()),
+            counter.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(KIND_WAKE);
+        self.push(squeue::Entry128::from(sqe));
+    }
+
+    fn run(&mut self, fd: RawFd, file: &Arc<DiskFile>, jobs: &crossbeam_channel::Sender<Job>) {
+        for slot in 0..self.slots.len() {
+            self.register(fd, slot);
+        }
+        let mut counter = [0u8; 8];
+        self.arm_wake(&mut counter);
+        let mut live = self.slots.len();
+        let mut completed: Vec<(u64, i32)> = Vec::with_capacity(self.slots.len() * 4);
+        while live > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    error!("FUSE queue {}: wait: {e}", self.qid);
+                    break;
+                }
+                continue;
+            }
+            completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for (data, res) in completed.drain(..) {
+                let slot = ((data >> 16) & 0xff_ffff) as usize;
+                match data & KIND_MASK {
+                    KIND_CMD if res == 0 => self.request(fd, slot, file, jobs),
+                    KIND_CMD if res == -libc::EAGAIN || res == -libc::EINTR => {
+                        // Registered before the kernel had INIT's answer.
+                        std::thread::sleep(Duration::from_millis(1));
+                        self.register(fd, slot);
+                    }
+                    KIND_CMD => {
+                        if res != -libc::ENOTCONN && res != -libc::ECONNABORTED {
+                            debug!("FUSE queue {}: command ended: errno {}", self.qid, -res);
+                        }
+                        if !self.slots[slot].dead {
+                            self.slots[slot].dead = true;
+                            live -= 1;
+                        }
+                    }
+                    KIND_IO => self.io_done(fd, slot, (data & 0xffff) as usize, res),
+                    KIND_WAKE => {
+                        let done: Vec<Done> =
+                            std::mem::take(&mut *self.done.list.lock().expect("completions"));
+                        for d in done {
+                            self.slots[d.slot].payload = Some(d.payload);
+                            self.commit(fd, d.slot, d.result);
+                        }
+                        self.arm_wake(&mut counter);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // The connection is gone. File I/O may still be writing into our
+        // buffers: let it finish before they are freed.
+        while self.slots.iter().any(|s| s.io.is_some()) {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for data in done {
+                if data & KIND_MASK == KIND_IO {
+                    let slot = ((data >> 16) & 0xff_ffff) as usize;
+                    if let Some(p) = self.slots[slot].io.as_mut() {
+                        p.remaining -= 1;
+                        if p.remaining == 0 {
+                            self.slots[slot].io = None;
+                        }
+                    }
+                }
+            }
+        }
+        debug!("FUSE queue {} stopped", self.qid);
+    }
+
+    /// A request arrived in `slot`.
+    fn request(
+        &mut self,
+        fd: RawFd,
+        slot: usize,
+        file: &Arc<DiskFile>,
+        jobs: &crossbeam_channel::Sender<Job>,
+    ) {
+        let h = self.slots[slot].header.as_slice();
+        let opcode = u32_at(h, IN_OUT + 4);
+        let op = &h[OP_IN..OP_IN + 128];
+        let in_payload = u32_at(h, ENT_IN_OUT + 16) as usize;
+        let result: Result<usize, i32> = match opcode {
+            FUSE_READ => {
+                let offset = u64_at(op, 8);
+                let size = u32_at(op, 16) as usize;
+                let end = offset.saturating_add(size as u64).min(file.disk.size);
+                let len = end.saturating_sub(offset) as usize;
+                if len == 0 {
+                    Ok(0)
+                } else if len > self.payload_len() {
+                    Err(libc::EINVAL)
+                } else {
+                    match self.queue_io(slot, file, offset, len, false) {
+                        Planned::Started => return,
+                        Planned::Answer(r) => r,
+                        Planned::Helper => {
+                            return self.hand_to_helper(jobs, slot, Work::Read { offset, len })
+                        }
+                    }
+                }
+            }
+            FUSE_WRITE => {
+                let offset = u64_at(op, 8);
+                let len = u32_at(op, 16) as usize;
+                if len > in_payload || len > self.payload_len() {
+                    Err(libc::EINVAL)
+                } else if let Err(e) = file.check_write(offset, len as u64) {
+                    Err(e.code())
+                } else {
+                    match self.queue_io(slot, file, offset, len, true) {
+                        Planned::Started => return,
+                        Planned::Answer(r) => r,
+                        Planned::Helper => {
+                            return self.hand_to_helper(jobs, slot, Work::Write { offset, len })
+                        }
+                    }
+                }
+            }
+            FUSE_FSYNC => return self.hand_to_helper(jobs, slot, Work::Fsync),
+            FUSE_FALLOCATE => {
+                let offset = u64_at(op, 8);
+                let length = u64_at(op, 16);
+                let mode = u32_at(op, 24) as i32;
+                return self.hand_to_helper(
+                    jobs,
+                    slot,
+                    Work::Fallocate {
+                        offset,
+                        length,
+                        mode,
+                    },
+                );
+            }
+            FUSE_GETATTR => Ok(self.reply_attr(slot, file)),
+            FUSE_SETATTR => {
+                let valid = u32_at(op, 0);
+                let size = u64_at(op, 16);
+                if valid & FATTR_SIZE != 0 && size != file.disk.size {
+                    Err(libc::EINVAL)
+                } else {
+                    Ok(self.reply_attr(slot, file))
+                }
+            }
+            FUSE_OPEN => {
+                let flags = u32_at(op, 0) as i32;
+                let acc = fuser::OpenFlags(flags).acc_mode();
+                match file.check_open(acc) {
+                    Ok(()) => {
+                        let p = self.payload_mut(slot);
+                        p[..16].fill(0);
+                        put_u32(p, 8, FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES);
+                        Ok(16)
+                    }
+                    Err(e) => Err(e.code()),
+                }
+            }
+            FUSE_LSEEK => {
+                let offset = u64_at(op, 8) as i64;
+                let whence = u32_at(op, 16) as i32;
+                match file.lseek(offset, whence) {
+                    Ok(at) => {
+                        put_u64(self.payload_mut(slot), 0, at as u64);
+                        Ok(8)
+                    }
+                    Err(e) => Err(e.code()),
+                }
+            }
+            FUSE_STATFS => {
+                let p = self.payload_mut(slot);
+                p[..80].fill(0);
+                put_u32(p, 40, 512); // bsize
+                put_u32(p, 44, 255); // namelen
+                put_u32(p, 48, 512); // frsize
+                Ok(80)
+            }
+            FUSE_GETXATTR => Err(libc::ENODATA),
+            FUSE_LISTXATTR => {
+                if u32_at(op, 0) == 0 {
+                    self.payload_mut(slot)[..8].fill(0);
+                    Ok(8)
+                } else {
+                    Ok(0)
+                }
+            }
+            FUSE_RELEASE | FUSE_FLUSH | FUSE_DESTROY => Ok(0),
+            FUSE_LOOKUP => Err(libc::ENOENT),
+            _ => Err(libc::ENOSYS),
+        };
+        self.commit(fd, slot, result);
+    }
+
+    fn payload_len(&self) -> usize {
+        self.slots[0].iov[1].len as usize
+    }
+
+    fn payload_mut(&mut self, slot: usize) -> &mut [u8] {
+        self.slots[slot]
+            .payload
+            .as_mut()
+            .expect("payload is home while the queue answers")
+            .as_mut_slice()
+    }
+
+    fn reply_attr(&mut self, slot: usize, file: &DiskFile) -> usize {
+        let a = file.attr();
+        let p = self.payload_mut(slot);
+        p[..104].fill(0);
+        put_u64(p, 0, ATTR_TTL_SECS);
+        let t = a.mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let at = 16;
+        put_u64(p, at, a.ino.0);
+        put_u64(p, at + 8, a.size);
+        put_u64(p, at + 16, a.blocks);
+        for i in 0..3 {
+            put_u64(p, at + 24 + 8 * i, t.as_secs());
+            put_u32(p, at + 48 + 4 * i, t.subsec_nanos());
+        }
+        put_u32(p, at + 60, S_IFREG | u32::from(a.perm));
+        put_u32(p, at + 64, a.nlink);
+        put_u32(p, at + 68, a.uid);
+        put_u32(p, at + 72, a.gid);
+        put_u32(p, at + 80, a.blksize);
+        104
+    }
+
+    /// Start plain file I/O for a read or an in-place write, if it can be
+    /// planned without waiting.
+    fn queue_io(
+        &mut self,
+        slot: usize,
+        file: &Arc<DiskFile>,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Planned {
+        if !offset.is_multiple_of(QUEUE_ALIGN) || !(len as u64).is_multiple_of(QUEUE_ALIGN) {
+            return Planned::Helper;
+        }
+        // Never wait for the chain here: an online operation holding it may
+        // be waiting for I/O only this thread completes.
+        let Some(guard) = file.disk.try_chain() else {
+            return Planned::Helper;
+        };
+        let plan = if write {
+            guard.plan_write(offset, len as u64)
+        } else {
+            guard.plan_read(offset, len as u64)
+        };
+        let segments = match plan {
+            Ok(Some(s)) => s,
+            // Errors get their message from the helper's synchronous try.
+            Ok(None) | Err(_) => return Planned::Helper,
+        };
+        let chain = guard.clone();
+        let in_flight = file.disk.begin_queued();
+        drop(guard);
+        let payload = self.slots[slot]
+            .payload
+            .as_mut()
+            .expect("payload is home while the queue answers");
+        if !write {
+            // Pieces no delta holds read as zeros.
+            let mut at = 0;
+            for s in &segments {
+                payload.as_mut_slice()[at..s.buf_offset].fill(0);
+                at = s.buf_offset + s.len;
+            }
+            payload.as_mut_slice()[at..len].fill(0);
+        }
+        let base = payload.as_mut_slice().as_mut_ptr();
+        let mut sqes = Vec::with_capacity(segments.len());
+        for (i, s) in segments.iter().enumerate() {
+            // SAFETY: buf_offset + len lies inside the request's range of
+            // the payload buffer, which this slot owns until every piece
+            // has completed.
+            let ptr = unsafe { base.add(s.buf_offset) };
+            let sqe = if write {
+                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            } else {
+                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            };
+            sqes.push(squeue::Entry128::from(
+                sqe.user_data(KIND_IO | (slot as u64) << 16 | i as u64),
+            ));
+        }
+        let n = segments.len();
+        if n == 0 {
+            // Nothing any delta holds: all zeros, already in place.
+            return Planned::Answer(Ok(len));
+        }
+        self.slots[slot].io = Some(Pending {
+            segments,
+            remaining: n,
+            failed: None,
+            write,
+            len,
+            _chain: chain,
+            _in_flight: in_flight,
+        });
+        for sqe in sqes {
+            self.push(sqe);
+        }
+        Planned::Started
+    }
+
+    fn io_done(&mut self, fd: RawFd, slot: usize, piece: usize, res: i32) {
+        let Some(p) = self.slots[slot].io.as_mut() else {
+            return;
+        };
+        let s = p.segments[piece];
+        if res < 0 {
+            p.failed = Some(-res);
+        } else if res as usize != s.len {
+            if p.write {
+                p.failed = Some(libc::EIO);
+            } else {
+                // Past the end of a file: the rest reads as zeros.
+                let from = s.buf_offset + res as usize;
+                if let Some(buf) = self.slots[slot].payload.as_mut() {
+                    buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
+                }
+            }
+        }
+        let p = self.slots[slot].io.as_mut().expect("checked above");
+        p.remaining -= 1;
+        if p.remaining > 0 {
+            return;
+        }
+        let p = self.slots[slot].io.take().expect("checked above");
+        let result = match (p.failed, p.write) {
+            (Some(e), _) => Err(e),
+            (None, false) => Ok(p.len),
+            (None, true) => {
+                put_u32(self.payload_mut(slot), 0, p.len as u32);
+                put_u32(self.payload_mut(slot), 4, 0);
+                Ok(8)
+            }
+        };
+        self.commit(fd, slot, result);
+    }
+
+    fn hand_to_helper(&mut self, jobs: &crossbeam_channel::Sender<Job>, slot: usize, what: Work) {
+        let payload = self.slots[slot]
+            .payload
+            .take()
+            .expect("payload is home while the queue answers");
+        let job = Job {
+            to: self.done.clone(),
+            slot,
+            what,
+            payload,
+        };
+        if let Err(e) = jobs.send(job) {
+            // No helpers left: answer EIO rather than never.
+            let job = e.into_inner();
+            self.slots[slot].payload = Some(job.payload);
+            error!("FUSE queue {}: no helper threads", self.qid);
+            self.done.list.lock().expect("completions").push(Done {
+                slot,
+                payload: self.slots[slot].payload.take().expect("just put back"),
+                result: Err(libc::EIO),
+            });
+            let _ = rustix::io::write(&self.done.wake, &1u64.to_ne_bytes());
+        }
+    }
+}
+
+fn helper(file: &DiskFile, jobs: crossbeam_channel::Receiver<Job>) {
+    for job in jobs {
+        let Job {
+            to,
+            slot,
+            what,
+            mut payload,
+        } = job;
+        let buf = payload.as_mut_slice();
+        let result = match what {
+            Work::Read { offset, len } => file.read(&mut buf[..len], offset).map(|()| len),
+            Work::Write { offset, len } => file.write(&buf[..len], offset).map(|()| {
+                buf[..4].copy_from_slice(&(len as u32).to_ne_bytes());
+                buf[4..8].fill(0);
+                8
+            }),
+            Work::Fsync => file.fsync().map(|()| 0),
+            Work::Fallocate {
+                offset,
+                length,
+                mode,
+            } => file.fallocate(offset, length, mode).map(|()| 0),
+        };
+        to.list.lock().expect("completions").push(Done {
+            slot,
+            payload,
+            result: result.map_err(Errno::code),
+        });
+        let _ = rustix::io::write(&to.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// struct fuse_uring_cmd_req in the command area of the SQE.
+fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
+    let mut c = [0u8; 80];
+    c[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+    c[16..18].copy_from_slice(&qid.to_ne_bytes());
+    c
+}
+
+/// Set the `len` field of a 128-byte SQE, which io-uring's UringCmd80
+/// builder leaves at zero (the kernel wants the iovec count there).
+fn with_len(sqe: squeue::Entry128, len: u32) -> squeue::Entry128 {
+    const LEN_AT: usize = 24; // struct io_uring_sqe: len follows addr
+    const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
+    // SAFETY: Entry128 is repr(C): a 64-byte struct io_uring_sqe followed
+    // by 64 bytes of command data, with no padding and no invalid bit
+    // patterns, so it can round-trip through a byte array.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[LEN_AT..LEN_AT + 4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+}
