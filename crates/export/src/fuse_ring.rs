@@ -406,6 +406,13 @@ impl Queue {
             }
             completed.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for (data, res) in completed.drain(..) {
+                // Start the file I/O of the requests handled so far before
+                // parsing the next: the disk works while this thread does.
+                if !self.ring.submission().is_empty() {
+                    if let Err(e) = self.ring.submit() {
+                        debug!("FUSE queue {}: submit: {e}", self.qid);
+                    }
+                }
                 let slot = ((data >> 16) & 0xff_ffff) as usize;
                 match data & KIND_MASK {
                     KIND_CMD if res == 0 => self.request(fd, slot, file, jobs),

@@ -77,10 +77,15 @@ impl Disk {
     }
 
     fn mount(&self, mnt: &Path) -> String {
-        ok(
-            ploop(&["mount", "-m", mnt.to_str().unwrap(), &self.dd()]),
-            "mount",
-        )
+        self.mount_with(mnt, &[])
+    }
+
+    fn mount_with(&self, mnt: &Path, extra: &[&str]) -> String {
+        let dd = self.dd();
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.extend(["-m", mnt.to_str().unwrap(), &dd]);
+        ok(ploop(&args), "mount")
     }
 
     fn umount(&self) {
@@ -122,10 +127,11 @@ fn fsck_clean(disk: &Disk, fstype: &str) {
     ok(out, &format!("fsck of {fstype}"));
 }
 
-fn roundtrip(fstype: &str) {
+/// `queues`: extra mount arguments choosing how FUSE requests arrive.
+fn roundtrip(fstype: &str, queues: &[&str]) {
     let disk = Disk::new("512M", fstype);
     let mnt = disk.mnt("mnt");
-    let dev = disk.mount(&mnt);
+    let dev = disk.mount_with(&mnt, queues);
     assert!(dev.starts_with("/dev/loop"), "device {dev}");
     let dio = fs::read_to_string(format!(
         "/sys/block/{}/loop/dio",
@@ -144,7 +150,7 @@ fn roundtrip(fstype: &str) {
     }
     disk.umount();
     assert!(!mnt.join("big").exists(), "unmounted");
-    disk.mount(&mnt);
+    disk.mount_with(&mnt, queues);
     assert!(
         fs::read(mnt.join("big")).unwrap() == big,
         "big file survives remount"
@@ -172,13 +178,15 @@ fn roundtrip(fstype: &str) {
 #[test]
 fn ext4_write_remount_fsck() {
     let _serial = serial();
-    roundtrip("ext4");
+    // FUSE over io_uring where the kernel offers it.
+    roundtrip("ext4", &[]);
 }
 
 #[test]
 fn xfs_write_remount_fsck() {
     let _serial = serial();
-    roundtrip("xfs");
+    // /dev/fuse and its worker threads, whatever the kernel offers.
+    roundtrip("xfs", &["--fuse-queues", "dev"]);
 }
 
 #[test]
@@ -666,6 +674,8 @@ fn io_uring_engine_serves_the_same_data() {
     ok(
         ploop(&[
             "mount",
+            "--fuse-queues",
+            "dev",
             "--io",
             "uring",
             "-m",
