@@ -3,8 +3,7 @@
 # in one run, against ploop's FUSE + loop export (ploop1 and raw images;
 # FUSE over io_uring and /dev/fuse) and the peers: loop with direct I/O on a
 # raw file, and qemu-storage-daemon's qcow2 FUSE export under a loop device.
-# The machines are noisy: every target runs ROUNDS times, in a rotated
-# order, and the median (with the range) is printed.
+# Every target runs ROUNDS times in a rotated order; medians are printed.
 # Usage (root): bench/export.sh [SECONDS] [ROUNDS]   Needs: fio qemu-utils, a release build.
 set -u
 T=${1:-8}
@@ -12,28 +11,9 @@ ROUNDS=${2:-3}
 D=${BENCH_DIR:-/var/tmp/pbench-export}
 P=${PLOOP:-$(cd "$(dirname "$0")/.." && pwd)/target/release/ploop}
 [ -x "$P" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+. "$(dirname "$0")/lib.sh"
 rm -rf "$D"; mkdir -p "$D/exp" "$D/img"
 SIZE=2G
-WORKLOADS="randread:4k:32 randwrite:4k:32 read:1m:8 write:1m:8"
-declare -A R   # "label|rw" -> space-separated IOPS of each round
-declare -A C   # "label|rw" -> CPU microseconds (all cores, whole machine) per I/O
-busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }  # user nice system irq softirq, in ticks
-jobs() { # $1 label, rest: fio target args
-  local label=$1; shift
-  fio --name=fill --rw=write --bs=1m --iodepth=8 --size=1G --output-format=terse "$@" >/dev/null 2>&1
-  local hz; hz=$(getconf CLK_TCK)
-  for j in $WORKLOADS; do
-    IFS=: read rw bs qd <<<"$j"
-    local b0; b0=$(busy)
-    v=$(fio --name=x --rw=$rw --bs=$bs --iodepth=$qd --runtime=$T --time_based --size=1G \
-          --group_reporting --output-format=terse --terse-version=3 "$@" 2>/dev/null |
-        awk -F';' '{printf "%.0f", $8+$49}')
-    local b1; b1=$(busy)
-    R["$label|$rw"]="${R["$label|$rw"]:-} ${v:-0}"
-    C["$label|$rw"]="${C["$label|$rw"]:-} $(awk -v d=$((b1 - b0)) -v hz=$hz -v v=${v:-0} -v t=$T \
-      'BEGIN{printf "%.1f", (v > 0 ? d / hz * 1e6 / (v * t) : 0)}')"
-  done
-}
 ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring, dev: /dev/fuse)
   rm -rf "$D/img"; mkdir -p "$D/img"
   "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
@@ -42,21 +22,21 @@ ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring
   "$P" umount "$D/img/DiskDescriptor.xml"
 }
 loop_target() {
-  rm -f $D/raw.img; fallocate -l $SIZE $D/raw.img
-  local l; l=$(losetup -f --show --direct-io=on $D/raw.img)
-  jobs "loop(dio) on raw" --filename=$l --ioengine=io_uring --direct=1
-  losetup -d $l
+  rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
+  local l; l=$(losetup -f --show --direct-io=on "$D/raw.img")
+  jobs "loop(dio) on raw" --filename="$l" --ioengine=io_uring --direct=1
+  losetup -d "$l"
 }
 qsd_target() {
-  rm -f $D/q.qcow2; qemu-img create -q -f qcow2 $D/q.qcow2 $SIZE
-  : > $D/exp/f
-  qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$D/q.qcow2,cache.direct=on,aio=io_uring \
-    --blockdev driver=qcow2,node-name=q,file=f --export type=fuse,id=e,node-name=q,mountpoint=$D/exp/f,writable=on &
+  rm -f "$D/q.qcow2"; qemu-img create -q -f qcow2 "$D/q.qcow2" $SIZE
+  : > "$D/exp/f"
+  qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$D/q.qcow2",cache.direct=on,aio=io_uring \
+    --blockdev driver=qcow2,node-name=q,file=f --export type=fuse,id=e,node-name=q,mountpoint="$D/exp/f",writable=on &
   local sp=$!
   sleep 1.5
-  local l; l=$(losetup -f --show --direct-io=on $D/exp/f 2>/dev/null || losetup -f --show $D/exp/f)
-  jobs "qsd qcow2 fuse+loop" --filename=$l --ioengine=io_uring --direct=1
-  losetup -d $l; kill $sp; wait $sp 2>/dev/null
+  local l; l=$(losetup -f --show --direct-io=on "$D/exp/f" 2>/dev/null || losetup -f --show "$D/exp/f")
+  jobs "qsd qcow2 fuse+loop" --filename="$l" --ioengine=io_uring --direct=1
+  losetup -d "$l"; kill $sp; wait $sp 2>/dev/null
 }
 
 TARGETS=()
@@ -67,30 +47,15 @@ if [ -w /sys/module/fuse/parameters/enable_uring ]; then
 fi
 TARGETS+=("ploop_target 'ploop ploop1 /dev/fuse' ploop1 dev" "ploop_target 'ploop raw /dev/fuse' raw dev"
           loop_target qsd_target)
-n=${#TARGETS[@]}
-for ((r = 0; r < ROUNDS; r++)); do
-  for ((i = 0; i < n; i++)); do
-    eval "${TARGETS[$(((i + r) % n))]}"
-  done
-done
-
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.0f %.0f %.0f", m, a[1], a[NR]}'; }
-declare -A M
-echo "median of $ROUNDS rounds of ${T}s (range); 1m rows in MiB/s, 4k rows in IOPS;"
-echo "CPU: machine-wide busy CPU time per I/O (median, microseconds)"
-for key in $(printf '%s\n' "${!R[@]}" | tr ' ' '_' | sort); do
-  k=${key//_/ }
-  read -r med lo hi <<<"$(echo "${R[$k]}" | median)"
-  read -r cpu _ _ <<<"$(echo "${C[$k]}" | median)"
-  M["$k"]=$med
-  printf "%-28s %-10s %9s   (%s-%s)   CPU %5s us/IO\n" "${k%|*}" "${k#*|}" "$med" "$lo" "$hi" "$cpu"
-done
+run_rounds "$ROUNDS" "${TARGETS[@]}"
+print_medians "$ROUNDS"
 echo
 echo "ratios of medians (ploop1 export): vs qsd (goal >= 1.5), vs loop on raw (goal >= 0.7)"
 for t in "fuse-ring" "/dev/fuse"; do
   for rw in randread randwrite read write; do
-    p=${M["ploop ploop1 $t|$rw"]:-0}; q=${M["qsd qcow2 fuse+loop|$rw"]}; l=${M["loop(dio) on raw|$rw"]}
-    awk -v t=$t -v rw=$rw -v p=$p -v q=$q -v l=$l 'BEGIN{printf "%-10s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
+    p=${M["ploop ploop1 $t|$rw"]:-0}; q=${M["qsd qcow2 fuse+loop|$rw"]:-0}; l=${M["loop(dio) on raw|$rw"]:-0}
+    awk -v t="$t" -v rw=$rw -v p="$p" -v q="$q" -v l="$l" \
+      'BEGIN{printf "%-10s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
   done
 done
 rm -rf "$D"

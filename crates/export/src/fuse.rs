@@ -335,6 +335,7 @@ impl Filesystem for OneFileFs {
             Ok(Some((chain, segments, in_flight))) => {
                 let ring = self.ring.as_ref().expect("planned for the ring");
                 ring.submit(Op {
+                    offset,
                     segments,
                     buf: AlignedBuf::zeroed((end - offset) as usize),
                     answer: Answer::Read(reply),
@@ -386,6 +387,7 @@ impl Filesystem for OneFileFs {
                 buf.as_mut_slice().copy_from_slice(data);
                 let ring = self.ring.as_ref().expect("planned for the ring");
                 ring.submit(Op {
+                    offset,
                     segments,
                     buf,
                     answer: Answer::Write(reply),

@@ -66,6 +66,10 @@ const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
 const S_IFREG: u32 = 0o100_000;
 const ATTR_TTL_SECS: u64 = 1;
 
+/// File pieces one request may have in flight on the ring; a request cut
+/// into more (small clusters) goes to a helper.
+const MAX_SEGMENTS: usize = 16;
+
 /// Queued plain I/O in flight is aligned like this (O_DIRECT).
 const QUEUE_ALIGN: u64 = 4096;
 
@@ -165,6 +169,9 @@ impl Queues {
                 .spawn(move || {
                     pin_to_cpu(qid as usize);
                     q.run(fd, &this.file, &jobs);
+                    // Commands, the wake read or file I/O may still point at
+                    // the queue's buffers: keep them until the process ends.
+                    std::mem::forget(q);
                 });
             // The kernel waits for every queue: without this one, requests
             // would hang.
@@ -199,6 +206,9 @@ fn possible_cpus() -> io::Result<usize> {
 }
 
 fn pin_to_cpu(cpu: usize) {
+    if cpu >= rustix::thread::CpuSet::MAX_CPU {
+        return;
+    }
     let mut set = rustix::thread::CpuSet::new();
     set.set(cpu);
     if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
@@ -218,12 +228,14 @@ enum Planned {
 
 /// Plain file I/O under way for one request.
 struct Pending {
+    /// Where the request lies on the disk.
+    offset: u64,
     segments: Vec<Segment>,
     remaining: usize,
     failed: Option<i32>,
     write: bool,
     len: usize,
-    _chain: Arc<Chain>,
+    chain: Arc<Chain>,
     _in_flight: InFlight,
 }
 
@@ -245,8 +257,16 @@ struct Slot {
     /// The two areas as the kernel reads them at registration.
     iov: [IoVec; 2],
     io: Option<Pending>,
+    /// The command last submitted for this slot (resubmitted on EAGAIN).
+    last: Cmd,
     /// Connection gone: no command of this slot is pending any more.
     dead: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    Register,
+    Commit,
 }
 
 struct Queue {
@@ -254,6 +274,8 @@ struct Queue {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     slots: Vec<Slot>,
     done: Arc<Completions>,
+    /// Where the armed read of the helpers' eventfd lands.
+    counter: Box<[u8; 8]>,
 }
 
 /// Helpers' answers, waiting for their queue thread.
@@ -286,9 +308,9 @@ struct Done {
 
 impl Queue {
     fn new(qid: u16, payload_len: usize, depth: usize) -> io::Result<Queue> {
-        // Room for every slot's command plus its file I/O.
+        // Room for every slot's command plus its file I/O, and the wake.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_cqsize((depth * 8) as u32)
+            .setup_cqsize((depth * (MAX_SEGMENTS + 1) + 1) as u32)
             .build((depth * 4) as u32)?;
         // File I/O the kernel cannot start without blocking (an O_DIRECT
         // write that updates the file's times, say) goes to io-wq workers;
@@ -316,6 +338,7 @@ impl Queue {
                 payload: Some(payload),
                 iov,
                 io: None,
+                last: Cmd::Register,
                 dead: false,
             });
         }
@@ -328,6 +351,7 @@ impl Queue {
             ring,
             slots,
             done,
+            counter: Box::new([0; 8]),
         })
     }
 
@@ -342,6 +366,7 @@ impl Queue {
             }
             if let Err(e) = self.ring.submit() {
                 error!("FUSE queue {}: submit: {e}", self.qid);
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }
@@ -353,12 +378,14 @@ impl Queue {
             .addr(Some(iov))
             .build()
             .user_data(KIND_CMD | (slot as u64) << 16);
+        self.slots[slot].last = Cmd::Register;
         self.push(with_len(sqe, 2));
     }
 
     /// Answer the request in `slot` and ask for the next one.
     fn commit(&mut self, fd: RawFd, slot: usize, result: Result<usize, i32>) {
         let s = &mut self.slots[slot];
+        s.last = Cmd::Commit;
         let h = s.header.as_mut_slice();
         let unique = u64_at(h, IN_OUT + 8);
         let commit_id = u64_at(h, ENT_IN_OUT + 8);
@@ -370,6 +397,11 @@ impl Queue {
         h[IN_OUT + 4..IN_OUT + 8].copy_from_slice(&error.to_ne_bytes());
         put_u64(h, IN_OUT + 8, unique);
         put_u32(h, ENT_IN_OUT + 16, len as u32);
+        self.submit_commit(fd, slot, commit_id);
+    }
+
+    /// (Re)submit the answer already in the slot's header.
+    fn submit_commit(&mut self, fd: RawFd, slot: usize, commit_id: u64) {
         let sqe = opcode::UringCmd80::new(types::Fd(fd), CMD_COMMIT_AND_FETCH)
             .cmd(cmd_req(commit_id, self.qid))
             .build()
@@ -377,10 +409,10 @@ impl Queue {
         self.push(sqe);
     }
 
-    fn arm_wake(&mut self, counter: &mut [u8; 8]) {
+    fn arm_wake(&mut self) {
         let sqe = opcode::Read::new(
             types::Fd(self.done.wake.as_raw_fd()),
-            counter.as_mut_ptr(),
+            self.counter.as_mut_ptr(),
             8,
         )
         .build()
@@ -392,15 +424,18 @@ impl Queue {
         for slot in 0..self.slots.len() {
             self.register(fd, slot);
         }
-        let mut counter = [0u8; 8];
-        self.arm_wake(&mut counter);
+        self.arm_wake();
         let mut live = self.slots.len();
         let mut completed: Vec<(u64, i32)> = Vec::with_capacity(self.slots.len() * 4);
+        // Runs until the connection ends every slot's command; the caller
+        // keeps the buffers alive after that (anything may still be armed).
         while live > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.raw_os_error() != Some(libc::EINTR) {
+                    // EAGAIN, EBUSY, ENOMEM: the kernel is short of
+                    // something for now.
                     error!("FUSE queue {}: wait: {e}", self.qid);
-                    break;
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 continue;
             }
@@ -417,13 +452,33 @@ impl Queue {
                 match data & KIND_MASK {
                     KIND_CMD if res == 0 => self.request(fd, slot, file, jobs),
                     KIND_CMD if res == -libc::EAGAIN || res == -libc::EINTR => {
-                        // Registered before the kernel had INIT's answer.
+                        // Before the kernel had INIT's answer, say: again.
                         std::thread::sleep(Duration::from_millis(1));
+                        match self.slots[slot].last {
+                            Cmd::Register => self.register(fd, slot),
+                            Cmd::Commit => {
+                                let h = self.slots[slot].header.as_slice();
+                                let commit_id = u64_at(h, ENT_IN_OUT + 8);
+                                self.submit_commit(fd, slot, commit_id);
+                            }
+                        }
+                    }
+                    KIND_CMD
+                        if res != -libc::ENOTCONN
+                            && res != -libc::ECONNABORTED
+                            && res != -libc::ECANCELED
+                            && self.slots[slot].last == Cmd::Commit =>
+                    {
+                        // The kernel refused an answer (the request was
+                        // interrupted meanwhile, say): the slot goes back
+                        // to taking requests.
+                        debug!("FUSE queue {}: answer refused: errno {}", self.qid, -res);
                         self.register(fd, slot);
                     }
                     KIND_CMD => {
+                        // The connection is gone (or refuses the buffers).
                         if res != -libc::ENOTCONN && res != -libc::ECONNABORTED {
-                            debug!("FUSE queue {}: command ended: errno {}", self.qid, -res);
+                            error!("FUSE queue {}: slot {slot} ended: errno {}", self.qid, -res);
                         }
                         if !self.slots[slot].dead {
                             self.slots[slot].dead = true;
@@ -438,28 +493,9 @@ impl Queue {
                             self.slots[d.slot].payload = Some(d.payload);
                             self.commit(fd, d.slot, d.result);
                         }
-                        self.arm_wake(&mut counter);
+                        self.arm_wake();
                     }
                     _ => {}
-                }
-            }
-        }
-        // The connection is gone. File I/O may still be writing into our
-        // buffers: let it finish before they are freed.
-        while self.slots.iter().any(|s| s.io.is_some()) {
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for data in done {
-                if data & KIND_MASK == KIND_IO {
-                    let slot = ((data >> 16) & 0xff_ffff) as usize;
-                    if let Some(p) = self.slots[slot].io.as_mut() {
-                        p.remaining -= 1;
-                        if p.remaining == 0 {
-                            self.slots[slot].io = None;
-                        }
-                    }
                 }
             }
         }
@@ -646,6 +682,8 @@ impl Queue {
             guard.plan_read(offset, len as u64)
         };
         let segments = match plan {
+            // Cut in more pieces than the completion queue has room for.
+            Ok(Some(s)) if s.len() > MAX_SEGMENTS => return Planned::Helper,
             Ok(Some(s)) => s,
             // Errors get their message from the helper's synchronous try.
             Ok(None) | Err(_) => return Planned::Helper,
@@ -688,16 +726,22 @@ impl Queue {
         }
         let n = segments.len();
         if n == 0 {
-            // Nothing any delta holds: all zeros, already in place.
-            return Planned::Answer(Ok(len));
+            // A read of what no delta holds: the zeros are in place. (A
+            // write always has pieces, unless it is empty.)
+            return Planned::Answer(if write {
+                Ok(write_out(payload.as_mut_slice(), len))
+            } else {
+                Ok(len)
+            });
         }
         self.slots[slot].io = Some(Pending {
+            offset,
             segments,
             remaining: n,
             failed: None,
             write,
             len,
-            _chain: chain,
+            chain,
             _in_flight: in_flight,
         });
         for sqe in sqes {
@@ -707,6 +751,7 @@ impl Queue {
     }
 
     fn io_done(&mut self, fd: RawFd, slot: usize, piece: usize, res: i32) {
+        let base = self.slots[slot].iov[1].base as *mut u8;
         let Some(p) = self.slots[slot].io.as_mut() else {
             return;
         };
@@ -719,25 +764,26 @@ impl Queue {
             } else {
                 // Past the end of a file: the rest reads as zeros.
                 let from = s.buf_offset + res as usize;
-                if let Some(buf) = self.slots[slot].payload.as_mut() {
-                    buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
-                }
+                // SAFETY: the range lies inside this piece of the payload
+                // buffer, whose read has just completed; other pieces may
+                // still be in flight, so no slice over the whole buffer.
+                unsafe { std::ptr::write_bytes(base.add(from), 0, s.len - res as usize) };
             }
         }
-        let p = self.slots[slot].io.as_mut().expect("checked above");
         p.remaining -= 1;
         if p.remaining > 0 {
             return;
         }
         let p = self.slots[slot].io.take().expect("checked above");
+        if p.write {
+            // Again now that the data is in place: an online merge that
+            // copied the cluster meanwhile must copy it once more.
+            p.chain.note_written(p.offset, p.len as u64);
+        }
         let result = match (p.failed, p.write) {
             (Some(e), _) => Err(e),
             (None, false) => Ok(p.len),
-            (None, true) => {
-                put_u32(self.payload_mut(slot), 0, p.len as u32);
-                put_u32(self.payload_mut(slot), 4, 0);
-                Ok(8)
-            }
+            (None, true) => Ok(write_out(self.payload_mut(slot), p.len)),
         };
         self.commit(fd, slot, result);
     }
@@ -776,21 +822,26 @@ fn helper(file: &DiskFile, jobs: crossbeam_channel::Receiver<Job>) {
             what,
             mut payload,
         } = job;
-        let buf = payload.as_mut_slice();
-        let result = match what {
-            Work::Read { offset, len } => file.read(&mut buf[..len], offset).map(|()| len),
-            Work::Write { offset, len } => file.write(&buf[..len], offset).map(|()| {
-                buf[..4].copy_from_slice(&(len as u32).to_ne_bytes());
-                buf[4..8].fill(0);
-                8
-            }),
-            Work::Fsync => file.fsync().map(|()| 0),
-            Work::Fallocate {
-                offset,
-                length,
-                mode,
-            } => file.fallocate(offset, length, mode).map(|()| 0),
-        };
+        let work = std::panic::AssertUnwindSafe(|| {
+            let buf = payload.as_mut_slice();
+            match what {
+                Work::Read { offset, len } => file.read(&mut buf[..len], offset).map(|()| len),
+                Work::Write { offset, len } => file
+                    .write(&buf[..len], offset)
+                    .map(|()| write_out(buf, len)),
+                Work::Fsync => file.fsync().map(|()| 0),
+                Work::Fallocate {
+                    offset,
+                    length,
+                    mode,
+                } => file.fallocate(offset, length, mode).map(|()| 0),
+            }
+        });
+        // A panic answers EIO instead of leaving the request unanswered.
+        let result = std::panic::catch_unwind(work).unwrap_or_else(|_| {
+            error!("FUSE helper: a request panicked");
+            Err(Errno::EIO)
+        });
         to.list.lock().expect("completions").push(Done {
             slot,
             payload,
@@ -798,6 +849,13 @@ fn helper(file: &DiskFile, jobs: crossbeam_channel::Receiver<Job>) {
         });
         let _ = rustix::io::write(&to.wake, &1u64.to_ne_bytes());
     }
+}
+
+/// struct fuse_write_out at the start of `buf`: its size.
+fn write_out(buf: &mut [u8], written: usize) -> usize {
+    put_u32(buf, 0, written as u32);
+    put_u32(buf, 4, 0);
+    8
 }
 
 /// struct fuse_uring_cmd_req in the command area of the SQE.

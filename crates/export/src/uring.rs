@@ -47,6 +47,8 @@ impl Answer {
 
 /// One FUSE request turned into file I/O.
 pub struct Op {
+    /// Where the request lies on the disk.
+    pub offset: u64,
     pub segments: Vec<Segment>,
     /// Read target or write source; aligned for O_DIRECT.
     pub buf: AlignedBuf,
@@ -248,12 +250,18 @@ impl Ring {
 
 fn finish(op: Op, failed: Option<i32>) {
     let Op {
+        offset,
         buf,
         answer,
         segments: _,
-        chain: _,
+        chain,
         in_flight,
     } = op;
+    if !answer.is_read() {
+        // Again now that the data is in place: an online merge that copied
+        // the cluster meanwhile must copy it once more.
+        chain.note_written(offset, buf.len() as u64);
+    }
     match (answer, failed) {
         (Answer::Read(r), Some(e)) => r.error(Errno::from_i32(e)),
         (Answer::Write(r), Some(e)) => r.error(Errno::from_i32(e)),

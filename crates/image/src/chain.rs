@@ -313,6 +313,21 @@ impl Chain {
         Ok(top)
     }
 
+    /// Record that a range was written, once its data is in place: an
+    /// online merge copying a cluster meanwhile must copy it again. Writes
+    /// through `write_at` and `discard` record themselves; queued writes
+    /// planned with `plan_write` call this when they complete.
+    pub fn note_written(&self, offset: u64, len: u64) {
+        let top = self.top();
+        for (cluster, ..) in pieces(
+            offset,
+            len.min(self.virtual_size().saturating_sub(offset)),
+            self.cluster_size,
+        ) {
+            top.note_change(cluster);
+        }
+    }
+
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let top_index = self.layers.len() - 1;
@@ -325,17 +340,21 @@ impl Chain {
                 Delta::Ploop(p) => {
                     if let Some(off) = p.map(cluster) {
                         p.write_data(data, off + in_off)?;
-                        continue;
+                    } else {
+                        let below = self.holder(cluster, top_index);
+                        if below.is_none() && is_zero(data) {
+                            continue; // zeros over nothing: stay sparse
+                        }
+                        let fill =
+                            |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
+                        let fill: Option<FillFn> = below.map(|_| &fill as FillFn);
+                        p.write_cluster(cluster, in_off, data, fill)?;
                     }
-                    let below = self.holder(cluster, top_index);
-                    if below.is_none() && is_zero(data) {
-                        continue; // zeros over nothing: stay sparse
-                    }
-                    let fill = |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
-                    let fill: Option<FillFn> = below.map(|_| &fill as FillFn);
-                    p.write_cluster(cluster, in_off, data, fill)?;
                 }
             }
+            // Noted before (a merge may copy the cluster while the write
+            // runs) and after (it must then copy it again).
+            top.note_change(cluster);
         }
         Ok(())
     }
@@ -365,6 +384,7 @@ impl Chain {
                     }
                 }
             }
+            top.note_change(cluster);
         }
         Ok(())
     }

@@ -77,6 +77,7 @@ impl Connection {
         drop(chain);
         let conn = self.clone();
         Ok(Op {
+            offset: req.offset,
             segments,
             buf,
             chain: planned_on,
