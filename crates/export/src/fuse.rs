@@ -221,7 +221,7 @@ fn errno(e: &ploop_format::Error) -> Errno {
     }
 }
 
-const TTL: Duration = Duration::from_secs(1);
+pub(crate) const TTL: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// Each FUSE worker reads into its own aligned buffer (O_DIRECT-ready),

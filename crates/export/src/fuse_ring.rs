@@ -64,7 +64,6 @@ const FATTR_SIZE: u32 = 1 << 3;
 const FOPEN_DIRECT_IO: u32 = 1 << 0;
 const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
 const S_IFREG: u32 = 0o100_000;
-const ATTR_TTL_SECS: u64 = 1;
 
 /// File pieces one request may have in flight on the ring; a request cut
 /// into more (small clusters) goes to a helper.
@@ -640,7 +639,7 @@ impl Queue {
         let a = file.attr();
         let p = self.payload_mut(slot);
         p[..104].fill(0);
-        put_u64(p, 0, ATTR_TTL_SECS);
+        put_u64(p, 0, crate::fuse::TTL.as_secs());
         let t = a.mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
         let at = 16;
         put_u64(p, at, a.ino.0);
