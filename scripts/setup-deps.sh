@@ -12,8 +12,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# FUSE over io_uring (Linux 6.14+): let mounts use per-CPU request queues.
-# A kernel without it keeps /dev/fuse; `ploop mount` picks what it finds.
+# FUSE over io_uring (Linux 6.14+): let `ploop mount --fuse-queues ring`
+# (and the tests of it) use per-CPU request queues.
 uring=/sys/module/fuse/parameters/enable_uring
 if [ -w "$uring" ]; then
   echo Y > "$uring" || true

@@ -309,7 +309,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         foreground: false,
         threads: 4,
         uring: false,
-        fuse_queues: "auto".into(),
+        fuse_queues: "dev".into(),
     };
     let dev = start_daemon(&req)?;
     let made = kernel::mkfs(Path::new(&dev), fstype, block);

@@ -133,6 +133,13 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
     let mnt = disk.mnt("mnt");
     let dev = disk.mount_with(&mnt, queues);
     assert!(dev.starts_with("/dev/loop"), "device {dev}");
+    let ring_offered = fs::read_to_string(ENABLE_URING).is_ok_and(|v| v.trim() == "Y");
+    let log = fs::read_to_string(disk.path("ploop-daemon.log")).unwrap();
+    assert_eq!(
+        log.contains("serving requests over io_uring"),
+        queues.contains(&"auto") && ring_offered,
+        "transport for {queues:?}: {log}"
+    );
     let dio = fs::read_to_string(format!(
         "/sys/block/{}/loop/dio",
         Path::new(&dev).file_name().unwrap().to_str().unwrap()
@@ -179,14 +186,14 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
 fn ext4_write_remount_fsck() {
     let _serial = serial();
     // FUSE over io_uring where the kernel offers it.
-    roundtrip("ext4", &[]);
+    roundtrip("ext4", &["--fuse-queues", "auto"]);
 }
 
 #[test]
 fn xfs_write_remount_fsck() {
     let _serial = serial();
-    // /dev/fuse and its worker threads, whatever the kernel offers.
-    roundtrip("xfs", &["--fuse-queues", "dev"]);
+    // /dev/fuse and its worker threads (the default).
+    roundtrip("xfs", &[]);
 }
 
 #[test]
@@ -194,7 +201,9 @@ fn online_snapshot_with_running_writer() {
     let _serial = serial();
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
-    disk.mount(&mnt);
+    // FUSE over io_uring where the kernel offers it: its queues must let
+    // the switch drain them.
+    disk.mount_with(&mnt, &["--fuse-queues", "auto"]);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let writer = {
