@@ -76,12 +76,21 @@ impl RawDelta {
     /// Make a range read as zeros: a hole where the filesystem can punch
     /// one, written zeros where it cannot.
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        if self.punch_only(offset, len)? {
+            return Ok(());
+        }
+        self.io
+            .zero_range(offset, len)
+            .map_err(|e| Error::io(&self.path, "zeroing", offset, e))
+    }
+
+    /// Punch a hole; Ok(false), with nothing changed, where the filesystem
+    /// cannot.
+    pub fn punch_only(&self, offset: u64, len: u64) -> Result<bool> {
         match self.io.punch_hole(offset, len) {
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => self
-                .io
-                .zero_range(offset, len)
-                .map_err(|e| Error::io(&self.path, "zeroing", offset, e)),
-            r => r.map_err(|e| Error::io(&self.path, "punching hole", offset, e)),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+            Err(e) => Err(Error::io(&self.path, "punching hole", offset, e)),
         }
     }
 

@@ -239,10 +239,37 @@ impl Chain {
     }
 
     /// Whether a delta under the top stores any part of a range.
-    pub fn held_under_top(&self, offset: u64, len: u64) -> Result<bool> {
+    /// Make a range read as zeros if that is cheap: whole clusters
+    /// unmapped, or holes punched in a raw image. Ok(false), with nothing
+    /// changed, where it would take writing zeros: data below the top to
+    /// mask, part of a cluster the top holds, or a raw image on a
+    /// filesystem that cannot punch holes.
+    pub fn zero_fast(&self, offset: u64, len: u64) -> Result<bool> {
         self.check_range(offset, len)?;
-        let top = self.layers.len() - 1;
-        Ok(pieces(offset, len, self.cluster_size).any(|(c, ..)| self.holder(c, top).is_some()))
+        let top_index = self.layers.len() - 1;
+        let top = self.writable_top()?;
+        let cs = self.cluster_size;
+        for (cluster, in_off, _, n) in pieces(offset, len, cs) {
+            if self.holder(cluster, top_index).is_some() {
+                return Ok(false);
+            }
+            let whole = in_off == 0 && n as u64 == cs;
+            if !whole && matches!(top, Delta::Ploop(p) if p.map(cluster).is_some()) {
+                return Ok(false);
+            }
+        }
+        if let Delta::Raw(r) = top {
+            // The file can punch holes or it cannot: the first piece tells,
+            // before anything has changed.
+            for (cluster, in_off, _, n) in pieces(offset, len, cs) {
+                if !r.punch_only(cluster * cs + in_off, n as u64)? {
+                    return Ok(false);
+                }
+            }
+            return Ok(true);
+        }
+        self.discard(offset, len)?;
+        Ok(true)
     }
 
     /// How to read a range with plain file reads: the pieces held by some

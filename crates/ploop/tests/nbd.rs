@@ -411,6 +411,11 @@ h.zero(4096, 8192)
 assert h.pread(4096, 8192) == b"\0" * 4096
 # Fast zero where nothing lies below: a hole.
 h.zero(1024 * 1024, 8 * 1024 * 1024, nbd.CMD_FLAG_FAST_ZERO)
+# Fast zero of part of a cluster the top holds means writing zeros:
+# refused, untouched.
+h.pwrite(b"\x07" * 8192, 5 * 1024 * 1024)
+fails(lambda: h.zero(4096, 5 * 1024 * 1024 + 4096, nbd.CMD_FLAG_FAST_ZERO), errno.ENOTSUP)
+assert h.pread(8192, 5 * 1024 * 1024) == b"\x07" * 8192
 
 # Block status with REQ_ONE gives one extent within the request.
 seen = []

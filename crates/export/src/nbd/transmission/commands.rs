@@ -101,14 +101,14 @@ impl Connection {
                     .map_err(|e| image_failure(&e))?;
                 at += n;
             }
-        } else {
-            // Data below the top must be masked by copying zeros up: not fast.
-            let slow = chain
-                .held_under_top(req.offset, req.length)
+        } else if fast {
+            let done = chain
+                .zero_fast(req.offset, req.length)
                 .map_err(|e| image_failure(&e))?;
-            if fast && slow {
-                return Err(failure(ENOTSUP, "zeroing here means copying up"));
+            if !done {
+                return Err(failure(ENOTSUP, "zeroing here means writing zeros"));
             }
+        } else {
             chain
                 .discard(req.offset, req.length)
                 .map_err(|e| image_failure(&e))?;
