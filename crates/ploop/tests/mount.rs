@@ -312,9 +312,16 @@ fn daemon_pid(dd: &str) -> u32 {
 #[test]
 fn killed_daemon_gives_errors_and_recovers() {
     let _serial = serial();
+    // Over /dev/fuse, and over io_uring queues where the kernel has them.
+    for queues in ["dev", "auto"] {
+        killed_daemon_case(queues);
+    }
+}
+
+fn killed_daemon_case(queues: &str) {
     let disk = Disk::new("256M", "ext4");
     let mnt = disk.mnt("mnt");
-    disk.mount(&mnt);
+    disk.mount_with(&mnt, &["--fuse-queues", queues]);
     let data = pattern(7, 8 << 20);
     write_synced(&mnt.join("kept"), &data);
     let pid = daemon_pid(&disk.dd());
@@ -336,9 +343,12 @@ fn killed_daemon_gives_errors_and_recovers() {
     ]));
     assert!(
         start.elapsed() < Duration::from_secs(25),
-        "I/O hung after the daemon died"
+        "I/O hung after the daemon died ({queues})"
     );
-    assert!(!out.status.success(), "I/O after the daemon died must fail");
+    assert!(
+        !out.status.success(),
+        "I/O after the daemon died must fail ({queues})"
+    );
     // umount cleans up, a remount checks the image and sees flushed data.
     ok(
         ploop(&["umount", "-m", mnt.to_str().unwrap()]),
