@@ -7,41 +7,24 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use ploop_format::ploop::check::check;
-use ploop_format::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
 use ploop_image::Chain;
-use ploop_image::Delta;
 use ploop_io::{FaultPlan, FaultyIo, MemIo, SharedIo};
 use proptest::prelude::*;
+
+mod one_delta;
 
 const CLUSTER: u64 = 32 << 10;
 const CLUSTERS: u64 = 12;
 const SIZE: u64 = CLUSTERS * CLUSTER;
 
 fn open_chain(io: SharedIo) -> Chain {
-    let delta = PloopDelta::open(
-        io,
-        OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        },
-    )
-    .unwrap();
-    Chain::new(vec![Arc::new(Delta::Ploop(delta))], CLUSTER, SIZE).unwrap()
+    one_delta::open(io, SIZE, CLUSTER).0
 }
 
 /// A new empty delta on the fault-injecting backend, open in a chain.
 fn new_disk(name: &str) -> (Arc<FaultyIo>, Chain) {
     let faulty = Arc::new(FaultyIo::new(name));
-    PloopDelta::create(
-        faulty.clone(),
-        CreateOptions {
-            virtual_size: SIZE,
-            cluster_size: CLUSTER,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
+    one_delta::create(faulty.clone(), SIZE, CLUSTER);
     let chain = open_chain(faulty.clone());
     (faulty, chain)
 }

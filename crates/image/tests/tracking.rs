@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
-use ploop_format::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
+use ploop_format::ploop::PloopDelta;
 use ploop_image::{Chain, Delta};
 use ploop_io::{FileIo, OpenMode, SharedIo};
+
+mod one_delta;
 
 const CLUSTER: u64 = 64 << 10;
 const SIZE: u64 = 16 * CLUSTER;
@@ -15,26 +17,8 @@ const SIZE: u64 = 16 * CLUSTER;
 fn chain(dir: &std::path::Path) -> (Chain, Arc<Delta>) {
     let path = dir.join("root.hds");
     let io: SharedIo = Arc::new(FileIo::open(&path, OpenMode::create()).unwrap());
-    PloopDelta::create(
-        io.clone(),
-        CreateOptions {
-            virtual_size: SIZE,
-            cluster_size: CLUSTER,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
-    let delta = PloopDelta::open(
-        io,
-        OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        },
-    )
-    .unwrap();
-    let top = Arc::new(Delta::Ploop(delta));
-    (Chain::new(vec![top.clone()], CLUSTER, SIZE).unwrap(), top)
+    one_delta::create(io.clone(), SIZE, CLUSTER);
+    one_delta::open(io, SIZE, CLUSTER)
 }
 
 fn tracked(top: &Delta) -> &PloopDelta {

@@ -117,6 +117,13 @@ fn write_synced(path: &Path, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// qemu-img's own check of a delta file passes.
+fn qemu_img_check(delta: &Path) {
+    let out =
+        run(Command::new("qemu-img").args(["check", "-f", "parallels", delta.to_str().unwrap()]));
+    ok(out, "qemu-img check");
+}
+
 fn fsck_clean(disk: &Disk, fstype: &str) {
     let dev = ok(ploop(&["mount", &disk.dd()]), "mount device only");
     let out = match fstype {
@@ -171,15 +178,7 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
     disk.umount();
     fsck_clean(&disk, fstype);
     // The delta itself stays valid for the independent tools.
-    ok(
-        run(Command::new("qemu-img").args([
-            "check",
-            "-f",
-            "parallels",
-            disk.path("root.hdd").to_str().unwrap(),
-        ])),
-        "qemu-img check",
-    );
+    qemu_img_check(&disk.path("root.hdd"));
 }
 
 #[test]
@@ -684,15 +683,7 @@ fn online_delete_and_merge_while_writing() {
             .unwrap()
             .starts_with("root.hdd")
         {
-            ok(
-                run(Command::new("qemu-img").args([
-                    "check",
-                    "-f",
-                    "parallels",
-                    p.to_str().unwrap(),
-                ])),
-                "qemu-img check",
-            );
+            qemu_img_check(&p);
         }
     }
 }
@@ -933,13 +924,5 @@ fn fuse_over_io_uring_serves_what_dev_fuse_reads_back() {
         "/dev/fuse reads what the queues wrote"
     );
     disk.umount();
-    ok(
-        run(Command::new("qemu-img").args([
-            "check",
-            "-f",
-            "parallels",
-            disk.path("root.hdd").to_str().unwrap(),
-        ])),
-        "qemu-img check",
-    );
+    qemu_img_check(&disk.path("root.hdd"));
 }
