@@ -74,14 +74,7 @@ fn qemu_img_convert_and_compare_over_unix_and_tcp() {
     let disk = TestDisk::init(tmp.path(), size, &[]);
     let (src, want) = qcow2_source(tmp.path(), size);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     assert!(server.uri.starts_with("nbd+unix:///"), "{}", server.uri);
     let info = run("qemu-img", &["info", "--output=json", &server.uri]).success();
     assert!(
@@ -163,14 +156,7 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
     let size = 32 * MIB;
     let disk = TestDisk::init(tmp.path(), size, &["-b", "128"]); // 64 KiB clusters
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     let k64 = 64 * 1024;
     run(
         "qemu-io",
@@ -257,10 +243,7 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
     // A raw image file served on its own.
     let raw = tmp.path().join("plain.raw");
     std::fs::write(&raw, data_pattern(4 * MIB)).expect("raw image");
-    let server = Server::start(
-        tmp.path(),
-        &[OsStr::new("--socket"), sock.as_os_str(), raw.as_os_str()],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &raw);
     run(
         "qemu-io",
         &[
@@ -352,14 +335,7 @@ fn nbdsh_edge_cases() {
     // A snapshot: the old data now lies below the top.
     disk.snapshot();
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     let script = r#"
 def conn():
     h = nbd.NBD()
@@ -659,14 +635,7 @@ fn refuses_plain_text_on_the_network_and_a_second_writer() {
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("without TLS"), "{out}");
     let sock = tmp.path().join("a.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     let second = ploop(&[
         OsStr::new("serve"),
         "--socket".as_ref(),
@@ -735,14 +704,7 @@ fn hostile_clients_get_errors_and_lose_nothing() {
     let size = 8 * MIB;
     let disk = TestDisk::init(tmp.path(), size, &[]);
     let sock = tmp.path().join("nbd.sock");
-    let mut server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let mut server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     // An acknowledged, flushed write that everything below must not harm.
     let kept = data(21, 64 * 1024);
     let mut c = raw_client(&sock);
@@ -899,10 +861,7 @@ fn a_sparse_raw_image_reports_its_holes() {
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x33; 65536], MIB as u64).unwrap();
     drop(f);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[OsStr::new("--socket"), sock.as_os_str(), raw.as_os_str()],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &raw);
     run(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x44 5M 4k", &server.uri],

@@ -71,14 +71,7 @@ fn full_backing_filesystem_gives_enospc_and_resumes_after_space_is_freed() {
     std::fs::create_dir_all(&dir).unwrap();
     let disk = TestDisk::init(&dir, 64 * MIB, &[]);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
     let uri = server.uri.clone();
     // Fill until the image cannot grow; what was flushed before must stay.
     let script = r#"

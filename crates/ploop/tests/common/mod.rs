@@ -427,6 +427,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// `ploop serve --socket SOCK TARGET`.
+    #[track_caller]
+    pub fn on_socket(dir: &Path, sock: &Path, target: &Path) -> Server {
+        Server::start(
+            dir,
+            &[OsStr::new("--socket"), sock.as_os_str(), target.as_os_str()],
+        )
+    }
+
     #[track_caller]
     pub fn start<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> Server {
         let log = dir.join(format!("serve-{}.log", std::process::id()));
