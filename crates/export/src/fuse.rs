@@ -84,7 +84,10 @@ impl OneFileFs {
             chain.plan_read(offset, len)?
         };
         // Registered while the guard is held: see ServedDisk::begin_queued.
-        Ok(plan.map(|segs| (chain.clone(), segs, self.disk.begin_queued())))
+        Ok(plan.map(|plan| {
+            let (segments, in_flight) = self.disk.begin_queued(plan);
+            (chain.clone(), segments, in_flight)
+        }))
     }
 }
 

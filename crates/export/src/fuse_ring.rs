@@ -680,15 +680,15 @@ impl Queue {
         } else {
             guard.plan_read(offset, len as u64)
         };
-        let segments = match plan {
+        let plan = match plan {
             // Cut in more pieces than the completion queue has room for.
-            Ok(Some(s)) if s.len() > MAX_SEGMENTS => return Planned::Helper,
-            Ok(Some(s)) => s,
+            Ok(Some(p)) if p.segments.len() > MAX_SEGMENTS => return Planned::Helper,
+            Ok(Some(p)) => p,
             // Errors get their message from the helper's synchronous try.
             Ok(None) | Err(_) => return Planned::Helper,
         };
         let chain = guard.clone();
-        let in_flight = file.disk.begin_queued();
+        let (segments, in_flight) = file.disk.begin_queued(plan);
         drop(guard);
         let payload = self.slots[slot]
             .payload

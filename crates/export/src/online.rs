@@ -297,6 +297,9 @@ fn copy_cluster(
         return Ok(());
     }
     let len = (target.virtual_size() - start).min(cs) as usize;
+    // A discard may free the cluster while we read it; tracking makes the
+    // merge copy it again, the pin keeps us from reading its next owner.
+    let _pin = src.pin();
     match src.map(cluster) {
         Some(off) => {
             src.read_data(&mut buf.as_mut_slice()[..len], off)?;

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use ploop_image::Chain;
+use ploop_format::ploop::MappingPin;
+use ploop_image::{Chain, Plan, Segment};
 use uuid::Uuid;
 
 pub struct ServedDisk {
@@ -22,12 +23,16 @@ pub struct ServedDisk {
     in_flight: AtomicUsize,
 }
 
-/// Marks one queued request in flight until dropped.
-pub struct InFlight(Arc<ServedDisk>);
+/// Marks one queued request in flight until dropped, and keeps the
+/// clusters it was planned on from being reused meanwhile.
+pub struct InFlight {
+    disk: Arc<ServedDisk>,
+    _pin: Option<MappingPin>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.disk.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -45,9 +50,15 @@ impl ServedDisk {
 
     /// Register a queued request; call with the chain guard held, so an
     /// online operation either waits for it or it sees the new chain.
-    pub fn begin_queued(self: &Arc<Self>) -> InFlight {
+    /// Hold the InFlight until the plan's I/O has completed.
+    pub fn begin_queued(self: &Arc<Self>, plan: Plan) -> (Vec<Segment>, InFlight) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.clone())
+        let (segments, pin) = plan.into_parts();
+        let in_flight = InFlight {
+            disk: self.clone(),
+            _pin: pin,
+        };
+        (segments, in_flight)
     }
 
     /// The chain, held for one request.

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use ploop_format::ploop::{FillFn, PloopDelta};
+use ploop_format::ploop::{FillFn, MappingPin, PloopDelta};
 use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
 use ploop_io::is_zero;
@@ -30,7 +30,30 @@ pub struct Segment {
     pub len: usize,
 }
 
+/// How to do a request with plain file I/O: its pieces, and a pin that
+/// keeps the clusters they name from being reused (after a concurrent
+/// discard) until the plan is dropped, once the I/O has completed.
+pub struct Plan {
+    pub segments: Vec<Segment>,
+    _pin: Option<MappingPin>,
+}
+
+impl Plan {
+    /// The pieces, and the pin to hold until their I/O has completed.
+    pub fn into_parts(self) -> (Vec<Segment>, Option<MappingPin>) {
+        (self.segments, self._pin)
+    }
+}
+
 impl Delta {
+    /// See [`PloopDelta::pin`]; a raw delta never moves its data.
+    pub fn pin(&self) -> Option<MappingPin> {
+        match self {
+            Delta::Raw(_) => None,
+            Delta::Ploop(p) => Some(p.pin()),
+        }
+    }
+
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         match self {
             Delta::Raw(r) => r.io().raw_fd(),
@@ -191,6 +214,8 @@ impl Chain {
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        // Only the top frees clusters (lower deltas are read-only).
+        let _pin = self.top().pin();
         for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
             let out = &mut buf[at..at + n];
             match self.holder(cluster, self.layers.len()) {
@@ -275,8 +300,9 @@ impl Chain {
     /// How to read a range with plain file reads: the pieces held by some
     /// delta (pieces held by none read as zeros and are left out). None if
     /// a delta has no file descriptor.
-    pub fn plan_read(&self, offset: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+    pub fn plan_read(&self, offset: u64, len: u64) -> Result<Option<Plan>> {
         self.check_range(offset, len)?;
+        let pin = self.top().pin();
         let mut out = Vec::new();
         for (cluster, in_off, at, n) in pieces(offset, len, self.cluster_size) {
             if let Some((i, off)) = self.holder(cluster, self.layers.len()) {
@@ -291,17 +317,21 @@ impl Chain {
                 });
             }
         }
-        Ok(Some(out))
+        Ok(Some(Plan {
+            segments: out,
+            _pin: pin,
+        }))
     }
 
     /// How to write a range with plain file writes, if every piece lands
     /// in place in the top delta (no allocation, no copy-up). None otherwise.
-    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<Vec<Segment>>> {
+    pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<Plan>> {
         self.check_range(offset, len)?;
         let top = self.writable_top()?;
         let Some(fd) = top.raw_fd() else {
             return Ok(None);
         };
+        let pin = top.pin();
         let mut out = Vec::new();
         for (cluster, in_off, at, n) in pieces(offset, len, self.cluster_size) {
             let Some(off) = top.map(cluster, self.cluster_size) else {
@@ -315,7 +345,10 @@ impl Chain {
                 len: n,
             });
         }
-        Ok(Some(out))
+        Ok(Some(Plan {
+            segments: out,
+            _pin: pin,
+        }))
     }
 
     /// Read the whole of `cluster` as seen from below layer `below`.
@@ -365,9 +398,11 @@ impl Chain {
             match top {
                 Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
                 Delta::Ploop(p) => {
+                    let pin = p.pin();
                     if let Some(off) = p.map(cluster) {
                         p.write_data(data, off + in_off)?;
                     } else {
+                        drop(pin); // allocation re-checks under its lock
                         let below = self.holder(cluster, top_index);
                         if below.is_none() && is_zero(data) {
                             continue; // zeros over nothing: stay sparse

@@ -6,5 +6,5 @@ pub mod chain;
 pub mod disk;
 pub mod ops;
 
-pub use chain::{Chain, Delta, Segment};
+pub use chain::{Chain, Delta, Plan, Segment};
 pub use disk::{Disk, OpenOptions};

@@ -9,10 +9,17 @@
 //! after an fdatasync that made every cluster it may point at durable. A
 //! crash can therefore leak clusters at the end of the file but never
 //! expose a BAT entry that points at unwritten data.
+//!
+//! Reuse: a cluster unmapped by a discard may still be the target of I/O
+//! that looked its mapping up just before (a write queued on io_uring, or
+//! one between its lookup and its `pwrite`). Such I/O pins the current
+//! epoch ([`PloopDelta::pin`]); freed clusters wait in quarantine until
+//! every pin from their epoch is gone, so late data can only land in a
+//! cluster nobody reads, never in one handed to another virtual cluster.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ploop_io::{AlignedBuf, SharedIo};
 
@@ -56,6 +63,62 @@ struct Alloc {
     end: u64,
     /// Unreferenced file clusters inside the file, safe to reuse.
     free: BTreeSet<u64>,
+    /// Unreferenced durably, but maybe still targeted by pinned I/O:
+    /// (epoch when quarantined, file cluster index).
+    quarantine: Vec<(u64, u64)>,
+}
+
+/// Grace periods for reusing clusters, in the manner of RCU with two
+/// counters: pins are counted in the slot of the epoch they started in, and
+/// the epoch moves on only once the slot of the one before is empty.
+#[derive(Default)]
+struct Epochs {
+    current: AtomicU64,
+    pins: [AtomicUsize; 2],
+}
+
+impl Epochs {
+    fn pin(self: &Arc<Self>) -> MappingPin {
+        loop {
+            let epoch = self.current.load(Ordering::SeqCst);
+            let slot = (epoch & 1) as usize;
+            self.pins[slot].fetch_add(1, Ordering::SeqCst);
+            // Counted in the slot an advance checks before it moves on,
+            // or not at all (try again in the new epoch).
+            if self.current.load(Ordering::SeqCst) == epoch {
+                return MappingPin {
+                    epochs: self.clone(),
+                    slot,
+                };
+            }
+            self.pins[slot].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Move on if no pin of the previous epoch is left; the epoch now.
+    /// Callers hold the allocation lock, so advances never race.
+    fn try_advance(&self) -> u64 {
+        let epoch = self.current.load(Ordering::SeqCst);
+        let previous = ((epoch + 1) & 1) as usize;
+        if self.pins[previous].load(Ordering::SeqCst) != 0 {
+            return epoch;
+        }
+        self.current.store(epoch + 1, Ordering::SeqCst);
+        epoch + 1
+    }
+}
+
+/// Held by I/O from before it looks a mapping up until its data has moved:
+/// clusters unmapped meanwhile are not reused before it is dropped.
+pub struct MappingPin {
+    epochs: Arc<Epochs>,
+    slot: usize,
+}
+
+impl Drop for MappingPin {
+    fn drop(&mut self) {
+        self.epochs.pins[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct PloopDelta {
@@ -74,6 +137,7 @@ pub struct PloopDelta {
     /// copies them again at the end).
     tracking: AtomicBool,
     changed: Mutex<BTreeSet<u64>>,
+    epochs: Arc<Epochs>,
     writable: bool,
     open: AtomicBool,
 }
@@ -236,7 +300,12 @@ impl PloopDelta {
                 pages: BTreeSet::new(),
                 freed: Vec::new(),
             }),
-            alloc: Mutex::new(Alloc { end, free }),
+            alloc: Mutex::new(Alloc {
+                end,
+                free,
+                quarantine: Vec::new(),
+            }),
+            epochs: Arc::default(),
             meta: Mutex::new(()),
             writable: flags.writable,
             open: AtomicBool::new(true),
@@ -287,6 +356,12 @@ impl PloopDelta {
         }
     }
 
+    /// Pin the mappings looked up from now until the pin is dropped: a
+    /// cluster unmapped meanwhile is not handed to another virtual cluster.
+    pub fn pin(&self) -> MappingPin {
+        self.epochs.pin()
+    }
+
     /// Count of mapped clusters.
     pub fn allocated_clusters(&self) -> u64 {
         let bat = self.bat.read().expect("bat lock");
@@ -331,8 +406,11 @@ impl PloopDelta {
         self.ensure_writable()?;
         let cs = self.header.cluster_size;
         debug_assert!(offset + data.len() as u64 <= cs);
-        if let Some(off) = self.map(cluster) {
-            return self.write_data(data, off + offset);
+        {
+            let _pin = self.pin();
+            if let Some(off) = self.map(cluster) {
+                return self.write_data(data, off + offset);
+            }
         }
         let mut alloc = self.alloc.lock().expect("alloc lock");
         if let Some(off) = self.map(cluster) {
@@ -352,6 +430,9 @@ impl PloopDelta {
         fill: Option<FillFn>,
     ) -> Result<()> {
         let cs = self.header.cluster_size;
+        if alloc.free.is_empty() {
+            self.release_quarantined(alloc);
+        }
         let index = match alloc.free.pop_first() {
             Some(i) => i,
             None => alloc.end,
@@ -399,6 +480,7 @@ impl PloopDelta {
     pub fn discard(&self, cluster: u64, offset: u64, len: u64, unmap: bool) -> Result<()> {
         self.ensure_writable()?;
         let cs = self.header.cluster_size;
+        let pin = self.pin();
         let Some(file_off) = self.map(cluster) else {
             return Ok(());
         };
@@ -414,6 +496,8 @@ impl PloopDelta {
                 .zero_range(file_off, cs)
                 .map_err(|e| Error::io(&self.path, "zeroing cluster", file_off, e));
         }
+        // Unmapping re-checks the BAT under the allocation lock.
+        drop(pin);
         let _alloc = self.alloc.lock().expect("alloc lock");
         if self.map(cluster) != Some(file_off) {
             // A concurrent discard got here first (and the cluster may even
@@ -486,8 +570,36 @@ impl PloopDelta {
             return Ok(());
         }
         let mut alloc = self.alloc.lock().expect("alloc lock");
-        alloc.free.extend(freed);
+        let epoch = self.epochs.current.load(Ordering::SeqCst);
+        alloc
+            .quarantine
+            .extend(freed.into_iter().map(|c| (epoch, c)));
+        self.release_quarantined(&mut alloc);
         self.trim_tail(&mut alloc)
+    }
+
+    /// Make quarantined clusters reusable once no I/O that may have looked
+    /// up their old mapping is left (allocation lock held).
+    fn release_quarantined(&self, alloc: &mut Alloc) {
+        let Some(oldest) = alloc.quarantine.iter().map(|&(e, _)| e).min() else {
+            return;
+        };
+        // A cluster quarantined in epoch e is free once the epoch reaches
+        // e + 2: every pin of epoch e or earlier has then been dropped.
+        let mut now = self.epochs.try_advance();
+        if now < oldest + 2 {
+            now = self.epochs.try_advance();
+        }
+        let Alloc {
+            free, quarantine, ..
+        } = alloc;
+        quarantine.retain(|&(epoch, cluster)| {
+            let released = epoch + 2 <= now;
+            if released {
+                free.insert(cluster);
+            }
+            !released
+        });
     }
 
     /// Give free clusters at the end of the file back: OpenVZ's check wants

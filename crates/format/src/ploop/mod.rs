@@ -9,7 +9,8 @@ pub mod header;
 
 pub use bat::{scan_bat, BatProblem};
 pub use delta::{
-    entry_to_offset, offset_to_entry, CreateOptions, FillFn, OpenFlags, PloopDelta, META_PAGE,
+    entry_to_offset, offset_to_entry, CreateOptions, FillFn, MappingPin, OpenFlags, PloopDelta,
+    META_PAGE,
 };
 pub use header::{Header, RawHeader, Version, MIN_CLUSTER_SECTORS};
 

@@ -45,7 +45,7 @@ impl Connection {
         } else {
             chain.plan_write(req.offset, req.length)
         };
-        let Ok(Some(segments)) = plan else {
+        let Ok(Some(plan)) = plan else {
             return Err((payload, budget));
         };
         let runs = if read && self.structured() && req.flags & CMD_FLAG_DF == 0 {
@@ -62,7 +62,7 @@ impl Connection {
             // Pieces no delta holds read as zeros.
             let b = buf.as_mut_slice();
             let mut at = 0;
-            for s in &segments {
+            for s in &plan.segments {
                 b[at..s.buf_offset].fill(0);
                 at = s.buf_offset + s.len;
             }
@@ -72,7 +72,7 @@ impl Connection {
             payload.expect("WRITE carries its payload").0
         };
         // Registered while the guard is held: see ServedDisk::begin_queued.
-        let in_flight = disk.begin_queued();
+        let (segments, in_flight) = disk.begin_queued(plan);
         let planned_on = Arc::clone(&chain);
         drop(chain);
         let conn = self.clone();

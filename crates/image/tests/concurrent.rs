@@ -1,0 +1,167 @@
+//! I/O that runs beside changes to the same disk:
+//! - change tracking, which an online merge relies on: a cluster written
+//!   while the merge copies must be recorded again once its data is in
+//!   place, or the merge keeps the copy it took before the write landed;
+//! - cluster reuse: a cluster a discard frees must not be handed to another
+//!   virtual cluster while I/O planned on its old mapping may still land.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ploop_format::ploop::PloopDelta;
+use ploop_image::{Chain, Delta};
+use ploop_io::{FileIo, OpenMode, SharedIo};
+
+mod one_delta;
+
+const CLUSTER: u64 = 64 << 10;
+const SIZE: u64 = 16 * CLUSTER;
+
+/// A ploop delta in a real file: queued I/O is planned on file descriptors.
+fn chain(dir: &std::path::Path) -> (Chain, Arc<Delta>) {
+    let path = dir.join("root.hds");
+    let io: SharedIo = Arc::new(FileIo::open(&path, OpenMode::create()).unwrap());
+    one_delta::create(io.clone(), SIZE, CLUSTER);
+    one_delta::open(io, SIZE, CLUSTER)
+}
+
+fn tracked(top: &Delta) -> &PloopDelta {
+    match top {
+        Delta::Ploop(p) => p,
+        Delta::Raw(_) => unreachable!("the test makes a ploop delta"),
+    }
+}
+
+#[test]
+fn a_queued_write_is_recorded_again_when_it_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, top) = chain(dir.path());
+    chain.write_at(&[1u8; 4096], 3 * CLUSTER).unwrap(); // allocate
+    let p = tracked(&top);
+    p.start_tracking();
+    // Planned (recorded), then a merge takes the changes and copies the
+    // cluster before the queued write reaches the file.
+    let plan = chain.plan_write(3 * CLUSTER, 4096).unwrap().unwrap();
+    assert_eq!(plan.segments.len(), 1);
+    assert!(p.take_changes().contains(&3));
+    assert!(p.take_changes().is_empty());
+    // The write completes: the cluster must be copied once more.
+    chain.note_written(3 * CLUSTER, 4096);
+    assert_eq!(p.take_changes().into_iter().collect::<Vec<_>>(), vec![3]);
+    // Synchronous writes and discards record what they changed.
+    chain.write_at(&[2u8; 8192], 5 * CLUSTER - 4096).unwrap();
+    chain.discard(9 * CLUSTER, CLUSTER).unwrap();
+    assert_eq!(
+        p.stop_tracking().into_iter().collect::<Vec<_>>(),
+        vec![4, 5, 9]
+    );
+    // Past the end of the disk nothing is recorded, and nothing panics.
+    chain.note_written(SIZE - 4096, 1 << 20);
+}
+
+#[test]
+fn a_cluster_freed_under_queued_io_waits_for_it_before_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, top) = chain(dir.path());
+    let p = tracked(&top);
+    chain
+        .write_at(&[1u8; CLUSTER as usize], 3 * CLUSTER)
+        .unwrap();
+    let freed = p.map(3).unwrap();
+    // A write is planned on cluster 3 and queued...
+    let plan = chain.plan_write(3 * CLUSTER, 4096).unwrap().unwrap();
+    assert_eq!(plan.segments[0].file_offset, freed);
+    // ...meanwhile the cluster is discarded, the unmapping made durable,
+    // and another cluster allocated.
+    chain.discard(3 * CLUSTER, CLUSTER).unwrap();
+    chain.flush().unwrap();
+    chain
+        .write_at(&[7u8; CLUSTER as usize], 5 * CLUSTER)
+        .unwrap();
+    assert_ne!(p.map(5), Some(freed), "reused under queued I/O");
+    // The queued write lands late, where cluster 3 used to be.
+    let late = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("root.hds"))
+        .unwrap();
+    late.write_at(&[9u8; 4096], freed).unwrap();
+    drop(plan);
+    let mut back = vec![0u8; CLUSTER as usize];
+    chain.read_at(&mut back, 5 * CLUSTER).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 7),
+        "cluster 5 took the late write"
+    );
+    chain.read_at(&mut back, 3 * CLUSTER).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "a discarded cluster reads zeros"
+    );
+    // Once the I/O is over the space is reused, not leaked.
+    chain.flush().unwrap();
+    chain
+        .write_at(&[8u8; CLUSTER as usize], 8 * CLUSTER)
+        .unwrap();
+    assert_eq!(p.map(8), Some(freed));
+    chain.close().unwrap();
+}
+
+/// Readers pin, look a cluster up and hold its mapping while a writer
+/// discards, flushes and allocates: no other virtual cluster may be given
+/// the file cluster a pinned mapping names.
+#[test]
+fn a_pinned_mapping_is_never_handed_to_another_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, top) = chain(dir.path());
+    let chain = Arc::new(chain);
+    // Few clusters, so that freed ones come back quickly.
+    let clusters = 4;
+    let stop = Arc::new(AtomicBool::new(false));
+    let checkers: Vec<_> = (0..2u64)
+        .map(|seed| {
+            let (top, stop) = (top.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let p = tracked(&top);
+                let (mut checked, mut x) = (0u64, seed + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let c = (x >> 33) % clusters;
+                    let _pin = p.pin();
+                    let Some(off) = p.map(c) else { continue };
+                    for _ in 0..50 {
+                        std::thread::yield_now();
+                        for other in (0..clusters).filter(|&o| o != c) {
+                            assert_ne!(
+                                p.map(other),
+                                Some(off),
+                                "{off} given to {other} under a pin"
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+                checked
+            })
+        })
+        .collect();
+    let mut x = 99u64;
+    for round in 0..6000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let c = (x >> 33) % clusters;
+        if x & 1 == 0 {
+            chain.discard(c * CLUSTER, CLUSTER).unwrap();
+        } else {
+            chain.write_at(&[round as u8; 4096], c * CLUSTER).unwrap();
+        }
+        chain.flush().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let checked: u64 = checkers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(checked > 100, "only {checked} mappings were checked");
+    chain.close().unwrap();
+}
