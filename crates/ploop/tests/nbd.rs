@@ -887,3 +887,100 @@ fn a_sparse_raw_image_reports_its_holes() {
         "copy of the sparse image",
     );
 }
+
+/// Read one simple reply to a READ of `len` bytes: (error, cookie).
+fn read_reply(s: &mut UnixStream, len: usize) -> (u32, u64) {
+    let (err, cookie) = simple_reply(s);
+    if err == 0 {
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).expect("read data");
+    }
+    (err, cookie)
+}
+
+/// A client that asks for a lot and stops reading holds up only itself:
+/// the workers, shared by all clients, never wait for its socket.
+#[test]
+fn a_client_that_stops_reading_holds_up_only_itself() {
+    let tmp = tempdir();
+    let disk = TestDisk::init(tmp.path(), 8 * MIB, &[]);
+    let sock = tmp.path().join("nbd.sock");
+    let server = Server::start(
+        tmp.path(),
+        &[
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            OsStr::new("--threads"),
+            OsStr::new("2"),
+            disk.dd.as_os_str(),
+        ],
+    );
+    // 200 MiB of replies, none read for now.
+    let mut slow = raw_client(&sock);
+    let asks: Vec<u8> = (0..200u64)
+        .flat_map(|i| request(0, 0, i, (i % 8) * MIB as u64, MIB as u32))
+        .collect();
+    slow.write_all(&asks).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut other = raw_client(&sock);
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let block = data(5, 4096);
+    let mut w = request(1, 0, 7, 4096, 4096);
+    w.extend_from_slice(&block);
+    other.write_all(&w).unwrap();
+    assert_eq!(
+        simple_reply(&mut other),
+        (0, 7),
+        "a write beside the slow client"
+    );
+    other.write_all(&request(0, 0, 8, 4096, 4096)).unwrap();
+    assert_eq!(simple_reply(&mut other), (0, 8));
+    let mut back = vec![0u8; 4096];
+    other.read_exact(&mut back).unwrap();
+    assert_eq!(back, block);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "served in {:?} beside a client that does not read",
+        started.elapsed()
+    );
+
+    // The slow client gets every reply once it reads.
+    let mut cookies: Vec<u64> = (0..200).map(|_| read_reply(&mut slow, MIB).1).collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..200).collect::<Vec<_>>());
+    server.stop();
+}
+
+/// With `--io uring` the reader gathers requests for the ring; asking for
+/// more than a connection's budget at once must not stall it.
+#[test]
+fn requests_past_the_budget_through_io_uring_are_all_answered() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 64 * MIB, &[]);
+    disk.write_random(9, 0, 32 * MIB);
+    let sock = tmp.path().join("nbd.sock");
+    let server = Server::start(
+        tmp.path(),
+        &[
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            OsStr::new("--io"),
+            OsStr::new("uring"),
+            disk.dd.as_os_str(),
+        ],
+    );
+    let mut c = raw_client(&sock);
+    // Nine 32 MiB reads: 288 MiB, past the 256 MiB a connection holds.
+    let asks: Vec<u8> = (0..9u64)
+        .flat_map(|i| request(0, 0, i, (i % 2) * 32 * MIB as u64, 32 * MIB as u32))
+        .collect();
+    c.write_all(&asks).unwrap();
+    let mut cookies: Vec<u64> = (0..9).map(|_| read_reply(&mut c, 32 * MIB).1).collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..9).collect::<Vec<_>>());
+    server.stop();
+}

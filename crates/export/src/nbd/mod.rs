@@ -230,6 +230,16 @@ impl transmission::ReplySink for Stream {
     fn abort(&mut self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+
+    fn write_now(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let fd = match &*self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        };
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        let mut no_control = rustix::net::SendAncillaryBuffer::default();
+        Ok(rustix::net::sendmsg(fd, bufs, &mut no_control, flags)?)
+    }
 }
 
 /// Reads that fail once a deadline has passed, however slowly the bytes

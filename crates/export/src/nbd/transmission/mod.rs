@@ -10,7 +10,7 @@
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 
 use ploop_io::AlignedBuf;
 use tracing::{debug, error, warn};
@@ -27,7 +27,7 @@ mod ring;
 
 pub use pool::{Executor, Inline, Pool, Shared};
 pub use reply::ReplySink;
-use reply::{errno_failure, failure, image_failure, Failure, Queue, Reply};
+use reply::{errno_failure, failure, image_failure, Failure, Queue, Reply, Sender, Writer};
 use ring::Completed;
 
 /// Largest READ or WRITE payload we take (advertised as the maximum).
@@ -70,16 +70,21 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
 struct Budget {
     requests: usize,
     bytes: usize,
+    /// What replies waiting to be sent cost (see `reply_cost`).
+    replies: usize,
 }
 
 /// One connection in transmission.
 pub struct Connection {
+    me: Weak<Connection>,
     export: Arc<Export>,
     agreed: Agreed,
     shared: Arc<Shared>,
-    out: Mutex<Box<dyn ReplySink>>,
-    /// Replies waiting for the worker that is sending.
+    out: Mutex<Sender>,
+    /// Replies waiting for the thread that is sending.
     queued: Mutex<Queue>,
+    writer: Mutex<Writer>,
+    writer_wake: Condvar,
     /// Requests the ring has done, waiting for a worker to reply.
     completed: Mutex<Vec<Completed>>,
     reply_scheduled: AtomicBool,
@@ -108,17 +113,21 @@ impl Connection {
         out: Box<dyn ReplySink>,
         shared: Arc<Shared>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             export,
             agreed,
             shared,
-            out: Mutex::new(out),
+            out: Mutex::new(Sender::new(out)),
             queued: Mutex::new(Queue::default()),
+            writer: Mutex::new(Writer::default()),
+            writer_wake: Condvar::new(),
             completed: Mutex::new(Vec::new()),
             reply_scheduled: AtomicBool::new(false),
             budget: Mutex::new(Budget {
                 requests: 0,
                 bytes: 0,
+                replies: 0,
             }),
             budget_freed: Condvar::new(),
             broken: AtomicBool::new(false),
@@ -133,8 +142,7 @@ impl Connection {
     /// it; the payload is allocated only after this.
     fn take_budget(&self, bytes: usize) {
         let mut b = lock(&self.budget);
-        while b.requests >= MAX_IN_FLIGHT || (b.bytes > 0 && b.bytes + bytes > MAX_IN_FLIGHT_BYTES)
-        {
+        while !Self::room(&b, bytes) {
             b = self
                 .budget_freed
                 .wait(b)
@@ -146,6 +154,22 @@ impl Connection {
         self.shared.take_bytes(bytes);
     }
 
+    /// [`Self::take_budget`] if that needs no waiting.
+    fn try_take_budget(&self, bytes: usize) -> bool {
+        let mut b = lock(&self.budget);
+        if !Self::room(&b, bytes) || !self.shared.try_take_bytes(bytes) {
+            return false;
+        }
+        b.requests += 1;
+        b.bytes += bytes;
+        true
+    }
+
+    fn room(b: &Budget, bytes: usize) -> bool {
+        let held = b.bytes + b.replies;
+        b.requests < MAX_IN_FLIGHT && (held == 0 || held + bytes <= MAX_IN_FLIGHT_BYTES)
+    }
+
     fn give_budget(&self, bytes: usize) {
         self.shared.give_bytes(bytes);
         let mut b = lock(&self.budget);
@@ -154,15 +178,33 @@ impl Connection {
         self.budget_freed.notify_all();
     }
 
-    /// Wait until every request handed to the workers has been answered.
+    /// Replies of this cost wait to be sent (taken without waiting: the
+    /// request they answer held its budget until now).
+    fn hold_reply_bytes(&self, cost: usize) {
+        self.shared.add_bytes(cost);
+        lock(&self.budget).replies += cost;
+    }
+
+    fn release_reply_bytes(&self, cost: usize) {
+        self.shared.give_bytes(cost);
+        let mut b = lock(&self.budget);
+        b.replies -= cost;
+        self.budget_freed.notify_all();
+    }
+
+    /// Wait until every request handed to the workers has been answered
+    /// and every answer sent (or dropped with a cut connection); then end
+    /// the writer thread.
     fn drain(&self) {
         let mut b = lock(&self.budget);
-        while b.requests > 0 {
+        while b.requests > 0 || b.replies > 0 {
             b = self
                 .budget_freed
                 .wait(b)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        drop(b);
+        self.close_writer();
     }
 }
 
@@ -210,14 +252,35 @@ pub fn serve_requests<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>)
 fn request_loop<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
     let mut batch: Vec<Op> = Vec::new();
     let end = request_loop_batched(conn, input, &mut batch);
-    if let Some(ring) = &conn.shared.ring {
-        ring.submit_batch(batch.drain(..));
-    }
+    submit(conn, &mut batch);
     end
 }
 
+/// Requests for the ring gather while more are buffered, up to this many.
+const MAX_BATCH: usize = 64;
+
+/// Hand the gathered requests to the ring.
+fn submit(conn: &Connection, batch: &mut Vec<Op>) {
+    if let Some(ring) = &conn.shared.ring {
+        if !batch.is_empty() {
+            ring.submit_batch(batch.drain(..));
+        }
+    }
+}
+
+/// Take budget for a request; the gathered ones go to the ring first if
+/// that means waiting (their completions are what frees budget).
+fn take_budget(conn: &Connection, batch: &mut Vec<Op>, bytes: usize) {
+    if !conn.try_take_budget(bytes) {
+        submit(conn, batch);
+        conn.take_budget(bytes);
+    }
+}
+
 /// The request loop; requests for the ring gather in `batch` while more
-/// are already buffered, and go to the ring together.
+/// are already buffered, and go to the ring together. Gathered requests
+/// hold budget and keep online operations waiting, so they go to the ring
+/// before anything here may wait.
 fn request_loop_batched<R: Read>(
     conn: &Arc<Connection>,
     input: &mut BufReader<R>,
@@ -234,11 +297,9 @@ fn request_loop_batched<R: Read>(
         if conn.broken.load(Ordering::SeqCst) {
             return End::IoError;
         }
-        if !batch.is_empty() && input.buffer().len() < header_len {
+        if input.buffer().len() < header_len || batch.len() >= MAX_BATCH {
             // Nothing more without waiting: let the ring start on these.
-            if let Some(ring) = &conn.shared.ring {
-                ring.submit_batch(batch.drain(..));
-            }
+            submit(conn, batch);
         }
         match input.read_exact(&mut header[..header_len]) {
             Ok(()) => {}
@@ -268,6 +329,7 @@ fn request_loop_batched<R: Read>(
                     warn!("{}-byte payload: dropping the client", req.length);
                     return End::Violation;
                 }
+                submit(conn, batch);
                 if skip(input, req.length).is_err() {
                     return End::IoError;
                 }
@@ -280,8 +342,11 @@ fn request_loop_batched<R: Read>(
                 continue;
             }
             let len = req.length as usize;
-            conn.take_budget(len);
+            take_budget(conn, batch, len);
             let mut buf = conn.shared.buffer(len);
+            if input.buffer().len() < len {
+                submit(conn, batch);
+            }
             if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
                 // Cut off in the middle of a write: nothing was acknowledged.
                 conn.give_budget(len);
@@ -331,7 +396,7 @@ fn request_loop_batched<R: Read>(
             bytes
         };
         if !budgeted {
-            conn.take_budget(bytes);
+            take_budget(conn, batch, bytes);
         }
         let guard = BudgetGuard {
             conn: conn.clone(),
@@ -352,7 +417,9 @@ fn request_loop_batched<R: Read>(
                 // trusted to stay in step; the others go on.
                 error!("request {req:?} panicked: {panic:?}; cutting the connection");
                 c.broken.store(true, Ordering::SeqCst);
-                lock(&c.out).abort();
+                if let Some(mut out) = try_lock(&c.out) {
+                    out.sink.abort();
+                }
             }
             drop(guard);
         }));

@@ -87,6 +87,21 @@ impl Shared {
         *used += n;
     }
 
+    /// [`Self::take_bytes`] if that needs no waiting.
+    pub(super) fn try_take_bytes(&self, n: usize) -> bool {
+        let mut used = lock(&self.bytes);
+        if *used > 0 && *used + n > MAX_TOTAL_BYTES {
+            return false;
+        }
+        *used += n;
+        true
+    }
+
+    /// Count bytes that are already held (replies waiting to be sent).
+    pub(super) fn add_bytes(&self, n: usize) {
+        *lock(&self.bytes) += n;
+    }
+
     pub(super) fn give_bytes(&self, n: usize) {
         *lock(&self.bytes) -= n;
         self.bytes_freed.notify_all();

@@ -1,6 +1,12 @@
 //! Replies: encoding them, and sending each whole without holding up
-//! the workers (a reply that finds the socket busy queues for the worker
-//! that is sending).
+//! the workers. A worker that finds the socket free writes without
+//! waiting for it; what the socket cannot take at once goes to the
+//! connection's own writer thread, so a client slow to read holds up only
+//! itself. Replies waiting to be sent count against the connection's
+//! budget, so its reader stops taking requests instead of memory growing.
+
+use std::collections::VecDeque;
+use std::thread::JoinHandle;
 
 use super::*;
 
@@ -8,19 +14,68 @@ use super::*;
 pub trait ReplySink: Write + Send {
     /// Cut the connection: a reply could not be sent.
     fn abort(&mut self) {}
+
+    /// Write what the other end takes now, without waiting: WouldBlock if
+    /// nothing. Sinks that never wait need not say.
+    fn write_now(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.write_vectored(bufs)
+    }
 }
 
 impl ReplySink for Vec<u8> {}
 
-/// Replies waiting for the worker that is sending, and their size.
-#[derive(Default)]
-pub(super) struct Queue {
-    pub(super) replies: Vec<Reply>,
-    pub(super) bytes: usize,
+/// The socket, and replies taken from the queue that it has not taken
+/// whole yet (in order; the first one perhaps in part).
+pub(super) struct Sender {
+    pub(super) sink: Box<dyn ReplySink>,
+    pending: VecDeque<Reply>,
+    /// Bytes of the first pending reply already sent.
+    sent: usize,
 }
 
-/// Most reply bytes one connection queues behind a busy socket.
-pub(super) const MAX_QUEUED: usize = 64 << 20;
+impl Sender {
+    pub(super) fn new(sink: Box<dyn ReplySink>) -> Self {
+        Sender {
+            sink,
+            pending: VecDeque::new(),
+            sent: 0,
+        }
+    }
+}
+
+/// Replies queued while another thread had the socket.
+#[derive(Default)]
+pub(super) struct Queue {
+    replies: Vec<Reply>,
+}
+
+/// The connection's writer thread: started the first time the socket is
+/// full, it sends with waiting (up to the send timeout per call).
+#[derive(Default)]
+pub(super) struct Writer {
+    wanted: bool,
+    closing: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a reply costs its connection's budget while it waits: its bytes,
+/// and about what holding it costs besides.
+fn reply_cost(r: &Reply) -> usize {
+    r.len() + 128
+}
+
+/// At most this many pieces per system call (the kernel's IOV_MAX).
+const MAX_IOV: usize = 1024;
+
+/// How far writing got.
+enum Flow {
+    /// Everything is sent.
+    Empty,
+    /// The socket takes no more now (only without waiting).
+    Full,
+    /// The connection is cut; what was left is dropped.
+    Broken,
+}
 
 /// A whole reply, ready to send: header bytes, and ranges of a data
 /// buffer it owns (so a queued reply moves its data instead of copying it).
@@ -112,116 +167,197 @@ pub(super) fn image_failure(e: &ploop_format::Error) -> Failure {
     failure(code, e.to_string())
 }
 
-/// Write all of `bufs`, with as few system calls as the kernel allows.
-pub(super) fn write_all_vectored(
-    w: &mut dyn Write,
-    mut bufs: &mut [IoSlice<'_>],
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 impl Connection {
-    /// Send one whole reply (all its chunks) without interleaving. A
-    /// worker that finds another one sending leaves its reply for that one
-    /// to send, and goes back to work: a client slow to read holds at most
-    /// one worker.
+    /// Send one whole reply (all its chunks) without interleaving.
     pub(super) fn send(&self, reply: Reply) {
         self.send_all(vec![reply]);
     }
 
-    /// Send several replies, in one system call where the socket is free.
-    /// Queued replies are bounded: past [`MAX_QUEUED`] bytes a worker
-    /// waits for the socket instead (a client that stops reading is cut
-    /// by the send timeout).
-    pub(super) fn send_all(&self, mut replies: Vec<Reply>) {
+    /// Send several replies, in one system call where the socket is free
+    /// and takes them. Never waits for the client.
+    pub(super) fn send_all(&self, replies: Vec<Reply>) {
         if self.broken.load(Ordering::SeqCst) {
             // Being cut: no reply can arrive.
             return replies.into_iter().for_each(|r| self.recycle(r));
         }
-        let out = match try_lock(&self.out) {
-            Some(out) => out,
+        self.hold_reply_bytes(replies.iter().map(reply_cost).sum());
+        match try_lock(&self.out) {
+            Some(mut out) => {
+                out.pending.extend(replies);
+                self.pump(out);
+            }
             None => {
-                let size: usize = replies.iter().map(Reply::len).sum();
-                let mut q = lock(&self.queued);
-                if q.bytes + size > MAX_QUEUED {
-                    drop(q);
-                    let out = lock(&self.out);
-                    return self.send_queued(out, replies);
-                }
                 // Small data need not hold on to a large pooled buffer.
-                q.replies
-                    .extend(replies.drain(..).map(|r| r.compact(&self.shared)));
-                q.bytes += size;
-                drop(q);
+                lock(&self.queued)
+                    .replies
+                    .extend(replies.into_iter().map(|r| r.compact(&self.shared)));
                 // The sender may have looked at the queue just before.
                 if let Some(out) = try_lock(&self.out) {
-                    self.send_queued(out, Vec::new());
+                    self.pump(out);
                 }
-                return;
             }
-        };
-        self.send_queued(out, replies);
+        }
     }
 
-    /// Send `batch` and whatever queues meanwhile, then let go of the socket.
-    pub(super) fn send_queued<'a>(
-        &'a self,
-        mut out: MutexGuard<'a, Box<dyn ReplySink>>,
-        mut batch: Vec<Reply>,
-    ) {
+    /// With the socket held: send what is pending and queued without
+    /// waiting; what the socket does not take goes to the writer thread.
+    /// Lets go of the socket, then looks at the queue once more (a reply
+    /// queued while we held it is ours to send).
+    fn pump<'a>(&'a self, mut out: MutexGuard<'a, Sender>) {
         loop {
-            {
-                let mut q = lock(&self.queued);
-                batch.append(&mut q.replies);
-                q.bytes = 0;
+            match self.write_out(&mut out, false) {
+                Flow::Empty => {}
+                Flow::Full => {
+                    drop(out);
+                    return self.wake_writer();
+                }
+                Flow::Broken => return,
             }
-            if batch.is_empty() {
-                drop(out);
-                // One queued between the look and the unlock is ours to
-                // send, unless someone else has the socket (then theirs).
-                if lock(&self.queued).replies.is_empty() {
+            drop(out);
+            if lock(&self.queued).replies.is_empty() {
+                return;
+            }
+            match try_lock(&self.out) {
+                Some(o) => out = o,
+                None => return,
+            }
+        }
+    }
+
+    /// Write pending and queued replies until all are sent, the socket is
+    /// full (without waiting) or the connection is cut.
+    fn write_out(&self, s: &mut Sender, wait: bool) -> Flow {
+        loop {
+            s.pending.extend(lock(&self.queued).replies.drain(..));
+            if self.broken.load(Ordering::SeqCst) {
+                self.drop_pending(s);
+                return Flow::Broken;
+            }
+            if s.pending.is_empty() {
+                return Flow::Empty;
+            }
+            let mut slices: Vec<IoSlice> = s
+                .pending
+                .iter()
+                .flat_map(Reply::slices)
+                .map(IoSlice::new)
+                .take(MAX_IOV)
+                .collect();
+            let mut bufs = &mut slices[..];
+            IoSlice::advance_slices(&mut bufs, s.sent);
+            let written = if wait {
+                s.sink.write_vectored(bufs)
+            } else {
+                s.sink.write_now(bufs)
+            };
+            drop(slices);
+            match written {
+                Ok(0) => self.cut(s, &io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent(s, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => return Flow::Full,
+                // A client that stopped reading (the send timed out) or left.
+                Err(e) => self.cut(s, &e),
+            }
+        }
+    }
+
+    /// `n` more bytes went out: let go of the replies that are whole.
+    fn sent(&self, s: &mut Sender, n: usize) {
+        s.sent += n;
+        while let Some(front) = s.pending.front() {
+            let len = front.len();
+            if s.sent < len {
+                break;
+            }
+            s.sent -= len;
+            let r = s.pending.pop_front().expect("a front reply");
+            self.release_reply_bytes(reply_cost(&r));
+            self.recycle(r);
+        }
+    }
+
+    fn cut(&self, s: &mut Sender, e: &io::Error) {
+        debug!("sending a reply failed: {e}: cutting the connection");
+        self.broken.store(true, Ordering::SeqCst);
+        s.sink.abort();
+    }
+
+    fn drop_pending(&self, s: &mut Sender) {
+        s.sent = 0;
+        for r in s.pending.drain(..) {
+            self.release_reply_bytes(reply_cost(&r));
+            self.recycle(r);
+        }
+    }
+
+    /// Have the writer thread send what is left, starting it if need be.
+    fn wake_writer(&self) {
+        let mut w = lock(&self.writer);
+        w.wanted = true;
+        if w.thread.is_none() && !w.closing {
+            let me = self.me.upgrade().expect("a connection in use is alive");
+            let spawned = std::thread::Builder::new()
+                .name("nbd-writer".into())
+                .spawn(move || me.writer_loop());
+            match spawned {
+                Ok(h) => w.thread = Some(h),
+                Err(e) => {
+                    // No thread: send here, waiting, rather than not at all.
+                    warn!("cannot start a writer thread: {e}");
+                    w.wanted = false;
+                    drop(w);
+                    let mut out = lock(&self.out);
+                    self.write_out(&mut out, true);
                     return;
                 }
-                match try_lock(&self.out) {
-                    Some(o) => out = o,
-                    None => return,
+            }
+        }
+        self.writer_wake.notify_one();
+    }
+
+    fn writer_loop(&self) {
+        loop {
+            {
+                let mut w = lock(&self.writer);
+                while !w.wanted && !w.closing {
+                    w = self
+                        .writer_wake
+                        .wait(w)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
-                continue;
+                if !w.wanted {
+                    return; // closing, and nothing left to send
+                }
+                w.wanted = false;
             }
-            let parts: Vec<&[u8]> = batch.iter().flat_map(Reply::slices).collect();
-            self.write_parts(&mut out, &parts);
-            drop(parts);
-            for r in batch.drain(..) {
-                self.recycle(r);
+            let mut out = lock(&self.out);
+            self.write_out(&mut out, true);
+            drop(out);
+            // Queued while we held the socket, by workers that saw it busy.
+            if !lock(&self.queued).replies.is_empty() {
+                lock(&self.writer).wanted = true;
             }
+        }
+    }
+
+    /// The connection is over (every reply sent or dropped): end the
+    /// writer thread.
+    pub(super) fn close_writer(&self) {
+        let thread = {
+            let mut w = lock(&self.writer);
+            w.closing = true;
+            w.thread.take()
+        };
+        self.writer_wake.notify_all();
+        if let Some(t) = thread {
+            let _ = t.join();
         }
     }
 
     pub(super) fn recycle(&self, reply: Reply) {
         if let Some(buf) = reply.data {
             self.shared.recycle(buf);
-        }
-    }
-
-    pub(super) fn write_parts(&self, out: &mut Box<dyn ReplySink>, parts: &[&[u8]]) {
-        if self.broken.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let r = write_all_vectored(&mut **out, &mut slices).and_then(|_| out.flush());
-        if let Err(e) = r {
-            // A client that stopped reading (the send timed out) or left.
-            debug!("sending a reply failed: {e}: cutting the connection");
-            self.broken.store(true, Ordering::SeqCst);
-            out.abort();
         }
     }
 

@@ -39,7 +39,11 @@ impl Connection {
             return Err((payload, budget));
         }
         let disk = &self.export.disk;
-        let chain = disk.chain();
+        // The reader may hold requests for the ring: never wait here for an
+        // online operation that waits for those (the pool can wait).
+        let Some(chain) = disk.try_chain() else {
+            return Err((payload, budget));
+        };
         let plan = if read {
             chain.plan_read(req.offset, req.length)
         } else {
@@ -116,7 +120,7 @@ impl Connection {
             error!("replying to queued requests panicked: {panic:?}; cutting the connection");
             self.broken.store(true, Ordering::SeqCst);
             if let Some(mut out) = try_lock(&self.out) {
-                out.abort();
+                out.sink.abort();
             }
             // Their budgets go back; nothing more is sent.
             lock(&self.completed).clear();
@@ -144,26 +148,37 @@ impl Connection {
                 Ok(())
             };
             let mut replies = Vec::with_capacity(batch.len());
+            // Budgets go back once the replies hold theirs: until then the
+            // connection must not look finished.
+            let mut budgets = Vec::with_capacity(batch.len());
             for c in batch {
-                replies.push(match c.failed {
+                let is_fua = fua(&c);
+                let Completed {
+                    req,
+                    buf,
+                    runs,
+                    failed,
+                    _budget,
+                } = c;
+                budgets.push(_budget);
+                replies.push(match failed {
                     Some(e) => {
-                        self.shared.recycle(c.buf);
-                        Reply::bytes(self.error_reply(&c.req, errno_failure(e)))
+                        self.shared.recycle(buf);
+                        Reply::bytes(self.error_reply(&req, errno_failure(e)))
                     }
-                    None if c.req.kind == CMD_READ => self.read_reply(&c.req, c.buf, &c.runs),
+                    None if req.kind == CMD_READ => self.read_reply(&req, buf, &runs),
                     None => {
                         let r = match &flushed {
-                            Err(msg) if fua(&c) => {
-                                self.error_reply(&c.req, failure(EIO, msg.clone()))
-                            }
-                            _ => self.done_reply(&c.req),
+                            Err(msg) if is_fua => self.error_reply(&req, failure(EIO, msg.clone())),
+                            _ => self.done_reply(&req),
                         };
-                        self.shared.recycle(c.buf);
+                        self.shared.recycle(buf);
                         Reply::bytes(r)
                     }
                 });
             }
             self.send_all(replies);
+            drop(budgets);
         }
     }
 }
