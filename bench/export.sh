@@ -2,7 +2,8 @@
 # Device-layer benchmark: the same fio jobs as ../shared/bench/peers.sh,
 # in one run, against ploop's FUSE + loop export (ploop1 and raw images;
 # FUSE over io_uring and /dev/fuse) and the peers: loop with direct I/O on a
-# raw file, and qemu-storage-daemon's qcow2 FUSE export under a loop device.
+# raw file, and qemu-storage-daemon's qcow2 FUSE export under a loop device,
+# beside the disk's own limit (fio on a raw file with O_DIRECT).
 # Every target runs ROUNDS times in a rotated order; medians are printed.
 # Usage (root): bench/export.sh [SECONDS] [ROUNDS]   Needs: fio qemu-utils, a release build.
 set -u
@@ -20,6 +21,11 @@ ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring
   local dev; dev=$("$P" mount --fuse-queues "$3" "$D/img/DiskDescriptor.xml") || exit 1
   jobs "$1" --filename="$dev" --ioengine=io_uring --direct=1
   "$P" umount "$D/img/DiskDescriptor.xml"
+}
+limit_target() {
+  rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
+  jobs "raw file O_DIRECT (limit)" --filename="$D/raw.img" --ioengine=io_uring --direct=1
+  rm -f "$D/raw.img"
 }
 loop_target() {
   rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
@@ -46,7 +52,7 @@ if [ -w /sys/module/fuse/parameters/enable_uring ]; then
   TARGETS+=("ploop_target 'ploop ploop1 fuse-ring' ploop1 ring" "ploop_target 'ploop raw fuse-ring' raw ring")
 fi
 TARGETS+=("ploop_target 'ploop ploop1 /dev/fuse' ploop1 dev" "ploop_target 'ploop raw /dev/fuse' raw dev"
-          loop_target qsd_target)
+          limit_target loop_target qsd_target)
 run_rounds "$ROUNDS" "${TARGETS[@]}"
 print_medians "$ROUNDS"
 echo
@@ -57,5 +63,12 @@ for t in "fuse-ring" "/dev/fuse"; do
     awk -v t="$t" -v rw=$rw -v p="$p" -v q="$q" -v l="$l" \
       'BEGIN{printf "%-10s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
   done
+done
+echo
+echo "share of the disk's own limit (fio on a raw file with O_DIRECT): what 1.5x qsd would need, and what loop-on-raw reaches"
+for rw in randread randwrite read write; do
+  q=${M["qsd qcow2 fuse+loop|$rw"]:-0}; l=${M["loop(dio) on raw|$rw"]:-0}; lim=${M["raw file O_DIRECT (limit)|$rw"]:-0}
+  awk -v rw=$rw -v q="$q" -v l="$l" -v lim="$lim" \
+    'BEGIN{printf "%-10s 1.5x qsd = %4.0f%% of the limit   loop-on-raw %4.0f%%\n", rw, (lim>0?150*q/lim:0), (lim>0?100*l/lim:0)}'
 done
 rm -rf "$D"
