@@ -71,6 +71,10 @@ pub struct Ring {
 
 const WAKE: u64 = u64::MAX;
 const ENTRIES: u32 = 256;
+/// Pieces in flight at most, so that neither the submission queue (with
+/// the wake-up read) nor the completion queue can overflow; operations
+/// past it wait their turn.
+const MAX_PIECES: usize = ENTRIES as usize - 1;
 
 impl Ring {
     /// Start the ring thread.
@@ -132,6 +136,8 @@ impl Ring {
     fn run(&self, mut ring: IoUring) {
         let mut slots: Vec<Option<Pending>> = Vec::new();
         let mut free: Vec<usize> = Vec::new();
+        let mut waiting: VecDeque<Op> = VecDeque::new();
+        let mut pieces = 0usize;
         let mut wake_buf = [0u8; 8];
         let mut armed = false;
         loop {
@@ -162,12 +168,10 @@ impl Ring {
             for (data, res) in done {
                 if data == WAKE {
                     armed = false;
-                    let ops: Vec<Op> = self.queue.lock().expect("ring queue").drain(..).collect();
-                    for op in ops {
-                        self.start_op(&mut ring, op, &mut slots, &mut free);
-                    }
+                    waiting.extend(self.queue.lock().expect("ring queue").drain(..));
                     continue;
                 }
+                pieces -= 1;
                 let slot = (data >> 16) as usize;
                 let piece = (data & 0xffff) as usize;
                 let Some(p) = slots.get_mut(slot).and_then(|s| s.as_mut()) else {
@@ -193,6 +197,16 @@ impl Ring {
                     free.push(slot);
                     finish(p.op, p.failed);
                 }
+            }
+            // Start what fits; an operation larger than the limit goes
+            // alone.
+            while let Some(n) = waiting.front().map(|op| op.segments.len()) {
+                if pieces > 0 && pieces + n > MAX_PIECES {
+                    break;
+                }
+                let op = waiting.pop_front().expect("a waiting op");
+                pieces += n;
+                self.start_op(&mut ring, op, &mut slots, &mut free);
             }
         }
     }
