@@ -238,6 +238,25 @@ fn ensure_not_in_use(dd: &Path, entry: &ImageEntry) -> Result<()> {
     Ok(())
 }
 
+/// A top delta still marked in use (its writer died) is checked and
+/// repaired before it becomes a snapshot: a mount checks only the top, so
+/// nothing would clear the mark on a lower delta later, and merges into it
+/// would be refused.
+fn repair_if_left_in_use(dd: &Path, entry: &ImageEntry) -> Result<()> {
+    if entry.kind != ImageType::Compressed {
+        return Ok(());
+    }
+    let path = image_path(dd, &entry.file)?;
+    let in_use = open_delta(&path, entry.kind, &OpenOptions::default())?
+        .as_ploop()
+        .is_some_and(|p| p.header().in_use);
+    if in_use {
+        tracing::warn!("{} was not closed cleanly: checking it", path.display());
+        check_file(&path, false)?;
+    }
+    Ok(())
+}
+
 /// Take an offline snapshot: the current top is frozen under `uuid` (or a
 /// random GUID) and a new empty top delta is created above it.
 pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
@@ -250,6 +269,7 @@ pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
         .cloned()
         .expect("validated descriptor has its top");
     ensure_not_in_use(dd, &top)?;
+    repair_if_left_in_use(dd, &top)?;
     let version = delta_version(dd, &top)?;
     let file = new_delta_name(&d);
     create_empty_delta(dd, &d, &file, version)?;

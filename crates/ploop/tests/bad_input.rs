@@ -468,6 +468,22 @@ fn check_clears_stale_in_use_flag() {
     peers_check(&disk.image);
 }
 
+/// An offline snapshot of a top left in use (its daemon was killed) checks
+/// it first: as a lower delta nothing would clear the mark, and merges into
+/// it would be refused.
+#[test]
+fn offline_snapshot_repairs_a_top_left_in_use() {
+    let tmp = tempdir();
+    let disk = fixture(tmp.path());
+    set_u32(&disk.image, 44, IN_USE);
+    ploop_ok(&[OsStr::new("snapshot"), disk.dd.as_os_str()]);
+    assert_eq!(read_u32(&disk.image, 44), 0, "in-use flag of the snapshot");
+    disk.assert_content("read through the new top");
+    ploop_ok(&[OsStr::new("snapshot-merge"), disk.dd.as_os_str()]);
+    disk.assert_content("read after merging the new top down");
+    peers_check(&disk.image);
+}
+
 #[test]
 fn check_drops_bat_entry_past_eof() {
     let tmp = tempdir();
