@@ -1,7 +1,7 @@
 //! The daemon's control socket: one JSON request per connection, one JSON
 //! response back.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -69,17 +69,58 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     serde_json::from_str(&answer).map_err(|e| format!("bad answer from daemon: {e}: {answer:?}"))
 }
 
+/// Requests are one short line.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client may take to send its request: requests are answered
+/// one at a time, so a silent client must not hold up the next (a stop).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the client has closed its socket (it gave up waiting).
+fn client_gone(conn: &UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(conn, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
+}
+
 /// Answer requests until the handler says to stop (its second result).
-pub fn serve(listener: &UnixListener, mut handle: impl FnMut(Request) -> (Response, bool)) {
+pub fn serve(listener: &UnixListener, handle: impl FnMut(Request) -> (Response, bool)) {
+    serve_with(listener, REQUEST_TIMEOUT, handle)
+}
+
+fn serve_with(
+    listener: &UnixListener,
+    timeout: Duration,
+    mut handle: impl FnMut(Request) -> (Response, bool),
+) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let _ = conn.set_write_timeout(Some(timeout));
         let mut line = String::new();
-        if BufReader::new(&conn).read_line(&mut line).is_err() {
+        if BufReader::new((&conn).take(MAX_REQUEST))
+            .read_line(&mut line)
+            .is_err()
+        {
             continue;
         }
-        let (resp, stop) = match serde_json::from_str::<Request>(&line) {
+        let parsed = if line.ends_with('\n') {
+            serde_json::from_str::<Request>(&line).map_err(|e| format!("bad request: {e}"))
+        } else {
+            Err("incomplete or oversized request".to_string())
+        };
+        let (resp, stop) = match parsed {
+            // A request that waited behind a long one while its caller gave
+            // up (an umount that said it failed must not happen later).
+            Ok(req) if client_gone(&conn) => {
+                tracing::warn!("not doing {req:?}: its caller is gone");
+                continue;
+            }
             Ok(req) => handle(req),
-            Err(e) => (Response::err(format!("bad request: {e}")), false),
+            Err(e) => (Response::err(e), false),
         };
         if let Ok(mut out) = serde_json::to_string(&resp) {
             out.push('\n');
@@ -142,6 +183,51 @@ mod tests {
         assert!(call(&sock, &Request::Stop, t).unwrap().ok);
         let seen = server.join().unwrap();
         assert_eq!(seen.len(), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Silent, endless and departed clients: none holds up the next
+    /// request, and a request whose caller left is not done.
+    #[test]
+    fn hostile_and_departed_clients_do_not_hold_up_requests() {
+        let dir = std::env::temp_dir().join(format!("ploop-ctl2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        // Queued before the server runs, as behind a long merge: a client
+        // that sends nothing, one that sends too much, and a stop whose
+        // caller has gone.
+        let silent = UnixStream::connect(&sock).unwrap();
+        let mut endless = UnixStream::connect(&sock).unwrap();
+        endless
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = endless.write_all(&vec![b'x'; MAX_REQUEST as usize + 10]);
+        {
+            let mut gone = UnixStream::connect(&sock).unwrap();
+            gone.write_all(b"{\"cmd\":\"stop\"}\n").unwrap();
+        }
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            serve_with(&listener, Duration::from_millis(300), |req| {
+                let stop = matches!(req, Request::Stop);
+                seen.push(format!("{req:?}"));
+                (Response::ok(None), stop)
+            });
+            seen
+        });
+        let mut line = String::new();
+        BufReader::new(&endless).read_line(&mut line).unwrap();
+        assert!(line.contains("oversized"), "{line}");
+        let started = std::time::Instant::now();
+        let t = Duration::from_secs(5);
+        assert!(call(&sock, &Request::Status, t).unwrap().ok);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(call(&sock, &Request::Stop, t).unwrap().ok);
+        // Only the two calls that waited for their answers were done.
+        assert_eq!(server.join().unwrap(), vec!["Status", "Stop"]);
+        drop(silent);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

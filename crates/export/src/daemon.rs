@@ -147,6 +147,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     };
     let dir = registry::run_dir().join(&id);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // The control socket inside takes merge, delete and stop: root only.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let fuse_file = dir.join("disk");
     if kernel::is_mounted(&fuse_file) {
         // A dead daemon's FUSE mount (not connected): drop it first.
@@ -227,7 +230,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
      -> Result<(), String> {
         let mut errors = Vec::new();
         if let Some(m) = &record.mountpoint {
-            if kernel::is_mounted(m) {
+            // Only our filesystem: after a manual umount something else
+            // may be mounted there.
+            if record.device.is_some() && kernel::mounted_from(m) == record.device {
                 if let Err(e) = kernel::umount(m) {
                     errors.push(e);
                 }
@@ -352,9 +357,13 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 .map_err(|e| e.to_string()),
             Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
                 Some(None) => Err("incorrect uuid".to_string()),
-                parsed => online::snapshot(&served, parsed.flatten())
-                    .map(|g| Some(json!(guid_string(&g))))
-                    .map_err(|e| e.to_string()),
+                parsed => Frozen::if_mounted(&record).and_then(|frozen| {
+                    let taken = online::snapshot(&served, parsed.flatten());
+                    drop(frozen);
+                    taken
+                        .map(|g| Some(json!(guid_string(&g))))
+                        .map_err(|e| e.to_string())
+                }),
             },
             Request::Merge { guid } => {
                 let g = match guid.as_deref().map(parse_guid) {
@@ -400,6 +409,41 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     registry::remove(&record);
     info!("stopped serving {}", dd.display());
     closed
+}
+
+/// The container's filesystem, frozen while the top delta is switched (so
+/// the snapshot holds a consistent filesystem); thawed when dropped,
+/// whatever happened meanwhile. Frozen here, when the switch is about to
+/// happen, not by the caller: a request may wait behind a long merge.
+struct Frozen(PathBuf);
+
+impl Frozen {
+    /// Freeze the filesystem mounted from our device, if it still is (a
+    /// mount point someone unmounted by hand would freeze the filesystem
+    /// holding it instead).
+    fn if_mounted(record: &MountRecord) -> Result<Option<Frozen>, String> {
+        let (Some(m), Some(dev)) = (&record.mountpoint, &record.device) else {
+            return Ok(None);
+        };
+        if kernel::mounted_from(m).as_deref() != Some(dev.as_path()) {
+            warn!(
+                "{} is not mounted from {}: snapshot without freezing",
+                m.display(),
+                dev.display()
+            );
+            return Ok(None);
+        }
+        kernel::freeze(m).map_err(|e| format!("freezing {}: {e}", m.display()))?;
+        Ok(Some(Frozen(m.clone())))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = kernel::thaw(&self.0) {
+            error!("thawing {}: {e}", self.0.display());
+        }
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP ask the daemon to stop the way `ploop umount`

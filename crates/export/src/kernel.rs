@@ -145,6 +145,24 @@ pub fn is_mounted(path: &Path) -> bool {
     })
 }
 
+/// What is mounted at `path` (the device or source the mount table
+/// names), if anything.
+pub fn mounted_from(path: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    // The last mount at a path hides the ones below it.
+    info.lines().rev().find_map(|l| {
+        let (fields, fs) = l.split_once(" - ")?;
+        let at = fields.split(' ').nth(4)?;
+        if Path::new(&unescape_mount(at)) != want {
+            return None;
+        }
+        fs.split(' ')
+            .nth(1)
+            .map(|src| PathBuf::from(unescape_mount(src)))
+    })
+}
+
 fn unescape_mount(m: &str) -> String {
     m.replace("\\040", " ")
         .replace("\\011", "\t")

@@ -272,26 +272,15 @@ pub fn online_call(rec: &MountRecord, req: &Request) -> Res<Option<serde_json::V
     }
 }
 
-/// Snapshot a mounted disk: freeze the filesystem, switch the daemon to a
-/// new top delta, thaw.
+/// Snapshot a mounted disk: the daemon freezes the filesystem, switches to
+/// a new top delta and thaws.
 pub fn online_snapshot(rec: &MountRecord, uuid: Option<Uuid>) -> Res<Uuid> {
-    let frozen = match &rec.mountpoint {
-        Some(m) => {
-            kernel::freeze(m)?;
-            Some(m)
-        }
-        None => None,
-    };
-    let r = online_call(
+    let v = online_call(
         rec,
         &Request::Snapshot {
             uuid: uuid.map(|u| guid_string(&u)),
         },
-    );
-    if let Some(m) = frozen {
-        kernel::thaw(m)?;
-    }
-    let v = r?;
+    )?;
     v.as_ref()
         .and_then(|v| v.as_str())
         .and_then(parse_guid)

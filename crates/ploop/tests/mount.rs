@@ -755,6 +755,35 @@ fn busy_umount_can_be_retried() {
     fsck_clean(&disk, "ext4");
 }
 
+/// Someone unmounts the container's filesystem by hand; `ploop snapshot`
+/// must then not freeze the filesystem that holds the mount point (here a
+/// tmpfs, which cannot be frozen: trying fails the snapshot).
+#[test]
+fn snapshot_after_a_manual_umount_freezes_nothing_else() {
+    let _serial = serial();
+    let disk = Disk::new("64M", "ext4");
+    let host = disk.mnt("host");
+    ok(
+        run(Command::new("mount").args(["-t", "tmpfs", "tmpfs", host.to_str().unwrap()])),
+        "mount tmpfs",
+    );
+    let mnt = host.join("root");
+    fs::create_dir(&mnt).unwrap();
+    disk.mount(&mnt);
+    fs::write(mnt.join("kept"), b"before the snapshot").unwrap();
+    ok(run(Command::new("umount").arg(&mnt)), "plain umount");
+    let taken = ploop(&["snapshot", &disk.dd()]);
+    let _ = run(Command::new("umount").arg(&host));
+    ok(taken, "snapshot of a disk whose filesystem was unmounted");
+    disk.umount();
+    // The snapshot holds what was written.
+    let back = disk.mnt("back");
+    disk.mount(&back);
+    assert_eq!(fs::read(back.join("kept")).unwrap(), b"before the snapshot");
+    disk.umount();
+    fsck_clean(&disk, "ext4");
+}
+
 #[test]
 fn sigterm_stops_the_daemon_cleanly() {
     let _serial = serial();
