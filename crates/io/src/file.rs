@@ -70,6 +70,9 @@ pub struct FileIo {
     file: File,
     path: PathBuf,
     direct: bool,
+    /// A block device: its end is fixed, and may not be a multiple of
+    /// [`DIRECT_ALIGN`] (only of its 512-byte logical block).
+    block_device: bool,
     /// Serialises read-modify-write of partial blocks on a direct file.
     rmw: Mutex<()>,
 }
@@ -98,10 +101,13 @@ impl FileIo {
             (opts.open(path)?, false)
         };
         take_lock(&file, mode.lock)?;
+        let block_device =
+            std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
         Ok(Self {
             file,
             path: path.to_path_buf(),
             direct,
+            block_device,
             rmw: Mutex::new(()),
         })
     }
@@ -198,14 +204,25 @@ impl BlockIo for FileIo {
         }
         let _guard = self.rmw.lock().expect("rmw lock");
         let old_size = self.size()?;
+        let end = offset + buf.len() as u64;
+        // A device's last aligned block may reach past its end: write only
+        // what lies inside (whole logical blocks, as O_DIRECT wants).
+        let len = if self.block_device {
+            if end > old_size {
+                return Err(io::Error::from(rustix::io::Errno::NOSPC));
+            }
+            span.min((old_size - start) as usize)
+        } else {
+            span
+        };
         with_scratch(span, |bounce| {
             self.read_raw(bounce, start)?;
             bounce[skip..skip + buf.len()].copy_from_slice(buf);
-            self.write_raw(bounce, start)
+            self.write_raw(&bounce[..len], start)
         })?;
         // The bounce may have written past the intended end: trim it back.
-        let want = old_size.max(offset + buf.len() as u64);
-        if start + span as u64 > want {
+        let want = old_size.max(end);
+        if !self.block_device && start + span as u64 > want {
             self.file.set_len(want)?;
         }
         Ok(())

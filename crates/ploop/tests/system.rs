@@ -235,7 +235,9 @@ fn two_servers_racing_for_one_image_one_wins() {
 fn a_block_device_is_served_whole() {
     let tmp = tempdir();
     let backing = tmp.path().join("dev.img");
-    let want = data(17, 16 * MIB);
+    // An odd number of sectors: the last 4 KiB block is partly outside.
+    let size = 16 * MIB + 512;
+    let want = data(17, size);
     std::fs::write(&backing, &want).unwrap();
     let attached = run(
         "losetup",
@@ -260,8 +262,12 @@ fn a_block_device_is_served_whole() {
     let script = r#"
 h = nbd.NBD()
 h.connect_uri(uri)
-assert h.get_size() == 16 * 1024 * 1024, h.get_size()
+assert h.get_size() == 16 * 1024 * 1024 + 512, h.get_size()
 h.pwrite(b"D" * 8192, 4096)
+# The last sector (a backup GPT header, say), and a write across the last
+# whole 4 KiB block into it.
+h.pwrite(b"G" * 512, 16 * 1024 * 1024)
+h.pwrite(b"E" * 1000, 16 * 1024 * 1024 - 700)
 h.flush()
 print("ok")
 "#;
@@ -274,6 +280,8 @@ print("ok")
     copied.success();
     let mut want = want;
     want[4096..4096 + 8192].fill(b'D');
+    want[16 * MIB..].fill(b'G');
+    want[16 * MIB - 700..16 * MIB + 300].fill(b'E');
     assert_same(&std::fs::read(&copy).unwrap(), &want, "copy of the device");
     assert_same(
         &std::fs::read(&backing).unwrap(),
