@@ -75,11 +75,16 @@ const ENTRIES: u32 = 256;
 /// the wake-up read) nor the completion queue can overflow; operations
 /// past it wait their turn.
 const MAX_PIECES: usize = ENTRIES as usize - 1;
+const COMPLETIONS: u32 = 16384;
 
 impl Ring {
     /// Start the ring thread.
     pub fn start() -> io::Result<Arc<Ring>> {
-        let ring = IoUring::new(ENTRIES)?;
+        // One request may be cut in more pieces than MAX_PIECES (32 MiB in
+        // 4 KiB clusters laid out apart): room for all their completions.
+        let ring = IoUring::builder()
+            .setup_cqsize(COMPLETIONS)
+            .build(ENTRIES)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC)?;
         let this = Arc::new(Ring {
             queue: Mutex::new(VecDeque::new()),

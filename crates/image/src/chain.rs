@@ -38,6 +38,21 @@ pub struct Plan {
     _pin: Option<MappingPin>,
 }
 
+/// Add a piece, joined to the previous one where both the file and the
+/// buffer continue it (clusters laid out in order make one piece).
+fn push_merged(out: &mut Vec<Segment>, s: Segment) {
+    if let Some(last) = out.last_mut() {
+        if last.fd == s.fd
+            && last.file_offset + last.len as u64 == s.file_offset
+            && last.buf_offset + last.len == s.buf_offset
+        {
+            last.len += s.len;
+            return;
+        }
+    }
+    out.push(s);
+}
+
 impl Plan {
     /// The pieces, and the pin to hold until their I/O has completed.
     pub fn into_parts(self) -> (Vec<Segment>, Option<MappingPin>) {
@@ -309,12 +324,15 @@ impl Chain {
                 let Some(fd) = self.layers[i].raw_fd() else {
                     return Ok(None);
                 };
-                out.push(Segment {
-                    fd,
-                    file_offset: off + in_off,
-                    buf_offset: at,
-                    len: n,
-                });
+                push_merged(
+                    &mut out,
+                    Segment {
+                        fd,
+                        file_offset: off + in_off,
+                        buf_offset: at,
+                        len: n,
+                    },
+                );
             }
         }
         Ok(Some(Plan {
@@ -338,12 +356,15 @@ impl Chain {
                 return Ok(None);
             };
             top.note_change(cluster);
-            out.push(Segment {
-                fd,
-                file_offset: off + in_off,
-                buf_offset: at,
-                len: n,
-            });
+            push_merged(
+                &mut out,
+                Segment {
+                    fd,
+                    file_offset: off + in_off,
+                    buf_offset: at,
+                    len: n,
+                },
+            );
         }
         Ok(Some(Plan {
             segments: out,

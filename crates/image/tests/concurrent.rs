@@ -165,3 +165,30 @@ fn a_pinned_mapping_is_never_handed_to_another_cluster() {
     assert!(checked > 100, "only {checked} mappings were checked");
     chain.close().unwrap();
 }
+
+/// Clusters laid out in order in the file make one piece of queued I/O;
+/// a cluster no delta holds splits a read.
+#[test]
+fn planned_pieces_join_where_the_file_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, _top) = chain(dir.path());
+    chain.write_at(&vec![3u8; 4 * CLUSTER as usize], 0).unwrap();
+    let read = chain.plan_read(0, 4 * CLUSTER).unwrap().unwrap();
+    assert_eq!(read.segments.len(), 1, "{:?}", read.segments);
+    assert_eq!(read.segments[0].len as u64, 4 * CLUSTER);
+    let write = chain.plan_write(CLUSTER / 2, 2 * CLUSTER).unwrap().unwrap();
+    assert_eq!(write.segments.len(), 1, "{:?}", write.segments);
+    assert_eq!(write.segments[0].buf_offset, 0);
+    // Cluster 4 is held by nobody: two pieces, the hole left out.
+    chain
+        .write_at(&vec![4u8; CLUSTER as usize], 5 * CLUSTER)
+        .unwrap();
+    let read = chain.plan_read(3 * CLUSTER, 3 * CLUSTER).unwrap().unwrap();
+    let pieces: Vec<_> = read
+        .segments
+        .iter()
+        .map(|s| (s.buf_offset, s.len as u64))
+        .collect();
+    assert_eq!(pieces, vec![(0, CLUSTER), (2 * CLUSTER as usize, CLUSTER)]);
+    chain.close().unwrap();
+}
