@@ -184,6 +184,10 @@ impl DiskFile {
             }
             return Ok(());
         }
+        if mode & FALLOC_FL_KEEP_SIZE == 0 && end > self.disk.size {
+            // Zeroing past the end would grow the disk, which it cannot.
+            return Err(Errno::EOPNOTSUPP);
+        }
         let end = end.min(self.disk.size);
         if offset >= end {
             return Ok(());
@@ -201,8 +205,8 @@ impl DiskFile {
         let size = self.disk.size as i64;
         match whence {
             // Everything counts as data; the only hole is at the end.
-            SEEK_DATA if offset < size => Ok(offset.max(0)),
-            SEEK_HOLE if offset < size => Ok(size),
+            SEEK_DATA if (0..size).contains(&offset) => Ok(offset),
+            SEEK_HOLE if (0..size).contains(&offset) => Ok(size),
             SEEK_DATA | SEEK_HOLE => Err(Errno::ENXIO),
             other => {
                 warn!("lseek whence {other} not supported");
@@ -466,5 +470,73 @@ impl Filesystem for OneFileFs {
             Ok(at) => reply.offset(at),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::replay::{memory_export, DISK_SIZE};
+
+    fn file() -> DiskFile {
+        DiskFile::new(memory_export(false).disk.clone())
+    }
+
+    #[test]
+    fn lseek_finds_data_everywhere_and_the_hole_at_the_end() {
+        let f = file();
+        let size = DISK_SIZE as i64;
+        assert_eq!(f.lseek(0, SEEK_DATA), Ok(0));
+        assert_eq!(f.lseek(4097, SEEK_DATA), Ok(4097));
+        assert_eq!(f.lseek(0, SEEK_HOLE), Ok(size));
+        for (offset, whence) in [
+            (-1, SEEK_DATA),
+            (-1, SEEK_HOLE),
+            (size, SEEK_DATA),
+            (size, SEEK_HOLE),
+        ] {
+            assert_eq!(
+                f.lseek(offset, whence),
+                Err(Errno::ENXIO),
+                "{offset} {whence}"
+            );
+        }
+        assert_eq!(f.lseek(0, 99), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn fallocate_zeroes_in_place_and_never_grows_the_disk() {
+        let f = file();
+        let size = DISK_SIZE;
+        f.write(&[7u8; 8192], 4096).unwrap();
+        // Punching needs KEEP_SIZE; zeroing past the end without it would
+        // grow the disk.
+        assert_eq!(
+            f.fallocate(4096, 4096, FALLOC_FL_PUNCH_HOLE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            f.fallocate(size - 4096, 8192, FALLOC_FL_ZERO_RANGE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(
+            f.fallocate(
+                size - 4096,
+                8192,
+                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+            ),
+            Ok(())
+        );
+        f.fallocate(4096, 4096, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            .unwrap();
+        f.fallocate(8192 + 100, 200, FALLOC_FL_ZERO_RANGE).unwrap();
+        let mut back = vec![1u8; 3 * 4096];
+        f.read(&mut back, 0).unwrap();
+        let mut want = vec![0u8; 3 * 4096];
+        want[8192..].fill(7);
+        want[8192 + 100..8192 + 300].fill(0);
+        assert_eq!(back, want);
+        // Plain preallocation inside the disk is a no-op that succeeds.
+        assert_eq!(f.fallocate(0, 4096, 0), Ok(()));
     }
 }
