@@ -1,5 +1,6 @@
 //! The daemon's control socket: one JSON request per connection, one JSON
-//! response back.
+//! response back; long operations send progress lines
+//! (`{"progress":[done,total]}`) before it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -53,8 +54,25 @@ impl Response {
     }
 }
 
+/// A line reporting how far a long operation has got.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    progress: (u64, u64),
+}
+
 /// Send one request and wait for the answer.
 pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+    call_with_progress(socket, req, timeout, &|_, _| {})
+}
+
+/// [`call`], passing progress reports on as they come; `timeout` applies
+/// to each line.
+pub fn call_with_progress(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Response, String> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(timeout)).ok();
@@ -62,11 +80,45 @@ pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response,
     line.push('\n');
     s.write_all(line.as_bytes())
         .map_err(|e| format!("daemon socket: {e}"))?;
-    let mut answer = String::new();
-    BufReader::new(&s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("daemon did not answer: {e}"))?;
-    serde_json::from_str(&answer).map_err(|e| format!("bad answer from daemon: {e}: {answer:?}"))
+    let mut input = BufReader::new(&s);
+    loop {
+        let mut answer = String::new();
+        input
+            .read_line(&mut answer)
+            .map_err(|e| format!("daemon did not answer: {e}"))?;
+        if let Ok(Progress {
+            progress: (done, total),
+        }) = serde_json::from_str(&answer)
+        {
+            progress(done, total);
+            continue;
+        }
+        return serde_json::from_str(&answer)
+            .map_err(|e| format!("bad answer from daemon: {e}: {answer:?}"));
+    }
+}
+
+/// Progress lines for one connection: one per percent at most.
+struct Reporter<'a> {
+    conn: &'a UnixStream,
+    last: std::cell::Cell<Option<u64>>,
+}
+
+impl Reporter<'_> {
+    fn report(&self, done: u64, total: u64) {
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+        if self.last.get() == Some(percent) {
+            return;
+        }
+        self.last.set(Some(percent));
+        if let Ok(mut line) = serde_json::to_string(&Progress {
+            progress: (done, total),
+        }) {
+            line.push('\n');
+            // A caller that stopped reading loses its reports, not the work.
+            let _ = (&mut &*self.conn).write_all(line.as_bytes());
+        }
+    }
 }
 
 /// Requests are one short line.
@@ -87,14 +139,18 @@ fn client_gone(conn: &UnixStream) -> bool {
 }
 
 /// Answer requests until the handler says to stop (its second result).
-pub fn serve(listener: &UnixListener, handle: impl FnMut(Request) -> (Response, bool)) {
+/// The handler may report progress through its second argument.
+pub fn serve(
+    listener: &UnixListener,
+    handle: impl FnMut(Request, &dyn Fn(u64, u64)) -> (Response, bool),
+) {
     serve_with(listener, REQUEST_TIMEOUT, handle)
 }
 
 fn serve_with(
     listener: &UnixListener,
     timeout: Duration,
-    mut handle: impl FnMut(Request) -> (Response, bool),
+    mut handle: impl FnMut(Request, &dyn Fn(u64, u64)) -> (Response, bool),
 ) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
@@ -119,7 +175,13 @@ fn serve_with(
                 tracing::warn!("not doing {req:?}: its caller is gone");
                 continue;
             }
-            Ok(req) => handle(req),
+            Ok(req) => {
+                let reporter = Reporter {
+                    conn: &conn,
+                    last: std::cell::Cell::new(None),
+                };
+                handle(req, &|done, total| reporter.report(done, total))
+            }
             Err(e) => (Response::err(e), false),
         };
         if let Ok(mut out) = serde_json::to_string(&resp) {
@@ -145,10 +207,16 @@ mod tests {
         let listener = UnixListener::bind(&sock).unwrap();
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            serve(&listener, |req| {
+            serve(&listener, |req, progress| {
                 let stop = matches!(req, Request::Stop);
                 seen.push(format!("{req:?}"));
                 match req {
+                    Request::Merge { .. } => {
+                        for done in 0..=400 {
+                            progress(done, 400);
+                        }
+                        (Response::ok(None), false)
+                    }
                     Request::Snapshot { uuid } => {
                         (Response::ok(Some(serde_json::json!(uuid))), false)
                     }
@@ -169,6 +237,17 @@ mod tests {
         .unwrap();
         assert!(r.ok);
         assert_eq!(r.value, Some(serde_json::json!("{x}")));
+        // Progress comes before the answer, once per percent.
+        let seen_progress = std::cell::RefCell::new(Vec::new());
+        let r = call_with_progress(&sock, &Request::Merge { guid: None }, t, &|d, t| {
+            seen_progress.borrow_mut().push((d, t))
+        })
+        .unwrap();
+        assert!(r.ok);
+        let seen_progress = seen_progress.into_inner();
+        assert_eq!(seen_progress.len(), 101);
+        assert_eq!(seen_progress.first(), Some(&(0, 400)));
+        assert_eq!(seen_progress.last(), Some(&(400, 400)));
         let r = call(&sock, &Request::Flush, t).unwrap();
         assert!(!r.ok);
         assert_eq!(r.error.as_deref(), Some("no"));
@@ -182,7 +261,7 @@ mod tests {
         }
         assert!(call(&sock, &Request::Stop, t).unwrap().ok);
         let seen = server.join().unwrap();
-        assert_eq!(seen.len(), 3);
+        assert_eq!(seen.len(), 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -210,7 +289,7 @@ mod tests {
         }
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            serve_with(&listener, Duration::from_millis(300), |req| {
+            serve_with(&listener, Duration::from_millis(300), |req, _| {
                 let stop = matches!(req, Request::Stop);
                 seen.push(format!("{req:?}"));
                 (Response::ok(None), stop)

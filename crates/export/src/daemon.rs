@@ -343,8 +343,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     ready(&record);
     watch_signals(&socket);
 
-    let no_progress = |_: u64, _: u64| {};
-    control::serve(&listener, |req| {
+    control::serve(&listener, |req, progress| {
         let result = match req {
             Request::Status => Ok(Some(json!({
                 "record": &record,
@@ -371,13 +370,13 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     Some(Some(g)) => g,
                     None => TOP_GUID,
                 };
-                online::merge_with_parent(&served, g, &no_progress)
+                online::merge_with_parent(&served, g, progress)
                     .map(|_| None)
                     .map_err(|e| e.to_string())
             }
             Request::Delete { guid } => match parse_guid(&guid) {
                 None => Err("incorrect uuid".to_string()),
-                Some(g) => online::delete(&served, g, &no_progress)
+                Some(g) => online::delete(&served, g, progress)
                     .map(|_| None)
                     .map_err(|e| e.to_string()),
             },

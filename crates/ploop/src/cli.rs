@@ -355,12 +355,12 @@ pub fn run() -> Res<ExitCode> {
         Cmd::SnapshotDelete { uuid, descriptor } => {
             let g = guid_arg(&uuid)?;
             match crate::mount::served_rw(&descriptor) {
-                Some(rec) => crate::mount::online_call(
-                    &rec,
-                    &Request::Delete {
+                Some(rec) => with_progress("merging", |p| {
+                    let req = Request::Delete {
                         guid: guid_string(&g),
-                    },
-                )
+                    };
+                    crate::mount::online_call_with_progress(&rec, &req, p)
+                })
                 .map(|_| ())?,
                 None => with_progress("merging", |p| ops::delete(&descriptor, g, p))?,
             }
@@ -373,12 +373,12 @@ pub fn run() -> Res<ExitCode> {
         Cmd::SnapshotMerge { uuid, descriptor } => {
             let g = uuid.as_deref().map(guid_arg).transpose()?;
             match crate::mount::served_rw(&descriptor) {
-                Some(rec) => crate::mount::online_call(
-                    &rec,
-                    &Request::Merge {
+                Some(rec) => with_progress("merging", |p| {
+                    let req = Request::Merge {
                         guid: g.map(|g| guid_string(&g)),
-                    },
-                )
+                    };
+                    crate::mount::online_call_with_progress(&rec, &req, p)
+                })
                 .map(|_| ())?,
                 None => with_progress("merging", |p| ops::merge(&descriptor, g, p))?,
             }

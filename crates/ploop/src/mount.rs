@@ -264,7 +264,17 @@ pub fn list(as_json: bool) -> Res<ExitCode> {
 }
 
 pub fn online_call(rec: &MountRecord, req: &Request) -> Res<Option<serde_json::Value>> {
-    let resp = control::call(&rec.socket, req, Duration::from_secs(24 * 3600))?;
+    online_call_with_progress(rec, req, &|_, _| {})
+}
+
+/// [`online_call`] for a long operation, which reports progress.
+pub fn online_call_with_progress(
+    rec: &MountRecord,
+    req: &Request,
+    progress: &dyn Fn(u64, u64),
+) -> Res<Option<serde_json::Value>> {
+    let resp =
+        control::call_with_progress(&rec.socket, req, Duration::from_secs(24 * 3600), progress)?;
     if resp.ok {
         Ok(resp.value)
     } else {
