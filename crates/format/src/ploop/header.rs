@@ -220,12 +220,15 @@ impl Header {
             )));
         }
         let meta = metadata_bytes(u64::from(raw.bat_entries));
-        let data_offset = if raw.first_block_offset == 0 {
-            // Old writers left it zero: data starts at the next cluster.
-            meta.div_ceil(cluster_size) * cluster_size
-        } else {
-            u64::from(raw.first_block_offset) * SECTOR
-        };
+        let data_offset = u64::from(raw.first_block_offset) * SECTOR;
+        // Clusters sit on a grid from byte 0, as OpenVZ requires (its check
+        // refuses other layouts); a data start off that grid would make
+        // every BAT entry look misaligned to the check and its repair.
+        if data_offset == 0 || !data_offset.is_multiple_of(cluster_size) {
+            return Err(bad(format!(
+                "first data block at byte {data_offset} is not a whole number of {cluster_size}-byte clusters: this layout is not supported"
+            )));
+        }
         if data_offset < meta {
             return Err(bad(format!(
                 "first data block at byte {data_offset} overlaps the BAT, which ends at byte {meta}"
@@ -376,10 +379,21 @@ mod tests {
             },
             "needs only",
         );
+        for sectors in [0, 1, 2049] {
+            check(
+                RawHeader {
+                    first_block_offset: sectors,
+                    ..good
+                },
+                "whole number of",
+            );
+        }
+        // A data start on the grid but inside a BAT of several clusters.
+        let small = Header::new(1 << 30, 32 << 10, Version::V2).unwrap().raw;
         check(
             RawHeader {
-                first_block_offset: 1,
-                ..good
+                first_block_offset: 64,
+                ..small
             },
             "overlaps",
         );
