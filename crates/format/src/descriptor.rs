@@ -325,7 +325,7 @@ impl Descriptor {
             Some(_) => guid_of(snaps, "TopGUID")?,
             None => TOP_GUID,
         };
-        let d = Self {
+        let mut d = Self {
             size_sectors,
             cylinders,
             heads,
@@ -336,6 +336,21 @@ impl Descriptor {
             snapshots,
         };
         d.validate(path)?;
+        if d.top_guid != TOP_GUID {
+            // Older descriptors name the top with a GUID of its own; the
+            // operations here, like libploop, expect the fixed one.
+            if d.images.iter().any(|i| i.guid == TOP_GUID) {
+                return Err(Error::Descriptor {
+                    path: path.to_string(),
+                    what: format!(
+                        "the top is {} but another image has the top's GUID {}",
+                        guid_string(&d.top_guid),
+                        guid_string(&TOP_GUID)
+                    ),
+                });
+            }
+            d.rename_guid(d.top_guid, TOP_GUID);
+        }
         Ok(d)
     }
 
@@ -540,6 +555,8 @@ impl Descriptor {
             path: name.clone(),
             what,
         };
+        // Never write what would not load again.
+        self.validate(&name)?;
         let tmp = path.with_extension("xml.tmp");
         ploop_io::fsys::write_synced(&tmp, self.to_xml().as_bytes())
             .and_then(|()| ploop_io::fsys::rename(&tmp, path))
@@ -609,6 +626,25 @@ mod tests {
         });
         d.top_guid = TOP_GUID;
         d
+    }
+
+    /// An older descriptor whose top has a GUID of its own loads with the
+    /// fixed top GUID, so that snapshots and deletes keep it loadable.
+    #[test]
+    fn an_old_top_guid_becomes_the_fixed_one() {
+        let mut old = sample();
+        let b = Uuid::from_u128(0xb);
+        old.rename_guid(TOP_GUID, b);
+        let back = Descriptor::parse(&old.to_xml(), "dd").unwrap();
+        assert_eq!(back.top_guid, TOP_GUID);
+        assert_eq!(back.chain(TOP_GUID, "dd").unwrap().len(), 2);
+        assert!(back.images.iter().all(|i| i.guid != b));
+        // A top GUID of its own beside an image holding the fixed one is
+        // ambiguous: refused.
+        let mut clash = old.clone();
+        clash.rename_guid(Uuid::from_u128(0xa), TOP_GUID);
+        let err = Descriptor::parse(&clash.to_xml(), "dd").unwrap_err();
+        assert!(err.to_string().contains("another image"), "{err}");
     }
 
     #[test]
