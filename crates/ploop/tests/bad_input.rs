@@ -159,6 +159,50 @@ fn bat_entry_into_metadata() {
     corrupt_image(|d| set_u32(&d.image, 48, 2 * 128), &["header|metadata|bat"]);
 }
 
+/// A data start off the cluster grid (qemu's spec allows sector-aligned
+/// ones for version 1; OpenVZ refuses them): refused, never "repaired" by
+/// dropping every entry, and `check -r` leaves the file alone.
+#[test]
+fn first_block_off_the_cluster_grid_is_refused() {
+    for (sectors, what) in [
+        (1u32, "one sector"),
+        (0, "zero"),
+        (129, "a cluster and a sector"),
+    ] {
+        let tmp = tempdir();
+        let disk = fixture(tmp.path());
+        set_u32(&disk.image, 48, sectors);
+        let before = std::fs::read(&disk.image).unwrap();
+        expect_errors(
+            &disk.dd,
+            &["read", "info"],
+            "root.hdd",
+            &["whole number of"],
+        );
+        let out = check(&disk.dd, false);
+        assert_ne!(out.code, Some(0), "{what}: check must fail:\n{out}");
+        assert!(
+            std::fs::read(&disk.image).unwrap() == before,
+            "{what}: check changed the image"
+        );
+    }
+}
+
+/// A delta file with a huge sparse tail (1 TiB) opens, reads, and a writer
+/// trims the tail; free space is kept as runs, not one entry per cluster.
+#[test]
+fn a_huge_sparse_tail_is_trimmed() {
+    let tmp = tempdir();
+    let mut disk = fixture(tmp.path());
+    let used = std::fs::metadata(&disk.image).unwrap().len();
+    set_len(&disk.image, 1 << 40);
+    disk.assert_content("read with a sparse tail");
+    disk.write_random(9, 0, 4096);
+    disk.assert_content("write with a sparse tail");
+    assert_eq!(std::fs::metadata(&disk.image).unwrap().len(), used);
+    peers_check(&disk.image);
+}
+
 #[test]
 fn duplicated_bat_entries() {
     corrupt_image(

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::scan_bat;
+use super::free::FreeClusters;
 use super::header::{Header, RawHeader, Version, FLAG_EMPTY, HEADER_SIZE, IN_USE_MAGIC};
 use crate::{Error, Result, SECTOR};
 
@@ -62,7 +63,7 @@ struct Alloc {
     /// File cluster index where the next new cluster goes.
     end: u64,
     /// Unreferenced file clusters inside the file, safe to reuse.
-    free: BTreeSet<u64>,
+    free: FreeClusters,
     /// Unreferenced durably, but maybe still targeted by pinned I/O:
     /// (epoch when quarantined, file cluster index).
     quarantine: Vec<(u64, u64)>,
@@ -605,11 +606,8 @@ impl PloopDelta {
     /// Give free clusters at the end of the file back: OpenVZ's check wants
     /// the file to end at the last mapped cluster.
     fn trim_tail(&self, alloc: &mut Alloc) -> Result<()> {
-        let first = self.header.data_offset / self.header.cluster_size;
         let old_end = alloc.end;
-        while alloc.end > first && alloc.free.remove(&(alloc.end - 1)) {
-            alloc.end -= 1;
-        }
+        alloc.end = alloc.free.trim_back(alloc.end);
         let len = alloc.end * self.header.cluster_size;
         if alloc.end != old_end || (self.writable && self.size_now()? > len) {
             self.io
@@ -704,27 +702,16 @@ impl Drop for PloopDelta {
 }
 
 /// File clusters between the data start and `end` that no BAT entry uses.
-fn unreferenced_clusters(header: &Header, bat: &[u32], end: u64) -> BTreeSet<u64> {
+fn unreferenced_clusters(header: &Header, bat: &[u32], end: u64) -> FreeClusters {
     let cs = header.cluster_size;
     let first = header.data_offset.div_ceil(cs);
-    if end <= first {
-        return BTreeSet::new();
-    }
-    let mut used = vec![false; (end - first) as usize];
+    let mut used = Vec::new();
     for &e in bat.iter().filter(|&&e| e != 0) {
         let off = entry_to_offset(header, e);
-        // Mark every grid cluster the mapped range touches.
-        let a = off / cs;
-        let b = off.div_ceil(cs);
-        for idx in a..=b {
-            if idx >= first && idx < end {
-                used[(idx - first) as usize] = true;
-            }
-        }
+        // Every grid cluster the mapped range touches.
+        used.extend(off / cs..=off.div_ceil(cs));
     }
-    (first..end)
-        .filter(|&i| !used[(i - first) as usize])
-        .collect()
+    FreeClusters::gaps(first, end, used)
 }
 
 impl std::fmt::Debug for PloopDelta {

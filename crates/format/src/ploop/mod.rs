@@ -5,6 +5,7 @@ mod bat;
 pub mod check;
 pub mod convert;
 mod delta;
+mod free;
 pub mod header;
 
 pub use bat::{scan_bat, BatProblem};
