@@ -385,7 +385,14 @@ impl Descriptor {
                 self.snapshots.len()
             )));
         }
+        let mut shots = HashSet::new();
         for s in &self.snapshots {
+            if !shots.insert(s.guid) {
+                return Err(bad(format!(
+                    "snapshot {} appears twice",
+                    guid_string(&s.guid)
+                )));
+            }
             if !seen.contains(&s.guid) {
                 return Err(bad(format!(
                     "snapshot {} has no image",
@@ -713,6 +720,11 @@ mod tests {
             "{5fbaabe3-6958-40ff-92a7-860e329aab42}</GUID>\n        <Type>",
         );
         expect_err(&x, "no image");
+        // Two shots for one image (and none for the other).
+        let mut d = sample();
+        d.snapshots[0].guid = TOP_GUID;
+        d.snapshots[0].parent = NONE_GUID;
+        expect_err(&d.to_xml(), "appears twice");
     }
 
     #[test]

@@ -29,19 +29,31 @@ fn restore_backup(io: &SharedIo, backup: &SharedIo) -> Result<()> {
     let len = backup
         .size()
         .map_err(|e| Error::io(backup.describe(), "reading size", 0, e))?;
+    let unusable = || Error::corrupt(backup.describe(), "not a usable BAT backup for this image");
+    if len < HEADER_SIZE as u64 {
+        return Err(unusable());
+    }
+    let mut ob = [0u8; HEADER_SIZE];
+    backup
+        .read_at(&mut ob, 0)
+        .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
+    let old = RawHeader::parse(&ob);
+    // Only the header and BAT area, whatever the file claims (read whole
+    // below): no larger than the table it describes, rounded to a cluster.
+    let area = HEADER_SIZE as u64
+        + 4 * u64::from(old.bat_entries)
+        + u64::from(old.sectors) * crate::SECTOR;
+    if len > area {
+        return Err(unusable());
+    }
     let mut saved = vec![0u8; len as usize];
     backup
         .read_at(&mut saved, 0)
         .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
-    let unusable = || Error::corrupt(backup.describe(), "not a usable BAT backup for this image");
-    if saved.len() < HEADER_SIZE {
-        return Err(unusable());
-    }
     let mut hb = [0u8; HEADER_SIZE];
     io.read_at(&mut hb, 0)
         .map_err(|e| Error::io(&path, "reading header", 0, e))?;
     let now = RawHeader::parse(&hb);
-    let old = RawHeader::parse(saved[..HEADER_SIZE].try_into().expect("64 bytes"));
     // Same geometry, a clean state, and exactly the header + BAT area.
     let same = old.sectors == now.sectors
         && old.bat_entries == now.bat_entries
