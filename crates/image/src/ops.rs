@@ -149,7 +149,9 @@ pub fn restore_descriptor(
         let p = PloopDelta::open(io, ploop_format::ploop::OpenFlags::default())?;
         (p.virtual_size(), p.cluster_size(), ImageType::Compressed)
     };
-    if !cs.is_power_of_two() || !(4 << 10..=64 << 20).contains(&cs) {
+    if !cs.is_power_of_two()
+        || !(ploop_format::ploop::MIN_CLUSTER_SECTORS * SECTOR..=64 << 20).contains(&cs)
+    {
         return Err(Error::Invalid(format!("invalid cluster size {cs}")));
     }
     let dir_abs = dir
@@ -456,8 +458,30 @@ pub fn delete(dd: &Path, guid: Uuid, progress: Progress) -> Result<()> {
                 return Err(desc_err(dd, "unable to delete the base image".into()));
             }
             let _lock = DescriptorLock::acquire(dd)?;
+            // Again under the lock: another command may have changed it.
             let mut d = Descriptor::load(dd)?;
-            let entry = d.image(guid).cloned().expect("validated");
+            let gone = || desc_err(dd, format!("no snapshot {}", guid_string(&guid)));
+            let shot = d.shot(guid).cloned().ok_or_else(gone)?;
+            let entry = d.image(guid).cloned().ok_or_else(gone)?;
+            if !d.children(guid).is_empty() {
+                return Err(desc_err(
+                    dd,
+                    format!(
+                        "snapshot {} changed meanwhile: try again",
+                        guid_string(&guid)
+                    ),
+                ));
+            }
+            if guid == d.top_guid && d.children(shot.parent).len() > 1 {
+                // The parent would become a top with snapshots above it.
+                return Err(desc_err(
+                    dd,
+                    format!(
+                        "unable to delete the top: its parent {} has other snapshots over it (switch to one of them instead)",
+                        guid_string(&shot.parent)
+                    ),
+                ));
+            }
             ensure_not_in_use(dd, &entry)?;
             let path = remove_image(dd, &mut d, guid)?;
             if guid == d.top_guid {

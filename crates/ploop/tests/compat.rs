@@ -474,6 +474,36 @@ fn snapshot_switch_goes_back() {
     }
 }
 
+/// Deleting the top offline makes its parent the top again, which it
+/// cannot be while other snapshots sit over it: refused, and the disk
+/// stays usable.
+#[test]
+fn deleting_a_top_whose_parent_has_other_children_is_refused() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), SIZE, &["-b", "128"]);
+    disk.write_random(0x61, 0, MIB);
+    let s1 = disk.snapshot();
+    disk.write_random(0x62, MIB, MIB);
+    disk.snapshot();
+    ploop_ok(&[
+        OsStr::new("snapshot-switch"),
+        "-u".as_ref(),
+        s1.as_ref(),
+        disk.dd.as_os_str(),
+    ]);
+    let out = ploop(&[
+        OsStr::new("snapshot-delete"),
+        "-u".as_ref(),
+        "{5fbaabe3-6958-40ff-92a7-860e329aab41}".as_ref(),
+        disk.dd.as_os_str(),
+    ]);
+    assert!(!out.ok(), "deleting the top must be refused:\n{out}");
+    assert!(out.stderr.contains("other snapshots"), "{out}");
+    // Still writable.
+    disk.write_random(0x63, 2 * MIB, 4096);
+    ploop_ok(&[OsStr::new("snapshot-list"), disk.dd.as_os_str()]);
+}
+
 #[test]
 fn snapshot_delete_middle_keeps_top() {
     let tmp = tempdir();
