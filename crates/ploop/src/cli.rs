@@ -334,7 +334,19 @@ fn with_progress<T>(what: &str, f: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
 }
 
 pub fn run() -> Res<ExitCode> {
-    let cli = Cli::parse();
+    // Usage errors exit 1 like every other error (2 means `check -r`
+    // found problems); help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    };
     match cli.cmd {
         Cmd::Init(a) => init(a),
         Cmd::Info { json, descriptor } => info(&descriptor, json),
@@ -496,6 +508,17 @@ fn init(a: InitArgs) -> Res<ExitCode> {
     if !["none", "ext4", "ext3", "xfs"].contains(&a.fstype.as_str()) {
         return Err(format!("incorrect file system type specified: {}", a.fstype).into());
     }
+    // Before anything is created: a bad -B must not leave a disk behind.
+    let fs_block = a
+        .fs_block
+        .as_deref()
+        .map(|b| {
+            parse_size(b, 1).and_then(|n| {
+                u32::try_from(n)
+                    .map_err(|_| format!("incorrect file system block size specified: {b}"))
+            })
+        })
+        .transpose()?;
     let opts = InitOptions {
         size,
         format: parse_format(&a.format)?,
@@ -504,12 +527,6 @@ fn init(a: InitArgs) -> Res<ExitCode> {
     };
     let dd = with_progress("allocating", |p| ops::init(&a.image, opts, p))?;
     if a.fstype != "none" {
-        let fs_block = a
-            .fs_block
-            .as_deref()
-            .map(|b| parse_size(b, 1))
-            .transpose()?
-            .map(|b| b as u32);
         if let Err(e) = crate::mount::make_filesystem(&dd, &a.fstype, fs_block) {
             // Remove the half-made disk, unless a daemon still serves it.
             if crate::mount::served_rw(&dd).is_none() {

@@ -983,3 +983,27 @@ fn check_finishes_an_interrupted_format_conversion() {
         qemu_check(&disk.image);
     }
 }
+
+/// Usage errors exit 1 like other errors (2 is `check -r` finding
+/// problems), and a bad `-B` is refused before anything is created.
+#[test]
+fn usage_errors_exit_1_and_a_bad_fs_block_leaves_nothing() {
+    let tmp = tempdir();
+    let out = ploop(&["check", "--no-such-flag", "DiskDescriptor.xml"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(ploop(&["--help"]).code, Some(0));
+    let img = tmp.path().join("root.hdd");
+    for bad in ["4x", "4294971392"] {
+        let out = ploop(&[
+            OsStr::new("init"),
+            "-s".as_ref(),
+            "64M".as_ref(),
+            "-B".as_ref(),
+            bad.as_ref(),
+            img.as_os_str(),
+        ]);
+        assert_eq!(out.code, Some(1), "-B {bad}: {out}");
+        assert!(!img.exists(), "-B {bad} left the image behind");
+        assert!(!tmp.path().join("DiskDescriptor.xml").exists());
+    }
+}
