@@ -192,3 +192,29 @@ fn planned_pieces_join_where_the_file_continues() {
     assert_eq!(pieces, vec![(0, CLUSTER), (2 * CLUSTER as usize, CLUSTER)]);
     chain.close().unwrap();
 }
+
+#[test]
+fn a_tail_freed_under_queued_io_is_trimmed_by_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, top) = chain(dir.path());
+    let p = tracked(&top);
+    chain.write_at(&[1u8; 4096], CLUSTER).unwrap();
+    chain.write_at(&[2u8; 4096], 3 * CLUSTER).unwrap();
+    let kept_end = p.map(1).unwrap() + CLUSTER;
+    assert!(
+        p.map(3).unwrap() >= kept_end,
+        "cluster 3 is the file's tail"
+    );
+    // Freed while a queued write still holds its mapping: quarantined.
+    let plan = chain.plan_write(3 * CLUSTER, 4096).unwrap().unwrap();
+    chain.discard(3 * CLUSTER, CLUSTER).unwrap();
+    chain.flush().unwrap();
+    drop(plan);
+    // Nothing is dirty now, yet close must still give the tail back
+    // (OpenVZ's check wants the file to end at its last mapped cluster).
+    chain.close().unwrap();
+    let len = std::fs::metadata(dir.path().join("root.hds"))
+        .unwrap()
+        .len();
+    assert_eq!(len, kept_end, "file length after close");
+}

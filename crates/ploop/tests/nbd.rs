@@ -888,6 +888,49 @@ fn a_sparse_raw_image_reports_its_holes() {
     );
 }
 
+/// A read over thousands of holes and data runs is one structured reply
+/// of more pieces than one system call sends: it must go out whole.
+#[test]
+fn a_read_of_thousands_of_chunks_arrives_whole() {
+    let tmp = tempdir();
+    let raw = tmp.path().join("striped.raw");
+    let size = 32 * MIB;
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(size as u64).unwrap();
+    let stripe = data(3, 4096);
+    for at in (0..size).step_by(8192) {
+        std::os::unix::fs::FileExt::write_all_at(&f, &stripe, at as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let sock = tmp.path().join("nbd.sock");
+    let server = Server::on_socket(tmp.path(), &sock, &raw);
+    let back = tmp.path().join("back.raw");
+    let script = format!(
+        r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+assert h.get_structured_replies_negotiated()
+chunks = [0]
+def chunk(buf, offset, status, err):
+    chunks[0] += 1
+    return 0
+buf = h.pread_structured({size}, 0, chunk)
+assert chunks[0] > 4096, chunks[0]
+open({back:?}, "wb").write(buf)
+h.shutdown()
+"#,
+        back = back.to_str().unwrap()
+    );
+    nbdsh(&server.uri, &script).success();
+    server.stop();
+    assert_same(
+        &std::fs::read(&back).unwrap(),
+        &std::fs::read(&raw).unwrap(),
+        "a read of the striped image",
+    );
+}
+
 /// Read one simple reply to a READ of `len` bytes: (error, cookie).
 fn read_reply(s: &mut UnixStream, len: usize) -> (u32, u64) {
     let (err, cookie) = simple_reply(s);

@@ -567,10 +567,13 @@ impl PloopDelta {
             dirty.freed.extend(freed);
             return Err(e);
         }
-        if pages.is_empty() && freed.is_empty() {
+        let mut alloc = self.alloc.lock().expect("alloc lock");
+        if pages.is_empty() && freed.is_empty() && alloc.quarantine.is_empty() {
             return Ok(());
         }
-        let mut alloc = self.alloc.lock().expect("alloc lock");
+        // Clusters freed by an earlier flush may still wait for pins of
+        // that time: once those are gone, they (and the file's tail) are
+        // given back here, at the latest by the flush of close.
         let epoch = self.epochs.current.load(Ordering::SeqCst);
         alloc
             .quarantine

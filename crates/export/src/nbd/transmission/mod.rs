@@ -268,6 +268,26 @@ fn submit(conn: &Connection, batch: &mut Vec<Op>) {
     }
 }
 
+/// Answer a request the reader refuses itself. Such answers take no
+/// request budget, so first wait while the replies already waiting for
+/// the client are past the budget: a client that sends bad requests and
+/// never reads cannot make us hold their answers without bound.
+fn refuse_here(conn: &Connection, batch: &mut Vec<Op>, req: &Request, f: Failure) {
+    submit(conn, batch);
+    let mut b = lock(&conn.budget);
+    while b.replies > MAX_IN_FLIGHT_BYTES && !conn.broken.load(Ordering::SeqCst) {
+        // Sent or dropped replies wake us; the timeout only guards
+        // against a cut that strands them.
+        b = conn
+            .budget_freed
+            .wait_timeout(b, std::time::Duration::from_secs(1))
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    drop(b);
+    conn.reply_error(req, f);
+}
+
 /// Take budget for a request; the gathered ones go to the ring first if
 /// that means waiting (their completions are what frees budget).
 fn take_budget(conn: &Connection, batch: &mut Vec<Op>, bytes: usize) {
@@ -338,7 +358,7 @@ fn request_loop_batched<R: Read>(
                 } else {
                     "this command takes no payload"
                 };
-                conn.reply_error(&req, failure(EINVAL, why));
+                refuse_here(conn, batch, &req, failure(EINVAL, why));
                 continue;
             }
             let len = req.length as usize;
@@ -354,20 +374,25 @@ fn request_loop_batched<R: Read>(
             }
             payload = Some((buf, len));
         } else if req.kind == CMD_WRITE {
-            conn.reply_error(&req, failure(EINVAL, "WRITE without a payload"));
+            refuse_here(
+                conn,
+                batch,
+                &req,
+                failure(EINVAL, "WRITE without a payload"),
+            );
             continue;
         }
         let bytes = payload.as_ref().map_or(0, |p| p.1);
         // A payload took its budget before it was read.
         let budgeted = payload.is_some();
-        let refuse = |f: Failure| {
-            conn.reply_error(&req, f);
+        let refuse = |batch: &mut Vec<Op>, f: Failure| {
             if budgeted {
                 conn.give_budget(bytes);
             }
+            refuse_here(conn, batch, &req, f);
         };
         if conn.shared.stop.load(Ordering::SeqCst) {
-            refuse(failure(ESHUTDOWN, "the server is stopping"));
+            refuse(batch, failure(ESHUTDOWN, "the server is stopping"));
             continue;
         }
         let known = matches!(
@@ -381,12 +406,18 @@ fn request_loop_batched<R: Read>(
                 | CMD_BLOCK_STATUS
         );
         if !known {
-            refuse(failure(EINVAL, format!("unknown command {}", req.kind)));
+            refuse(
+                batch,
+                failure(EINVAL, format!("unknown command {}", req.kind)),
+            );
             continue;
         }
         let extra = req.flags & !allowed_flags(req.kind, extended);
         if extra != 0 || (req.flags & CMD_FLAG_DF != 0 && !conn.structured()) {
-            refuse(failure(EINVAL, format!("unexpected flags {extra:#x}")));
+            refuse(
+                batch,
+                failure(EINVAL, format!("unexpected flags {extra:#x}")),
+            );
             continue;
         }
         // A read's reply may wait in memory: it counts like a payload.

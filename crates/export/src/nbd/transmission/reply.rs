@@ -67,6 +67,27 @@ fn reply_cost(r: &Reply) -> usize {
 /// At most this many pieces per system call (the kernel's IOV_MAX).
 const MAX_IOV: usize = 1024;
 
+/// The next pieces to send: those of `pending` past the first `sent`
+/// bytes, at most MAX_IOV of them (a reply may have more pieces than one
+/// call takes, so the count starts after what is sent).
+fn unsent_slices(pending: &VecDeque<Reply>, sent: usize) -> Vec<IoSlice<'_>> {
+    let mut skip = sent;
+    let mut slices = Vec::new();
+    for piece in pending.iter().flat_map(Reply::slices) {
+        if skip >= piece.len() {
+            // Sent already, or empty.
+            skip -= piece.len();
+            continue;
+        }
+        slices.push(IoSlice::new(&piece[skip..]));
+        skip = 0;
+        if slices.len() == MAX_IOV {
+            break;
+        }
+    }
+    slices
+}
+
 /// How far writing got.
 enum Flow {
     /// Everything is sent.
@@ -205,14 +226,13 @@ impl Connection {
     /// queued while we held it is ours to send).
     fn pump<'a>(&'a self, mut out: MutexGuard<'a, Sender>) {
         loop {
-            match self.write_out(&mut out, false) {
-                Flow::Empty => {}
-                Flow::Full => {
-                    drop(out);
-                    return self.wake_writer();
-                }
-                Flow::Broken => return,
+            if let Flow::Full = self.write_out(&mut out, false) {
+                drop(out);
+                return self.wake_writer();
             }
+            // Everything sent, or dropped on a cut connection: either
+            // way a reply queued meanwhile must not be stranded (its
+            // bytes hold the budget that the connection's end waits on).
             drop(out);
             if lock(&self.queued).replies.is_empty() {
                 return;
@@ -236,19 +256,11 @@ impl Connection {
             if s.pending.is_empty() {
                 return Flow::Empty;
             }
-            let mut slices: Vec<IoSlice> = s
-                .pending
-                .iter()
-                .flat_map(Reply::slices)
-                .map(IoSlice::new)
-                .take(MAX_IOV)
-                .collect();
-            let mut bufs = &mut slices[..];
-            IoSlice::advance_slices(&mut bufs, s.sent);
+            let slices = unsent_slices(&s.pending, s.sent);
             let written = if wait {
-                s.sink.write_vectored(bufs)
+                s.sink.write_vectored(&slices)
             } else {
-                s.sink.write_now(bufs)
+                s.sink.write_now(&slices)
             };
             drop(slices);
             match written {
@@ -307,9 +319,14 @@ impl Connection {
                     warn!("cannot start a writer thread: {e}");
                     w.wanted = false;
                     drop(w);
-                    let mut out = lock(&self.out);
-                    self.write_out(&mut out, true);
-                    return;
+                    loop {
+                        let mut out = lock(&self.out);
+                        self.write_out(&mut out, true);
+                        drop(out);
+                        if lock(&self.queued).replies.is_empty() {
+                            return;
+                        }
+                    }
                 }
             }
         }
@@ -460,5 +477,50 @@ impl Connection {
             parts,
             data: Some(data),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replies of many small pieces, as a structured read over many holes.
+    fn pending() -> (VecDeque<Reply>, Vec<u8>) {
+        let mut all = Vec::new();
+        let mut replies = VecDeque::new();
+        for r in 0..3u8 {
+            let parts: Vec<Part> = (0..1500u32)
+                .map(|i| Part::Bytes(vec![r ^ i as u8; (i % 7) as usize]))
+                .collect();
+            let reply = Reply { parts, data: None };
+            reply.slices().for_each(|s| all.extend_from_slice(s));
+            replies.push_back(reply);
+        }
+        (replies, all)
+    }
+
+    #[test]
+    fn unsent_pieces_start_where_sending_stopped() {
+        let (replies, all) = pending();
+        let first = replies[0].len();
+        for sent in [0, 1, 5, 1000, first - 3, first - 1] {
+            let slices = unsent_slices(&replies, sent);
+            assert_eq!(slices.len(), MAX_IOV, "sent {sent}");
+            let joined: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(joined[..], all[sent..sent + joined.len()], "sent {sent}");
+            assert!(slices.iter().all(|s| !s.is_empty()));
+        }
+        // Sending everything piece by piece sends every byte once.
+        let (mut queue, mut sent, mut out) = (replies, 0, Vec::new());
+        while !queue.is_empty() {
+            for s in unsent_slices(&queue, sent).iter().take(3) {
+                out.extend_from_slice(s);
+                sent += s.len();
+            }
+            while queue.front().is_some_and(|r| r.len() <= sent) {
+                sent -= queue.pop_front().unwrap().len();
+            }
+        }
+        assert_eq!(out, all);
     }
 }
