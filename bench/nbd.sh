@@ -25,10 +25,10 @@ limit_target() {
   rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
   jobs "raw file O_DIRECT (limit)" --filename="$D/raw.img" --ioengine=io_uring --direct=1
 }
-ploop_target() { # $1 label, $2 format
+ploop_target() { # $1 label, $2 format, $3 I/O engine (default: serve's own)
   rm -rf "$D/img"; mkdir -p "$D/img"
   "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
-  "$P" serve --socket "$SOCK" "$D/img/DiskDescriptor.xml" >/dev/null 2>&1 &
+  "$P" serve --socket "$SOCK" ${3:+--io "$3"} "$D/img/DiskDescriptor.xml" >/dev/null 2>&1 &
   local sp=$!
   wait_socket && jobs "$1" "${NBD[@]}"
   stop $sp
@@ -49,6 +49,7 @@ nbdkit_target() {
   stop $kp
 }
 TARGETS=(limit_target "ploop_target 'ploop serve ploop1' ploop1" "ploop_target 'ploop serve raw' raw"
+         "ploop_target 'ploop serve ploop1 --io sync' ploop1 sync"
          "qemu_target qcow2" "qemu_target raw")
 command -v nbdkit >/dev/null && TARGETS+=(nbdkit_target)
 run_rounds "$ROUNDS" "${TARGETS[@]}"
@@ -58,8 +59,8 @@ echo "ratios of medians: ploop1 vs qemu-nbd qcow2 (goal >= 1.3), raw vs qemu-nbd
 for rw in randread randwrite read write; do
   p=${M["ploop serve ploop1|$rw"]:-0}; q=${M["qemu-nbd qcow2|$rw"]:-0}
   pr=${M["ploop serve raw|$rw"]:-0}; qr=${M["qemu-nbd raw|$rw"]:-0}
-  l=${M["raw file O_DIRECT (limit)|$rw"]:-0}
-  awk -v rw=$rw -v p="$p" -v q="$q" -v pr="$pr" -v qr="$qr" -v l="$l" \
-    'BEGIN{printf "%-10s %6.2fx qemu-nbd qcow2   %6.2fx qemu-nbd raw   limit: ploop1 %3.0f%%, qemu-nbd qcow2 %3.0f%%\n", rw, (q>0?p/q:0), (qr>0?pr/qr:0), (l>0?100*p/l:0), (l>0?100*q/l:0)}'
+  l=${M["raw file O_DIRECT (limit)|$rw"]:-0}; ps=${M["ploop serve ploop1 --io sync|$rw"]:-0}
+  awk -v rw=$rw -v p="$p" -v q="$q" -v pr="$pr" -v qr="$qr" -v l="$l" -v ps="$ps" \
+    'BEGIN{printf "%-10s %6.2fx qemu-nbd qcow2 (--io sync %5.2fx)   %6.2fx qemu-nbd raw   limit: ploop1 %3.0f%%, qemu-nbd qcow2 %3.0f%%\n", rw, (q>0?p/q:0), (q>0?ps/q:0), (qr>0?pr/qr:0), (l>0?100*p/l:0), (l>0?100*q/l:0)}'
 done
 rm -rf "$D"

@@ -1,8 +1,9 @@
-//! Queued I/O for the exports: FUSE workers and NBD readers hand plain
-//! reads and in-place writes to one io_uring thread and go back for the
-//! next request. The ring thread submits whatever has queued up in one batch
-//! (one doorbell for the disk instead of one per request) and answers each
-//! FUSE request when its last piece completes.
+//! Queued I/O for the exports. [`RingCore`] starts plain reads and
+//! in-place writes on an io_uring, in batches (one doorbell for the disk
+//! instead of one per request), and answers each when its last piece
+//! completes. FUSE workers hand theirs to a shared [`Ring`] with its own
+//! thread and go back for the next request; an NBD connection's reader
+//! owns a core and reaps it while it waits for the client.
 //!
 //! Requests that need the image layer's logic (allocation, copy-up,
 //! discard, flush) never come here: they stay synchronous in the workers.
@@ -27,8 +28,8 @@ pub enum Answer {
     Read(ReplyData),
     /// A FUSE write.
     Write(ReplyWrite),
-    /// Anything else: called on the ring thread with the buffer and the
-    /// errno of a failed piece. It must not block.
+    /// Anything else: called on the thread that reaps the ring, with the
+    /// buffer and the errno of a failed piece. It must not block.
     Call {
         read: bool,
         done: Box<dyn FnOnce(AlignedBuf, Option<i32>) + Send>,
@@ -64,27 +65,223 @@ struct Pending {
     failed: Option<i32>,
 }
 
-pub struct Ring {
-    queue: Mutex<VecDeque<Op>>,
-    wake: OwnedFd,
+/// Operations on one io_uring: started as room allows, answered as their
+/// last piece completes. Used by one thread at a time; `user_data` with
+/// the top bit set is left to the owner (wake-ups, socket polls).
+pub struct RingCore {
+    ring: IoUring,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    waiting: VecDeque<Op>,
+    pieces: usize,
 }
 
-const WAKE: u64 = u64::MAX;
+/// Completions of the owner's own entries: (user_data, result).
+pub type Foreign = Vec<(u64, i32)>;
+
+/// The bit that marks the owner's own entries.
+pub const FOREIGN: u64 = 1 << 63;
+
 const ENTRIES: u32 = 256;
 /// Pieces in flight at most, so that neither the submission queue (with
-/// the wake-up read) nor the completion queue can overflow; operations
+/// the owner's entries) nor the completion queue can overflow; operations
 /// past it wait their turn.
-const MAX_PIECES: usize = ENTRIES as usize - 1;
+const MAX_PIECES: usize = ENTRIES as usize - 2;
 const COMPLETIONS: u32 = 16384;
 
-impl Ring {
-    /// Start the ring thread.
-    pub fn start() -> io::Result<Arc<Ring>> {
+impl RingCore {
+    pub fn new() -> io::Result<RingCore> {
         // One request may be cut in more pieces than MAX_PIECES (32 MiB in
         // 4 KiB clusters laid out apart): room for all their completions.
         let ring = IoUring::builder()
             .setup_cqsize(COMPLETIONS)
             .build(ENTRIES)?;
+        Ok(RingCore {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            waiting: VecDeque::new(),
+            pieces: 0,
+        })
+    }
+
+    /// Operations started or waiting to start.
+    pub fn busy(&self) -> bool {
+        self.pieces > 0 || !self.waiting.is_empty()
+    }
+
+    /// Take an operation; it starts as soon as there is room.
+    pub fn push(&mut self, op: Op) {
+        if op.segments.is_empty() {
+            // Nothing to do on disk (all zeros): answer at once.
+            finish(op, None);
+        } else {
+            self.waiting.push_back(op);
+        }
+    }
+
+    /// Queue one of the owner's entries (its user_data has [`FOREIGN`]).
+    ///
+    /// # Safety
+    /// What the entry points at must stay valid until it completes.
+    pub unsafe fn push_foreign(&mut self, sqe: &io_uring::squeue::Entry) {
+        debug_assert!(sqe.get_user_data() & FOREIGN != 0);
+        // SAFETY: the caller keeps the entry's memory valid; the queue has
+        // room for it (MAX_PIECES leaves two entries).
+        while unsafe { self.ring.submission().push(sqe) }.is_err() {
+            if let Err(e) = self.ring.submit() {
+                error!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    /// Start what fits and hand it to the kernel now.
+    pub fn submit(&mut self) {
+        self.start_waiting();
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                error!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    /// Submit what is queued, wait for a completion (up to `timeout`) and
+    /// answer the operations that are done. Returns the owner's entries
+    /// that completed.
+    pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> Foreign {
+        self.start_waiting();
+        let waited = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        if let Err(e) = waited {
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) {
+                error!("io_uring wait: {e}");
+            }
+        }
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut foreign = Vec::new();
+        let outer = AFTER_BATCH.with(|a| a.replace(Some(Vec::new())));
+        for (data, res) in done {
+            if data & FOREIGN != 0 {
+                foreign.push((data, res));
+            } else {
+                self.completed(data, res);
+            }
+        }
+        run_after_batch();
+        AFTER_BATCH.with(|a| *a.borrow_mut() = outer);
+        self.start_waiting();
+        foreign
+    }
+
+    fn completed(&mut self, data: u64, res: i32) {
+        self.pieces -= 1;
+        let slot = (data >> 16) as usize;
+        let piece = (data & 0xffff) as usize;
+        let Some(p) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        let want = p.op.segments[piece].len as i32;
+        let is_read = p.op.answer.is_read();
+        if res < 0 {
+            p.failed = Some(-res);
+        } else if res != want {
+            if is_read {
+                // Past the end of a file: the rest reads as zeros.
+                let s = p.op.segments[piece];
+                let from = s.buf_offset + res as usize;
+                p.op.buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
+            } else {
+                p.failed = Some(libc::EIO);
+            }
+        }
+        p.remaining -= 1;
+        if p.remaining == 0 {
+            let p = self.slots[slot].take().expect("slot in use");
+            self.free.push(slot);
+            finish(p.op, p.failed);
+        }
+    }
+
+    /// Start what fits; an operation larger than the limit goes alone.
+    fn start_waiting(&mut self) {
+        while let Some(n) = self.waiting.front().map(|op| op.segments.len()) {
+            if self.pieces > 0 && self.pieces + n > MAX_PIECES {
+                break;
+            }
+            let op = self.waiting.pop_front().expect("a waiting op");
+            self.pieces += n;
+            self.start_op(op);
+        }
+    }
+
+    fn start_op(&mut self, op: Op) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let n = op.segments.len();
+        self.slots[slot] = Some(Pending {
+            op,
+            remaining: n,
+            failed: None,
+        });
+        let p = self.slots[slot].as_mut().expect("just set");
+        let is_read = p.op.answer.is_read();
+        let base = p.op.buf.as_mut_slice().as_mut_ptr();
+        for (i, s) in p.op.segments.iter().enumerate() {
+            let user_data = ((slot as u64) << 16) | i as u64;
+            // SAFETY: buf_offset + len lies inside the op's buffer (the
+            // planner splits the request's own range), and the buffer is
+            // owned by the slot until every piece has completed.
+            let ptr = unsafe { base.add(s.buf_offset) };
+            let sqe = if is_read {
+                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            } else {
+                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
+                    .offset(s.file_offset)
+                    .build()
+            }
+            .user_data(user_data);
+            loop {
+                // SAFETY: as above, the memory outlives the operation; the
+                // file descriptors stay open through `op.chain`.
+                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                    break;
+                }
+                // Queue full: hand what we have to the kernel first.
+                if let Err(e) = self.ring.submit() {
+                    error!("io_uring submit: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// One ring shared by many threads: they queue operations, and the ring's
+/// own thread starts and answers them.
+pub struct Ring {
+    queue: Mutex<VecDeque<Op>>,
+    wake: OwnedFd,
+}
+
+const WAKE: u64 = FOREIGN | 1;
+
+impl Ring {
+    /// Start the ring thread.
+    pub fn start() -> io::Result<Arc<Ring>> {
+        let core = RingCore::new()?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC)?;
         let this = Arc::new(Ring {
             queue: Mutex::new(VecDeque::new()),
@@ -93,7 +290,7 @@ impl Ring {
         let worker = this.clone();
         std::thread::Builder::new()
             .name("io-uring".into())
-            .spawn(move || worker.run(ring))?;
+            .spawn(move || worker.run(core))?;
         Ok(this)
     }
 
@@ -119,30 +316,7 @@ impl Ring {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
-    /// Queue several operations with one wake-up: the ring thread then
-    /// hands them to the kernel in one submission.
-    pub fn submit_batch(&self, ops: impl IntoIterator<Item = Op>) {
-        let mut queue = self.queue.lock().expect("ring queue");
-        let before = queue.len();
-        for op in ops {
-            if op.segments.is_empty() {
-                finish(op, None);
-            } else {
-                queue.push_back(op);
-            }
-        }
-        let added = queue.len() > before;
-        drop(queue);
-        if added {
-            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
-        }
-    }
-
-    fn run(&self, mut ring: IoUring) {
-        let mut slots: Vec<Option<Pending>> = Vec::new();
-        let mut free: Vec<usize> = Vec::new();
-        let mut waiting: VecDeque<Op> = VecDeque::new();
-        let mut pieces = 0usize;
+    fn run(&self, mut core: RingCore) {
         let mut wake_buf = [0u8; 8];
         let mut armed = false;
         loop {
@@ -156,114 +330,55 @@ impl Ring {
                 .user_data(WAKE);
                 // SAFETY: wake_buf lives on this thread's stack for the whole
                 // loop, and only one read of it is ever queued at a time.
-                if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                    armed = true;
-                }
+                unsafe { core.push_foreign(&sqe) };
+                armed = true;
             }
-            if let Err(e) = ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    error!("io_uring wait: {e}");
-                }
-                continue;
-            }
-            let done: Vec<(u64, i32)> = ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (data, res) in done {
+            for (data, _) in core.wait(None) {
                 if data == WAKE {
                     armed = false;
-                    waiting.extend(self.queue.lock().expect("ring queue").drain(..));
-                    continue;
+                    let ops: Vec<Op> = self.queue.lock().expect("ring queue").drain(..).collect();
+                    ops.into_iter().for_each(|op| core.push(op));
                 }
-                pieces -= 1;
-                let slot = (data >> 16) as usize;
-                let piece = (data & 0xffff) as usize;
-                let Some(p) = slots.get_mut(slot).and_then(|s| s.as_mut()) else {
-                    continue;
-                };
-                let want = p.op.segments[piece].len as i32;
-                let is_read = p.op.answer.is_read();
-                if res < 0 {
-                    p.failed = Some(-res);
-                } else if res != want {
-                    if is_read {
-                        // Past the end of a file: the rest reads as zeros.
-                        let s = p.op.segments[piece];
-                        let from = s.buf_offset + res as usize;
-                        p.op.buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
-                    } else {
-                        p.failed = Some(libc::EIO);
-                    }
-                }
-                p.remaining -= 1;
-                if p.remaining == 0 {
-                    let p = slots[slot].take().expect("slot in use");
-                    free.push(slot);
-                    finish(p.op, p.failed);
-                }
-            }
-            // Start what fits; an operation larger than the limit goes
-            // alone.
-            while let Some(n) = waiting.front().map(|op| op.segments.len()) {
-                if pieces > 0 && pieces + n > MAX_PIECES {
-                    break;
-                }
-                let op = waiting.pop_front().expect("a waiting op");
-                pieces += n;
-                self.start_op(&mut ring, op, &mut slots, &mut free);
             }
         }
     }
+}
 
-    fn start_op(
-        &self,
-        ring: &mut IoUring,
-        op: Op,
-        slots: &mut Vec<Option<Pending>>,
-        free: &mut Vec<usize>,
-    ) {
-        let slot = free.pop().unwrap_or_else(|| {
-            slots.push(None);
-            slots.len() - 1
-        });
-        let n = op.segments.len();
-        slots[slot] = Some(Pending {
-            op,
-            remaining: n,
-            failed: None,
-        });
-        let p = slots[slot].as_mut().expect("just set");
-        let is_read = p.op.answer.is_read();
-        let base = p.op.buf.as_mut_slice().as_mut_ptr();
-        for (i, s) in p.op.segments.iter().enumerate() {
-            let user_data = ((slot as u64) << 16) | i as u64;
-            // SAFETY: buf_offset + len lies inside the op's buffer (the
-            // planner splits the request's own range), and the buffer is
-            // owned by the slot until every piece has completed.
-            let ptr = unsafe { base.add(s.buf_offset) };
-            let sqe = if is_read {
-                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            } else {
-                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            }
-            .user_data(user_data);
-            loop {
-                // SAFETY: as above, the memory outlives the operation; the
-                // file descriptors stay open through `op.chain`.
-                if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                    break;
-                }
-                // Queue full: hand what we have to the kernel first.
-                if let Err(e) = ring.submit() {
-                    error!("io_uring submit: {e}");
-                }
-            }
+/// Work left for after a batch of completions.
+type Tasks = Vec<Box<dyn FnOnce()>>;
+
+thread_local! {
+    /// While a thread handles a ring's completions: work to run once they
+    /// are all handled (None otherwise).
+    static AFTER_BATCH: std::cell::RefCell<Option<Tasks>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `task` once the completions at hand are handled (so that one task
+/// can answer all of them); outside of that, run it now. It must not
+/// block.
+pub fn after_batch(task: Box<dyn FnOnce()>) {
+    let task = AFTER_BATCH.with(|a| match a.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(task);
+            None
         }
+        None => Some(task),
+    });
+    if let Some(task) = task {
+        task();
+    }
+}
+
+/// Run what the completions just handled left for later.
+fn run_after_batch() {
+    loop {
+        let tasks =
+            AFTER_BATCH.with(|a| std::mem::take(a.borrow_mut().as_mut().expect("in a batch")));
+        if tasks.is_empty() {
+            return;
+        }
+        tasks.into_iter().for_each(|t| t());
     }
 }
 

@@ -228,11 +228,11 @@ struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
-    /// I/O engine for plain reads and in-place writes: sync (pread/pwrite
-    /// in the workers) or uring (batched submissions on one io_uring
-    /// thread; slower than sync on the 2-core machines measured so far).
-    /// Other requests always run in the workers.
-    #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
+    /// I/O engine for plain reads and in-place writes: uring (each
+    /// connection's reader starts them on its own io_uring and replies as
+    /// they complete) or sync (pread/pwrite in the workers). Other
+    /// requests always run in the workers.
+    #[arg(long, default_value = "uring", value_parser = ["uring", "sync"])]
     io: String,
     /// Format of an image file given on its own: raw or ploop. Without
     /// it, a file with the ploop signature is served as ploop; give -f raw

@@ -10,7 +10,7 @@ pub mod transmission;
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +80,15 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -288,8 +297,8 @@ fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool 
 /// false when some were still busy after being cut off (their requests
 /// may still touch the image).
 pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> io::Result<bool> {
-    let ring = crate::uring::Ring::start_if(opts.uring);
-    let shared = Shared::new(Box::new(Pool::new(opts.threads)?), ring, stop.clone());
+    let uring = opts.uring && uring_works();
+    let shared = Shared::new(Box::new(Pool::new(opts.threads)?), uring, stop.clone());
     let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
     let mut served = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -351,6 +360,17 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
     Ok(true)
 }
 
+/// Whether this kernel gives us an io_uring (warned about once if not).
+fn uring_works() -> bool {
+    match crate::uring::RingCore::new() {
+        Ok(_) => true,
+        Err(e) => {
+            warn!("io_uring unavailable ({e}); using synchronous I/O");
+            false
+        }
+    }
+}
+
 /// Negotiate with one client, then serve its requests.
 pub fn handle_client(
     stream: Stream,
@@ -399,13 +419,32 @@ pub fn handle_client(
         Box::new(s.try_clone()?),
         shared.clone(),
     );
-    let mut input = BufReader::with_capacity(256 * 1024, s.try_clone()?);
-    let end = transmission::serve_requests(&conn, &mut input);
+    let ring = if shared.uring() {
+        // The ring polls the socket through this descriptor: it stays
+        // open (in `s`) until the ring is gone.
+        Some(transmission::ConnRing::new(s.as_fd().as_raw_fd())?)
+    } else {
+        None
+    };
+    let end = match ring {
+        Some(ring) => {
+            let mut input = BufReader::with_capacity(
+                256 * 1024,
+                transmission::RingInput { ring: ring.clone() },
+            );
+            transmission::serve_requests(&conn, &mut input, Some(ring))
+        }
+        None => {
+            let mut input = BufReader::with_capacity(256 * 1024, s.try_clone()?);
+            transmission::serve_requests(&conn, &mut input, None)
+        }
+    };
     debug!("connection ended: {end:?}");
     // Replies first, then let the client see the end; closing with unread
     // input would reset the connection and could drop the last replies.
+    // (What the reader had buffered is dropped with it.)
     let _ = s.shutdown(std::net::Shutdown::Write);
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = io::copy(&mut input.take(64 << 20), &mut io::sink());
+    let _ = io::copy(&mut (&mut s).take(64 << 20), &mut io::sink());
     Ok(())
 }

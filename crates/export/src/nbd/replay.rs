@@ -116,7 +116,7 @@ pub fn session(export: &Arc<Export>, input: &[u8]) -> Vec<u8> {
         }
     })();
     if let Ok(Some(agreed)) = transmit {
-        let shared = Shared::new(Box::new(Inline), None, Arc::new(AtomicBool::new(false)));
+        let shared = Shared::new(Box::new(Inline), false, Arc::new(AtomicBool::new(false)));
         let conn = Connection::new(
             export.clone(),
             agreed,
@@ -124,7 +124,7 @@ pub fn session(export: &Arc<Export>, input: &[u8]) -> Vec<u8> {
             shared,
         );
         let mut requests = BufReader::new(pipe.input);
-        transmission::serve_requests(&conn, &mut requests);
+        transmission::serve_requests(&conn, &mut requests, None);
     }
     let out = output.lock().expect("output").clone();
     out

@@ -7,8 +7,10 @@
 //! `reply`: encoding and sending replies. `ring`: the io_uring path.
 //! The submodules share this module's imports (`use super::*`).
 
+use std::cell::RefCell;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 
@@ -18,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::handshake::{Agreed, ALLOCATION_ID};
 use super::proto::*;
 use super::Export;
-use crate::uring::{Answer, Op, Ring};
+use crate::uring::{Answer, Op};
 
 mod commands;
 mod pool;
@@ -29,6 +31,7 @@ pub use pool::{Executor, Inline, Pool, Shared};
 pub use reply::ReplySink;
 use reply::{errno_failure, failure, image_failure, Failure, Queue, Reply, Sender, Writer};
 use ring::Completed;
+pub use ring::{ConnRing, Gathered, RingInput};
 
 /// Largest READ or WRITE payload we take (advertised as the maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -44,8 +47,10 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
 /// All connections together: payload bytes held before readers wait.
 const MAX_TOTAL_BYTES: usize = 1 << 30;
-/// Payloads and read data up to this size reuse pooled buffers.
+/// Payloads and read data up to this size reuse pooled buffers...
 const POOLED_BUF: usize = 1 << 20;
+/// ...unless they are this small.
+const SMALL_BUF: usize = 64 << 10;
 const POOL_KEEP: usize = 64;
 
 // Compact replies carry 32-bit lengths: keep what we send within them.
@@ -242,69 +247,59 @@ pub enum End {
 }
 
 /// Read requests until the client leaves; replies go through `conn`.
-/// Returns once every request handed out has been answered.
-pub fn serve_requests<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
-    let end = request_loop(conn, input);
+/// With a ring (the connection's own, read through by `input`), plain
+/// reads and writes go to it. Returns once every request handed out has
+/// been answered.
+pub fn serve_requests<R: Read>(
+    conn: &Arc<Connection>,
+    input: &mut BufReader<R>,
+    ring: Option<Rc<RefCell<ConnRing>>>,
+) -> End {
+    let mut gathered = Gathered::new(ring);
+    let end = request_loop_batched(conn, input, &mut gathered);
+    gathered.finish_all();
     conn.drain();
-    end
-}
-
-fn request_loop<R: Read>(conn: &Arc<Connection>, input: &mut BufReader<R>) -> End {
-    let mut batch: Vec<Op> = Vec::new();
-    let end = request_loop_batched(conn, input, &mut batch);
-    submit(conn, &mut batch);
     end
 }
 
 /// Requests for the ring gather while more are buffered, up to this many.
 const MAX_BATCH: usize = 64;
 
-/// Hand the gathered requests to the ring.
-fn submit(conn: &Connection, batch: &mut Vec<Op>) {
-    if let Some(ring) = &conn.shared.ring {
-        if !batch.is_empty() {
-            ring.submit_batch(batch.drain(..));
-        }
-    }
-}
-
 /// Answer a request the reader refuses itself. Such answers take no
 /// request budget, so first wait while the replies already waiting for
 /// the client are past the budget: a client that sends bad requests and
 /// never reads cannot make us hold their answers without bound.
-fn refuse_here(conn: &Connection, batch: &mut Vec<Op>, req: &Request, f: Failure) {
-    submit(conn, batch);
-    let mut b = lock(&conn.budget);
-    while b.replies > MAX_IN_FLIGHT_BYTES && !conn.broken.load(Ordering::SeqCst) {
-        // Sent or dropped replies wake us; the timeout only guards
-        // against a cut that strands them.
-        b = conn
-            .budget_freed
-            .wait_timeout(b, std::time::Duration::from_secs(1))
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
+fn refuse_here(conn: &Connection, g: &mut Gathered, req: &Request, f: Failure) {
+    g.submit();
+    while lock(&conn.budget).replies > MAX_IN_FLIGHT_BYTES && !conn.broken.load(Ordering::SeqCst) {
+        g.wait_for_budget(conn);
     }
-    drop(b);
     conn.reply_error(req, f);
 }
 
 /// Take budget for a request; the gathered ones go to the ring first if
 /// that means waiting (their completions are what frees budget).
-fn take_budget(conn: &Connection, batch: &mut Vec<Op>, bytes: usize) {
-    if !conn.try_take_budget(bytes) {
-        submit(conn, batch);
-        conn.take_budget(bytes);
+fn take_budget(conn: &Connection, g: &mut Gathered, bytes: usize) {
+    if g.ring.is_none() {
+        if !conn.try_take_budget(bytes) {
+            conn.take_budget(bytes);
+        }
+        return;
+    }
+    // Only this thread answers the ring's requests: wait by doing so.
+    while !conn.try_take_budget(bytes) {
+        g.wait_for_budget(conn);
     }
 }
 
-/// The request loop; requests for the ring gather in `batch` while more
+/// The request loop; requests for the ring gather in `g` while more
 /// are already buffered, and go to the ring together. Gathered requests
 /// hold budget and keep online operations waiting, so they go to the ring
 /// before anything here may wait.
 fn request_loop_batched<R: Read>(
     conn: &Arc<Connection>,
     input: &mut BufReader<R>,
-    batch: &mut Vec<Op>,
+    g: &mut Gathered,
 ) -> End {
     let extended = conn.agreed.extended;
     let mut header = [0u8; EXTENDED_REQUEST_LEN];
@@ -317,9 +312,9 @@ fn request_loop_batched<R: Read>(
         if conn.broken.load(Ordering::SeqCst) {
             return End::IoError;
         }
-        if input.buffer().len() < header_len || batch.len() >= MAX_BATCH {
+        if input.buffer().len() < header_len || g.ops.len() >= MAX_BATCH {
             // Nothing more without waiting: let the ring start on these.
-            submit(conn, batch);
+            g.submit();
         }
         match input.read_exact(&mut header[..header_len]) {
             Ok(()) => {}
@@ -349,7 +344,7 @@ fn request_loop_batched<R: Read>(
                     warn!("{}-byte payload: dropping the client", req.length);
                     return End::Violation;
                 }
-                submit(conn, batch);
+                g.submit();
                 if skip(input, req.length).is_err() {
                     return End::IoError;
                 }
@@ -358,14 +353,14 @@ fn request_loop_batched<R: Read>(
                 } else {
                     "this command takes no payload"
                 };
-                refuse_here(conn, batch, &req, failure(EINVAL, why));
+                refuse_here(conn, g, &req, failure(EINVAL, why));
                 continue;
             }
             let len = req.length as usize;
-            take_budget(conn, batch, len);
+            take_budget(conn, g, len);
             let mut buf = conn.shared.buffer(len);
             if input.buffer().len() < len {
-                submit(conn, batch);
+                g.submit();
             }
             if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
                 // Cut off in the middle of a write: nothing was acknowledged.
@@ -374,25 +369,20 @@ fn request_loop_batched<R: Read>(
             }
             payload = Some((buf, len));
         } else if req.kind == CMD_WRITE {
-            refuse_here(
-                conn,
-                batch,
-                &req,
-                failure(EINVAL, "WRITE without a payload"),
-            );
+            refuse_here(conn, g, &req, failure(EINVAL, "WRITE without a payload"));
             continue;
         }
         let bytes = payload.as_ref().map_or(0, |p| p.1);
         // A payload took its budget before it was read.
         let budgeted = payload.is_some();
-        let refuse = |batch: &mut Vec<Op>, f: Failure| {
+        let refuse = |g: &mut Gathered, f: Failure| {
             if budgeted {
                 conn.give_budget(bytes);
             }
-            refuse_here(conn, batch, &req, f);
+            refuse_here(conn, g, &req, f);
         };
         if conn.shared.stop.load(Ordering::SeqCst) {
-            refuse(batch, failure(ESHUTDOWN, "the server is stopping"));
+            refuse(g, failure(ESHUTDOWN, "the server is stopping"));
             continue;
         }
         let known = matches!(
@@ -406,18 +396,12 @@ fn request_loop_batched<R: Read>(
                 | CMD_BLOCK_STATUS
         );
         if !known {
-            refuse(
-                batch,
-                failure(EINVAL, format!("unknown command {}", req.kind)),
-            );
+            refuse(g, failure(EINVAL, format!("unknown command {}", req.kind)));
             continue;
         }
         let extra = req.flags & !allowed_flags(req.kind, extended);
         if extra != 0 || (req.flags & CMD_FLAG_DF != 0 && !conn.structured()) {
-            refuse(
-                batch,
-                failure(EINVAL, format!("unexpected flags {extra:#x}")),
-            );
+            refuse(g, failure(EINVAL, format!("unexpected flags {extra:#x}")));
             continue;
         }
         // A read's reply may wait in memory: it counts like a payload.
@@ -427,7 +411,7 @@ fn request_loop_batched<R: Read>(
             bytes
         };
         if !budgeted {
-            take_budget(conn, batch, bytes);
+            take_budget(conn, g, bytes);
         }
         let guard = BudgetGuard {
             conn: conn.clone(),
@@ -435,7 +419,7 @@ fn request_loop_batched<R: Read>(
         };
         let (payload, guard) = match conn.try_queue(req, payload, guard) {
             Ok(op) => {
-                batch.push(op);
+                g.ops.push(op);
                 continue;
             }
             Err(back) => back,

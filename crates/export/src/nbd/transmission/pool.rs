@@ -51,8 +51,9 @@ impl Executor for Pool {
 /// What all connections of one server share.
 pub struct Shared {
     pub(super) exec: Box<dyn Executor>,
-    /// Plain reads and in-place writes go here, batched, when set.
-    pub(super) ring: Option<Arc<Ring>>,
+    /// Plain reads and in-place writes go through each connection's own
+    /// io_uring.
+    pub(super) uring: bool,
     /// The server is stopping: new requests get ESHUTDOWN.
     pub(super) stop: Arc<AtomicBool>,
     pub(super) bytes: Mutex<usize>,
@@ -61,19 +62,20 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        exec: Box<dyn Executor>,
-        ring: Option<Arc<Ring>>,
-        stop: Arc<AtomicBool>,
-    ) -> Arc<Self> {
+    pub fn new(exec: Box<dyn Executor>, uring: bool, stop: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Self {
             exec,
-            ring,
+            uring,
             stop,
             bytes: Mutex::new(0),
             bytes_freed: Condvar::new(),
             buffers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether connections use their own io_uring.
+    pub fn uring(&self) -> bool {
+        self.uring
     }
 
     pub(super) fn take_bytes(&self, n: usize) {
@@ -109,6 +111,11 @@ impl Shared {
 
     /// An aligned buffer of at least `len` bytes (contents undefined).
     pub(super) fn buffer(&self, len: usize) -> AlignedBuf {
+        if len <= SMALL_BUF {
+            // Cheap to make, and a pooled one would pin a whole 1 MiB
+            // (zeroed, so resident) for each request in flight.
+            return AlignedBuf::zeroed(len.next_multiple_of(4096).max(4096));
+        }
         if len <= POOLED_BUF {
             if let Some(b) = lock(&self.buffers).pop() {
                 return b;

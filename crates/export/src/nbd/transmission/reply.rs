@@ -123,13 +123,15 @@ impl Reply {
         self.slices().map(<[u8]>::len).sum()
     }
 
-    /// Copy data much smaller than its buffer out of it, and give the
-    /// buffer back.
+    /// Copy data much smaller than what its buffer holds on to (the
+    /// aligned buffer keeps up to 4 KiB more than its length) out of it,
+    /// and give the buffer back.
     pub(super) fn compact(self, shared: &Shared) -> Reply {
         let Some(buf) = &self.data else {
             return self;
         };
-        if buf.len() < 4 * self.len() {
+        let len = self.len();
+        if buf.len() + 4096 <= len + len / 2 {
             return self;
         }
         let parts = self
@@ -267,7 +269,16 @@ impl Connection {
                 Ok(0) => self.cut(s, &io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.sent(s, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => return Flow::Full,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait => {
+                    // They wait for a slow client: small data need not hold
+                    // on to large pooled buffers meanwhile.
+                    let pending = std::mem::take(&mut s.pending);
+                    s.pending = pending
+                        .into_iter()
+                        .map(|r| r.compact(&self.shared))
+                        .collect();
+                    return Flow::Full;
+                }
                 // A client that stopped reading (the send timed out) or left.
                 Err(e) => self.cut(s, &e),
             }

@@ -1,7 +1,159 @@
-//! Plain reads and in-place writes through io_uring: the reader hands
-//! them to the ring, and a worker replies to what the ring has finished.
+//! Plain reads and in-place writes through io_uring. Each connection's
+//! reader owns a ring: it starts the disk I/O of the requests it parses,
+//! and while it waits for the client it waits on the ring too, so it
+//! answers what the disk has finished without handing anything to another
+//! thread (no wake-up between reading a request and starting its I/O, nor
+//! between its completion and the reply).
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use io_uring::{opcode, types};
+
+use crate::uring::{RingCore, FOREIGN};
 
 use super::*;
+
+/// A connection's ring, shared by its reader's input and request loop
+/// (one thread).
+pub struct ConnRing {
+    core: RingCore,
+    socket: RawFd,
+    polling: bool,
+    readable: bool,
+}
+
+const SOCKET_READABLE: u64 = FOREIGN | 2;
+
+impl ConnRing {
+    /// A ring for the connection on `socket`, which must stay open while
+    /// the ring lives.
+    pub fn new(socket: RawFd) -> io::Result<Rc<RefCell<ConnRing>>> {
+        Ok(Rc::new(RefCell::new(ConnRing {
+            core: RingCore::new()?,
+            socket,
+            polling: false,
+            readable: false,
+        })))
+    }
+
+    fn push(&mut self, op: Op) {
+        self.core.push(op);
+    }
+
+    fn submit(&mut self) {
+        self.core.submit();
+    }
+
+    fn busy(&self) -> bool {
+        self.core.busy()
+    }
+
+    /// Answer what completes, waiting up to `timeout` for something to.
+    fn reap(&mut self, timeout: Option<Duration>) {
+        for (data, _) in self.core.wait(timeout) {
+            if data == SOCKET_READABLE {
+                self.polling = false;
+                self.readable = true;
+            }
+        }
+    }
+
+    /// Answer what completes until the socket has input (or news).
+    fn wait_readable(&mut self) {
+        if !self.polling {
+            let sqe = opcode::PollAdd::new(types::Fd(self.socket), libc::POLLIN as u32)
+                .build()
+                .user_data(SOCKET_READABLE);
+            // SAFETY: a poll points at no memory; the socket outlives the
+            // ring (see `new`).
+            unsafe { self.core.push_foreign(&sqe) };
+            self.polling = true;
+        }
+        while !self.readable {
+            self.reap(None);
+        }
+        self.readable = false;
+    }
+
+    /// Answer everything in flight.
+    pub fn finish_all(&mut self) {
+        while self.core.busy() {
+            self.reap(None);
+        }
+    }
+}
+
+/// The socket read through its connection's ring.
+pub struct RingInput {
+    pub ring: Rc<RefCell<ConnRing>>,
+}
+
+impl Read for RingInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.ring.borrow().socket;
+        // SAFETY: the socket stays open while the ring lives (ConnRing::new).
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        loop {
+            match rustix::net::recv(socket, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => return Ok(n),
+                Err(rustix::io::Errno::AGAIN) => self.ring.borrow_mut().wait_readable(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Requests parsed for the ring, not yet handed to it.
+pub struct Gathered {
+    pub(super) ops: Vec<Op>,
+    pub(super) ring: Option<Rc<RefCell<ConnRing>>>,
+}
+
+impl Gathered {
+    pub fn new(ring: Option<Rc<RefCell<ConnRing>>>) -> Self {
+        Gathered {
+            ops: Vec::new(),
+            ring,
+        }
+    }
+
+    /// Start the gathered requests' I/O.
+    pub(super) fn submit(&mut self) {
+        if let Some(ring) = &self.ring {
+            if !self.ops.is_empty() {
+                let mut ring = ring.borrow_mut();
+                self.ops.drain(..).for_each(|op| ring.push(op));
+                ring.submit();
+            }
+        }
+    }
+
+    /// Wait a little for budget to come back: by answering what the ring
+    /// finishes (only this thread does), else for other threads.
+    pub(super) fn wait_for_budget(&mut self, conn: &Connection) {
+        self.submit();
+        const A_LITTLE: Duration = Duration::from_millis(5);
+        match &self.ring {
+            Some(ring) if ring.borrow().busy() => ring.borrow_mut().reap(Some(A_LITTLE)),
+            _ => {
+                let b = lock(&conn.budget);
+                let _ = conn.budget_freed.wait_timeout(b, A_LITTLE);
+            }
+        }
+    }
+
+    /// Answer everything started.
+    pub(super) fn finish_all(&mut self) {
+        self.submit();
+        if let Some(ring) = &self.ring {
+            ring.borrow_mut().finish_all();
+        }
+    }
+}
 
 /// A READ or WRITE the ring has done, waiting for its reply.
 pub(super) struct Completed {
@@ -25,7 +177,7 @@ impl Connection {
         payload: Option<(AlignedBuf, usize)>,
         budget: BudgetGuard,
     ) -> Result<Op, (Option<(AlignedBuf, usize)>, BudgetGuard)> {
-        if self.shared.ring.is_none() {
+        if !self.shared.uring {
             return Err((payload, budget));
         }
         let read = req.kind == CMD_READ;
@@ -39,7 +191,7 @@ impl Connection {
             return Err((payload, budget));
         }
         let disk = &self.export.disk;
-        // The reader may hold requests for the ring: never wait here for an
+        // The reader holds requests on its ring: never wait here for an
         // online operation that waits for those (the pool can wait).
         let Some(chain) = disk.try_chain() else {
             return Err((payload, budget));
@@ -101,21 +253,24 @@ impl Connection {
         })
     }
 
-    /// On the ring thread: keep the result, and have a worker reply
-    /// (a send may block; the ring must not).
+    /// On the reader's thread: keep the result, and reply once the ring has
+    /// handled the completions at hand, all in one send. Sending never
+    /// waits for the client (what the socket does not take goes to the
+    /// connection's writer), so the reader replies itself, saving a
+    /// worker's wake-up; a FUA write, which must flush first, goes to a
+    /// worker.
     pub(super) fn completed_by_ring(self: &Arc<Self>, c: Completed) {
         lock(&self.completed).push(c);
         if !self.reply_scheduled.swap(true, Ordering::SeqCst) {
             let conn = self.clone();
-            self.shared
-                .exec
-                .run(Box::new(move || conn.reply_completed()));
+            crate::uring::after_batch(Box::new(move || conn.reply_completed(false)));
         }
     }
 
-    /// Reply to everything the ring has finished, in one send.
-    pub(super) fn reply_completed(&self) {
-        let done = catch_unwind(AssertUnwindSafe(|| self.reply_completed_batches()));
+    /// Reply to everything the ring has finished, in one send. With
+    /// `may_wait` false, a batch with a FUA write goes to a worker.
+    pub(super) fn reply_completed(self: &Arc<Self>, may_wait: bool) {
+        let done = catch_unwind(AssertUnwindSafe(|| self.reply_completed_batches(may_wait)));
         if let Err(panic) = done {
             error!("replying to queued requests panicked: {panic:?}; cutting the connection");
             self.broken.store(true, Ordering::SeqCst);
@@ -128,16 +283,24 @@ impl Connection {
         }
     }
 
-    pub(super) fn reply_completed_batches(&self) {
+    fn reply_completed_batches(self: &Arc<Self>, may_wait: bool) {
+        let fua = |c: &Completed| {
+            c.req.kind == CMD_WRITE && c.failed.is_none() && c.req.flags & CMD_FLAG_FUA != 0
+        };
         loop {
+            if !may_wait && lock(&self.completed).iter().any(fua) {
+                // Still scheduled: the worker takes everything.
+                let conn = self.clone();
+                self.shared
+                    .exec
+                    .run(Box::new(move || conn.reply_completed(true)));
+                return;
+            }
             self.reply_scheduled.store(false, Ordering::SeqCst);
             let batch = std::mem::take(&mut *lock(&self.completed));
             if batch.is_empty() {
                 return;
             }
-            let fua = |c: &Completed| {
-                c.req.kind == CMD_WRITE && c.failed.is_none() && c.req.flags & CMD_FLAG_FUA != 0
-            };
             let flushed = if batch.iter().any(fua) {
                 self.export
                     .disk
