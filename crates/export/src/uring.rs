@@ -163,12 +163,22 @@ impl RingCore {
                 error!("io_uring wait: {e}");
             }
         }
+        self.reap_ready()
+    }
+
+    /// Answer the operations whose completions are there already, without
+    /// entering the kernel (a system call on this thread has just posted
+    /// them, say); returns the owner's entries among them.
+    pub fn reap_ready(&mut self) -> Foreign {
+        let mut foreign = Vec::new();
+        if self.ring.completion().is_empty() {
+            return foreign;
+        }
         let done: Vec<(u64, i32)> = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        let mut foreign = Vec::new();
         let outer = AFTER_BATCH.with(|a| a.replace(Some(Vec::new())));
         for (data, res) in done {
             if data & FOREIGN != 0 {
@@ -179,8 +189,14 @@ impl RingCore {
         }
         run_after_batch();
         AFTER_BATCH.with(|a| *a.borrow_mut() = outer);
-        self.start_waiting();
+        // Room freed: start what waited for it.
+        self.submit();
         foreign
+    }
+
+    /// Whether the kernel can wait for completions with a timeout (5.11+).
+    pub fn waits_with_timeout(&self) -> bool {
+        self.ring.params().is_feature_ext_arg()
     }
 
     fn completed(&mut self, data: u64, res: i32) {
@@ -265,6 +281,18 @@ impl RingCore {
                     error!("io_uring submit: {e}");
                 }
             }
+        }
+    }
+}
+
+impl Drop for RingCore {
+    fn drop(&mut self) {
+        if self.pieces > 0 {
+            // Only if the owner unwound with I/O in flight: the kernel may
+            // still move data to or from the buffers after the ring is
+            // gone, so they are never freed.
+            error!("io_uring dropped with I/O in flight: leaking its buffers");
+            std::mem::forget(std::mem::take(&mut self.slots));
         }
     }
 }
@@ -403,5 +431,9 @@ fn finish(op: Op, failed: Option<i32>) {
         (Answer::Write(r), None) => r.written(buf.len() as u32),
         (Answer::Call { done, .. }, failed) => done(buf, failed),
     }
+    // The chain goes first: while the op is in flight no online
+    // operation can have replaced it, so this is never its last
+    // reference (whose drop would close deltas here).
+    drop(chain);
     drop(in_flight);
 }

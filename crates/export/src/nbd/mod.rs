@@ -360,10 +360,15 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
     Ok(true)
 }
 
-/// Whether this kernel gives us an io_uring (warned about once if not).
+/// Whether this kernel gives us an io_uring that waits with a timeout
+/// (Linux 5.11+); warned about if not.
 fn uring_works() -> bool {
     match crate::uring::RingCore::new() {
-        Ok(_) => true,
+        Ok(r) if r.waits_with_timeout() => true,
+        Ok(_) => {
+            warn!("io_uring cannot wait with a timeout here (Linux < 5.11); using synchronous I/O");
+            false
+        }
         Err(e) => {
             warn!("io_uring unavailable ({e}); using synchronous I/O");
             false
@@ -422,7 +427,9 @@ pub fn handle_client(
     let ring = if shared.uring() {
         // The ring polls the socket through this descriptor: it stays
         // open (in `s`) until the ring is gone.
-        Some(transmission::ConnRing::new(s.as_fd().as_raw_fd())?)
+        transmission::ConnRing::new(s.as_fd().as_raw_fd())
+            .inspect_err(|e| warn!("no io_uring for a client ({e}): serving it synchronously"))
+            .ok()
     } else {
         None
     };

@@ -417,7 +417,7 @@ fn request_loop_batched<R: Read>(
             conn: conn.clone(),
             bytes,
         };
-        let (payload, guard) = match conn.try_queue(req, payload, guard) {
+        let (payload, guard) = match conn.try_queue(g, req, payload, guard) {
             Ok(op) => {
                 g.ops.push(op);
                 continue;

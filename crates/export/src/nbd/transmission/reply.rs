@@ -326,13 +326,20 @@ impl Connection {
             match spawned {
                 Ok(h) => w.thread = Some(h),
                 Err(e) => {
-                    // No thread: send here, waiting, rather than not at all.
-                    warn!("cannot start a writer thread: {e}");
+                    // No thread to wait for the client with, and this one
+                    // must not (it may be the reader, whose ring others
+                    // wait on): cut the connection; its replies are
+                    // dropped.
+                    warn!("cannot start a writer thread: {e}; cutting the connection");
                     w.wanted = false;
                     drop(w);
+                    let mut out = lock(&self.out);
+                    self.cut(&mut out, &e);
+                    self.drop_pending(&mut out);
+                    drop(out);
                     loop {
                         let mut out = lock(&self.out);
-                        self.write_out(&mut out, true);
+                        self.write_out(&mut out, false);
                         drop(out);
                         if lock(&self.queued).replies.is_empty() {
                             return;

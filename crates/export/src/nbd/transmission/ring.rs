@@ -53,7 +53,18 @@ impl ConnRing {
 
     /// Answer what completes, waiting up to `timeout` for something to.
     fn reap(&mut self, timeout: Option<Duration>) {
-        for (data, _) in self.core.wait(timeout) {
+        let foreign = self.core.wait(timeout);
+        self.note(foreign);
+    }
+
+    /// Answer what has completed already, without waiting.
+    fn reap_ready(&mut self) {
+        let foreign = self.core.reap_ready();
+        self.note(foreign);
+    }
+
+    fn note(&mut self, foreign: crate::uring::Foreign) {
+        for (data, _) in foreign {
             if data == SOCKET_READABLE {
                 self.polling = false;
                 self.readable = true;
@@ -97,7 +108,12 @@ impl Read for RingInput {
         // SAFETY: the socket stays open while the ring lives (ConnRing::new).
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         loop {
-            match rustix::net::recv(socket, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+            let got = rustix::net::recv(socket, &mut *buf, rustix::net::RecvFlags::DONTWAIT);
+            // A client that keeps the socket full must still get replies
+            // (and waiting requests their start): the system call has
+            // posted what completed meanwhile.
+            self.ring.borrow_mut().reap_ready();
+            match got {
                 Ok((n, _)) => return Ok(n),
                 Err(rustix::io::Errno::AGAIN) => self.ring.borrow_mut().wait_readable(),
                 Err(rustix::io::Errno::INTR) => {}
@@ -124,11 +140,9 @@ impl Gathered {
     /// Start the gathered requests' I/O.
     pub(super) fn submit(&mut self) {
         if let Some(ring) = &self.ring {
-            if !self.ops.is_empty() {
-                let mut ring = ring.borrow_mut();
-                self.ops.drain(..).for_each(|op| ring.push(op));
-                ring.submit();
-            }
+            let mut ring = ring.borrow_mut();
+            self.ops.drain(..).for_each(|op| ring.push(op));
+            ring.submit();
         }
     }
 
@@ -173,11 +187,12 @@ impl Connection {
     /// and budget back when the request needs the image layer instead.
     pub(super) fn try_queue(
         self: &Arc<Self>,
+        g: &Gathered,
         req: Request,
         payload: Option<(AlignedBuf, usize)>,
         budget: BudgetGuard,
     ) -> Result<Op, (Option<(AlignedBuf, usize)>, BudgetGuard)> {
-        if !self.shared.uring {
+        if g.ring.is_none() {
             return Err((payload, budget));
         }
         let read = req.kind == CMD_READ;
