@@ -166,7 +166,11 @@ impl Queues {
             let spawned = std::thread::Builder::new()
                 .name(format!("fuse-ring-{qid}"))
                 .spawn(move || {
-                    pin_to_cpu(qid as usize);
+                    // Not pinned to the queue's CPU: the scheduler may run
+                    // it on another one that is idle (measured: 10% more
+                    // 4 KiB random reads, 7-12% more 1 MiB throughput on
+                    // two CPUs, where the loop worker and the application
+                    // compete for the queue's CPU).
                     q.run(fd, &this.file, &jobs);
                     // Commands, the wake read or file I/O may still point at
                     // the queue's buffers: keep them until the process ends.
@@ -202,17 +206,6 @@ fn possible_cpus() -> io::Result<usize> {
     }
     max.map(|n| n + 1)
         .ok_or_else(|| io::Error::other("no CPUs listed"))
-}
-
-fn pin_to_cpu(cpu: usize) {
-    if cpu >= rustix::thread::CpuSet::MAX_CPU {
-        return;
-    }
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
-        debug!("pinning FUSE queue {cpu} to its CPU: {e}");
-    }
 }
 
 /// What became of a read or write the queue tried to do itself.
