@@ -182,12 +182,12 @@ struct MountArgs {
     /// batches submissions; not faster on the machines measured so far).
     #[arg(long, default_value = "sync", value_parser = ["uring", "sync"])]
     io: String,
-    /// How the kernel hands requests to the daemon: dev (/dev/fuse and
-    /// worker threads), ring (FUSE over io_uring: per-CPU queues, Linux
-    /// 6.14+ with the fuse module's enable_uring set; less CPU per I/O,
-    /// slower random writes on the machines measured), or auto (ring where
-    /// the kernel offers it, dev otherwise).
-    #[arg(long, default_value = "dev", value_parser = ["auto", "ring", "dev"])]
+    /// How the kernel hands requests to the daemon: auto (ring where the
+    /// kernel offers it, dev otherwise), ring (FUSE over io_uring: per-CPU
+    /// queues, Linux 6.14+ with the fuse module's enable_uring set; less
+    /// CPU per I/O, faster 4 KiB I/O), or dev (/dev/fuse and worker
+    /// threads).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ring", "dev"])]
     fuse_queues: String,
     descriptor: PathBuf,
 }
