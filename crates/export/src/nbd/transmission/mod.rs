@@ -277,14 +277,10 @@ fn refuse_here(conn: &Connection, g: &mut Gathered, req: &Request, f: Failure) {
     conn.reply_error(req, f);
 }
 
-/// Take budget for a request; the gathered ones go to the ring first if
-/// that means waiting (their completions are what frees budget).
+/// Take budget for a request, waiting for it if need be.
 fn take_budget(conn: &Connection, g: &mut Gathered, bytes: usize) {
     if g.ring.is_none() {
-        if !conn.try_take_budget(bytes) {
-            conn.take_budget(bytes);
-        }
-        return;
+        return conn.take_budget(bytes);
     }
     // Only this thread answers the ring's requests: wait by doing so.
     while !conn.try_take_budget(bytes) {
