@@ -285,16 +285,7 @@ fn nbdcopy_both_ways(io: &str) {
     disk.write_random(2, 17 * MIB + 12345, 3 * MIB);
     disk.write_random(3, size - MIB, MIB);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            "--io".as_ref(),
-            io.as_ref(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket_with(tmp.path(), &sock, &["--io", io], &disk.dd);
     let out = tmp.path().join("copy.raw");
     run(
         "nbdcopy",
@@ -436,15 +427,7 @@ print("ok")
     disk.peers_check_all();
 
     // Read-only: every kind of write is refused with EPERM.
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            "-r".as_ref(),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket_with(tmp.path(), &sock, &["-r"], &disk.dd);
     let script = r#"
 h = nbd.NBD()
 h.set_strict_mode(0)
@@ -865,11 +848,7 @@ fn a_sparse_raw_image_reports_its_holes() {
     let copy = tmp.path().join("copy.raw");
     run("nbdcopy", &[server.uri.as_str(), copy.to_str().unwrap()]).success();
     server.stop();
-    assert_same(
-        &std::fs::read(&copy).unwrap(),
-        &std::fs::read(&raw).unwrap(),
-        "copy of the sparse image",
-    );
+    assert_same_files(&copy, &raw, "copy of the sparse image");
 }
 
 /// A read over thousands of holes and data runs is one structured reply
@@ -908,11 +887,7 @@ h.shutdown()
     );
     nbdsh(&server.uri, &script).success();
     server.stop();
-    assert_same(
-        &std::fs::read(&back).unwrap(),
-        &std::fs::read(&raw).unwrap(),
-        "a read of the striped image",
-    );
+    assert_same_files(&back, &raw, "a read of the striped image");
 }
 
 /// A client that asks for 20,000 small reads of data on disk and reads
@@ -924,16 +899,7 @@ fn small_reads_nobody_reads_hold_bounded_memory() {
         let mut disk = TestDisk::init(tmp.path(), 8 * MIB, &[]);
         disk.write_random(4, 0, 8 * MIB);
         let sock = tmp.path().join("nbd.sock");
-        let server = Server::start(
-            tmp.path(),
-            &[
-                OsStr::new("--socket"),
-                sock.as_os_str(),
-                OsStr::new("--io"),
-                OsStr::new(io),
-                disk.dd.as_os_str(),
-            ],
-        );
+        let server = Server::on_socket_with(tmp.path(), &sock, &["--io", io], &disk.dd);
         let mut lazy = raw_client(&sock);
         let burst: Vec<u8> = (0..20_000u64)
             .flat_map(|i| request(0, 0, i, (i % 2000) * 4096, 4096))
@@ -971,16 +937,7 @@ fn a_client_that_stops_reading_holds_up_only_itself() {
     let tmp = tempdir();
     let disk = TestDisk::init(tmp.path(), 8 * MIB, &[]);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            OsStr::new("--threads"),
-            OsStr::new("2"),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket_with(tmp.path(), &sock, &["--threads", "2"], &disk.dd);
     // 200 MiB of replies, none read for now.
     let mut slow = raw_client(&sock);
     let asks: Vec<u8> = (0..200u64)
@@ -1029,16 +986,7 @@ fn requests_past_the_budget_through_io_uring_are_all_answered() {
     let mut disk = TestDisk::init(tmp.path(), 64 * MIB, &[]);
     disk.write_random(9, 0, 32 * MIB);
     let sock = tmp.path().join("nbd.sock");
-    let server = Server::start(
-        tmp.path(),
-        &[
-            OsStr::new("--socket"),
-            sock.as_os_str(),
-            OsStr::new("--io"),
-            OsStr::new("uring"),
-            disk.dd.as_os_str(),
-        ],
-    );
+    let server = Server::on_socket_with(tmp.path(), &sock, &["--io", "uring"], &disk.dd);
     let mut c = raw_client(&sock);
     // Nine 32 MiB reads: 288 MiB, past the 256 MiB a connection holds.
     let asks: Vec<u8> = (0..9u64)

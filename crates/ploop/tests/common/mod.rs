@@ -223,6 +223,14 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
         .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
+/// [`assert_same`] for two files' contents.
+#[track_caller]
+pub fn assert_same_files(got: &Path, want: &Path, what: &str) {
+    let read =
+        |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    assert_same(&read(got), &read(want), what);
+}
+
 #[track_caller]
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if let Some(at) = first_diff(got, want) {
@@ -430,10 +438,16 @@ impl Server {
     /// `ploop serve --socket SOCK TARGET`.
     #[track_caller]
     pub fn on_socket(dir: &Path, sock: &Path, target: &Path) -> Server {
-        Server::start(
-            dir,
-            &[OsStr::new("--socket"), sock.as_os_str(), target.as_os_str()],
-        )
+        Server::on_socket_with(dir, sock, &[], target)
+    }
+
+    /// `ploop serve --socket SOCK OPTIONS... TARGET`.
+    #[track_caller]
+    pub fn on_socket_with(dir: &Path, sock: &Path, options: &[&str], target: &Path) -> Server {
+        let mut args = vec![OsStr::new("--socket"), sock.as_os_str()];
+        args.extend(options.iter().map(OsStr::new));
+        args.push(target.as_os_str());
+        Server::start(dir, &args)
     }
 
     #[track_caller]
