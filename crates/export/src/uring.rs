@@ -126,13 +126,8 @@ impl RingCore {
     /// What the entry points at must stay valid until it completes.
     pub unsafe fn push_foreign(&mut self, sqe: &io_uring::squeue::Entry) {
         debug_assert!(sqe.get_user_data() & FOREIGN != 0);
-        // SAFETY: the caller keeps the entry's memory valid; the queue has
-        // room for it (MAX_PIECES leaves two entries).
-        while unsafe { self.ring.submission().push(sqe) }.is_err() {
-            if let Err(e) = self.ring.submit() {
-                error!("io_uring submit: {e}");
-            }
-        }
+        // SAFETY: the caller keeps the entry's memory valid.
+        unsafe { push_entry(&mut self.ring, sqe) }
     }
 
     /// Start what fits and hand it to the kernel now.
@@ -270,17 +265,23 @@ impl RingCore {
                     .build()
             }
             .user_data(user_data);
-            loop {
-                // SAFETY: as above, the memory outlives the operation; the
-                // file descriptors stay open through `op.chain`.
-                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                    break;
-                }
-                // Queue full: hand what we have to the kernel first.
-                if let Err(e) = self.ring.submit() {
-                    error!("io_uring submit: {e}");
-                }
-            }
+            // SAFETY: as above, the memory outlives the operation; the
+            // file descriptors stay open through `op.chain`.
+            unsafe { push_entry(&mut self.ring, &sqe) };
+        }
+    }
+}
+
+/// Queue an entry, handing what is queued to the kernel first if the
+/// submission queue is full.
+///
+/// # Safety
+/// What the entry points at must stay valid until it completes.
+unsafe fn push_entry(ring: &mut IoUring, sqe: &io_uring::squeue::Entry) {
+    // SAFETY: the caller's promise.
+    while unsafe { ring.submission().push(sqe) }.is_err() {
+        if let Err(e) = ring.submit() {
+            error!("io_uring submit: {e}");
         }
     }
 }
