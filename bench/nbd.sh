@@ -1,10 +1,12 @@
 #!/bin/bash
 # NBD benchmark: the same fio jobs as ../shared/bench/peers.sh, with fio's
 # nbd engine (libnbd, one connection per job), in one run against
-#   ploop serve (ploop1 image and raw image),
+#   ploop serve (ploop1 image and raw image; ploop1 with --io sync too),
 #   qemu-nbd (qcow2 and raw, cache=none, aio=io_uring),
 #   nbdkit's file plugin (raw),
-# beside the disk's own limit (fio on a raw file with O_DIRECT).
+# beside the disk's own limit (fio on a raw file with O_DIRECT) and what
+# the client allows without a disk (nbdkit's memory plugin, and ploop
+# serve with its image on tmpfs).
 # Every target runs ROUNDS times in a rotated order; medians are printed.
 # Usage (root): bench/nbd.sh [SECONDS] [ROUNDS]   Needs: fio qemu-utils nbdkit, a release build.
 set -u
@@ -25,13 +27,22 @@ limit_target() {
   rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
   jobs "raw file O_DIRECT (limit)" --filename="$D/raw.img" --ioengine=io_uring --direct=1
 }
-ploop_target() { # $1 label, $2 format, $3 I/O engine (default: serve's own)
-  rm -rf "$D/img"; mkdir -p "$D/img"
-  "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
-  "$P" serve --socket "$SOCK" ${3:+--io "$3"} "$D/img/DiskDescriptor.xml" >/dev/null 2>&1 &
+ploop_target() { # $1 label, $2 format, $3 I/O engine (default: serve's own), $4 image folder
+  local dir=${4:-$D/img}
+  rm -rf "$dir"; mkdir -p "$dir"
+  "$P" init -s $SIZE -f "$2" -t none "$dir/root.hdd" >/dev/null
+  "$P" serve --socket "$SOCK" ${3:+--io "$3"} "$dir/DiskDescriptor.xml" >/dev/null 2>&1 &
   local sp=$!
   wait_socket && jobs "$1" "${NBD[@]}"
   stop $sp
+  if [ -n "${4:-}" ]; then rm -rf "$dir"; fi
+}
+# Without a disk (memory): what the client and the transport allow.
+nbdkit_memory_target() {
+  nbdkit -f -U "$SOCK" memory $SIZE &
+  local kp=$!
+  wait_socket && jobs "nbdkit memory (no disk)" "${NBD[@]}"
+  stop $kp
 }
 qemu_target() { # $1 format
   local img=$D/q.$1
@@ -51,7 +62,8 @@ nbdkit_target() {
 TARGETS=(limit_target "ploop_target 'ploop serve ploop1' ploop1" "ploop_target 'ploop serve raw' raw"
          "ploop_target 'ploop serve ploop1 --io sync' ploop1 sync"
          "qemu_target qcow2" "qemu_target raw")
-command -v nbdkit >/dev/null && TARGETS+=(nbdkit_target)
+[ -d /dev/shm ] && TARGETS+=("ploop_target 'ploop serve ploop1 tmpfs (no disk)' ploop1 '' /dev/shm/pbench-nbd")
+command -v nbdkit >/dev/null && TARGETS+=(nbdkit_target nbdkit_memory_target)
 run_rounds "$ROUNDS" "${TARGETS[@]}"
 print_medians "$ROUNDS"
 echo
