@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 
 use ploop_io::AlignedBuf;
@@ -72,6 +72,49 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
+/// A condition variable that counts its waiters, so that a notice when
+/// nobody waits (the usual case, one per request) costs no system call:
+/// std's `Condvar` makes one on every notice.
+#[derive(Default)]
+pub(super) struct Signal {
+    cv: Condvar,
+    waiters: AtomicUsize,
+}
+
+impl Signal {
+    /// Wait for a notice; `guard` locks the state that notifiers change.
+    pub(super) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        // Counted under the lock: a notifier that changes the state after
+        // this thread let go of it sees the count.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let guard = self.cv.wait(guard).unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// [`Self::wait`], for at most `limit`.
+    pub(super) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        limit: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let (guard, _) = self
+            .cv
+            .wait_timeout(guard, limit)
+            .unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// Wake every waiter; call once the state has changed under its lock.
+    pub(super) fn notify_all(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.cv.notify_all();
+        }
+    }
+}
+
 struct Budget {
     requests: usize,
     bytes: usize,
@@ -94,7 +137,7 @@ pub struct Connection {
     completed: Mutex<Vec<Completed>>,
     reply_scheduled: AtomicBool,
     budget: Mutex<Budget>,
-    budget_freed: Condvar,
+    budget_freed: Signal,
     /// A reply could not be sent: stop reading requests.
     broken: AtomicBool,
 }
@@ -134,7 +177,7 @@ impl Connection {
                 bytes: 0,
                 replies: 0,
             }),
-            budget_freed: Condvar::new(),
+            budget_freed: Signal::default(),
             broken: AtomicBool::new(false),
         })
     }
@@ -148,10 +191,7 @@ impl Connection {
     fn take_budget(&self, bytes: usize) {
         let mut b = lock(&self.budget);
         while !Self::room(&b, bytes) {
-            b = self
-                .budget_freed
-                .wait(b)
-                .unwrap_or_else(PoisonError::into_inner);
+            b = self.budget_freed.wait(b);
         }
         b.requests += 1;
         b.bytes += bytes;
@@ -203,10 +243,7 @@ impl Connection {
     fn drain(&self) {
         let mut b = lock(&self.budget);
         while b.requests > 0 || b.replies > 0 {
-            b = self
-                .budget_freed
-                .wait(b)
-                .unwrap_or_else(PoisonError::into_inner);
+            b = self.budget_freed.wait(b);
         }
         drop(b);
         self.close_writer();

@@ -57,7 +57,7 @@ pub struct Shared {
     /// The server is stopping: new requests get ESHUTDOWN.
     pub(super) stop: Arc<AtomicBool>,
     pub(super) bytes: Mutex<usize>,
-    pub(super) bytes_freed: Condvar,
+    pub(super) bytes_freed: Signal,
     pub(super) buffers: Mutex<Vec<AlignedBuf>>,
 }
 
@@ -68,7 +68,7 @@ impl Shared {
             uring,
             stop,
             bytes: Mutex::new(0),
-            bytes_freed: Condvar::new(),
+            bytes_freed: Signal::default(),
             buffers: Mutex::new(Vec::new()),
         })
     }
@@ -81,10 +81,7 @@ impl Shared {
     pub(super) fn take_bytes(&self, n: usize) {
         let mut used = lock(&self.bytes);
         while *used > 0 && *used + n > MAX_TOTAL_BYTES {
-            used = self
-                .bytes_freed
-                .wait(used)
-                .unwrap_or_else(PoisonError::into_inner);
+            used = self.bytes_freed.wait(used);
         }
         *used += n;
     }

@@ -155,7 +155,7 @@ impl Gathered {
             Some(ring) if ring.borrow().busy() => ring.borrow_mut().reap(Some(A_LITTLE)),
             _ => {
                 let b = lock(&conn.budget);
-                let _ = conn.budget_freed.wait_timeout(b, A_LITTLE);
+                drop(conn.budget_freed.wait_timeout(b, A_LITTLE));
             }
         }
     }
