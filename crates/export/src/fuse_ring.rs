@@ -26,6 +26,7 @@ use ploop_io::AlignedBuf;
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::{debug, error};
 
+use crate::busy_poll::BusyPoll;
 use crate::fuse::DiskFile;
 use crate::served::InFlight;
 
@@ -268,6 +269,7 @@ struct Queue {
     done: Arc<Completions>,
     /// Where the armed read of the helpers' eventfd lands.
     counter: Box<[u8; 8]>,
+    poll: BusyPoll,
 }
 
 /// Helpers' answers, waiting for their queue thread.
@@ -344,6 +346,7 @@ impl Queue {
             slots,
             done,
             counter: Box::new([0; 8]),
+            poll: BusyPoll::default(),
         })
     }
 
@@ -422,7 +425,10 @@ impl Queue {
         // Runs until the connection ends every slot's command; the caller
         // keeps the buffers alive after that (anything may still be armed).
         while live > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
+            if let Err(e) = self
+                .poll
+                .wait(&mut self.ring, |ring| ring.submit_and_wait(1))
+            {
                 if e.raw_os_error() != Some(libc::EINTR) {
                     // EAGAIN, EBUSY, ENOMEM: the kernel is short of
                     // something for now.

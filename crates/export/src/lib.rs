@@ -2,6 +2,7 @@
 //! FUSE, put a loop device on it, and run the daemon that serves it with a
 //! control socket for online operations; or serve it over NBD.
 
+pub mod busy_poll;
 pub mod control;
 pub mod daemon;
 pub mod fuse;

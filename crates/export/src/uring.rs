@@ -20,6 +20,7 @@ use ploop_io::AlignedBuf;
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::error;
 
+use crate::busy_poll::BusyPoll;
 use crate::served::InFlight;
 
 /// The answer owed when an operation completes.
@@ -74,6 +75,7 @@ pub struct RingCore {
     free: Vec<usize>,
     waiting: VecDeque<Op>,
     pieces: usize,
+    poll: BusyPoll,
 }
 
 /// Completions of the owner's own entries: (user_data, result).
@@ -102,6 +104,7 @@ impl RingCore {
             free: Vec::new(),
             waiting: VecDeque::new(),
             pieces: 0,
+            poll: BusyPoll::default(),
         })
     }
 
@@ -145,14 +148,14 @@ impl RingCore {
     /// that completed.
     pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> Foreign {
         self.start_waiting();
-        let waited = match timeout {
-            None => self.ring.submit_and_wait(1),
+        let waited = self.poll.wait(&mut self.ring, |ring| match timeout {
+            None => ring.submit_and_wait(1),
             Some(t) => {
                 let ts = types::Timespec::from(t);
                 let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+                ring.submitter().submit_with_args(1, &args)
             }
-        };
+        });
         if let Err(e) = waited {
             if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) {
                 error!("io_uring wait: {e}");

@@ -27,6 +27,8 @@ pub struct MountRequest {
     pub uring: bool,
     /// How the kernel hands FUSE requests over: auto, ring or dev.
     pub fuse_queues: String,
+    /// Longest busy poll of the ring threads, in microseconds.
+    pub busy_poll_us: u64,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -52,6 +54,7 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     cmd.arg("--threads").arg(r.threads.to_string());
     cmd.arg("--io").arg(if r.uring { "uring" } else { "sync" });
     cmd.arg("--fuse-queues").arg(&r.fuse_queues);
+    cmd.arg("--busy-poll").arg(r.busy_poll_us.to_string());
     if r.read_only {
         cmd.arg("-r");
     }
@@ -107,6 +110,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         Some(u) => Some(parse_guid(u).ok_or_else(|| format!("incorrect uuid specified: {u}"))?),
         None => None,
     };
+    ploop_export::busy_poll::set_limit(std::time::Duration::from_micros(r.busy_poll_us));
     let opts = MountOptions {
         descriptor: r.descriptor.clone(),
         guid,
@@ -309,6 +313,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         threads: 4,
         uring: false,
         fuse_queues: "dev".into(),
+        busy_poll_us: 0,
     };
     let dev = start_daemon(&req)?;
     let made = kernel::mkfs(Path::new(&dev), fstype, block);
