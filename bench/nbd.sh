@@ -1,7 +1,8 @@
 #!/bin/bash
 # NBD benchmark: the same fio jobs as ../shared/bench/peers.sh, with fio's
 # nbd engine (libnbd, one connection per job), in one run against
-#   ploop serve (ploop1 image and raw image; ploop1 with --io sync too),
+#   ploop serve (ploop1 image and raw image; ploop1 with --busy-poll 0
+#   and with --io sync too),
 #   qemu-nbd (qcow2 and raw, cache=none, aio=io_uring),
 #   nbdkit's file plugin (raw),
 # beside the disk's own limit (fio on a raw file with O_DIRECT) and what
@@ -27,11 +28,12 @@ limit_target() {
   rm -f "$D/raw.img"; fallocate -l $SIZE "$D/raw.img"
   jobs "raw file O_DIRECT (limit)" --filename="$D/raw.img" --ioengine=io_uring --direct=1
 }
-ploop_target() { # $1 label, $2 format, $3 I/O engine (default: serve's own), $4 image folder
+ploop_target() { # $1 label, $2 format, $3 more serve options, $4 image folder
   local dir=${4:-$D/img}
   rm -rf "$dir"; mkdir -p "$dir"
   "$P" init -s $SIZE -f "$2" -t none "$dir/root.hdd" >/dev/null
-  "$P" serve --socket "$SOCK" ${3:+--io "$3"} "$dir/DiskDescriptor.xml" >/dev/null 2>&1 &
+  # shellcheck disable=SC2086 # $3 holds options
+  "$P" serve --socket "$SOCK" ${3:-} "$dir/DiskDescriptor.xml" >/dev/null 2>&1 &
   local sp=$!
   wait_socket && jobs "$1" "${NBD[@]}"
   stop $sp
@@ -60,7 +62,8 @@ nbdkit_target() {
   stop $kp
 }
 TARGETS=(limit_target "ploop_target 'ploop serve ploop1' ploop1" "ploop_target 'ploop serve raw' raw"
-         "ploop_target 'ploop serve ploop1 --io sync' ploop1 sync"
+         "ploop_target 'ploop serve ploop1 --busy-poll 0' ploop1 '--busy-poll 0'"
+         "ploop_target 'ploop serve ploop1 --io sync' ploop1 '--io sync'"
          "qemu_target qcow2" "qemu_target raw")
 [ -d /dev/shm ] && TARGETS+=("ploop_target 'ploop serve ploop1 tmpfs (no disk)' ploop1 '' /dev/shm/pbench-nbd")
 command -v nbdkit >/dev/null && TARGETS+=(nbdkit_target nbdkit_memory_target)
@@ -72,7 +75,8 @@ for rw in randread randwrite read write; do
   p=${M["ploop serve ploop1|$rw"]:-0}; q=${M["qemu-nbd qcow2|$rw"]:-0}
   pr=${M["ploop serve raw|$rw"]:-0}; qr=${M["qemu-nbd raw|$rw"]:-0}
   l=${M["raw file O_DIRECT (limit)|$rw"]:-0}; ps=${M["ploop serve ploop1 --io sync|$rw"]:-0}
-  awk -v rw=$rw -v p="$p" -v q="$q" -v pr="$pr" -v qr="$qr" -v l="$l" -v ps="$ps" \
-    'BEGIN{printf "%-10s %6.2fx qemu-nbd qcow2 (--io sync %5.2fx)   %6.2fx qemu-nbd raw   limit: ploop1 %3.0f%%, qemu-nbd qcow2 %3.0f%%\n", rw, (q>0?p/q:0), (q>0?ps/q:0), (qr>0?pr/qr:0), (l>0?100*p/l:0), (l>0?100*q/l:0)}'
+  pb=${M["ploop serve ploop1 --busy-poll 0|$rw"]:-0}
+  awk -v rw=$rw -v p="$p" -v q="$q" -v pr="$pr" -v qr="$qr" -v l="$l" -v ps="$ps" -v pb="$pb" \
+    'BEGIN{printf "%-10s %6.2fx qemu-nbd qcow2 (--busy-poll 0 %5.2fx, --io sync %5.2fx)   %6.2fx qemu-nbd raw   limit: ploop1 %3.0f%%, qemu-nbd qcow2 %3.0f%%\n", rw, (q>0?p/q:0), (q>0?pb/q:0), (q>0?ps/q:0), (qr>0?pr/qr:0), (l>0?100*p/l:0), (l>0?100*q/l:0)}'
 done
 rm -rf "$D"

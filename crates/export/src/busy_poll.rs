@@ -48,7 +48,14 @@ fn max_spinning() -> usize {
 #[derive(Default)]
 pub struct BusyPoll {
     short: u32,
+    /// The last request was large: its transfer, not a wake-up, is what
+    /// takes the time, and a spinning thread would take a CPU from the
+    /// client (or the kernel) that moves the data.
+    large: bool,
 }
+
+/// Requests past this size are large.
+const LARGE_REQUEST: usize = 64 << 10;
 
 /// Spin while at least this share of recent waits ended within the limit
 /// (in 1/1024ths): a quarter.
@@ -68,13 +75,18 @@ impl BusyPoll {
             return sleep(ring);
         }
         let start = Instant::now();
-        if self.short >= SPIN_SHARE && spin(ring, start + limit) {
+        if self.short >= SPIN_SHARE && !self.large && spin(ring, start + limit) {
             self.note(true);
             return Ok(0);
         }
         let slept = sleep(ring);
         self.note(start.elapsed() <= limit);
         slept
+    }
+
+    /// Note the size of a request handed to the ring.
+    pub fn note_request(&mut self, len: usize) {
+        self.large = len > LARGE_REQUEST;
     }
 
     /// Count a wait in the moving average (each weighs 1/8).

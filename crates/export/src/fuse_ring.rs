@@ -666,6 +666,7 @@ impl Queue {
         len: usize,
         write: bool,
     ) -> Planned {
+        self.poll.note_request(len);
         if !offset.is_multiple_of(QUEUE_ALIGN) || !(len as u64).is_multiple_of(QUEUE_ALIGN) {
             return Planned::Helper;
         }

@@ -115,6 +115,7 @@ impl RingCore {
 
     /// Take an operation; it starts as soon as there is room.
     pub fn push(&mut self, op: Op) {
+        self.poll.note_request(op.buf.len());
         if op.segments.is_empty() {
             // Nothing to do on disk (all zeros): answer at once.
             finish(op, None);
