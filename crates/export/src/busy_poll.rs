@@ -75,13 +75,18 @@ impl BusyPoll {
             return sleep(ring);
         }
         let start = Instant::now();
-        if self.short >= SPIN_SHARE && !self.large && spin(ring, start + limit) {
+        if self.spins() && spin(ring, start + limit) {
             self.note(true);
             return Ok(0);
         }
         let slept = sleep(ring);
         self.note(start.elapsed() <= limit);
         slept
+    }
+
+    /// Whether the next wait spins first.
+    fn spins(&self) -> bool {
+        self.short >= SPIN_SHARE && !self.large
     }
 
     /// Note the size of a request handed to the ring.
@@ -153,6 +158,20 @@ mod tests {
             p.note(false);
         }
         assert!(p.short < SPIN_SHARE, "one in five short: sleep");
+    }
+
+    #[test]
+    fn large_requests_do_not_spin() {
+        let mut p = BusyPoll::default();
+        for _ in 0..10 {
+            p.note(true);
+        }
+        p.note_request(4096);
+        assert!(p.spins());
+        p.note_request(1 << 20);
+        assert!(!p.spins(), "a 1 MiB request: sleep");
+        p.note_request(LARGE_REQUEST);
+        assert!(p.spins());
     }
 
     #[test]
