@@ -148,6 +148,39 @@ impl FileIo {
         let end = (offset + len as u64).div_ceil(a) * a;
         (start, (end - start) as usize)
     }
+
+    /// Write zeros over a range.
+    fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
+        let chunk = AlignedBuf::zeroed(len.min(1 << 20) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_at(&chunk.as_slice()[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Write zeros into the holes of a range (and past the end), keeping
+    /// its data. Where holes cannot be told from data, only the part past
+    /// the end is written.
+    fn fill_holes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let runs = match self.data_runs(offset, len)? {
+            Some(runs) => runs,
+            None => {
+                let data = self.size()?.saturating_sub(offset).min(len);
+                vec![(data, true), (len - data, false)]
+            }
+        };
+        let mut at = offset;
+        for (n, data) in runs {
+            if !data {
+                self.write_zeros(at, n)?;
+            }
+            at += n;
+        }
+        Ok(())
+    }
 }
 
 fn take_lock(file: &File, mode: LockMode) -> io::Result<()> {
@@ -255,17 +288,8 @@ impl BlockIo for FileIo {
         }
         match fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
-                // Not every filesystem zeroes ranges in place: write zeros.
-                let chunk = AlignedBuf::zeroed(len.min(1 << 20) as usize);
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(chunk.len() as u64) as usize;
-                    self.write_at(&chunk.as_slice()[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
+            // Not every filesystem zeroes ranges in place: write zeros.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),
             Err(e) => Err(e.into()),
         }
     }
@@ -280,7 +304,13 @@ impl BlockIo for FileIo {
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        fallocate(&self.file, FallocateFlags::empty(), offset, len).map_err(io::Error::from)
+        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
+            // Filesystems that cannot reserve space (ext2 and ext3 files,
+            // some FUSE and network filesystems): allocate by writing, as
+            // glibc's posix_fallocate does.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.fill_holes(offset, len),
+            r => r.map_err(io::Error::from),
+        }
     }
 
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {

@@ -11,21 +11,22 @@ use std::time::Duration;
 
 use common::*;
 
-/// A small ext4 filesystem in a file, loop-mounted; unmounted on drop.
+/// A small filesystem in a file, loop-mounted; unmounted on drop.
 struct SmallFs {
     mnt: PathBuf,
 }
 
 impl SmallFs {
+    /// An ext4 filesystem of `mib` MiB.
     fn new(dir: &Path, mib: u64) -> SmallFs {
-        let img = dir.join("backing.ext4");
+        SmallFs::made_by(dir, mib, "mkfs.ext4")
+    }
+
+    fn made_by(dir: &Path, mib: u64, mkfs: &str) -> SmallFs {
+        let img = dir.join("backing.fs");
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(mib << 20).unwrap();
-        run(
-            "mkfs.ext4",
-            &[OsStr::new("-q"), OsStr::new("-F"), img.as_os_str()],
-        )
-        .success();
+        run(mkfs, &[OsStr::new("-q"), OsStr::new("-F"), img.as_os_str()]).success();
         let mnt = dir.join("backing");
         std::fs::create_dir_all(&mnt).unwrap();
         run(
@@ -54,6 +55,36 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
     }
+}
+
+#[test]
+fn a_raw_image_converts_to_preallocated_where_the_filesystem_cannot_reserve_space() {
+    // ext2 files have no extents: fallocate says EOPNOTSUPP.
+    let tmp = tempdir();
+    let fs = SmallFs::made_by(tmp.path(), 64, "mkfs.ext2");
+    let probe = fs.mnt.join("probe");
+    let refused = run(
+        "fallocate",
+        &[OsStr::new("-l"), OsStr::new("1M"), probe.as_os_str()],
+    );
+    assert!(!refused.ok(), "ext2 should refuse fallocate");
+    let mut disk = TestDisk::init(&fs.mnt, 16 * MIB, &["-f", "raw"]);
+    disk.write_random(1, 3 * MIB + 512, 100_000);
+    ploop_ok(&[
+        OsStr::new("convert"),
+        OsStr::new("-f"),
+        OsStr::new("preallocated"),
+        disk.dd.as_os_str(),
+    ]);
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&disk.image).unwrap().blocks() * 512;
+    assert!(
+        allocated >= 16 * MIB as u64,
+        "only {allocated} bytes allocated"
+    );
+    disk.assert_content("after converting to preallocated");
+    ploop_ok(&[OsStr::new("check"), disk.image.as_os_str()]);
+    qemu_check(&disk.image);
 }
 
 #[test]
