@@ -15,10 +15,11 @@ P=${PLOOP:-$(cd "$(dirname "$0")/.." && pwd)/target/release/ploop}
 . "$(dirname "$0")/lib.sh"
 rm -rf "$D"; mkdir -p "$D/exp" "$D/img"
 SIZE=2G
-ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring, dev: /dev/fuse)
+ploop_target() { # $1 label, $2 format, $3 FUSE queues (ring: FUSE over io_uring, dev: /dev/fuse), $4 more mount options
   rm -rf "$D/img"; mkdir -p "$D/img"
   "$P" init -s $SIZE -f "$2" -t none "$D/img/root.hdd" >/dev/null
-  local dev; dev=$("$P" mount --fuse-queues "$3" "$D/img/DiskDescriptor.xml") || exit 1
+  # shellcheck disable=SC2086 # $4 holds options
+  local dev; dev=$("$P" mount --fuse-queues "$3" ${4:-} "$D/img/DiskDescriptor.xml") || exit 1
   jobs "$1" --filename="$dev" --ioengine=io_uring --direct=1
   "$P" umount "$D/img/DiskDescriptor.xml"
 }
@@ -49,7 +50,8 @@ TARGETS=()
 # FUSE over io_uring needs the fuse module's enable_uring (Linux 6.14+).
 if [ -w /sys/module/fuse/parameters/enable_uring ]; then
   echo Y > /sys/module/fuse/parameters/enable_uring
-  TARGETS+=("ploop_target 'ploop ploop1 fuse-ring' ploop1 ring" "ploop_target 'ploop raw fuse-ring' raw ring")
+  TARGETS+=("ploop_target 'ploop ploop1 fuse-ring' ploop1 ring" "ploop_target 'ploop raw fuse-ring' raw ring"
+            "ploop_target 'ploop ploop1 fuse-ring --busy-poll 0' ploop1 ring '--busy-poll 0'")
 fi
 TARGETS+=("ploop_target 'ploop ploop1 /dev/fuse' ploop1 dev" "ploop_target 'ploop raw /dev/fuse' raw dev"
           limit_target loop_target qsd_target)
@@ -57,11 +59,11 @@ run_rounds "$ROUNDS" "${TARGETS[@]}"
 print_medians "$ROUNDS"
 echo
 echo "ratios of medians (ploop1 export): vs qsd (goal >= 1.5), vs loop on raw (goal >= 0.7)"
-for t in "fuse-ring" "/dev/fuse"; do
+for t in "fuse-ring" "fuse-ring --busy-poll 0" "/dev/fuse"; do
   for rw in randread randwrite read write; do
     p=${M["ploop ploop1 $t|$rw"]:-0}; q=${M["qsd qcow2 fuse+loop|$rw"]:-0}; l=${M["loop(dio) on raw|$rw"]:-0}
     awk -v t="$t" -v rw=$rw -v p="$p" -v q="$q" -v l="$l" \
-      'BEGIN{printf "%-10s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
+      'BEGIN{printf "%-24s %-10s %6.2fx qsd   %6.2fx loop-on-raw\n", t, rw, (q>0?p/q:0), (l>0?p/l:0)}'
   done
 done
 echo
