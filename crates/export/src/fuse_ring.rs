@@ -303,6 +303,8 @@ struct Done {
 impl Queue {
     fn new(qid: u16, payload_len: usize, depth: usize) -> io::Result<Queue> {
         // Room for every slot's command plus its file I/O, and the wake.
+        // No COOP_TASKRUN or DEFER_TASKRUN: busy polling needs completions
+        // posted while the thread spins (see busy_poll).
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize((depth * (MAX_SEGMENTS + 1) + 1) as u32)
             .build((depth * 4) as u32)?;
@@ -427,7 +429,7 @@ impl Queue {
         while live > 0 {
             if let Err(e) = self
                 .poll
-                .wait(&mut self.ring, |ring| ring.submit_and_wait(1))
+                .wait(&mut self.ring, None, |ring| ring.submit_and_wait(1))
             {
                 if e.raw_os_error() != Some(libc::EINTR) {
                     // EAGAIN, EBUSY, ENOMEM: the kernel is short of

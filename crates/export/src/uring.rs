@@ -95,6 +95,8 @@ impl RingCore {
     pub fn new() -> io::Result<RingCore> {
         // One request may be cut in more pieces than MAX_PIECES (32 MiB in
         // 4 KiB clusters laid out apart): room for all their completions.
+        // No COOP_TASKRUN or DEFER_TASKRUN: busy polling needs completions
+        // posted while the thread spins (see busy_poll).
         let ring = IoUring::builder()
             .setup_cqsize(COMPLETIONS)
             .build(ENTRIES)?;
@@ -149,14 +151,16 @@ impl RingCore {
     /// that completed.
     pub fn wait(&mut self, timeout: Option<std::time::Duration>) -> Foreign {
         self.start_waiting();
-        let waited = self.poll.wait(&mut self.ring, |ring| match timeout {
-            None => ring.submit_and_wait(1),
-            Some(t) => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                ring.submitter().submit_with_args(1, &args)
-            }
-        });
+        let waited = self
+            .poll
+            .wait(&mut self.ring, timeout, |ring| match timeout {
+                None => ring.submit_and_wait(1),
+                Some(t) => {
+                    let ts = types::Timespec::from(t);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    ring.submitter().submit_with_args(1, &args)
+                }
+            });
         if let Err(e) = waited {
             if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) {
                 error!("io_uring wait: {e}");

@@ -190,9 +190,10 @@ struct MountArgs {
     #[arg(long, default_value = "auto", value_parser = ["auto", "ring", "dev"])]
     fuse_queues: String,
     /// Spin up to this many microseconds for the next completion before
-    /// sleeping (0: never). The window adapts: it grows while completions
-    /// come quickly and drops to nothing when they do not, so an idle
-    /// export costs no CPU. At most half the CPUs spin at once.
+    /// sleeping (0: never). A thread spins only while a quarter or more of
+    /// its recent waits were that short and its last request was at most
+    /// 64 KiB, so an idle export costs no CPU. At most half the CPUs spin
+    /// at once.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 200)]
     busy_poll: u64,
     descriptor: PathBuf,
@@ -241,9 +242,10 @@ struct ServeArgs {
     #[arg(long, default_value = "uring", value_parser = ["uring", "sync"])]
     io: String,
     /// Spin up to this many microseconds for the next completion before
-    /// sleeping (0: never). The window adapts: it grows while completions
-    /// come quickly and drops to nothing when they do not, so an idle
-    /// export costs no CPU. At most half the CPUs spin at once.
+    /// sleeping (0: never). A thread spins only while a quarter or more of
+    /// its recent waits were that short and its last request was at most
+    /// 64 KiB, so an idle export costs no CPU. At most half the CPUs spin
+    /// at once.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 200)]
     busy_poll: u64,
     /// Format of an image file given on its own: raw or ploop. Without

@@ -107,7 +107,8 @@ impl Signal {
         guard
     }
 
-    /// Wake every waiter; call once the state has changed under its lock.
+    /// Wake every waiter; call once the state has changed under its lock
+    /// (holding it still, or after letting go).
     pub(super) fn notify_all(&self) {
         if self.waiters.load(Ordering::SeqCst) > 0 {
             self.cv.notify_all();
