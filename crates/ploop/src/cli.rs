@@ -189,6 +189,14 @@ struct MountArgs {
     /// threads).
     #[arg(long, default_value = "auto", value_parser = ["auto", "ring", "dev"])]
     fuse_queues: String,
+    #[command(flatten)]
+    poll: BusyPollArg,
+    descriptor: PathBuf,
+}
+
+/// Busy polling of the exports' ring threads.
+#[derive(Args)]
+struct BusyPollArg {
     /// Spin up to this many microseconds for the next completion before
     /// sleeping (0: never). A thread spins only while a quarter or more of
     /// its recent waits were that short and its last request was at most
@@ -196,7 +204,6 @@ struct MountArgs {
     /// at once.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 200)]
     busy_poll: u64,
-    descriptor: PathBuf,
 }
 
 #[derive(Args)]
@@ -241,13 +248,8 @@ struct ServeArgs {
     /// requests always run in the workers.
     #[arg(long, default_value = "uring", value_parser = ["uring", "sync"])]
     io: String,
-    /// Spin up to this many microseconds for the next completion before
-    /// sleeping (0: never). A thread spins only while a quarter or more of
-    /// its recent waits were that short and its last request was at most
-    /// 64 KiB, so an idle export costs no CPU. At most half the CPUs spin
-    /// at once.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 200)]
-    busy_poll: u64,
+    #[command(flatten)]
+    poll: BusyPollArg,
     /// Format of an image file given on its own: raw or ploop. Without
     /// it, a file with the ploop signature is served as ploop; give -f raw
     /// for raw disks whose guest could have written that signature.
@@ -460,7 +462,7 @@ pub fn run() -> Res<ExitCode> {
         ),
         Cmd::List { json } => crate::mount::list(json),
         Cmd::Serve(a) => {
-            ploop_export::busy_poll::set_limit(std::time::Duration::from_micros(a.busy_poll));
+            ploop_export::busy_poll::set_limit(std::time::Duration::from_micros(a.poll.busy_poll));
             crate::serve::serve(crate::serve::ServeRequest {
                 uuid: a.uuid.as_deref().map(guid_arg).transpose()?,
                 target: a.target,
@@ -880,7 +882,7 @@ impl From<MountArgs> for crate::mount::MountRequest {
             threads: a.threads,
             uring: a.io == "uring",
             fuse_queues: a.fuse_queues,
-            busy_poll_us: a.busy_poll,
+            busy_poll_us: a.poll.busy_poll,
         }
     }
 }
