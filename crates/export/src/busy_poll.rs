@@ -56,6 +56,13 @@ pub struct BusyPoll {
     large: bool,
 }
 
+/// A spinning thread yields its CPU this often, so that it spins only on
+/// time nobody else wants: other exports' threads (one daemon per mounted
+/// disk) and the clients. With two servers and two clients on two CPUs,
+/// spinning without yielding lost 5-19% of the random reads that sleeping
+/// at once gave; yielding every 20 microseconds lost none.
+const YIELD_EVERY: Duration = Duration::from_micros(20);
+
 /// Requests past this size are large.
 const LARGE_REQUEST: usize = 64 << 10;
 
@@ -129,7 +136,16 @@ fn spin<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
         // space: it is sent a signal for the task work that posts them
         // (the rings are built without COOP_TASKRUN or DEFER_TASKRUN,
         // which would leave that work until the next system call).
-        while !came && Instant::now() < until {
+        let mut next_yield = Instant::now() + YIELD_EVERY;
+        while !came {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            if now >= next_yield {
+                std::thread::yield_now();
+                next_yield = now + YIELD_EVERY;
+            }
             std::hint::spin_loop();
             came = !status.is_empty();
         }
