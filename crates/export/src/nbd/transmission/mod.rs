@@ -84,12 +84,7 @@ pub(super) struct Signal {
 impl Signal {
     /// Wait for a notice; `guard` locks the state that notifiers change.
     pub(super) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-        // Counted under the lock: a notifier that changes the state after
-        // this thread let go of it sees the count.
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let guard = self.cv.wait(guard).unwrap_or_else(PoisonError::into_inner);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        guard
+        self.counted(|| self.cv.wait(guard).unwrap_or_else(PoisonError::into_inner))
     }
 
     /// [`Self::wait`], for at most `limit`.
@@ -98,13 +93,20 @@ impl Signal {
         guard: MutexGuard<'a, T>,
         limit: std::time::Duration,
     ) -> MutexGuard<'a, T> {
+        self.counted(|| {
+            let waited = self.cv.wait_timeout(guard, limit);
+            waited.unwrap_or_else(PoisonError::into_inner).0
+        })
+    }
+
+    /// Count this thread as a waiter while it waits. Counted under the
+    /// lock: a notifier that changes the state after this thread let go
+    /// of it sees the count.
+    fn counted<R>(&self, wait: impl FnOnce() -> R) -> R {
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let (guard, _) = self
-            .cv
-            .wait_timeout(guard, limit)
-            .unwrap_or_else(PoisonError::into_inner);
+        let woken = wait();
         self.waiters.fetch_sub(1, Ordering::SeqCst);
-        guard
+        woken
     }
 
     /// Wake every waiter; call once the state has changed under its lock
