@@ -3,8 +3,8 @@
 # --busy-poll 0 and with the default, alternating round by round, through
 # `ploop serve` (fio's nbd engine) and through the FUSE + loop export (FUSE
 # over io_uring where the kernel offers it). On a noisy VM only such pairs
-# tell a difference of a few tens of percent apart. Prints every round and
-# the means.
+# tell a difference of a few tens of percent apart. Prints the medians
+# (with ranges and CPU per I/O, from lib.sh) and the means.
 # Usage (root): bench/busy-poll.sh [SECONDS] [ROUNDS]   Needs: fio, a release build.
 set -u
 T=${1:-5}
@@ -13,22 +13,9 @@ D=${BENCH_DIR:-/var/tmp/pbench-busy-poll}
 P=${PLOOP:-$(cd "$(dirname "$0")/.." && pwd)/target/release/ploop}
 [ -x "$P" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 [ -w /sys/module/fuse/parameters/enable_uring ] && echo Y > /sys/module/fuse/parameters/enable_uring
-declare -A SUM
+. "$(dirname "$0")/lib.sh"
+WORKLOADS="randread:4k:32 randwrite:4k:32"
 
-# jobs LABEL FIO-TARGET-ARGS...: fill, then 4 KiB random reads and writes.
-jobs() {
-  local label=$1 rw v; shift
-  fio --name=fill --rw=write --bs=1m --iodepth=8 --size=1G --output-format=terse "$@" >/dev/null 2>&1
-  printf "%-28s" "$label"
-  for rw in randread randwrite; do
-    v=$(fio --name=x --rw=$rw --bs=4k --iodepth=32 --runtime="$T" --time_based --size=1G \
-          --output-format=terse --terse-version=3 "$@" 2>/dev/null |
-        awk -F';' 'NF > 50 {s += $8 + $49} END {printf "%.0f", s}')
-    SUM["$label|$rw"]=$(( ${SUM["$label|$rw"]:-0} + ${v:-0} ))
-    printf "   %s %7s IOPS" $rw "${v:-0}"
-  done
-  echo
-}
 nbd() { # $1 busy-poll microseconds
   rm -rf "$D"; mkdir -p "$D"
   "$P" init -s 2G -f ploop1 -t none "$D/root.hdd" >/dev/null
@@ -46,14 +33,15 @@ fuse() { # $1 busy-poll microseconds
   "$P" umount "$D/DiskDescriptor.xml"
 }
 for ((r = 1; r <= ROUNDS; r++)); do
-  echo "round $r"
   for t in nbd fuse; do $t 0; $t 200; done
 done
+print_medians "$ROUNDS"
+echo
 echo "means of $ROUNDS rounds"
+mean() { echo "${R["$1"]}" | awk '{for (i = 1; i <= NF; i++) s += $i} END {printf "%.0f", (NF ? s / NF : 0)}'; }
 for t in nbd fuse; do
   for rw in randread randwrite; do
-    off=$(( ${SUM["$t --busy-poll 0|$rw"]} / ROUNDS )); on=$(( ${SUM["$t --busy-poll 200|$rw"]} / ROUNDS ))
-    awk -v t=$t -v rw=$rw -v off=$off -v on=$on \
+    awk -v t=$t -v rw=$rw -v off="$(mean "$t --busy-poll 0|$rw")" -v on="$(mean "$t --busy-poll 200|$rw")" \
       'BEGIN{printf "%-5s %-10s busy-poll 0 %7d   200 %7d   %+5.1f%%\n", t, rw, off, on, (off > 0 ? 100 * (on - off) / off : 0)}'
   done
 done
