@@ -19,6 +19,8 @@ use crate::control::{self, Request, Response};
 use crate::fuse::{DiskFile, OneFileFs, MAX_REQUEST};
 use crate::fuse_ring::Queues;
 use crate::kernel;
+use crate::nbd::Export;
+use crate::nbd_device::NbdDevice;
 use crate::online;
 use crate::registry::{self, MountRecord};
 use crate::served::ServedDisk;
@@ -37,6 +39,23 @@ pub struct MountOptions {
     pub uring: bool,
     /// How the kernel hands FUSE requests over.
     pub fuse_queues: FuseQueues,
+    /// Export through the kernel's NBD client (/dev/nbdN) instead of FUSE
+    /// and a loop device.
+    pub nbd: bool,
+}
+
+/// What the device is made of.
+enum Backend {
+    /// A FUSE session (its thread, until it ended) under a loop device.
+    Fuse(Option<std::thread::JoinHandle<std::io::Result<()>>>),
+    /// The kernel's NBD client, connected to our server.
+    Nbd(NbdDevice),
+}
+
+/// NBD connections of a `--nbd` device (the kernel spreads its queues
+/// over them).
+fn nbd_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// FUSE over io_uring (per-CPU queues) or /dev/fuse (worker threads).
@@ -132,6 +151,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     ));
     let file = Arc::new(DiskFile::new(served.clone()));
     let queues = match opts.fuse_queues {
+        _ if opts.nbd => None,
         FuseQueues::Dev => None,
         mode => match Queues::prepare(file.clone(), MAX_REQUEST as usize, opts.threads) {
             Ok(q) => Some(q),
@@ -174,60 +194,74 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         .save()
         .map_err(|e| format!("saving mount record: {e}"))?;
 
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName("ploop".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-        MountOption::CUSTOM(format!("max_read={MAX_REQUEST}")),
-        if opts.read_only {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-    ];
-    cfg.acl = SessionACL::All;
-    cfg.n_threads = Some(opts.threads.max(1));
-    cfg.clone_fd = true;
     let cleanup_record = |r: &MountRecord| registry::remove(r);
-    let ring = crate::uring::Ring::start_if(opts.uring);
-    let fs = OneFileFs::new(file, ring, queues.clone());
-    let session = match fuser::Session::new(fs, &fuse_file, &cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            cleanup_record(&record);
-            let _ = served.current().close();
-            return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
-        }
-    };
-    if let Some(q) = &queues {
-        let started = match q.start_if_negotiated(&session) {
-            Ok(false) if opts.fuse_queues == FuseQueues::Ring => {
-                Err("the kernel did not agree to FUSE over io_uring".to_string())
+    let mut backend = if opts.nbd {
+        let export = Arc::new(Export {
+            name: String::new(),
+            description: format!("ploop disk {}", dd.display()),
+            read_only: opts.read_only,
+            disk: served.clone(),
+        });
+        match NbdDevice::attach(export, nbd_connections(), opts.threads, opts.uring) {
+            Ok(d) => Backend::Nbd(d),
+            Err(e) => {
+                cleanup_record(&record);
+                let _ = served.current().close();
+                return Err(e);
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(format!("starting the FUSE queues: {e}")),
-        };
-        if let Err(e) = started {
-            drop(session);
-            cleanup_record(&record);
-            let _ = served.current().close();
-            return Err(e);
         }
-    }
-    let mut fuse_thread = Some(
-        std::thread::Builder::new()
+    } else {
+        let mut cfg = Config::default();
+        cfg.mount_options = vec![
+            MountOption::FSName("ploop".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::CUSTOM(format!("max_read={MAX_REQUEST}")),
+            if opts.read_only {
+                MountOption::RO
+            } else {
+                MountOption::RW
+            },
+        ];
+        cfg.acl = SessionACL::All;
+        cfg.n_threads = Some(opts.threads.max(1));
+        cfg.clone_fd = true;
+        let ring = crate::uring::Ring::start_if(opts.uring);
+        let fs = OneFileFs::new(file, ring, queues.clone());
+        let session = match fuser::Session::new(fs, &fuse_file, &cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup_record(&record);
+                let _ = served.current().close();
+                return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
+            }
+        };
+        if let Some(q) = &queues {
+            let started = match q.start_if_negotiated(&session) {
+                Ok(false) if opts.fuse_queues == FuseQueues::Ring => {
+                    Err("the kernel did not agree to FUSE over io_uring".to_string())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("starting the FUSE queues: {e}")),
+            };
+            if let Err(e) = started {
+                drop(session);
+                cleanup_record(&record);
+                let _ = served.current().close();
+                return Err(e);
+            }
+        }
+        let fuse_thread = std::thread::Builder::new()
             .name("fuse".into())
             .spawn(move || session.run())
-            .map_err(|e| e.to_string())?,
-    );
+            .map_err(|e| e.to_string())?;
+        Backend::Fuse(Some(fuse_thread))
+    };
 
     let late_requests = std::sync::atomic::AtomicBool::new(false);
     // Undo the kernel side: filesystem, loop device, FUSE mount. Safe to
     // call again after a failure (a busy mount point, say).
-    let shutdown = |record: &MountRecord,
-                    fuse_thread: &mut Option<std::thread::JoinHandle<std::io::Result<()>>>|
-     -> Result<(), String> {
+    let shutdown = |record: &MountRecord, backend: &mut Backend| -> Result<(), String> {
         let mut errors = Vec::new();
         if let Some(m) = &record.mountpoint {
             // Only our filesystem: after a manual umount something else
@@ -238,15 +272,15 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 }
             }
         }
-        if errors.is_empty() {
-            if let Some(d) = &record.device {
-                if let Err(e) = kernel::loop_detach(d) {
-                    errors.push(e);
-                }
-            }
-        }
         if !errors.is_empty() {
             return Err(errors.join("; "));
+        }
+        let fuse_thread = match backend {
+            Backend::Nbd(device) => return device.detach(),
+            Backend::Fuse(thread) => thread,
+        };
+        if let Some(d) = &record.device {
+            kernel::loop_detach(d)?;
         }
         let Some(fuse_thread) = fuse_thread.take() else {
             return Ok(());
@@ -292,23 +326,28 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         Ok(())
     };
 
-    let attach = || -> Result<(PathBuf, Option<PathBuf>), String> {
-        let dev = kernel::loop_attach(&fuse_file, opts.read_only)?;
+    let attach = |backend: &Backend| -> Result<(PathBuf, Option<PathBuf>), String> {
+        let dev = match backend {
+            Backend::Nbd(device) => device.path().to_path_buf(),
+            Backend::Fuse(_) => kernel::loop_attach(&fuse_file, opts.read_only)?,
+        };
         if let Some(m) = &opts.mountpoint {
             if let Err(e) = kernel::mount(&dev, m, &opts.fs_options, opts.read_only) {
-                let _ = kernel::loop_detach(&dev);
+                if let Backend::Fuse(_) = backend {
+                    let _ = kernel::loop_detach(&dev);
+                }
                 return Err(e);
             }
         }
         Ok((dev, opts.mountpoint.clone()))
     };
-    match attach() {
+    match attach(&backend) {
         Ok((dev, mnt)) => {
             record.device = Some(dev);
             record.mountpoint = mnt.map(|m| m.canonicalize().unwrap_or(m));
         }
         Err(e) => {
-            let _ = shutdown(&record, &mut fuse_thread);
+            let _ = shutdown(&record, &mut backend);
             let _ = served.current().close();
             cleanup_record(&record);
             return Err(e);
@@ -323,7 +362,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {
-            let _ = shutdown(&record, &mut fuse_thread);
+            let _ = shutdown(&record, &mut backend);
             let _ = served.current().close();
             cleanup_record(&record);
             return Err(e);
@@ -385,7 +424,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     .chain()
                     .flush()
                     .map_err(|e| e.to_string())
-                    .and_then(|_| shutdown(&record, &mut fuse_thread));
+                    .and_then(|_| shutdown(&record, &mut backend));
                 return match r {
                     Ok(()) => (Response::ok(None), true),
                     Err(e) => (Response::err(e), false),

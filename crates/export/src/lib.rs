@@ -9,6 +9,7 @@ pub mod fuse;
 pub mod fuse_ring;
 pub mod kernel;
 pub mod nbd;
+pub mod nbd_device;
 pub mod online;
 pub mod registry;
 pub mod served;

@@ -189,6 +189,11 @@ struct MountArgs {
     /// threads).
     #[arg(long, default_value = "auto", value_parser = ["auto", "ring", "dev"])]
     fuse_queues: String,
+    /// Use the kernel's NBD client (a free /dev/nbdN, connected to this
+    /// daemon over socket pairs) instead of FUSE and a loop device; needs
+    /// the nbd module. The FUSE options do not apply.
+    #[arg(long)]
+    nbd: bool,
     #[command(flatten)]
     poll: BusyPollArg,
     descriptor: PathBuf,
@@ -883,6 +888,7 @@ impl From<MountArgs> for crate::mount::MountRequest {
             uring: a.io == "uring",
             fuse_queues: a.fuse_queues,
             busy_poll_us: a.poll.busy_poll,
+            nbd: a.nbd,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use ploop_export::control::{self, Request};
 use ploop_export::daemon::{self, MountOptions};
 use ploop_export::kernel;
+use ploop_export::nbd_device;
 use ploop_export::registry::{self, MountRecord};
 use ploop_format::descriptor::{guid_string, parse_guid};
 use serde_json::json;
@@ -29,6 +30,8 @@ pub struct MountRequest {
     pub fuse_queues: String,
     /// Longest busy poll of the ring threads, in microseconds.
     pub busy_poll_us: u64,
+    /// The kernel's NBD client as the device, instead of FUSE + loop.
+    pub nbd: bool,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -57,6 +60,9 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     cmd.arg("--busy-poll").arg(r.busy_poll_us.to_string());
     if r.read_only {
         cmd.arg("-r");
+    }
+    if r.nbd {
+        cmd.arg("--nbd");
     }
     if let Some(m) = &r.mountpoint {
         cmd.arg("-m").arg(m);
@@ -124,6 +130,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
             "dev" => daemon::FuseQueues::Dev,
             _ => daemon::FuseQueues::Auto,
         },
+        nbd: r.nbd,
     };
     daemon::serve(opts, |rec| {
         if let Some(d) = &rec.device {
@@ -167,7 +174,11 @@ fn cleanup_dead(rec: &MountRecord) -> Res<()> {
         }
     }
     if let Some(d) = &rec.device {
-        let _ = kernel::loop_detach(d);
+        let _ = if nbd_device::is_nbd(d) {
+            nbd_device::disconnect(d)
+        } else {
+            kernel::loop_detach(d)
+        };
     }
     if kernel::is_mounted(&rec.fuse_file) {
         kernel::umount_lazy(&rec.fuse_file)?;
@@ -314,6 +325,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         uring: false,
         fuse_queues: "dev".into(),
         busy_poll_us: 0,
+        nbd: false,
     };
     let dev = start_daemon(&req)?;
     let made = kernel::mkfs(Path::new(&dev), fstype, block);

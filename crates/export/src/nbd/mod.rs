@@ -362,7 +362,7 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
 
 /// Whether this kernel gives us an io_uring that waits with a timeout
 /// (Linux 5.11+); warned about if not.
-fn uring_works() -> bool {
+pub(crate) fn uring_works() -> bool {
     match crate::uring::RingCore::new() {
         Ok(r) if r.waits_with_timeout() => true,
         Ok(_) => {
@@ -415,6 +415,33 @@ pub fn handle_client(
             }
         }
     };
+    transmit(s, export, agreed, shared)
+}
+
+/// Serve one socket of the kernel's NBD client (handed to it with
+/// NBD_SET_SOCK): there is no negotiation, as the kernel took the size and
+/// the flags from ioctls ([`kernel_flags`]), and it reads simple replies.
+pub fn serve_kernel_socket(
+    s: UnixStream,
+    export: &Arc<Export>,
+    shared: &Arc<Shared>,
+) -> io::Result<()> {
+    transmit(Stream::Unix(s), export, Agreed::default(), shared)
+}
+
+/// The transmission flags to give the kernel's NBD client (NBD_SET_FLAGS).
+pub fn kernel_flags(export: &Export) -> u16 {
+    handshake::transmission_flags(export, &Agreed::default())
+}
+
+/// Serve requests on a connection whose terms are settled, until the client
+/// disconnects or the connection fails.
+fn transmit(
+    mut s: Stream,
+    export: &Arc<Export>,
+    agreed: Agreed,
+    shared: &Arc<Shared>,
+) -> io::Result<()> {
     s.set_read_timeout(None)?;
     s.set_write_timeout(Some(SEND_TIMEOUT))?;
     debug!("transmission: {agreed:?}");
@@ -454,4 +481,123 @@ pub fn handle_client(
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let _ = io::copy(&mut (&mut s).take(64 << 20), &mut io::sink());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use transmission::Inline;
+
+    /// Plays the kernel's NBD client: requests straight away (no
+    /// negotiation), simple replies back.
+    struct KernelLike(UnixStream);
+
+    impl KernelLike {
+        fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, data: &[u8], len: u32) {
+            let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(data);
+            self.0.write_all(&b).unwrap();
+        }
+
+        /// (error, cookie) of the next simple reply, then `data` bytes.
+        fn reply(&mut self, data: usize) -> (u32, u64, Vec<u8>) {
+            let mut h = [0u8; 16];
+            self.0.read_exact(&mut h).unwrap();
+            let magic = u32::from_be_bytes(h[..4].try_into().unwrap());
+            assert_eq!(
+                magic,
+                proto::SIMPLE_REPLY_MAGIC,
+                "not a simple reply: {h:02x?}"
+            );
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
+            let mut body = vec![0u8; if error == 0 { data } else { 0 }];
+            self.0.read_exact(&mut body).unwrap();
+            (error, cookie, body)
+        }
+    }
+
+    fn kernel_session(read_only: bool) -> (KernelLike, std::thread::JoinHandle<()>) {
+        let export = replay::memory_export(read_only);
+        let shared = Shared::new(Box::new(Inline), false, Arc::new(AtomicBool::new(false)));
+        let (ours, kernels) = UnixStream::pair().unwrap();
+        kernels
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let server = std::thread::spawn(move || {
+            serve_kernel_socket(ours, &export, &shared).unwrap();
+        });
+        (KernelLike(kernels), server)
+    }
+
+    #[test]
+    fn the_kernel_client_is_served_without_negotiation() {
+        let (mut k, server) = kernel_session(false);
+        let data = vec![0x5a; 4096];
+        k.send(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 1, 8192, &data, 4096);
+        // The very first bytes are the reply: no greeting came before it.
+        assert_eq!(k.reply(0), (0, 1, vec![]));
+        k.send(proto::CMD_FLUSH, 0, 2, 0, &[], 0);
+        assert_eq!(k.reply(0), (0, 2, vec![]));
+        k.send(proto::CMD_READ, 0, 3, 8192, &[], 4096);
+        assert_eq!(k.reply(4096), (0, 3, data));
+        k.send(proto::CMD_TRIM, 0, 4, 8192, &[], 4096);
+        assert_eq!(k.reply(0).0, 0);
+        k.send(proto::CMD_READ, 0, 5, 8192, &[], 4096);
+        assert_eq!(k.reply(4096), (0, 5, vec![0; 4096]));
+        k.send(
+            proto::CMD_WRITE_ZEROES,
+            proto::CMD_FLAG_NO_HOLE,
+            6,
+            0,
+            &[],
+            65536,
+        );
+        assert_eq!(k.reply(0).0, 0);
+        // A read past the end fails; the connection goes on.
+        k.send(proto::CMD_READ, 0, 7, replay::DISK_SIZE, &[], 512);
+        assert_eq!(k.reply(0).0, proto::EINVAL);
+        k.send(proto::CMD_DISC, 0, 8, 0, &[], 0);
+        server.join().unwrap();
+        let mut rest = Vec::new();
+        k.0.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after DISC: {rest:02x?}");
+    }
+
+    #[test]
+    fn the_kernel_client_gets_the_flags_of_simple_replies() {
+        let rw = replay::memory_export(false);
+        let f = kernel_flags(&rw);
+        for want in [
+            proto::TF_HAS_FLAGS,
+            proto::TF_SEND_FLUSH,
+            proto::TF_SEND_FUA,
+            proto::TF_SEND_TRIM,
+            proto::TF_SEND_WRITE_ZEROES,
+            proto::TF_CAN_MULTI_CONN,
+        ] {
+            assert_ne!(f & want, 0, "flag {want:#x} missing from {f:#x}");
+        }
+        // DF belongs to structured replies, which the kernel does not read.
+        assert_eq!(f & (proto::TF_SEND_DF | proto::TF_READ_ONLY), 0);
+        let ro = replay::memory_export(true);
+        assert_ne!(kernel_flags(&ro) & proto::TF_READ_ONLY, 0);
+        assert_eq!(kernel_flags(&ro) & proto::TF_SEND_TRIM, 0);
+    }
+
+    #[test]
+    fn a_read_only_kernel_device_refuses_writes() {
+        let (mut k, server) = kernel_session(true);
+        k.send(proto::CMD_WRITE, 0, 1, 0, &[1; 512], 512);
+        assert_eq!(k.reply(0), (proto::EPERM, 1, vec![]));
+        k.send(proto::CMD_READ, 0, 2, 0, &[], 512);
+        assert_eq!(k.reply(512), (0, 2, vec![0; 512]));
+        k.send(proto::CMD_DISC, 0, 3, 0, &[], 0);
+        server.join().unwrap();
+    }
 }
