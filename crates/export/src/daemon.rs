@@ -108,6 +108,10 @@ pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk,
 
 /// Serve until stopped. `ready` runs once the device (and mount) is up.
 pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(), String> {
+    // Before any thread starts: they all inherit it.
+    if let Err(e) = kernel::become_io_flusher() {
+        info!("not marked as an I/O flusher ({e}): heavy memory pressure may stall the device");
+    }
     let dd = canonical(&opts.descriptor)?;
     let guid = opts.guid.unwrap_or(TOP_GUID);
     let guid_s = guid_string(&guid);

@@ -80,6 +80,15 @@ pub fn umount(dir: &Path) -> Result<(), String> {
     run("umount", &[s(dir)]).map(|_| ())
 }
 
+/// Put this thread, and the threads it starts from now on, in the block
+/// I/O path (PR_SET_IO_FLUSHER, Linux 5.6+): their allocations never wait
+/// for I/O. A daemon serving the device under a mounted filesystem needs
+/// it: memory reclaim may write that filesystem's dirty pages back through
+/// us, and must not wait for us while we wait for memory.
+pub fn become_io_flusher() -> std::io::Result<()> {
+    rustix::process::configure_io_flusher_behavior(true).map_err(Into::into)
+}
+
 /// Unmount our FUSE file with umount(2) directly (EBUSY while a loop
 /// device still holds it).
 pub fn umount_fuse(path: &Path) -> std::io::Result<()> {
@@ -167,4 +176,39 @@ fn unescape_mount(m: &str) -> String {
     m.replace("\\040", " ")
         .replace("\\011", "\t")
         .replace("\\134", "\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff).
+    fn has_sys_resource() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .unwrap();
+        u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << 24) != 0
+    }
+
+    /// With CAP_SYS_RESOURCE the daemon's threads are I/O flushers;
+    /// without it (some sandboxes drop it, even for root) the call fails
+    /// for exactly that reason, and the daemon goes on.
+    #[test]
+    fn threads_started_by_an_io_flusher_are_io_flushers() {
+        match become_io_flusher() {
+            Ok(()) => {
+                let inherited = std::thread::spawn(rustix::process::is_io_flusher)
+                    .join()
+                    .unwrap()
+                    .unwrap();
+                assert!(inherited);
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+                assert!(!has_sys_resource(), "EPERM with CAP_SYS_RESOURCE");
+            }
+        }
+    }
 }

@@ -31,7 +31,15 @@ const NBD_DO_IT: u64 = 0xab03;
 const NBD_CLEAR_SOCK: u64 = 0xab04;
 const NBD_CLEAR_QUE: u64 = 0xab05;
 const NBD_DISCONNECT: u64 = 0xab08;
+const NBD_SET_TIMEOUT: u64 = 0xab09;
 const NBD_SET_FLAGS: u64 = 0xab0a;
+
+/// The kernel's timeout for one request, in seconds. Its default (blk-mq's
+/// 30 s) marks a connection dead when one request takes longer (a long
+/// flush or discard); ioctl-made connections are never replaced, so the
+/// device would end up failing all I/O. A daemon that dies closes its
+/// sockets, which fails I/O at once, whatever this says.
+const REQUEST_TIMEOUT_S: u64 = 24 * 3600;
 
 /// How long the kernel gets to bring a configured device up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,6 +110,9 @@ impl NbdDevice {
                     .into(),
             );
         }
+        if export.size() == 0 {
+            return Err("the disk has no size".into());
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let pool = Pool::new(threads).map_err(|e| format!("NBD worker threads: {e}"))?;
         let shared = Shared::new(Box::new(pool), uring && nbd::uring_works(), stop);
@@ -113,6 +124,15 @@ impl NbdDevice {
             match Self::try_claim(&dev, &export, connections.max(1), &shared) {
                 Ok(Some(d)) => return Ok(d),
                 Ok(None) => continue,
+                // Gone meanwhile, or set up through netlink.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENXIO | libc::ENODEV)
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(format!("{}: {e}", dev.display())),
             }
         }
@@ -137,8 +157,13 @@ impl NbdDevice {
             let (ours, kernels) = UnixStream::pair()?;
             match ioctl(fd, NBD_SET_SOCK, kernels.as_raw_fd() as u64) {
                 Ok(()) => {}
-                // Set up by another task, or connected meanwhile.
-                Err(e) if i == 0 && e.raw_os_error() == Some(libc::EBUSY) => return Ok(None),
+                // Set up by another task, connected meanwhile, or bound
+                // through netlink.
+                Err(e)
+                    if i == 0 && matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINVAL)) =>
+                {
+                    return Ok(None)
+                }
                 Err(e) => {
                     let _ = ioctl(fd, NBD_CLEAR_SOCK, 0);
                     return Err(io::Error::new(e.kind(), format!("NBD_SET_SOCK: {e}")));
@@ -162,11 +187,14 @@ impl NbdDevice {
             }
         }
         let size = export.size();
-        // 4 KiB sectors where the size allows (what filesystems use).
-        let block = if size.is_multiple_of(4096) { 4096 } else { 512 };
+        // 512-byte sectors, as the loop device has: a filesystem or
+        // partition table made there must be found here too (the kernel
+        // sets both logical and physical block sizes to this).
+        let block = 512;
         let configured = ioctl(fd, NBD_SET_BLKSIZE, block)
             .and_then(|()| ioctl(fd, NBD_SET_SIZE, size))
-            .and_then(|()| ioctl(fd, NBD_SET_FLAGS, u64::from(nbd::kernel_flags(export))));
+            .and_then(|()| ioctl(fd, NBD_SET_FLAGS, u64::from(nbd::kernel_flags(export))))
+            .and_then(|()| ioctl(fd, NBD_SET_TIMEOUT, REQUEST_TIMEOUT_S));
         if let Err(e) = configured {
             let _ = ioctl(fd, NBD_CLEAR_SOCK, 0);
             return Err(io::Error::new(e.kind(), format!("configuring: {e}")));
@@ -176,6 +204,7 @@ impl NbdDevice {
         let running = std::thread::Builder::new()
             .name("nbd-do-it".into())
             .spawn(move || {
+                block_signals();
                 let fd = in_kernel.as_raw_fd();
                 // Returns once the device is disconnected.
                 let r = ioctl(fd, NBD_DO_IT, 0);
@@ -190,10 +219,7 @@ impl NbdDevice {
             servers,
         };
         device.wait_started()?;
-        info!(
-            "{} connected ({connections} connection(s), {block}-byte blocks)",
-            dev.display()
-        );
+        info!("{} connected ({connections} connection(s))", dev.display());
         Ok(Some(device))
     }
 
@@ -231,6 +257,14 @@ impl NbdDevice {
     /// Disconnect the device (the filesystem on it must be unmounted) and
     /// wait for its connections to end.
     pub fn detach(&mut self) -> Result<(), String> {
+        // Writes to the device itself (a device-only mount) may sit in its
+        // page cache: after the disconnect they could only fail.
+        if let Err(e) = self.file.sync_all() {
+            warn!(
+                "{}: flushing before the disconnect: {e}",
+                self.path.display()
+            );
+        }
         let fd = self.file.as_raw_fd();
         if let Err(e) = ioctl(fd, NBD_DISCONNECT, 0) {
             warn!("{}: NBD_DISCONNECT: {e}", self.path.display());
@@ -250,8 +284,36 @@ impl NbdDevice {
     }
 }
 
-/// Disconnect a device whose daemon is gone (best effort).
+/// NBD_DO_IT returns when its thread takes a signal, tearing the device
+/// down under a mounted filesystem: the daemon's signal handlers (SIGTERM
+/// asks for a clean stop) must run on other threads.
+fn block_signals() {
+    // SAFETY: sigfillset fills a local set; pthread_sigmask changes only
+    // this thread's mask and reads the set we pass.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+}
+
+/// Let go of a device whose daemon is gone. The kernel shut its sockets
+/// down when the daemon died, and frees the device at its last close (the
+/// filesystem's unmount, say): this only clears one whose owner is dead
+/// and which someone still holds open. A device that another daemon owns
+/// by now (its sysfs `pid`, the thread in NBD_DO_IT, is alive) is left
+/// alone.
 pub fn disconnect(dev: &Path) -> Result<(), String> {
+    let Ok(owner) = std::fs::read_to_string(sys_dir(dev).join("pid")) else {
+        return Ok(()); // not connected any more
+    };
+    let owner_alive = owner
+        .trim()
+        .parse::<u32>()
+        .is_ok_and(|tid| Path::new(&format!("/proc/{tid}")).exists());
+    if owner_alive {
+        return Ok(());
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -79,6 +79,12 @@ fn listen_address(r: &ServeRequest) -> Res<Listen> {
 }
 
 pub fn serve(r: ServeRequest) -> Res<ExitCode> {
+    // A kernel NBD client on this host (nbd-client) may write a mounted
+    // filesystem back through us under memory pressure. Needs
+    // CAP_SYS_RESOURCE; a user's server goes on without it.
+    if let Err(e) = ploop_export::kernel::become_io_flusher() {
+        tracing::debug!("not marked as an I/O flusher: {e}");
+    }
     let listen = listen_address(&r)?;
     let tls = match (&r.tls_cert, &r.tls_key) {
         (Some(cert), Some(key)) => Some(
