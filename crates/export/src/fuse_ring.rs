@@ -328,11 +328,12 @@ impl Queue {
     fn new(index: usize, qids: &[u16], payload_len: usize) -> io::Result<Queue> {
         let depth = qids.len();
         // Room for every slot's command plus its file I/O, and the wake.
-        // No COOP_TASKRUN or DEFER_TASKRUN: busy polling needs completions
-        // posted while the thread spins (see busy_poll).
-        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_cqsize((depth * (MAX_SEGMENTS + 1) + 1) as u32)
-            .build((depth * 4) as u32)?;
+        // See busy_poll::build_ring for how completions reach the thread.
+        let ring = crate::busy_poll::build_ring(
+            IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+                .setup_cqsize((depth * (MAX_SEGMENTS + 1) + 1) as u32),
+            (depth * 4) as u32,
+        )?;
         // File I/O the kernel cannot start without blocking (an O_DIRECT
         // write that updates the file's times, say) goes to io-wq workers;
         // let as many run as requests can be in flight.

@@ -95,11 +95,9 @@ impl RingCore {
     pub fn new() -> io::Result<RingCore> {
         // One request may be cut in more pieces than MAX_PIECES (32 MiB in
         // 4 KiB clusters laid out apart): room for all their completions.
-        // No COOP_TASKRUN or DEFER_TASKRUN: busy polling needs completions
-        // posted while the thread spins (see busy_poll).
-        let ring = IoUring::builder()
-            .setup_cqsize(COMPLETIONS)
-            .build(ENTRIES)?;
+        // See busy_poll::build_ring for how completions reach a thread.
+        let ring =
+            crate::busy_poll::build_ring(IoUring::builder().setup_cqsize(COMPLETIONS), ENTRIES)?;
         Ok(RingCore {
             ring,
             slots: Vec::new(),
