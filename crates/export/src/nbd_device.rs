@@ -117,7 +117,8 @@ impl NbdDevice {
         let pool = Pool::new(threads).map_err(|e| format!("NBD worker threads: {e}"))?;
         let shared = Shared::new(Box::new(pool), uring && nbd::uring_works(), stop);
         for dev in candidates {
-            // A connected device shows its server's pid.
+            // A connected device shows the thread in its NBD_DO_IT (its
+            // `pid` file), until its last user closes it.
             if sys_dir(&dev).join("pid").exists() {
                 continue;
             }
