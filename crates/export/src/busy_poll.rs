@@ -354,14 +354,10 @@ mod tests {
                 break;
             }
         }
-        sched_allow_all(&cpus);
+        rustix::thread::sched_setaffinity(None, &cpus).expect("affinity");
         assert!(
             caught > 0,
             "never saw a flagged completion that the spin ran"
         );
-    }
-
-    fn sched_allow_all(cpus: &rustix::thread::CpuSet) {
-        rustix::thread::sched_setaffinity(None, cpus).expect("affinity");
     }
 }

@@ -5,9 +5,10 @@
 //! thread, and a worker blocks in the disk I/O. Here the kernel hands each
 //! request to a per-CPU queue of registered buffers and takes the answer
 //! and the next request in one io_uring command. One thread per CPU serves
-//! its own queue and the next CPU's (see [`queues_served`]): plain reads and in-place writes of the image go on the same
-//! ring, straight into or out of the request's registered buffer, so the
-//! thread never waits for the disk. What needs the image layer's logic
+//! its own queue and the next CPU's (see [`queues_served`]): plain reads
+//! and in-place writes of the image go on the same ring, straight into or
+//! out of the request's registered buffer, so the thread never waits for
+//! the disk. What needs the image layer's logic
 //! (allocation, copy-up, discard, flush) goes to a few helper threads.
 //!
 //! fuser still owns the mount and /dev/fuse: it answers INIT and whatever
