@@ -494,12 +494,7 @@ mod tests {
 
     impl KernelLike {
         fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, data: &[u8], len: u32) {
-            let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
-            b.extend_from_slice(&flags.to_be_bytes());
-            b.extend_from_slice(&kind.to_be_bytes());
-            b.extend_from_slice(&cookie.to_be_bytes());
-            b.extend_from_slice(&offset.to_be_bytes());
-            b.extend_from_slice(&len.to_be_bytes());
+            let mut b = replay::request(kind, flags, cookie, offset, len);
             b.extend_from_slice(data);
             self.0.write_all(&b).unwrap();
         }

@@ -158,19 +158,21 @@ pub fn requests_session(export: &Arc<Export>, structured: bool, requests: &[u8])
     session(export, &input)
 }
 
+/// A request header as a client sends it (simple, not extended).
+#[cfg(test)]
+pub(crate) fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        let mut b = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&kind.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b
-    }
 
     /// The simple replies in a byte stream after the negotiation.
     fn simple_replies(out: &[u8]) -> Vec<(u32, u64)> {
