@@ -218,3 +218,123 @@ fn a_tail_freed_under_queued_io_is_trimmed_by_close() {
         .len();
     assert_eq!(len, kept_end, "file length after close");
 }
+
+/// A backend that holds writes of chosen lengths at gates until the test
+/// opens them, so that a writer can be stopped at a chosen point.
+struct Gated {
+    inner: SharedIo,
+    /// Per gated length: (shut, writes waiting).
+    gates: std::sync::Mutex<std::collections::HashMap<usize, (bool, usize)>>,
+    changed: std::sync::Condvar,
+}
+
+impl Gated {
+    fn new(inner: SharedIo, lengths: &[usize]) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            gates: std::sync::Mutex::new(lengths.iter().map(|&l| (l, (true, 0))).collect()),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Wait until a write of `len` bytes is held at its gate.
+    fn wait_for(&self, len: usize) {
+        let mut gates = self.gates.lock().unwrap();
+        while gates[&len].1 == 0 {
+            gates = self.changed.wait(gates).unwrap();
+        }
+    }
+
+    fn open(&self, len: usize) {
+        self.gates.lock().unwrap().get_mut(&len).unwrap().0 = false;
+        self.changed.notify_all();
+    }
+}
+
+impl ploop_io::BlockIo for Gated {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut gates = self.gates.lock().unwrap();
+        if let Some(gate) = gates.get_mut(&buf.len()) {
+            gate.1 += 1;
+            self.changed.notify_all();
+            while gates[&buf.len()].0 {
+                gates = self.changed.wait(gates).unwrap();
+            }
+        }
+        drop(gates);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Two writers race to allocate one cluster: the winner allocates it while
+/// the loser waits for the allocation lock, then finds the cluster mapped
+/// and writes into it after letting go of the lock. Until that write
+/// lands, a discard, a flush and a new allocation must not hand the
+/// cluster to another virtual cluster.
+#[test]
+fn a_writer_that_lost_the_allocation_race_keeps_the_cluster_pinned() {
+    const WHOLE: usize = CLUSTER as usize;
+    const PIECE: usize = 4096 + 512; // only the loser writes this much
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.hds");
+    let file: SharedIo = Arc::new(FileIo::open(&path, OpenMode::create()).unwrap());
+    one_delta::create(file.clone(), SIZE, CLUSTER);
+    let gated = Gated::new(file, &[WHOLE, PIECE]);
+    let (chain, top) = one_delta::open(gated.clone(), SIZE, CLUSTER);
+    let chain = Arc::new(chain);
+    // The winner holds the allocation lock, stopped in its data write.
+    let winner = {
+        let chain = chain.clone();
+        std::thread::spawn(move || chain.write_at(&[1u8; WHOLE], 3 * CLUSTER))
+    };
+    gated.wait_for(WHOLE);
+    // The loser finds cluster 3 unmapped and waits for the lock. Nothing
+    // shows that it waits there: give it time (were it late, it would find
+    // the cluster mapped on its fast path, pinned, and prove nothing).
+    let loser = {
+        let chain = chain.clone();
+        std::thread::spawn(move || chain.write_at(&[2u8; PIECE], 3 * CLUSTER))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    gated.open(WHOLE);
+    winner.join().unwrap().unwrap();
+    // The loser now writes into the winner's cluster: stop it there.
+    gated.wait_for(PIECE);
+    let p = tracked(&top);
+    let taken = p.map(3).unwrap();
+    chain.discard(3 * CLUSTER, CLUSTER).unwrap();
+    chain.flush().unwrap();
+    chain.write_at(&[7u8; WHOLE], 5 * CLUSTER).unwrap();
+    assert_ne!(
+        p.map(5),
+        Some(taken),
+        "cluster 3's space reused under a write"
+    );
+    gated.open(PIECE);
+    loser.join().unwrap().unwrap();
+    let mut back = vec![0u8; WHOLE];
+    chain.read_at(&mut back, 5 * CLUSTER).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 7),
+        "cluster 5 took the late write of cluster 3"
+    );
+    chain.close().unwrap();
+}

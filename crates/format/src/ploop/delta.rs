@@ -414,10 +414,19 @@ impl PloopDelta {
             }
         }
         let mut alloc = self.alloc.lock().expect("alloc lock");
+        // Pinned before the lookup and held through the write, which runs
+        // after the lock is gone: otherwise a discard and a flush could free
+        // the cluster and an allocation hand it to another virtual cluster
+        // before this write lands. (Pinning cannot spin here: epochs only
+        // advance under the allocation lock, which we hold.)
+        let pin = self.pin();
         if let Some(off) = self.map(cluster) {
             drop(alloc);
-            return self.write_data(data, off + offset);
+            let written = self.write_data(data, off + offset);
+            drop(pin);
+            return written;
         }
+        drop(pin);
         self.allocate_locked(&mut alloc, cluster, offset, data, fill)
     }
 
