@@ -22,6 +22,10 @@ pub enum Error {
     Dirty { path: String },
     #[error("{path}: {what}")]
     Descriptor { path: String, what: String },
+    #[error(
+        "{path}: an earlier flush of this image failed, so writes since the last good flush may not be on disk; it takes no more writes until it is closed and checked (`ploop check`)"
+    )]
+    FlushFailed { path: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,6 +1,8 @@
 //! The raw format: the file is the disk, byte for byte. Sparse where the
 //! filesystem allows.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ploop_io::SharedIo;
 
 use crate::{Error, Result};
@@ -10,6 +12,10 @@ pub struct RawDelta {
     path: String,
     virtual_size: u64,
     writable: bool,
+    /// A flush failed: as for a ploop delta (`PloopDelta`'s `failed`),
+    /// Linux may have dropped the data, so nothing more is written or
+    /// called durable.
+    failed: AtomicBool,
 }
 
 impl RawDelta {
@@ -36,6 +42,7 @@ impl RawDelta {
             path,
             virtual_size,
             writable,
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -61,13 +68,28 @@ impl RawDelta {
             .map_err(|e| Error::io(&self.path, "reading data", offset, e))
     }
 
-    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+    /// Err once a flush has failed.
+    pub fn ensure_healthy(&self) -> Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Error::FlushFailed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
         if !self.writable {
             return Err(Error::Invalid(format!(
                 "{}: image is open read-only",
                 self.path
             )));
         }
+        self.ensure_healthy()
+    }
+
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.ensure_writable()?;
         self.io
             .write_at(buf, offset)
             .map_err(|e| Error::io(&self.path, "writing data", offset, e))
@@ -76,6 +98,7 @@ impl RawDelta {
     /// Make a range read as zeros: a hole where the filesystem can punch
     /// one, written zeros where it cannot.
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.ensure_writable()?;
         if self.punch_only(offset, len)? {
             return Ok(());
         }
@@ -87,6 +110,7 @@ impl RawDelta {
     /// Punch a hole; Ok(false), with nothing changed, where the filesystem
     /// cannot.
     pub fn punch_only(&self, offset: u64, len: u64) -> Result<bool> {
+        self.ensure_writable()?;
         match self.io.punch_hole(offset, len) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
@@ -95,8 +119,10 @@ impl RawDelta {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.io
-            .flush()
-            .map_err(|e| Error::io(&self.path, "syncing", 0, e))
+        self.ensure_healthy()?;
+        self.io.flush().map_err(|e| {
+            self.failed.store(true, Ordering::SeqCst);
+            Error::io(&self.path, "syncing", 0, e)
+        })
     }
 }

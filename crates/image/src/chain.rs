@@ -126,6 +126,14 @@ impl Delta {
         }
     }
 
+    /// Err once a flush of this delta has failed: it takes no more writes.
+    pub fn ensure_healthy(&self) -> Result<()> {
+        match self {
+            Delta::Raw(r) => r.ensure_healthy(),
+            Delta::Ploop(p) => p.ensure_healthy(),
+        }
+    }
+
     pub fn as_ploop(&self) -> Option<&PloopDelta> {
         match self {
             Delta::Ploop(p) => Some(p),
@@ -391,6 +399,7 @@ impl Chain {
                 top.path()
             )));
         }
+        top.ensure_healthy()?;
         Ok(top)
     }
 

@@ -135,21 +135,37 @@ fn full_disk_is_an_error_not_a_panic_and_keeps_flushed_data() {
     chain.read_at(&mut back, 0).unwrap();
     assert!(back[..CLUSTER as usize].iter().all(|&b| b == 7));
     assert!(back[CLUSTER as usize..].iter().all(|&b| b == 0));
-    chain.close().unwrap();
+    // After a failed flush the image is closed as a crash would leave it:
+    // the next open checks it first.
+    assert!(chain.close().is_err(), "close after a failed flush");
+    drop(chain);
+    check(&(faulty.clone() as SharedIo), true).unwrap();
     let reopened = open_chain(faulty.clone());
     reopened.read_at(&mut back, 0).unwrap();
     assert!(back[..CLUSTER as usize].iter().all(|&b| b == 7));
     reopened.close().unwrap();
 }
 
+/// Linux may drop the pages whose write-back failed and report the
+/// failure once: a retried fdatasync then succeeds with the data gone. So
+/// after a failed flush the delta must refuse writes and flushes (a flush
+/// that succeeded would make the BAT point at data that never reached the
+/// disk) until it is reopened and checked.
 #[test]
-fn failed_flush_keeps_the_bat_changes_pending() {
-    let (faulty, chain) = new_disk("retry.hdd");
-    // Clusters whose BAT entries sit on different metadata pages.
-    let far = CLUSTERS - 1;
-    chain.write_at(&vec![3u8; CLUSTER as usize], 0).unwrap();
+fn a_failed_flush_stops_the_delta_until_it_is_checked() {
+    let (faulty, chain) = new_disk("failed.hdd");
+    chain.write_at(&vec![1u8; CLUSTER as usize], 0).unwrap();
     chain
-        .write_at(&vec![4u8; CLUSTER as usize], far * CLUSTER)
+        .write_at(&vec![2u8; CLUSTER as usize], CLUSTER)
+        .unwrap();
+    chain.flush().unwrap();
+    // Cluster 1's space goes to cluster 5, whose data then fails to reach
+    // the disk: a BAT entry made durable now would show cluster 5 as the
+    // zeros of the punched hole.
+    chain.discard(CLUSTER, CLUSTER).unwrap();
+    chain.flush().unwrap();
+    chain
+        .write_at(&vec![5u8; CLUSTER as usize], 5 * CLUSTER)
         .unwrap();
     faulty.set_plan(FaultPlan {
         fail_writes_after: None,
@@ -157,17 +173,59 @@ fn failed_flush_keeps_the_bat_changes_pending() {
     });
     assert!(chain.flush().is_err());
     faulty.set_plan(FaultPlan::default());
-    chain.flush().unwrap();
-    // Power cut right after the retried flush: both clusters are mapped.
+    let again = chain.flush();
+    assert!(again.is_err(), "a flush after a failed one succeeded");
+    let msg = again.unwrap_err().to_string();
+    assert!(msg.contains("failed.hdd") && msg.contains("check"), "{msg}");
+    assert!(chain.write_at(&[9u8; 512], 0).is_err(), "a write was taken");
+    assert!(chain.discard(0, CLUSTER).is_err(), "a discard was taken");
+    assert!(
+        chain.plan_write(0, 512).is_err(),
+        "queued writes were planned"
+    );
+    // Reads still work.
+    let mut back = vec![0u8; CLUSTER as usize];
+    chain.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 1));
+    assert!(chain.close().is_err(), "close after a failed flush");
+    drop(chain);
+    // What is on the disk: check, reopen, every flushed cluster is there.
     let image = faulty.crash_image(|_| false);
-    std::mem::forget(chain);
     let mem: SharedIo = Arc::new(MemIo::from_bytes("after.hdd", image));
     check(&mem, true).unwrap();
     let chain = open_chain(mem);
-    let mut back = vec![0u8; CLUSTER as usize];
     chain.read_at(&mut back, 0).unwrap();
-    assert!(back.iter().all(|&b| b == 3));
-    chain.read_at(&mut back, far * CLUSTER).unwrap();
-    assert!(back.iter().all(|&b| b == 4));
+    assert!(back.iter().all(|&b| b == 1));
+    chain.read_at(&mut back, CLUSTER).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "a discarded cluster reads zeros"
+    );
     chain.close().unwrap();
+}
+
+/// The same rule for a raw image: once a flush failed, no write and no
+/// flush succeeds.
+#[test]
+fn a_failed_flush_stops_a_raw_image_too() {
+    let faulty = Arc::new(FaultyIo::new("raw.img"));
+    ploop_format::raw::RawDelta::create(faulty.clone(), SIZE, false).unwrap();
+    let raw = ploop_format::raw::RawDelta::open(faulty.clone(), true).unwrap();
+    let chain = Chain::new(vec![Arc::new(ploop_image::Delta::Raw(raw))], CLUSTER, SIZE).unwrap();
+    chain.write_at(&[1u8; 4096], 0).unwrap();
+    faulty.set_plan(FaultPlan {
+        fail_writes_after: None,
+        fail_flush: true,
+    });
+    assert!(chain.flush().is_err());
+    faulty.set_plan(FaultPlan::default());
+    assert!(
+        chain.flush().is_err(),
+        "a flush after a failed one succeeded"
+    );
+    assert!(
+        chain.write_at(&[2u8; 4096], 0).is_err(),
+        "a write was taken"
+    );
+    assert!(chain.discard(0, 4096).is_err(), "a discard was taken");
 }

@@ -15,7 +15,9 @@ use crate::{BlockIo, MemIo};
 pub struct FaultPlan {
     /// Writes after this many succeed fail with ENOSPC.
     pub fail_writes_after: Option<u64>,
-    /// Every flush fails with EIO.
+    /// Every flush fails with EIO and, as Linux does with pages whose
+    /// write-back failed, the writes it would have made durable are lost
+    /// to the disk (readers still see them until a crash).
     pub fail_flush: bool,
 }
 
@@ -105,6 +107,7 @@ impl BlockIo for FaultyIo {
     fn flush(&self) -> io::Result<()> {
         let mut st = self.state.lock().expect("faulty lock");
         if st.plan.fail_flush {
+            st.unflushed.clear();
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
         let ops = std::mem::take(&mut st.unflushed);

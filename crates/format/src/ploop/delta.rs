@@ -141,6 +141,12 @@ pub struct PloopDelta {
     epochs: Arc<Epochs>,
     writable: bool,
     open: AtomicBool,
+    /// A data sync failed: Linux may have dropped the pages it could not
+    /// write and will not report that again, so a later sync could
+    /// succeed with data missing. The delta then takes no more writes and
+    /// makes nothing durable, its in-use flag stays set, and the next
+    /// writer must check it.
+    failed: AtomicBool,
 }
 
 /// Read header + BAT from a backend without validating the BAT entries.
@@ -310,6 +316,7 @@ impl PloopDelta {
             meta: Mutex::new(()),
             writable: flags.writable,
             open: AtomicBool::new(true),
+            failed: AtomicBool::new(false),
         };
         if flags.writable {
             // Clusters leaked at the tail by a crash go back first.
@@ -378,20 +385,30 @@ impl PloopDelta {
 
     /// Write into an already mapped cluster.
     pub fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
+        self.ensure_healthy()?;
         self.io
             .write_at(buf, file_offset)
             .map_err(|e| Error::io(&self.path, "writing data", file_offset, e))
     }
 
     fn ensure_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::Invalid(format!(
+        if !self.writable {
+            return Err(Error::Invalid(format!(
                 "{}: delta is open read-only",
                 self.path
-            )))
+            )));
         }
+        self.ensure_healthy()
+    }
+
+    /// Err once a flush has failed (see the `failed` field).
+    pub fn ensure_healthy(&self) -> Result<()> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(Error::FlushFailed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Write `data` at `offset` inside virtual cluster `cluster`, allocating
@@ -536,6 +553,7 @@ impl PloopDelta {
     /// Make everything written so far durable: data first, then the BAT.
     pub fn flush(&self) -> Result<()> {
         let _meta = self.meta.lock().expect("meta lock");
+        self.ensure_healthy()?;
         let (pages, freed) = {
             let bat = self.bat.read().expect("bat lock");
             let mut dirty = self.dirty.lock().expect("dirty lock");
@@ -635,8 +653,12 @@ impl PloopDelta {
             .map_err(|e| Error::io(&self.path, "reading file size", 0, e))
     }
 
+    /// fdatasync; a failure stops the delta for good (see `failed`).
     fn sync(&self, op: &'static str) -> Result<()> {
-        self.io.flush().map_err(|e| Error::io(&self.path, op, 0, e))
+        self.io.flush().map_err(|e| {
+            self.failed.store(true, Ordering::SeqCst);
+            Error::io(&self.path, op, 0, e)
+        })
     }
 
     /// Set or clear the in-use flag durably (after flushing everything).
