@@ -113,7 +113,7 @@ impl RawDelta {
         self.ensure_writable()?;
         match self.io.punch_hole(offset, len) {
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(false),
+            Err(e) if ploop_io::is_unsupported(&e) => Ok(false),
             Err(e) => Err(Error::io(&self.path, "punching hole", offset, e)),
         }
     }

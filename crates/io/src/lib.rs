@@ -126,6 +126,14 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
 }
 
+/// True when an error says the operation is not supported here (a
+/// filesystem without hole punching answers EOPNOTSUPP, which std does not
+/// count as `ErrorKind::Unsupported`).
+pub fn is_unsupported(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+        || matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::OPNOTSUPP.raw_os_error() || code == rustix::io::Errno::NOSYS.raw_os_error())
+}
+
 /// True when every byte of `buf` is zero (fast path for sparse writes).
 pub fn is_zero(buf: &[u8]) -> bool {
     let words = buf.chunks_exact(8);
@@ -139,6 +147,19 @@ pub fn is_zero(buf: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsupported_operations_are_told_by_their_code() {
+        assert!(is_unsupported(&io::Error::from_raw_os_error(
+            libc_eopnotsupp()
+        )));
+        assert!(is_unsupported(&io::Error::from(io::ErrorKind::Unsupported)));
+        assert!(!is_unsupported(&io::Error::from_raw_os_error(5)));
+    }
+
+    fn libc_eopnotsupp() -> i32 {
+        rustix::io::Errno::OPNOTSUPP.raw_os_error()
+    }
 
     #[test]
     fn zero_detection() {

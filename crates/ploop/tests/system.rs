@@ -42,6 +42,24 @@ impl SmallFs {
         SmallFs { mnt }
     }
 
+    /// A ramfs: a real filesystem that cannot punch holes or zero ranges
+    /// (fallocate says EOPNOTSUPP to every mode) nor do O_DIRECT.
+    fn ramfs(dir: &Path) -> SmallFs {
+        let mnt = dir.join("backing");
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(
+            "mount",
+            &[
+                OsStr::new("-t"),
+                OsStr::new("ramfs"),
+                OsStr::new("ramfs"),
+                mnt.as_os_str(),
+            ],
+        )
+        .success();
+        SmallFs { mnt }
+    }
+
     fn remount(&self, opts: &str) {
         run(
             "mount",
@@ -85,6 +103,82 @@ fn a_raw_image_converts_to_preallocated_where_the_filesystem_cannot_reserve_spac
     disk.assert_content("after converting to preallocated");
     ploop_ok(&[OsStr::new("check"), disk.image.as_os_str()]);
     qemu_check(&disk.image);
+}
+
+/// On a filesystem that cannot punch holes, TRIM and WRITE_ZEROES still
+/// work (zeros are written instead), FAST_ZERO is answered ENOTSUP as the
+/// protocol asks where zeroing would be slow, and nothing fails halfway.
+#[test]
+fn trim_and_zeroes_work_where_the_filesystem_cannot_punch_holes() {
+    let tmp = tempdir();
+    let fs = SmallFs::ramfs(tmp.path());
+    let probe = fs.mnt.join("probe");
+    std::fs::write(&probe, vec![1u8; 8192]).unwrap();
+    let refused = run(
+        "fallocate",
+        &[
+            OsStr::new("-p"),
+            OsStr::new("-l"),
+            OsStr::new("4096"),
+            probe.as_os_str(),
+        ],
+    );
+    assert!(!refused.ok(), "ramfs should refuse to punch holes");
+    for format in ["raw", "ploop1"] {
+        let home = fs.mnt.join(format);
+        std::fs::create_dir_all(&home).unwrap();
+        let mut disk = TestDisk::init(&home, 8 * MIB, &["-f", format, "-t", "none"]);
+        disk.write_random(3, 0, 8 * MIB);
+        let sock = tmp.path().join("nbd.sock");
+        let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
+        // Raw: FAST_ZERO must be refused (zeroing means writing zeros).
+        // ploop: whole clusters held by nobody below are dropped, fast.
+        let fast = if format == "raw" { "False" } else { "True" };
+        let script = format!(
+            r#"
+h = nbd.NBD()
+h.connect_uri(uri)
+M = 1 << 20
+h.trim(M, 0)
+h.trim(4096, 3 * M + 512 * 3)
+h.zero(2 * M, 4 * M)
+h.zero(8192, M + 4096, flags=nbd.CMD_FLAG_NO_HOLE)
+try:
+    h.zero(M, 6 * M, flags=nbd.CMD_FLAG_FAST_ZERO)
+    fast_ok = True
+except nbd.Error as e:
+    assert e.errnum == errno.ENOTSUP, e
+    fast_ok = False
+assert fast_ok == {fast}, fast_ok
+h.flush()
+for off, n in ((0, M), (3 * M + 1536, 4096), (4 * M, 2 * M), (M + 4096, 8192)):
+    assert h.pread(n, off) == bytes(n), (off, n)
+if fast_ok:
+    assert h.pread(M, 6 * M) == bytes(M)
+h.shutdown()
+print("ok")
+"#
+        );
+        let out = nbdsh(&server.uri, &script);
+        assert!(
+            out.ok() && out.stdout_str().contains("ok"),
+            "{format}: {out}\nserver log:\n{}",
+            server.log()
+        );
+        server.stop();
+        let mut zero = |off: usize, len: usize| disk.expected[off..off + len].fill(0);
+        zero(0, MIB);
+        zero(3 * MIB + 1536, 4096);
+        zero(4 * MIB, 2 * MIB);
+        zero(MIB + 4096, 8192);
+        if format != "raw" {
+            zero(6 * MIB, MIB);
+        }
+        disk.assert_content(format);
+        if format != "raw" {
+            peers_check(&disk.image);
+        }
+    }
 }
 
 #[test]

@@ -544,10 +544,15 @@ impl PloopDelta {
             }
         }
         // Reads already see zeros through the BAT; the hole gives the space
-        // back even before the BAT change is durable.
-        self.io
-            .punch_hole(file_off, cs)
-            .map_err(|e| Error::io(&self.path, "punching hole", file_off, e))
+        // back even before the BAT change is durable. A filesystem that
+        // cannot punch holes keeps the old data in a cluster nobody reads
+        // until it is reused (and then written whole).
+        match self.io.punch_hole(file_off, cs) {
+            Err(e) if !ploop_io::is_unsupported(&e) => {
+                Err(Error::io(&self.path, "punching hole", file_off, e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Make everything written so far durable: data first, then the BAT.
