@@ -418,7 +418,21 @@ impl Chain {
         }
     }
 
+    /// Write `buf` at `offset`. Zeros over a cluster no delta holds leave
+    /// it unallocated (it reads as zeros either way).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset, true)
+    }
+
+    /// Write `buf` at `offset`, allocating every cluster it touches even
+    /// where it writes zeros over nothing: the range is provisioned, so
+    /// later writes there need no new space (NBD's WRITE_ZEROES with
+    /// NO_HOLE asks for this).
+    pub fn write_provisioned(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_inner(buf, offset, false)
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64, sparse: bool) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let top_index = self.layers.len() - 1;
         let top = self.writable_top()?;
@@ -434,7 +448,7 @@ impl Chain {
                     } else {
                         drop(pin); // allocation re-checks under its lock
                         let below = self.holder(cluster, top_index);
-                        if below.is_none() && is_zero(data) {
+                        if sparse && below.is_none() && is_zero(data) {
                             continue; // zeros over nothing: stay sparse
                         }
                         let fill =

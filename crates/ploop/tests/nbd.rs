@@ -188,6 +188,8 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
             "-c",
             "read -P 0xbb 1M 64k",
             "-c",
+            "read -P 0 2M 64k",
+            "-c",
             "read -P 0 4M 64k",
             "-c",
             "read -P 0xdd 8M 4k",
@@ -197,7 +199,9 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
         ],
     )
     .success();
-    // Data where written; the zeroed and discarded clusters are holes again.
+    // Data where written; the clusters zeroed with unmap allowed (-u) and
+    // discarded are holes again; `write -z` without -u asks for no hole
+    // (NO_HOLE), so its cluster is provisioned, holding zeros.
     let map = nbd_map(&server.uri);
     let data: Vec<(u64, u64)> = map
         .iter()
@@ -210,6 +214,7 @@ fn qemu_io_patterns_zeroes_discard_and_allocation_map() {
             (0, k64),
             (2 * k64, k64),
             (MIB as u64, k64),
+            (2 * MIB as u64, k64),
             (8 * MIB as u64, k64)
         ],
         "allocation map: {map:?}"
@@ -392,6 +397,21 @@ def cb(ctx, offset, entries, err):
 h.block_status(4 * 1024 * 1024, 0, cb, nbd.CMD_FLAG_REQ_ONE)
 assert len(seen) == 1 and len(seen[0][1]) == 2, seen
 assert seen[0][1][0] <= 4 * 1024 * 1024, seen
+
+# Zeroes with NO_HOLE over clusters nobody holds provision them (the
+# protocol: the area MUST be fully provisioned), even across clusters.
+def status(length, offset):
+    runs = []
+    def cb(ctx, off, entries, err):
+        runs.extend(zip(entries[0::2], entries[1::2]))
+        return 0
+    h.block_status(length, offset, cb)
+    return runs
+M = 1024 * 1024
+assert status(2 * M, 13 * M) == [(2 * M, 3)], status(2 * M, 13 * M)
+h.zero(M, 13 * M + M // 2, nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(M, 13 * M + M // 2) == b"\0" * M
+assert status(2 * M, 13 * M) == [(2 * M, 0)], status(2 * M, 13 * M)
 
 # Unfragmented read across data and a hole.
 assert h.pread(1024 * 1024 + 4096, 1024 * 1024 - 4096, nbd.CMD_FLAG_DF)[-4096:] == b"\0" * 4096

@@ -97,7 +97,7 @@ impl Connection {
             while at < req.length {
                 let n = (req.length - at).min(zeros.len() as u64);
                 chain
-                    .write_at(&zeros[..n as usize], req.offset + at)
+                    .write_provisioned(&zeros[..n as usize], req.offset + at)
                     .map_err(|e| image_failure(&e))?;
                 at += n;
             }
