@@ -845,14 +845,19 @@ fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
         },
     )?;
     drop(lock);
+    let size = disk.chain.virtual_size();
     let mut pos = parse_size(offset, 1)?;
-    let mut src: Box<dyn Read> = if input == Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?)
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let result = (|| -> Res<()> {
+    // All or nothing: the whole input is sized, and checked against the
+    // disk, before its first byte is written.
+    let result = sized_input(input, size.saturating_sub(pos)).and_then(|(mut src, len)| {
+        if pos.checked_add(len).is_none_or(|end| end > size) {
+            return Err(format!(
+                "{}: range {pos}+{len} is past the end of the {size}-byte disk",
+                dd.display()
+            )
+            .into());
+        }
+        let mut buf = vec![0u8; 1 << 20];
         loop {
             let mut filled = 0;
             while filled < buf.len() {
@@ -868,11 +873,43 @@ fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
             disk.chain.write_at(&buf[..filled], pos)?;
             pos += filled as u64;
         }
-    })();
+    });
     let closed = disk.close();
     result?;
     closed?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The input of `write` and its length. A regular file (or standard input
+/// redirected from one) says its length; a pipe is copied into an unnamed
+/// temporary file first, read no further than one byte past `room`, so
+/// that its length is known before anything is written.
+fn sized_input(input: &Path, room: u64) -> Res<(Box<dyn Read>, u64)> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsFd;
+    let name = input.display().to_string();
+    let ctx = |e: std::io::Error| format!("{name}: {e}");
+    let mut file = if input == Path::new("-") {
+        std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().map_err(ctx)?)
+    } else {
+        std::fs::File::open(input).map_err(ctx)?
+    };
+    if file.metadata().map_err(ctx)?.is_file() {
+        let len = file.metadata().map_err(ctx)?.len();
+        let at = file.stream_position().map_err(ctx)?;
+        return Ok((Box::new(file), len.saturating_sub(at)));
+    }
+    let mut staged = tempfile::tempfile().map_err(|e| format!("staging {name}: {e}"))?;
+    let len = std::io::copy(&mut (&mut file).take(room.saturating_add(1)), &mut staged)
+        .map_err(|e| format!("staging {name}: {e}"))?;
+    if len > room {
+        return Err(format!(
+            "{name}: more than the {room} bytes from the offset to the end of the disk"
+        )
+        .into());
+    }
+    staged.seek(SeekFrom::Start(0))?;
+    Ok((Box::new(staged), len))
 }
 
 impl From<MountArgs> for crate::mount::MountRequest {

@@ -410,6 +410,70 @@ fn malformed_descriptor() {
     assert!(names.is_empty(), "stray deltas: {names:?}");
 }
 
+/// `ploop write` past the end of the disk writes nothing at all, whether
+/// the input is a file or a pipe of unknown length.
+#[test]
+fn a_write_past_the_end_writes_nothing() {
+    let tmp = tempdir();
+    let disk = TestDisk::init(tmp.path(), 2 * MIB, &[]);
+    let src = tmp.path().join("3M.bin");
+    std::fs::write(&src, data(7, 3 * MIB)).unwrap();
+    let out = ploop(&[
+        OsStr::new("write"),
+        OsStr::new("--offset"),
+        OsStr::new("64K"),
+        disk.dd.as_os_str(),
+        src.as_os_str(),
+    ]);
+    disk.assert_content("after a file too long for the disk");
+    expect_error(&out, "DiskDescriptor.xml", &["past the end"]);
+    // The same bytes through a pipe.
+    let mut child = std::process::Command::new(bin())
+        .args([
+            OsStr::new("write"),
+            OsStr::new("--offset"),
+            OsStr::new("64K"),
+        ])
+        .arg(&disk.dd)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&data(7, 3 * MIB));
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    let out = Out::from_output("ploop write - < pipe".into(), out);
+    disk.assert_content("after a pipe too long for the disk");
+    expect_error(&out, "-:", &["more than"]);
+    // What fits goes in, from a pipe as from a file.
+    let mut child = std::process::Command::new(bin())
+        .args([
+            OsStr::new("write"),
+            OsStr::new("--offset"),
+            OsStr::new("1M"),
+        ])
+        .arg(&disk.dd)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&data(8, MIB)).unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    let mut want = vec![0u8; 2 * MIB];
+    want[MIB..].copy_from_slice(&data(8, MIB));
+    assert_same(&disk.read(None), &want, "a pipe that fits");
+}
+
 #[test]
 fn descriptor_missing_altogether() {
     let tmp = tempdir();

@@ -35,7 +35,7 @@ pub struct Out {
 }
 
 impl Out {
-    fn from_output(what: String, o: Output) -> Self {
+    pub fn from_output(what: String, o: Output) -> Self {
         Self {
             what,
             code: o.status.code(),
