@@ -1071,3 +1071,115 @@ fn usage_errors_exit_1_and_a_bad_fs_block_leaves_nothing() {
         assert!(!tmp.path().join("DiskDescriptor.xml").exists());
     }
 }
+
+/// A BAT backup (`.idx`) is trusted for nothing: one that claims a huge
+/// table, sparse and terabytes long, is refused quickly and costs no
+/// memory (the backup was once read whole into a buffer of its size).
+#[test]
+fn a_huge_sparse_bat_backup_is_refused_without_reading_it() {
+    let tmp = tempdir();
+    let disk = fixture(tmp.path());
+    let mut bytes = std::fs::read(&disk.image).unwrap();
+    bytes[52] |= 2; // a conversion interrupted
+    std::fs::write(&disk.image, &bytes).unwrap();
+    let mut idx = disk.image.as_os_str().to_owned();
+    idx.push(".idx");
+    let mut header = bytes[..64].to_vec();
+    header[52] &= !2;
+    header[32..36].copy_from_slice(&u32::MAX.to_le_bytes()); // bat_entries
+                                                             // 1 TiB "clusters": the old check allowed a backup up to header + BAT
+                                                             // + one cluster long, and then read all of it into memory.
+    header[28..32].copy_from_slice(&(1u32 << 31).to_le_bytes());
+    let f = std::fs::File::create(&idx).unwrap();
+    f.set_len(1 << 40).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&header, 0).unwrap();
+    drop(f);
+    let started = std::time::Instant::now();
+    let out = run(
+        "timeout",
+        &[
+            OsStr::new("60"),
+            OsStr::new(bin()),
+            OsStr::new("check"),
+            disk.image.as_os_str(),
+        ],
+    );
+    expect_error(&out, "root.hdd.idx", &["not a usable bat backup"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "check took {:?}",
+        started.elapsed()
+    );
+}
+
+/// A file of 0xff bytes is not a ploop image, whatever its flag bits say.
+#[test]
+fn check_of_junk_says_not_a_ploop_image() {
+    let tmp = tempdir();
+    let junk = tmp.path().join("junk.hdd");
+    std::fs::write(&junk, vec![0xffu8; 1 << 20]).unwrap();
+    for args in [&["check"][..], &["check", "-r"][..]] {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.push(junk.as_os_str());
+        let out = ploop(&a);
+        expect_error(&out, "junk.hdd", &["not a ploop image"]);
+    }
+}
+
+/// qemu and OpenVZ accept a header whose disk size needs fewer BAT
+/// entries than the table holds, and one whose size needs more (the
+/// clusters past the table read as zeros): so must we, reading what qemu
+/// reads. Tried on qemu's own sample image with its size field changed.
+#[test]
+fn a_bat_longer_or_shorter_than_the_disk_is_read_as_qemu_reads_it() {
+    let tmp = tempdir();
+    let sample = sample_image(tmp.path(), "parallels-v2");
+    for (name, sectors) in [("shorter-disk", 2048u32), ("longer-disk", 8192)] {
+        let img = tmp.path().join(format!("{name}.hds"));
+        std::fs::copy(&sample, &img).unwrap();
+        set_u32(&img, 36, sectors);
+        let size = u64::from(sectors) * 512;
+        qemu_check(&img);
+        openvz_check(&img);
+        // Our check finds nothing to repair and changes nothing.
+        let before = std::fs::read(&img).unwrap();
+        ploop_ok(&[OsStr::new("check"), img.as_os_str()]);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{name}: check changed the file"
+        );
+        // The bytes qemu reads.
+        let want = tmp.path().join(format!("{name}.raw"));
+        run(
+            "qemu-img",
+            &[
+                OsStr::new("convert"),
+                OsStr::new("-f"),
+                OsStr::new("parallels"),
+                OsStr::new("-O"),
+                OsStr::new("raw"),
+                img.as_os_str(),
+                want.as_os_str(),
+            ],
+        )
+        .success();
+        let want = std::fs::read(&want).unwrap();
+        assert_eq!(want.len() as u64, size);
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let adopted = dir.join("root.hds");
+        std::fs::copy(&img, &adopted).unwrap();
+        ploop_ok(&[
+            OsStr::new("restore-descriptor"),
+            dir.as_os_str(),
+            adopted.as_os_str(),
+        ]);
+        let got = ploop_ok(&[
+            OsStr::new("read"),
+            dir.join("DiskDescriptor.xml").as_os_str(),
+        ])
+        .stdout;
+        assert_same(&got, &want, name);
+    }
+}

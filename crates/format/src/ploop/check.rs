@@ -5,7 +5,7 @@ use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::{scan_bat, BatProblem};
 use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
-use super::header::{RawHeader, FLAG_CONVERTING, FLAG_EMPTY, HEADER_SIZE};
+use super::header::{Header, RawHeader, FLAG_CONVERTING, FLAG_EMPTY, HEADER_SIZE};
 use crate::{Error, Result};
 
 /// What check found and did.
@@ -23,50 +23,59 @@ impl CheckReport {
     }
 }
 
-/// Put back the header and BAT saved before a version conversion.
+/// Put back the header and BAT saved before a version conversion. The
+/// backup is trusted for nothing: it must describe this image's geometry
+/// and be exactly its metadata area, which is copied in pieces (a sparse
+/// backup claiming terabytes costs no memory).
 fn restore_backup(io: &SharedIo, backup: &SharedIo) -> Result<()> {
     let path = io.describe();
+    let bpath = backup.describe();
     let len = backup
         .size()
-        .map_err(|e| Error::io(backup.describe(), "reading size", 0, e))?;
-    let unusable = || Error::corrupt(backup.describe(), "not a usable BAT backup for this image");
+        .map_err(|e| Error::io(&bpath, "reading size", 0, e))?;
+    let unusable = || Error::corrupt(&bpath, "not a usable BAT backup for this image");
     if len < HEADER_SIZE as u64 {
         return Err(unusable());
     }
     let mut ob = [0u8; HEADER_SIZE];
     backup
         .read_at(&mut ob, 0)
-        .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
+        .map_err(|e| Error::io(&bpath, "reading BAT backup", 0, e))?;
     let old = RawHeader::parse(&ob);
-    // Only the header and BAT area, whatever the file claims (read whole
-    // below): no larger than the table it describes, rounded to a cluster.
-    let area = HEADER_SIZE as u64
-        + 4 * u64::from(old.bat_entries)
-        + u64::from(old.sectors) * crate::SECTOR;
-    if len > area {
-        return Err(unusable());
-    }
-    let mut saved = vec![0u8; len as usize];
-    backup
-        .read_at(&mut saved, 0)
-        .map_err(|e| Error::io(backup.describe(), "reading BAT backup", 0, e))?;
     let mut hb = [0u8; HEADER_SIZE];
     io.read_at(&mut hb, 0)
         .map_err(|e| Error::io(&path, "reading header", 0, e))?;
     let now = RawHeader::parse(&hb);
-    // Same geometry, a clean state, and exactly the header + BAT area.
+    // Same geometry, a clean state, a valid header, and exactly the
+    // header + BAT area, which the image itself must hold.
     let same = old.sectors == now.sectors
         && old.bat_entries == now.bat_entries
         && old.first_block_offset == now.first_block_offset
         && old.size_in_sectors & 0xffff_ffff == now.size_in_sectors & 0xffff_ffff;
+    let image_len = io
+        .size()
+        .map_err(|e| Error::io(&path, "reading file size", 0, e))?;
+    let area = u64::from(old.first_block_offset) * crate::SECTOR;
     if !same
         || old.flags & FLAG_CONVERTING != 0
-        || saved.len() as u64 != u64::from(old.first_block_offset) * crate::SECTOR
+        || Header::validate(old, &bpath).is_err()
+        || len != area
+        || area > image_len
     {
         return Err(unusable());
     }
-    io.write_at(&saved, 0)
-        .map_err(|e| Error::io(&path, "restoring BAT", 0, e))?;
+    let mut chunk = AlignedBuf::zeroed(1 << 20);
+    let mut at = 0;
+    while at < area {
+        let n = (area - at).min(chunk.len() as u64) as usize;
+        let piece = &mut chunk.as_mut_slice()[..n];
+        backup
+            .read_at(piece, at)
+            .map_err(|e| Error::io(&bpath, "reading BAT backup", at, e))?;
+        io.write_at(piece, at)
+            .map_err(|e| Error::io(&path, "restoring BAT", at, e))?;
+        at += n as u64;
+    }
     io.flush()
         .map_err(|e| Error::io(&path, "syncing restored BAT", 0, e))
 }
@@ -89,7 +98,17 @@ pub fn check_with_backup(
     let mut hb = [0u8; HEADER_SIZE];
     io.read_at(&mut hb, 0)
         .map_err(|e| Error::io(&path, "reading header", 0, e))?;
-    if RawHeader::parse(&hb).flags & FLAG_CONVERTING != 0 {
+    let raw_header = RawHeader::parse(&hb);
+    if raw_header.flags & FLAG_CONVERTING != 0 {
+        // Only a ploop image can be half converted: anything else is
+        // called what it is first.
+        Header::validate(
+            RawHeader {
+                flags: raw_header.flags & !FLAG_CONVERTING,
+                ..raw_header
+            },
+            &path,
+        )?;
         let Some(backup) = backup else {
             return Err(Error::corrupt(
                 &path,

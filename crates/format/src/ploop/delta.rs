@@ -176,12 +176,23 @@ pub(crate) fn read_metadata(io: &SharedIo) -> Result<(Header, Vec<u32>, u64)> {
             ),
         ));
     }
-    // Read in chunks: the table is the only thing held in memory.
-    let mut bat = Vec::with_capacity(header.bat_entries as usize);
+    // Read in chunks, the table growing as the file really holds it (a
+    // sparse file may claim billions of entries), and memory refused with
+    // an error rather than an abort.
+    let mut bat: Vec<u32> = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < bat_bytes {
         let n = (bat_bytes - at).min(chunk.len() as u64) as usize;
+        bat.try_reserve(n / 4).map_err(|_| {
+            Error::corrupt(
+                &path,
+                format!(
+                    "its BAT of {} entries does not fit in memory",
+                    header.bat_entries
+                ),
+            )
+        })?;
         let off = HEADER_SIZE as u64 + at;
         io.read_at(&mut chunk[..n], off)
             .map_err(|e| Error::io(&path, "reading BAT", off, e))?;
@@ -350,9 +361,13 @@ impl PloopDelta {
         self.writable
     }
 
-    /// Number of virtual clusters.
+    /// Number of virtual clusters this delta can hold: the disk's, or
+    /// fewer where its BAT is shorter than the disk.
     pub fn clusters(&self) -> u64 {
-        u64::from(self.header.bat_entries)
+        self.header
+            .virtual_size
+            .div_ceil(self.header.cluster_size)
+            .min(u64::from(self.header.bat_entries))
     }
 
     /// File offset of virtual cluster `cluster` if this delta holds it.
@@ -424,6 +439,17 @@ impl PloopDelta {
         self.ensure_writable()?;
         let cs = self.header.cluster_size;
         debug_assert!(offset + data.len() as u64 <= cs);
+        if cluster >= self.clusters() {
+            // A BAT shorter than the disk (qemu and OpenVZ accept those):
+            // the clusters past it read as zeros and have nowhere to go.
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "cannot write cluster {cluster}: the BAT maps only the first {} clusters of the disk",
+                    self.clusters()
+                ),
+            ));
+        }
         {
             let _pin = self.pin();
             if let Some(off) = self.map(cluster) {

@@ -557,3 +557,16 @@ pub fn nbdsh(uri: &str, script: &str) -> Out {
     let prelude = format!("import errno\nuri = {uri:?}\n");
     run(NBDSH[0], &[NBDSH[1], "-c", &format!("{prelude}{script}")])
 }
+
+/// One of qemu's sample Parallels images (tests/fixtures/qemu-parallels,
+/// copied from qemu's test suite), unpacked into `dir`.
+#[track_caller]
+pub fn sample_image(dir: &Path, name: &str) -> PathBuf {
+    let packed = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qemu-parallels")
+        .join(format!("{name}.bz2"));
+    let out = run("bzcat", &[packed.as_os_str()]).success();
+    let path = dir.join(format!("{name}.hds"));
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
+}
