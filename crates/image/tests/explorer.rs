@@ -134,10 +134,15 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     };
     let d0: SharedIo = Arc::new(j.create("root.hdd"));
     create(d0.clone());
-    let chain = Chain::new(vec![open(d0.clone(), true)], CS, SIZE).unwrap();
-    chain.flush().unwrap();
+    if seed.is_multiple_of(2) {
+        add_extension(&d0);
+    }
+    // Crashes from here on, the first writable open included (it drops
+    // the format extension of the lives that have one).
     m.views.push((j.len(), vec![0]));
     m.checkpoints.push((j.len(), m.live.clone()));
+    let chain = Chain::new(vec![open(d0.clone(), true)], CS, SIZE).unwrap();
+    chain.flush().unwrap();
     work(&chain, &j, &mut m, &mut rng, 14);
 
     // Snapshot: close the top, make the new delta, then (as the
@@ -171,6 +176,31 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     chain.close().unwrap();
     m.checkpoints.push((j.len(), m.live.clone()));
     (j, vec!["root.hdd".into(), "root.hdd.snap".into()], m)
+}
+
+/// Give a closed delta a format extension (a dirty bitmap, all set) in
+/// the cluster after its BAT, as OpenVZ leaves one on a clean close.
+fn add_extension(io: &SharedIo) {
+    use md5::Digest;
+    use ploop_format::ploop::ext::{DIRTY_BITMAP_MAGIC, EXT_MAGIC};
+    let mut header = [0u8; 64];
+    io.read_at(&mut header, 0).unwrap();
+    let data_offset = u64::from(u32::from_le_bytes(header[48..52].try_into().unwrap())) * 512;
+    let mut c = vec![0u8; CS as usize];
+    c[..8].copy_from_slice(&EXT_MAGIC.to_le_bytes());
+    c[24..32].copy_from_slice(&DIRTY_BITMAP_MAGIC.to_le_bytes());
+    c[40..44].copy_from_slice(&40u32.to_le_bytes());
+    c[48..56].copy_from_slice(&(SIZE / 512).to_le_bytes());
+    c[72..76].copy_from_slice(&64u32.to_le_bytes()); // granularity
+    c[76..80].copy_from_slice(&1u32.to_le_bytes()); // l1 size
+    c[80..88].copy_from_slice(&1u64.to_le_bytes()); // all set
+    let sum = md5::Md5::digest(&c[24..]);
+    c[8..24].copy_from_slice(&sum);
+    io.write_at(&c, data_offset).unwrap();
+    header[44..48].copy_from_slice(&0x312e_3276u32.to_le_bytes()); // "v2.1"
+    header[56..64].copy_from_slice(&(data_offset / 512).to_le_bytes());
+    io.write_at(&header, 0).unwrap();
+    io.flush().unwrap();
 }
 
 /// Problems `check` may find after a crash without anything being lost.
@@ -214,6 +244,11 @@ fn explore(j: &Journal, names: &[String], m: &Model, point: usize, rng: &mut Rng
         let io: SharedIo = Arc::new(MemIo::from_bytes(&names[file], images[file].clone()));
         match check(&io, true) {
             Ok(r) => {
+                if let Some(why) = dangling_extension(&io) {
+                    f.failed_check += 1;
+                    eprintln!("point {point}: {}: after check, {why}", names[file]);
+                    return;
+                }
                 if let Some(p) = r.problems.iter().find(|p| !harmless(p)) {
                     f.failed_check += 1;
                     eprintln!("point {point}: {}: {p}", names[file]);
@@ -277,6 +312,22 @@ fn explore(j: &Journal, names: &[String], m: &Model, point: usize, rng: &mut Rng
             return;
         }
     }
+}
+
+/// Why the extension the header names is not there, if it names one.
+fn dangling_extension(io: &SharedIo) -> Option<String> {
+    let mut hb = [0u8; 64];
+    io.read_at(&mut hb, 0).ok()?;
+    let raw = ploop_format::ploop::RawHeader::parse(&hb);
+    let header = ploop_format::ploop::Header::validate(raw, "crashed").ok()?;
+    let size = io.size().ok()?;
+    let mut bat = vec![0u8; 4 * header.bat_entries as usize];
+    io.read_at(&mut bat, 64).ok()?;
+    let bat: Vec<u32> = bat
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    ploop_format::ploop::ext::read(io, &header, &bat, size).err()
 }
 
 #[test]

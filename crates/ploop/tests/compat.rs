@@ -694,3 +694,77 @@ fn size_not_a_cluster_multiple() {
         "reading past the end must fail:\n{past}"
     );
 }
+
+/// The format extension of qemu's sample made by Virtuozzo's tools (a
+/// changed-block bitmap at `ext_off`): our check leaves it alone and calls
+/// the image clean (its clusters are in use, not leaked); a write drops
+/// the extension so that no stale bitmap or dangling offset is left (the
+/// data used to land on the extension's clusters with `ext_off` still
+/// set, which qemu then refused); an offset that dangles is reported and
+/// cleared by check.
+#[test]
+fn a_format_extension_is_kept_or_dropped_never_left_dangling() {
+    let tmp = tempdir();
+    let sample = sample_image(tmp.path(), "parallels-with-bitmap");
+    let ext_off = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        u64::from_le_bytes(b[56..64].try_into().unwrap())
+    };
+    assert_eq!(ext_off(&sample), 4096, "the sample's extension at 2 MiB");
+    let pristine = std::fs::read(&sample).unwrap();
+    ploop_ok(&[OsStr::new("check"), OsStr::new("-r"), sample.as_os_str()]);
+    ploop_ok(&[OsStr::new("check"), sample.as_os_str()]);
+    assert!(
+        std::fs::read(&sample).unwrap() == pristine,
+        "check changed a clean image with an extension"
+    );
+
+    // Written through a descriptor: the extension is dropped.
+    let dir = tmp.path().join("disk");
+    std::fs::create_dir(&dir).unwrap();
+    let image = dir.join("root.hds");
+    std::fs::copy(&sample, &image).unwrap();
+    ploop_ok(&[
+        OsStr::new("restore-descriptor"),
+        dir.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let mut disk = TestDisk::adopt(&dir, &image, vec![0u8; 4 * MIB]);
+    disk.write_random(9, 0, 3 * MIB);
+    assert_eq!(ext_off(&image), 0, "a writer keeps a stale extension");
+    peers_check(&image);
+    ploop_ok(&[OsStr::new("check"), OsStr::new("-r"), image.as_os_str()]);
+    let raw = tmp.path().join("back.raw");
+    run(
+        "qemu-img",
+        &[
+            OsStr::new("dd"),
+            OsStr::new("-f"),
+            OsStr::new("parallels"),
+            OsStr::new("-O"),
+            OsStr::new("raw"),
+            OsStr::new("count=4"),
+            OsStr::new("bs=1M"),
+            &[OsStr::new("if="), image.as_os_str()].join(OsStr::new("")),
+            &[OsStr::new("of="), raw.as_os_str()].join(OsStr::new("")),
+        ],
+    )
+    .success();
+    assert_same(
+        &std::fs::read(&raw).unwrap(),
+        &disk.expected,
+        "qemu reads our write",
+    );
+
+    // An offset that dangles: data took the extension's cluster.
+    let dangling = tmp.path().join("dangling.hds");
+    std::fs::write(&dangling, &pristine).unwrap();
+    patch(&dangling, 64, &2u32.to_le_bytes()); // virtual cluster 0 -> file cluster 2
+    let found = ploop(&[OsStr::new("check"), OsStr::new("-r"), dangling.as_os_str()]);
+    assert_eq!(found.code, Some(2), "{found}");
+    assert!(found.stdout_str().contains("format extension"), "{found}");
+    ploop_ok(&[OsStr::new("check"), dangling.as_os_str()]);
+    assert_eq!(ext_off(&dangling), 0);
+    ploop_ok(&[OsStr::new("check"), OsStr::new("-r"), dangling.as_os_str()]);
+    qemu_check(&dangling);
+}

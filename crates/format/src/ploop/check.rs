@@ -168,10 +168,33 @@ pub fn check_with_backup(
             other => bat[other.cluster() as usize] = 0,
         }
     }
+    // A live format extension's clusters are used like data clusters; an
+    // offset that dangles is cleared (qemu refuses a file whose extension
+    // offset names no extension).
+    let mut ext_clusters = Vec::new();
+    if raw.format_extension_offset != 0 {
+        let why = if header.in_use {
+            Err("it was not closed cleanly, so its changed-block bitmap cannot be trusted".into())
+        } else {
+            super::ext::read(io, &header, &bat, new_size)
+        };
+        match why {
+            Ok(Some(ext)) => ext_clusters = ext.clusters,
+            Ok(None) => {}
+            Err(why) => {
+                report.problems.push(format!(
+                    "the header names a format extension at sector {}, but {why} (fix: drop the extension)",
+                    raw.format_extension_offset
+                ));
+                raw.format_extension_offset = 0;
+            }
+        }
+    }
     let highest = bat
         .iter()
         .filter(|&&e| e != 0)
         .map(|&e| entry_to_offset(&header, e) + cs)
+        .chain(ext_clusters.iter().map(|&c| (c + 1) * cs))
         .max()
         .unwrap_or(0)
         .max(header.data_offset);
@@ -194,19 +217,14 @@ pub fn check_with_backup(
         end = highest;
     }
 
-    // OpenVZ keeps the "empty" flag exactly when nothing is mapped.
-    let empty = if bat.iter().all(|&e| e == 0) {
-        FLAG_EMPTY
-    } else {
-        0
-    };
-    if raw.flags & FLAG_EMPTY != empty {
-        report.problems.push(format!(
-            "the header's empty flag is {}, but the image {} data",
-            if empty == 0 { "set" } else { "clear" },
-            if empty == 0 { "holds" } else { "holds no" }
-        ));
-        raw.flags = (raw.flags & !FLAG_EMPTY) | empty;
+    // A set "empty" flag over mapped data is wrong. A clear one over no
+    // data is not: OpenVZ's own repair clears every flag, and images made
+    // by Virtuozzo's tools carry it clear (qemu's sample with a bitmap).
+    if raw.flags & FLAG_EMPTY != 0 && bat.iter().any(|&e| e != 0) {
+        report
+            .problems
+            .push("the header's empty flag is set, but the image holds data".into());
+        raw.flags &= !FLAG_EMPTY;
     }
 
     if !repair || report.problems.len() == restored {
@@ -214,14 +232,19 @@ pub fn check_with_backup(
     }
     let name = path.as_str();
     let ioerr = |op, off| move |e| Error::io(name, op, off, e);
+    // Data first (copies, a grown tail), then the header and BAT, then a
+    // cut of the tail: the header never names what is not there yet, nor
+    // (a dropped extension) what is no longer there.
     let mut buf = AlignedBuf::zeroed(cs as usize);
+    if end > size {
+        io.set_len(end).map_err(ioerr("resizing file", end))?;
+    }
     for &(from, to) in &relocations {
         io.read_at(buf.as_mut_slice(), from)
             .map_err(ioerr("reading duplicated cluster", from))?;
         io.write_at(buf.as_slice(), to)
             .map_err(ioerr("copying duplicated cluster", to))?;
     }
-    io.set_len(end).map_err(ioerr("resizing file", end))?;
     io.flush().map_err(ioerr("syncing data", 0))?;
     let pages = header.data_offset.div_ceil(META_PAGE);
     for page in 0..pages {
@@ -230,6 +253,10 @@ pub fn check_with_backup(
             .map_err(ioerr("writing BAT", page * META_PAGE))?;
     }
     io.flush().map_err(ioerr("syncing BAT", 0))?;
+    if end < size {
+        io.set_len(end).map_err(ioerr("resizing file", end))?;
+        io.flush().map_err(ioerr("syncing file size", 0))?;
+    }
     report.repaired = true;
     Ok(report)
 }

@@ -294,9 +294,18 @@ impl PloopDelta {
     /// Open and validate a delta. A writable open marks the image in use.
     pub fn open(io: SharedIo, flags: OpenFlags) -> Result<Self> {
         let path = io.describe();
-        let (header, bat, size) = read_metadata(&io)?;
+        let (mut header, bat, size) = read_metadata(&io)?;
         if flags.writable && header.in_use && !flags.allow_dirty {
             return Err(Error::Dirty { path });
+        }
+        if flags.writable && header.raw.format_extension_offset != 0 {
+            // A writer would make a changed-block bitmap stale: drop the
+            // extension (as qemu does) in the header write below that
+            // marks the image in use, before any of its clusters is reused.
+            tracing::warn!(
+                "{path}: dropping its format extension (a changed-block bitmap): writing makes it stale"
+            );
+            header.raw.format_extension_offset = 0;
         }
         if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
             return Err(Error::corrupt(&path, p.to_string()));
@@ -330,9 +339,10 @@ impl PloopDelta {
             failed: AtomicBool::new(false),
         };
         if flags.writable {
-            // Clusters leaked at the tail by a crash go back first.
-            delta.trim_tail(&mut delta.alloc.lock().expect("alloc lock"))?;
             delta.set_in_use(true)?;
+            // Clusters leaked at the tail by a crash go back, and those of
+            // a dropped extension, now that the header no longer names it.
+            delta.trim_tail(&mut delta.alloc.lock().expect("alloc lock"))?;
         }
         Ok(delta)
     }

@@ -5,6 +5,7 @@ mod bat;
 pub mod check;
 pub mod convert;
 mod delta;
+pub mod ext;
 mod free;
 pub mod header;
 

@@ -1,0 +1,265 @@
+//! The format extension: one cluster that the header's `ext_off` points
+//! at, written by Parallels/Virtuozzo and OpenVZ tools on a clean close,
+//! holding optional features such as a changed-block (dirty) bitmap.
+//! Layout (qemu's docs/interop/parallels.rst, OpenVZ's ploop1_image.h):
+//!
+//! ```text
+//! u64 magic 0xAB234CEF23DCEA87 | md5 of the rest of the cluster (16 bytes)
+//! then features, each 8-byte aligned:
+//!   u64 magic | u64 flags (0) | u32 data size | u32 unused | data
+//! ending with a feature whose magic is 0.
+//! dirty bitmap data: u64 disk size (sectors) | uuid (16) |
+//!   u32 granularity (sectors) | u32 l1 size | u64 l1[l1 size]
+//!   (l1: 0 all clear, 1 all set, else the sector of a bitmap cluster)
+//! ```
+//!
+//! A read-write open cannot keep a bitmap true, so it drops the extension
+//! (clears `ext_off` in the header write that marks the image in use, as
+//! qemu does); until then its clusters are live and never reused. `check`
+//! tells a live extension from a dangling offset.
+
+use md5::{Digest, Md5};
+use ploop_io::{AlignedBuf, SharedIo};
+
+use super::delta::entry_to_offset;
+use super::header::Header;
+use crate::SECTOR;
+
+pub const EXT_MAGIC: u64 = 0xAB23_4CEF_23DC_EA87;
+pub const DIRTY_BITMAP_MAGIC: u64 = 0x2038_5FAE_252C_B34A;
+const FEATURE_HEADER: usize = 24;
+const DIRTY_BITMAP_FIXED: usize = 32;
+
+/// One feature of an extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// A changed-block bitmap.
+    DirtyBitmap {
+        /// Disk size it covers, in sectors.
+        size_sectors: u64,
+        id: uuid::Uuid,
+        /// Sectors per bit.
+        granularity: u32,
+        /// Per bitmap cluster: 0 all clear, 1 all set, else its sector.
+        l1: Vec<u64>,
+    },
+    /// A feature this code does not know (kept as it is).
+    Unknown { magic: u64, size: u32 },
+}
+
+/// A format extension that checks out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extension {
+    pub features: Vec<Feature>,
+    /// File clusters it occupies: its own, then every bitmap cluster.
+    pub clusters: Vec<u64>,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Read the extension `header` points at, if any: Ok(None) without one,
+/// Err(why) where the offset dangles (no extension there, a broken one, or
+/// clusters that data now uses).
+pub fn read(
+    io: &SharedIo,
+    header: &Header,
+    bat: &[u32],
+    file_size: u64,
+) -> Result<Option<Extension>, String> {
+    let sector = header.raw.format_extension_offset;
+    if sector == 0 {
+        return Ok(None);
+    }
+    let cs = header.cluster_size;
+    let mapped: std::collections::HashSet<u64> = bat
+        .iter()
+        .filter(|&&e| e != 0)
+        .map(|&e| entry_to_offset(header, e) / cs)
+        .collect();
+    let cluster_at = |sector: u64, what: &str| -> Result<u64, String> {
+        let off = sector
+            .checked_mul(SECTOR)
+            .ok_or_else(|| format!("the {what} offset overflows"))?;
+        if !off.is_multiple_of(cs) {
+            return Err(format!("the {what} at byte {off} is not cluster-aligned"));
+        }
+        if off < header.data_offset {
+            return Err(format!(
+                "the {what} at byte {off} lies in the header/BAT area"
+            ));
+        }
+        if off.saturating_add(cs) > file_size {
+            return Err(format!(
+                "the {what} at byte {off} lies past the end of the file"
+            ));
+        }
+        if mapped.contains(&(off / cs)) {
+            return Err(format!("the {what} at byte {off} now holds data"));
+        }
+        Ok(off / cs)
+    };
+    let own = cluster_at(sector, "format extension")?;
+    let mut buf = AlignedBuf::zeroed(cs as usize);
+    io.read_at(buf.as_mut_slice(), own * cs)
+        .map_err(|e| format!("reading the format extension: {e}"))?;
+    let b = buf.as_slice();
+    if u64_at(b, 0) != EXT_MAGIC {
+        return Err(format!(
+            "no format extension at byte {} (magic {:#x})",
+            own * cs,
+            u64_at(b, 0)
+        ));
+    }
+    if Md5::digest(&b[24..]).as_slice() != &b[8..24] {
+        return Err("the format extension's checksum is wrong".into());
+    }
+    let mut ext = Extension {
+        features: Vec::new(),
+        clusters: vec![own],
+    };
+    let mut pos = 24;
+    loop {
+        if pos + FEATURE_HEADER > b.len() {
+            return Err("the format extension's features run past its cluster".into());
+        }
+        let magic = u64_at(b, pos);
+        let flags = u64_at(b, pos + 8);
+        let size = u32_at(b, pos + 16);
+        pos += FEATURE_HEADER;
+        if magic == 0 {
+            return Ok(Some(ext));
+        }
+        if flags != 0 {
+            return Err(format!("feature {magic:#x} has unknown flags {flags:#x}"));
+        }
+        let end = pos
+            .checked_add(size as usize)
+            .filter(|&e| e <= b.len())
+            .ok_or("a feature's data runs past the format extension's cluster")?;
+        let data = &b[pos..end];
+        if magic == DIRTY_BITMAP_MAGIC {
+            if data.len() < DIRTY_BITMAP_FIXED {
+                return Err("a dirty bitmap feature is too short".into());
+            }
+            let l1_size = u32_at(data, 28) as usize;
+            if l1_size > (data.len() - DIRTY_BITMAP_FIXED) / 8 {
+                return Err("a dirty bitmap's table runs past its feature".into());
+            }
+            let l1: Vec<u64> = (0..l1_size)
+                .map(|i| u64_at(data, DIRTY_BITMAP_FIXED + 8 * i))
+                .collect();
+            for &entry in l1.iter().filter(|&&e| e > 1) {
+                ext.clusters
+                    .push(cluster_at(entry, "dirty bitmap cluster")?);
+            }
+            ext.features.push(Feature::DirtyBitmap {
+                size_sectors: u64_at(data, 0),
+                id: uuid::Uuid::from_bytes(data[8..24].try_into().expect("16 bytes")),
+                granularity: u32_at(data, 24),
+                l1,
+            });
+        } else {
+            ext.features.push(Feature::Unknown { magic, size });
+        }
+        pos = end.next_multiple_of(8);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ploop::header::Version;
+    use ploop_io::MemIo;
+    use std::sync::Arc;
+
+    const CS: u64 = 64 << 10;
+
+    /// An image with an extension cluster at file cluster 2 and a bitmap
+    /// cluster at 3, holding the given features.
+    fn image(features: &[(u64, Vec<u8>)]) -> (SharedIo, Header) {
+        let mut h = Header::new(8 * CS, CS, Version::V2).unwrap();
+        h.raw.format_extension_offset = 2 * CS / SECTOR;
+        h = Header::validate(h.raw, "t").unwrap();
+        let io: SharedIo = Arc::new(MemIo::new("t"));
+        io.set_len(4 * CS).unwrap();
+        let mut c = vec![0u8; CS as usize];
+        c[..8].copy_from_slice(&EXT_MAGIC.to_le_bytes());
+        let mut pos = 24;
+        for (magic, data) in features {
+            c[pos..pos + 8].copy_from_slice(&magic.to_le_bytes());
+            c[pos + 16..pos + 20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            pos += 24;
+            c[pos..pos + data.len()].copy_from_slice(data);
+            pos = (pos + data.len()).next_multiple_of(8);
+        }
+        let sum = Md5::digest(&c[24..]);
+        c[8..24].copy_from_slice(&sum);
+        io.write_at(&c, 2 * CS).unwrap();
+        (io, h)
+    }
+
+    fn bitmap(l1: &[u64]) -> Vec<u8> {
+        let mut d = vec![0u8; 32];
+        d[..8].copy_from_slice(&(8 * CS / SECTOR).to_le_bytes());
+        d[24..28].copy_from_slice(&128u32.to_le_bytes());
+        d[28..32].copy_from_slice(&(l1.len() as u32).to_le_bytes());
+        for e in l1 {
+            d.extend_from_slice(&e.to_le_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn a_bitmap_names_its_clusters() {
+        let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, bitmap(&[0, 3 * CS / SECTOR, 1]))]);
+        let bat = vec![0u32; 8];
+        let ext = read(&io, &h, &bat, 4 * CS).unwrap().unwrap();
+        assert_eq!(ext.clusters, vec![2, 3]);
+        assert!(matches!(&ext.features[0], Feature::DirtyBitmap { l1, .. } if l1.len() == 3));
+    }
+
+    #[test]
+    fn dangling_and_broken_extensions_say_why() {
+        let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, bitmap(&[3 * CS / SECTOR]))]);
+        let mut bat = vec![0u32; 8];
+        let why = |bat: &[u32], size: u64| read(&io, &h, bat, size).unwrap_err();
+        assert!(
+            why(&bat, 2 * CS).contains("past the end"),
+            "{}",
+            why(&bat, 2 * CS)
+        );
+        bat[5] = 3; // data took the bitmap's cluster
+        assert!(why(&bat, 4 * CS).contains("holds data"));
+        bat[5] = 2;
+        assert!(why(&bat, 4 * CS).contains("holds data"));
+        // A flipped byte breaks the checksum.
+        let mut b = [0u8; 1];
+        io.read_at(&mut b, 2 * CS + 100).unwrap();
+        io.write_at(&[b[0] ^ 1], 2 * CS + 100).unwrap();
+        assert!(why(&[0; 8], 4 * CS).contains("checksum"));
+        // No extension at all where the offset points.
+        io.write_at(&[0u8; 8], 2 * CS).unwrap();
+        assert!(why(&[0; 8], 4 * CS).contains("no format extension"));
+    }
+
+    #[test]
+    fn hostile_sizes_stay_inside_the_cluster() {
+        let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, {
+            let mut d = bitmap(&[]);
+            d[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+            d
+        })]);
+        assert!(read(&io, &h, &[0; 8], 4 * CS)
+            .unwrap_err()
+            .contains("runs past"));
+        let (io, h) = image(&[(7, vec![0u8; 16])]);
+        let ext = read(&io, &h, &[0; 8], 4 * CS).unwrap().unwrap();
+        assert_eq!(ext.features, vec![Feature::Unknown { magic: 7, size: 16 }]);
+    }
+}
