@@ -84,9 +84,7 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
         if let Err(e) = top.close() {
             tracing::warn!("closing the frozen top delta: {e}");
         }
-        if let Some(p) = top.as_ploop() {
-            let _ = p.io().set_lock(LockMode::Shared);
-        }
+        let _ = layer_io(&top).set_lock(LockMode::Shared);
         Ok((Some(new_chain), snap))
     })
 }
@@ -229,6 +227,12 @@ pub fn merge_with_parent(
         }
     };
     // Committed: what follows is tidying up, and failures are only logged.
+    // On NFS, flock is emulated with POSIX locks, which belong to the
+    // process and the file, not to one descriptor: closing the old
+    // read-only handle of the parent below also drops the lock the twin
+    // (now the top) holds on the same file. Until the network backends
+    // take their own locks, a disk on NFS is not protected against a
+    // second writer after an online merge (see the README's limits).
     drop(chain);
     if !is_top {
         // The parent stays a read-only layer: clean flag, shared lock.

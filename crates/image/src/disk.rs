@@ -72,9 +72,37 @@ pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<De
     })
 }
 
+/// The snapshot (descriptor, GUID) that `path` holds, if the
+/// DiskDescriptor.xml beside it names the file as a delta that later
+/// deltas build on. A descriptor that cannot be read says nothing.
+pub fn known_parent(path: &Path) -> Option<(PathBuf, Uuid)> {
+    use std::os::unix::fs::MetadataExt;
+    let dd = dd_dir(path).join(ploop_format::descriptor::FILE_NAME);
+    let d = Descriptor::load(&dd).ok()?;
+    let me = std::fs::metadata(path).ok()?;
+    d.images.iter().find_map(|entry| {
+        let other = std::fs::metadata(image_path(&dd, &entry.file).ok()?).ok()?;
+        let same = other.dev() == me.dev() && other.ino() == me.ino();
+        (same && !d.children(entry.guid).is_empty()).then(|| (dd.clone(), entry.guid))
+    })
+}
+
 /// Open one image file on its own, as a chain of one delta: in the format
-/// given, or else a ploop delta if it has the signature, raw if not.
+/// given, or else a ploop delta if it has the signature, raw if not. A
+/// delta that a descriptor beside it shows snapshots built on opens
+/// read-only only: writing it would change what they show.
 pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Result<Chain> {
+    if writable {
+        if let Some((dd, guid)) = known_parent(path) {
+            return Err(Error::Invalid(format!(
+                "{}: this file is snapshot {} of {}, and later deltas build on it: writing it \
+                 would change what they show. Open it read-only (-r), or use the descriptor",
+                path.display(),
+                ploop_format::descriptor::guid_string(&guid),
+                dd.display()
+            )));
+        }
+    }
     let opts = OpenOptions {
         writable,
         direct: true,

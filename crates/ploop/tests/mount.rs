@@ -46,15 +46,20 @@ struct Disk {
 
 impl Disk {
     fn new(size: &str, fstype: &str) -> Self {
+        Self::init(&["-s", size, "-t", fstype])
+    }
+
+    /// `ploop init ARGS... root.hdd` in a new folder.
+    fn init(args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ploop-mount-")
             .tempdir_in("/var/tmp")
             .unwrap();
         let img = dir.path().join("root.hdd");
-        ok(
-            ploop(&["init", "-s", size, "-t", fstype, img.to_str().unwrap()]),
-            "init",
-        );
+        let mut all = vec!["init"];
+        all.extend_from_slice(args);
+        all.push(img.to_str().unwrap());
+        ok(ploop(&all), "init");
         Self { dir }
     }
 
@@ -456,6 +461,43 @@ fn second_writer_is_refused() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use") || err.contains("locked"), "{err}");
+    disk.umount();
+}
+
+/// An online snapshot of a raw top shares the old top's lock as it does a
+/// ploop one's, so a backup mounts it read-only beside the running disk
+/// (the exclusive lock used to stay: "locked").
+#[test]
+fn a_raw_top_frozen_by_an_online_snapshot_mounts_read_only() {
+    let _serial = serial();
+    let disk = Disk::init(&["-s", "64M", "-t", "ext4", "-f", "raw"]);
+    let mnt = disk.mnt("mnt");
+    disk.mount(&mnt);
+    write_synced(&mnt.join("kept"), b"in the snapshot");
+    let out = ok(ploop(&["snapshot", &disk.dd()]), "online snapshot");
+    let snap = out
+        .split_whitespace()
+        .find(|w| w.starts_with('{'))
+        .expect("snapshot guid in output")
+        .to_string();
+    let smnt = disk.mnt("snap");
+    ok(
+        ploop(&[
+            "mount",
+            "-r",
+            "-u",
+            &snap,
+            "-m",
+            smnt.to_str().unwrap(),
+            &disk.dd(),
+        ]),
+        "mount the raw snapshot read-only",
+    );
+    assert_eq!(fs::read(smnt.join("kept")).unwrap(), b"in the snapshot");
+    ok(
+        ploop(&["umount", "-m", smnt.to_str().unwrap()]),
+        "umount snapshot",
+    );
     disk.umount();
 }
 

@@ -1018,3 +1018,50 @@ fn requests_past_the_budget_through_io_uring_are_all_answered() {
     assert_eq!(cookies, (0..9).collect::<Vec<_>>());
     server.stop();
 }
+
+/// `ploop serve IMAGE` of a delta that snapshots build on (the descriptor
+/// beside it says so) is refused unless read-only: writing it would change
+/// what every snapshot above it shows.
+#[test]
+fn serving_a_lower_delta_writable_is_refused() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    disk.snapshot();
+    let sock = tmp.path().join("nbd.sock");
+    // (Under a timeout: a server that starts runs until stopped.)
+    let out = run(
+        "timeout",
+        &[
+            OsStr::new("20"),
+            OsStr::new(bin()),
+            OsStr::new("serve"),
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            disk.image.as_os_str(),
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("later deltas build on it"), "{out}");
+    assert!(out.stderr.contains("root.hdd"), "{out}");
+    // Read-only it is served, and shows what the base holds.
+    let server = Server::on_socket_with(tmp.path(), &sock, &["-r"], &disk.image);
+    let out = nbdsh(
+        &server.uri,
+        "h = nbd.NBD()\nh.connect_uri(uri)\nimport sys\nsys.stdout.buffer.write(h.pread(1 << 20, 0))\n",
+    );
+    server.stop();
+    assert_same(
+        &out.success().stdout,
+        &disk.expected[..MIB],
+        "the base over NBD",
+    );
+    // The top has no snapshot over it: served writable as before.
+    let top = disk
+        .delta_files()
+        .into_iter()
+        .find(|f| f != &disk.image)
+        .expect("a top delta");
+    let server = Server::on_socket(tmp.path(), &sock, &top);
+    server.stop();
+}
