@@ -104,7 +104,7 @@ pub fn merge_with_parent(
     }
     let dd = served.dd_path.as_path();
     let lock = DescriptorLock::acquire(dd)?;
-    let d = Descriptor::load(dd)?;
+    let mut d = Descriptor::load(dd)?;
     let shot = ops::mergeable(dd, &d, child)?;
     let entries: Vec<ImageEntry> = d
         .chain(served.guid, &dd.display().to_string())?
@@ -144,12 +144,30 @@ pub fn merge_with_parent(
             return Err(e);
         }
     };
-    let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
-    lower.push(parent.clone());
-    let target = Chain::new(lower, chain.cluster_size(), chain.virtual_size())?;
-    let restore_locks = || {
+    // Marked in the descriptor before its first byte changes: a merge that
+    // stops halfway leaves a parent nobody may open as the snapshot it was
+    // (a mount of the top still reads right: the child masks it).
+    let target = ops::mark_merge_target(dd, &mut d, shot.parent).and_then(|()| {
+        let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
+        lower.push(parent.clone());
+        Chain::new(lower, chain.cluster_size(), chain.virtual_size())
+    });
+    // On failure the twin is closed (its BAT written back, its in-use flag
+    // cleared) while it still holds the lock, and only then do the locks
+    // go back as they were.
+    let abandon = || {
+        if let Err(e) = parent.close() {
+            tracing::warn!("closing the parent of an abandoned merge: {e}");
+        }
         let _ = layer_io(&parent).set_lock(LockMode::None);
         let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            abandon();
+            return Err(e);
+        }
     };
 
     // Phase 1, with I/O going on: copy what the child holds now. Clusters
@@ -193,7 +211,7 @@ pub fn merge_with_parent(
         if is_top {
             src.stop_tracking();
         }
-        restore_locks();
+        abandon();
         return Err(e);
     }
 
@@ -211,8 +229,7 @@ pub fn merge_with_parent(
         layers.remove(ci);
         let new_chain = Chain::new(layers, cur.cluster_size(), cur.virtual_size())?;
         let mut d = Descriptor::load(dd)?;
-        let child_path = ops::remove_image(dd, &mut d, child)?;
-        d.rename_guid(shot.parent, child);
+        let child_path = ops::finish_merge(dd, &mut d, shot.parent, child)?;
         d.save(dd)?;
         Ok((Some(new_chain), child_path))
     });
@@ -222,7 +239,8 @@ pub fn merge_with_parent(
             if is_top {
                 src.stop_tracking();
             }
-            restore_locks();
+            drop(target);
+            abandon();
             return Err(e);
         }
     };

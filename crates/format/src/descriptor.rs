@@ -48,6 +48,10 @@ pub struct ImageEntry {
 pub struct Shot {
     pub guid: Uuid,
     pub parent: Uuid,
+    /// OpenVZ's `<Temporary/>`: the snapshot is to be merged away. A merge
+    /// marks its target so while it writes the child's clusters into it:
+    /// until the merge is finished, what the snapshot itself holds is a
+    /// mix that never existed, and it must not be opened on its own.
     pub temporary: bool,
 }
 
@@ -470,6 +474,19 @@ impl Descriptor {
             .into_iter()
             .map(|g| self.image(g).expect("validated: every shot has an image"))
             .collect())
+    }
+
+    /// The child of a temporary snapshot that has exactly one: (parent,
+    /// child) pairs of merges that were started and not finished.
+    pub fn unfinished_merges(&self) -> Vec<(Uuid, Uuid)> {
+        self.snapshots
+            .iter()
+            .filter(|s| s.temporary)
+            .filter_map(|s| match self.children(s.guid).as_slice() {
+                [only] => Some((s.guid, *only)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Rename a GUID everywhere (image, shot, parents, top).

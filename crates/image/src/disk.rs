@@ -180,6 +180,25 @@ impl Disk {
                 ),
             });
         }
+        let temporary = descriptor.shot(guid).is_some_and(|s| s.temporary);
+        if temporary && !opts.merge_target {
+            let child = descriptor.children(guid);
+            let how = match child.as_slice() {
+                [only] => format!(
+                    "`ploop snapshot-merge -u {}` or `ploop check` finishes it",
+                    ploop_format::descriptor::guid_string(only)
+                ),
+                _ => "`ploop snapshot-delete` removes it".into(),
+            };
+            return Err(Error::Descriptor {
+                path: name,
+                what: format!(
+                    "snapshot {} is being merged away (a merge into it started and did not finish): \
+                     what it holds on its own is not defined until then ({how})",
+                    ploop_format::descriptor::guid_string(&guid)
+                ),
+            });
+        }
         if opts.writable && !opts.merge_target && !descriptor.children(guid).is_empty() {
             return Err(Error::Invalid(format!(
                 "snapshot {} has children: it can only be opened read-only",

@@ -399,8 +399,41 @@ pub fn copy_down(child: &Delta, chain: &Chain, progress: Progress) -> Result<()>
     chain.flush()
 }
 
+/// Mark `parent` as the target of a merge under way (OpenVZ's
+/// `<Temporary/>`), durably, before any of the child's clusters is
+/// written into it: if the merge stops halfway, nobody opens the parent's
+/// half-merged content as the snapshot it was.
+pub fn mark_merge_target(dd: &Path, d: &mut Descriptor, parent: Uuid) -> Result<()> {
+    let shot = d
+        .snapshots
+        .iter_mut()
+        .find(|s| s.guid == parent)
+        .expect("validated: the parent has a shot");
+    if shot.temporary {
+        return Ok(());
+    }
+    shot.temporary = true;
+    d.save(dd)
+}
+
+/// Descriptor side of a finished merge: `child`'s image and shot go, and
+/// the parent (its mark cleared) takes `child`'s GUID. Returns the
+/// child's file, to be removed once the descriptor is saved.
+pub fn finish_merge(dd: &Path, d: &mut Descriptor, parent: Uuid, child: Uuid) -> Result<PathBuf> {
+    // The survivor is the child's view: it keeps the child's own mark (a
+    // merge into the child may itself be unfinished).
+    let child_temporary = d.shot(child).is_some_and(|s| s.temporary);
+    let child_path = remove_image(dd, d, child)?;
+    if let Some(s) = d.snapshots.iter_mut().find(|s| s.guid == parent) {
+        s.temporary = child_temporary;
+    }
+    d.rename_guid(parent, child);
+    Ok(child_path)
+}
+
 /// Merge snapshot `guid` (default: the top) down into its parent. The
 /// parent's file survives under `guid`'s GUID; `guid`'s file is removed.
+/// A merge that stopped halfway is finished the same way.
 pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
     let _lock = DescriptorLock::acquire(dd)?;
     let mut d = Descriptor::load(dd)?;
@@ -408,6 +441,7 @@ pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
     let shot = mergeable(dd, &d, child)?;
     let child_entry = d.image(child).cloned().expect("validated");
     ensure_not_in_use(dd, &child_entry)?;
+    mark_merge_target(dd, &mut d, shot.parent)?;
     {
         // The parent's chain, writable at the parent, receives the child.
         let parent_disk = Disk::open_with(
@@ -428,8 +462,7 @@ pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
         copy_down(&child_delta, &parent_disk.chain, progress)?;
         parent_disk.close()?;
     }
-    let child_path = remove_image(dd, &mut d, child)?;
-    d.rename_guid(shot.parent, child);
+    let child_path = finish_merge(dd, &mut d, shot.parent, child)?;
     d.save(dd)?;
     ploop_io::fsys::remove(&child_path).map_err(|e| {
         Error::io(
@@ -517,6 +550,15 @@ pub fn switch(dd: &Path, guid: Uuid) -> Result<()> {
         .image(guid)
         .cloned()
         .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
+    if d.shot(guid).is_some_and(|s| s.temporary) {
+        return Err(desc_err(
+            dd,
+            format!(
+                "snapshot {} is temporary (a merge into it did not finish): it cannot be switched to",
+                guid_string(&guid)
+            ),
+        ));
+    }
     let top = d.image(d.top_guid).cloned().expect("validated");
     ensure_not_in_use(dd, &top)?;
     let version = delta_version(dd, &target)?;
@@ -786,6 +828,34 @@ pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
         if entry.kind == ImageType::Compressed {
             out.push(check_file(&path, read_only)?);
         }
+    }
+    // Merges that stopped halfway are rolled forward, once every delta
+    // is repaired (the parent may have been left in use), one at a time:
+    // each changes the descriptor.
+    let mut pending = d.unfinished_merges();
+    let mut rounds = d.snapshots.len();
+    while let Some(&(parent, child)) = pending.first() {
+        let mut report = CheckReport::default();
+        report.problems.push(format!(
+            "the merge of snapshot {} into {} did not finish (fix: finish it)",
+            guid_string(&child),
+            guid_string(&parent)
+        ));
+        let repaired = !read_only;
+        if repaired {
+            merge(dd, Some(child), &|_, _| {})?;
+            report.repaired = true;
+        }
+        out.push(DeltaCheck {
+            path: dd.to_path_buf(),
+            report,
+        });
+        rounds = rounds.saturating_sub(1);
+        pending = if repaired && rounds > 0 {
+            Descriptor::load(dd)?.unfinished_merges()
+        } else {
+            pending.split_off(1)
+        };
     }
     Ok(out)
 }

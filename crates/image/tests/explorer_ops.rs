@@ -94,7 +94,7 @@ fn snapshots(dd: &Path) -> Vec<Uuid> {
 /// A disk's life on the journaled filesystem; returns the steps. After
 /// every step the disk must read as the model says: operations that keep
 /// the content keep it, a switch brings back the snapshot's content.
-fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
+fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
     let fs = Rc::new(JournaledFs::new(j.clone()));
     with_fs(fs, || {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -103,7 +103,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
         let mut steps: Vec<Step> = Vec::new();
         let mut model = vec![0u8; SIZE as usize];
         // Content of each snapshot, as it was when taken.
-        let mut saved: HashMap<Uuid, Vec<u8>> = HashMap::new();
+        let mut saved: Views = HashMap::new();
         let record = |steps: &mut Vec<Step>, what: &str, from: usize, model: &[u8]| {
             let got = content(&dd);
             assert!(
@@ -150,7 +150,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
                 record(&mut steps, what, from, &model);
                 write(&mut steps, &mut model, &mut rng);
             }
-            return steps;
+            return (steps, saved);
         }
         let mut snapshot = |steps: &mut Vec<Step>, model: &Vec<u8>| {
             let from = j.len();
@@ -186,8 +186,67 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> Vec<Step> {
         ops::convert_version(&dd, Version::V1).expect("convert");
         record(&mut steps, "convert -v 1", from, &model);
         write(&mut steps, &mut model, &mut rng);
-        steps
+        (steps, saved)
     })
+}
+
+/// What each snapshot held when it was taken. A snapshot's view never
+/// changes: merges keep the child's view under the child's GUID, and the
+/// parent's GUID goes.
+type Views = HashMap<Uuid, Vec<u8>>;
+
+/// Every snapshot of the disk in `dir` other than the top reads as it
+/// did when taken; none is left marked as a merge target.
+fn check_views(dir: &Path, views: &Views) -> Result<(), String> {
+    let dd = dir.join("DiskDescriptor.xml");
+    let d = ploop_format::descriptor::Descriptor::load(&dd).map_err(|e| e.to_string())?;
+    for s in d.snapshots.iter().filter(|s| s.guid != d.top_guid) {
+        if s.temporary {
+            return Err(format!("snapshot {} is still a merge target", s.guid));
+        }
+        let want = views
+            .get(&s.guid)
+            .ok_or_else(|| format!("snapshot {} was never taken", s.guid))?;
+        let disk = Disk::open(
+            &dd,
+            OpenOptions {
+                guid: Some(s.guid),
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| format!("opening snapshot {}: {e}", s.guid))?;
+        let mut back = vec![0u8; SIZE as usize];
+        disk.chain
+            .read_at(&mut back, 0)
+            .map_err(|e| format!("reading snapshot {}: {e}", s.guid))?;
+        let _ = disk.close();
+        if &back != want {
+            return Err(format!("snapshot {} does not read as taken", s.guid));
+        }
+    }
+    Ok(())
+}
+
+/// Before any repair: a snapshot marked as a merge target (its merge was
+/// cut short) must refuse to open on its own.
+fn merge_targets_refused(dir: &Path) -> Result<(), String> {
+    let dd = dir.join("DiskDescriptor.xml");
+    let Ok(d) = ploop_format::descriptor::Descriptor::load(&dd) else {
+        return Ok(()); // a torn descriptor is check's to judge
+    };
+    for s in d.snapshots.iter().filter(|s| s.temporary) {
+        let opened = Disk::open(
+            &dd,
+            OpenOptions {
+                guid: Some(s.guid),
+                ..OpenOptions::default()
+            },
+        );
+        if opened.is_ok() {
+            return Err(format!("half-merged snapshot {} opened", s.guid));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -224,7 +283,7 @@ fn repair_and_read(dir: &Path) -> Result<Vec<u8>, String> {
 
 /// Check a crash state against its step; returns what the disk holds
 /// (None: no disk yet).
-fn verify(dir: &Path, step: &Step, point: usize) -> Result<Option<Vec<u8>>, String> {
+fn verify(dir: &Path, step: &Step, point: usize, views: &Views) -> Result<Option<Vec<u8>>, String> {
     if !dir.join("DiskDescriptor.xml").exists() {
         // Only a crash inside init may leave no disk at all.
         return match step.before {
@@ -232,9 +291,11 @@ fn verify(dir: &Path, step: &Step, point: usize) -> Result<Option<Vec<u8>>, Stri
             _ => Err("the descriptor is gone".into()),
         };
     }
+    merge_targets_refused(dir)?;
     // Whatever an interrupted operation left: the real check repairs it.
     let back = repair_and_read(dir)?;
     check_content(&back, step, point)?;
+    check_views(dir, views)?;
     Ok(Some(back))
 }
 
@@ -289,6 +350,7 @@ fn journaled_copy(files: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path) -> (Journal, R
 fn crash_the_repair(
     files: &BTreeMap<PathBuf, Vec<u8>>,
     want: &[u8],
+    views: &Views,
     scratch: &Path,
     rng: &mut Rng,
     f: &mut Figures,
@@ -307,7 +369,8 @@ fn crash_the_repair(
         let files = j.crash_folder(point, rng);
         materialize(&files, &crashed);
         f.repair_states += 1;
-        match repair_and_read(&crashed) {
+        match repair_and_read(&crashed).and_then(|back| check_views(&crashed, views).map(|()| back))
+        {
             Ok(back) if back == want => {}
             Ok(_) => {
                 f.failed += 1;
@@ -328,7 +391,7 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
     for seed in 1..=LIVES {
         let j = Journal::new();
         let home = scratch.path().join(format!("life-{seed}"));
-        let steps = life(seed, &j, &home);
+        let (steps, views) = life(seed, &j, &home);
         let mut rng = Rng(seed | 0xabcd_0000);
         let crashed = scratch.path().join("crashed");
         for step in &steps {
@@ -339,7 +402,7 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
                     materialize(&files, &crashed);
                     f.states += 1;
                     *f.per_op.entry(step.what.clone()).or_default() += 1;
-                    match verify(&crashed, step, point) {
+                    match verify(&crashed, step, point, &views) {
                         Err(e) => {
                             f.failed += 1;
                             eprintln!("life {seed}, {} at point {point}: {e}", step.what);
@@ -347,7 +410,14 @@ fn crashes_during_snapshot_merge_delete_switch_and_convert_keep_the_disk() {
                         // The repair itself may be cut short: crash that
                         // too, once per crash point.
                         Ok(Some(back)) if draw == 0 => {
-                            crash_the_repair(&files, &back, scratch.path(), &mut rng, &mut f);
+                            crash_the_repair(
+                                &files,
+                                &back,
+                                &views,
+                                scratch.path(),
+                                &mut rng,
+                                &mut f,
+                            );
                         }
                         Ok(_) => {}
                     }

@@ -501,6 +501,111 @@ fn a_raw_top_frozen_by_an_online_snapshot_mounts_read_only() {
     disk.umount();
 }
 
+/// An online merge that runs out of space halfway marks its parent in the
+/// descriptor: the running disk is untouched, the half-merged parent is
+/// refused to a read-only mount, and `check` finishes the merge later.
+#[test]
+fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
+    let _serial = serial();
+    let tmp = tempfile::Builder::new()
+        .prefix("ploop-mount-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // A 160 MiB ext4 to hold the disk, so that it can fill up.
+    let backing = tmp.path().join("backing.fs");
+    fs::File::create(&backing)
+        .unwrap()
+        .set_len(160 << 20)
+        .unwrap();
+    ok(
+        run(Command::new("mkfs.ext4").args(["-q", "-F", backing.to_str().unwrap()])),
+        "mkfs",
+    );
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    ok(
+        run(Command::new("mount").args([
+            "-o",
+            "loop",
+            backing.to_str().unwrap(),
+            home.to_str().unwrap(),
+        ])),
+        "mount backing",
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let dd = self.0.join("DiskDescriptor.xml");
+            let _ = ploop(&["umount", dd.to_str().unwrap()]);
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(home.clone());
+    let img = home.join("root.hdd");
+    ok(
+        ploop(&["init", "-s", "256M", "-t", "ext4", img.to_str().unwrap()]),
+        "init",
+    );
+    let dd = home.join("DiskDescriptor.xml").display().to_string();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), &dd]), "mount");
+    write_synced(&mnt.join("old"), &pattern(1, 8 << 20));
+    let out = ok(ploop(&["snapshot", &dd]), "snapshot");
+    let base = out
+        .split_whitespace()
+        .find(|w| w.starts_with('{'))
+        .expect("snapshot guid in output")
+        .to_string();
+    write_synced(&mnt.join("new"), &pattern(2, 48 << 20));
+    // Leave room for about a third of what the merge copies.
+    let df = ok(
+        run(Command::new("df").args(["-B1", "--output=avail", home.to_str().unwrap()])),
+        "df",
+    );
+    let free: u64 = df.lines().nth(1).unwrap().trim().parse().unwrap();
+    ok(
+        run(Command::new("fallocate").args([
+            "-l",
+            &(free - (16 << 20)).to_string(),
+            home.join("filler").to_str().unwrap(),
+        ])),
+        "fallocate",
+    );
+    let out = ploop(&["snapshot-merge", &dd]);
+    assert!(!out.status.success(), "the merge should run out of space");
+    let xml = fs::read_to_string(&dd).unwrap();
+    assert!(xml.contains("<Temporary/>"), "no merge mark:\n{xml}");
+    // The running disk lost nothing.
+    assert!(fs::read(mnt.join("old")).unwrap() == pattern(1, 8 << 20));
+    assert!(fs::read(mnt.join("new")).unwrap() == pattern(2, 48 << 20));
+    // The half-merged parent is refused.
+    let smnt = tmp.path().join("snap");
+    fs::create_dir_all(&smnt).unwrap();
+    let out = ploop(&[
+        "mount",
+        "-r",
+        "-u",
+        &base,
+        "-m",
+        smnt.to_str().unwrap(),
+        &dd,
+    ]);
+    assert!(!out.status.success(), "a half-merged parent mounted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("merge"));
+    ok(ploop(&["umount", &dd]), "umount");
+    fs::remove_file(home.join("filler")).unwrap();
+    ok(ploop(&["check", &dd]), "check finishes the merge");
+    assert!(!fs::read_to_string(&dd).unwrap().contains("<Temporary/>"));
+    ok(
+        ploop(&["mount", "-m", mnt.to_str().unwrap(), &dd]),
+        "mount again",
+    );
+    assert!(fs::read(mnt.join("old")).unwrap() == pattern(1, 8 << 20));
+    assert!(fs::read(mnt.join("new")).unwrap() == pattern(2, 48 << 20));
+    ok(ploop(&["umount", &dd]), "umount");
+}
+
 fn drop_caches() {
     let _ = Command::new("sync").status();
     fs::write("/proc/sys/vm/drop_caches", "3").unwrap();

@@ -414,3 +414,96 @@ print("ok")
         "the device's file",
     );
 }
+
+/// A merge that runs out of space halfway leaves its parent marked in the
+/// descriptor (OpenVZ's Temporary): the parent's half-merged content is
+/// refused to `read -u`, `snapshot-switch -u` and `serve -u`, the top
+/// still reads right, and once there is room `check` finishes the merge.
+#[test]
+fn a_merge_that_fails_halfway_leaves_its_parent_unusable_until_finished() {
+    let tmp = tempdir();
+    let fs = SmallFs::new(tmp.path(), 96);
+    let filler = fs.mnt.join("filler");
+    let dir = fs.mnt.join("disk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut disk = TestDisk::init(&dir, 48 * MIB, &[]);
+    disk.write_random(1, 0, 4 * MIB);
+    let base = disk.snapshot();
+    disk.write_random(2, 2 * MIB, 16 * MIB);
+    // Leave room for about half of what the merge copies.
+    let free = {
+        let out = run(
+            "df",
+            &[
+                OsStr::new("-B1"),
+                OsStr::new("--output=avail"),
+                fs.mnt.as_os_str(),
+            ],
+        );
+        out.stdout_str()
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    run(
+        "fallocate",
+        &[
+            OsStr::new("-l"),
+            OsStr::new(&(free - 8 * MIB as u64).to_string()),
+            filler.as_os_str(),
+        ],
+    )
+    .success();
+    let out = ploop(&[OsStr::new("snapshot-merge"), disk.dd.as_os_str()]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "the merge should run out of space: {out}"
+    );
+    assert!(out.stderr.contains("No space"), "{out}");
+    let xml = std::fs::read_to_string(&disk.dd).unwrap();
+    assert!(xml.contains("<Temporary/>"), "no merge mark:\n{xml}");
+    // The top reads as before: the child masks every cluster copied.
+    disk.assert_content("the top after a failed merge");
+    // The parent on its own is refused everywhere.
+    for args in [
+        vec!["read", "-u", &base],
+        vec!["snapshot-switch", "-u", &base],
+    ] {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.push(disk.dd.as_os_str());
+        let out = ploop(&a);
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.stderr.contains("merge"), "{out}");
+    }
+    let sock = tmp.path().join("nbd.sock");
+    let refused = run(
+        "timeout",
+        &[
+            OsStr::new("20"),
+            OsStr::new(bin()),
+            OsStr::new("serve"),
+            OsStr::new("-r"),
+            OsStr::new("-u"),
+            OsStr::new(&base),
+            OsStr::new("--socket"),
+            sock.as_os_str(),
+            disk.dd.as_os_str(),
+        ],
+    );
+    assert_eq!(refused.code, Some(1), "{refused}");
+    // Room again: check rolls the merge forward.
+    std::fs::remove_file(&filler).unwrap();
+    let report = ploop(&[OsStr::new("check"), OsStr::new("-r"), disk.dd.as_os_str()]);
+    assert_eq!(report.code, Some(2), "{report}");
+    assert!(report.stdout_str().contains("did not finish"), "{report}");
+    ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+    let xml = std::fs::read_to_string(&disk.dd).unwrap();
+    assert!(!xml.contains("<Temporary/>"), "merge mark left:\n{xml}");
+    assert_eq!(disk.snapshots().len(), 1, "merged into one delta");
+    disk.assert_content("the disk after the merge finished");
+    disk.peers_check_all();
+}
