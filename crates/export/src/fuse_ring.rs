@@ -162,7 +162,7 @@ impl Queues {
             spawned?;
         }
         let queues: Vec<Queue> = std::mem::take(&mut *self.prepared.lock().expect("queues"));
-        for mut q in queues {
+        for q in queues {
             let this = self.clone();
             let jobs = jobs.clone();
             let index = q.index;
@@ -174,10 +174,10 @@ impl Queues {
                     // 4 KiB random reads, 7-12% more 1 MiB throughput on
                     // two CPUs, where the loop worker and the application
                     // compete for the queue's CPU).
-                    q.run(fd, &this.file, &jobs);
                     // Commands, the wake read or file I/O may still point at
-                    // the queue's buffers: keep them until the process ends.
-                    std::mem::forget(q);
+                    // the queue's buffers however run ends (a panic
+                    // included): they are never freed.
+                    crate::uring::keep_forever(q, |q| q.run(fd, &this.file, &jobs));
                 });
             // The kernel waits for every queue: without this one, requests
             // would hang.

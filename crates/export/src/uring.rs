@@ -62,8 +62,27 @@ pub struct Op {
 
 struct Pending {
     op: Op,
+    /// The start of `op.buf`, taken before its pieces were queued: a short
+    /// read zeroes the rest of its piece through it, never through a
+    /// slice over the whole buffer, which other pieces may still be
+    /// reading into.
+    base: BufBase,
     remaining: usize,
     failed: Option<i32>,
+}
+
+struct BufBase(*mut u8);
+
+// SAFETY: the pointer names the buffer owned by the same `Pending`, and is
+// only used by the thread that owns the ring (a `RingCore` moves to its
+// thread before any operation is started).
+unsafe impl Send for BufBase {}
+
+/// Hand `value` to `run` and never free it, however `run` ends, unwinding
+/// included: what the kernel may still write into (armed reads, FUSE
+/// commands' buffers) must outlive any stack frame or owner.
+pub fn keep_forever<T: 'static, R>(value: T, run: impl FnOnce(&'static mut T) -> R) -> R {
+    run(Box::leak(Box::new(value)))
 }
 
 /// Operations on one io_uring: started as room allows, answered as their
@@ -216,7 +235,10 @@ impl RingCore {
                 // Past the end of a file: the rest reads as zeros.
                 let s = p.op.segments[piece];
                 let from = s.buf_offset + res as usize;
-                p.op.buf.as_mut_slice()[from..s.buf_offset + s.len].fill(0);
+                // SAFETY: the range lies inside this piece of the op's
+                // buffer (res < len), whose read has just completed; other
+                // pieces may still be in flight, so no slice over it all.
+                unsafe { std::ptr::write_bytes(p.base.0.add(from), 0, s.len - res as usize) };
             } else {
                 p.failed = Some(libc::EIO);
             }
@@ -249,12 +271,15 @@ impl RingCore {
         let n = op.segments.len();
         self.slots[slot] = Some(Pending {
             op,
+            base: BufBase(std::ptr::null_mut()),
             remaining: n,
             failed: None,
         });
         let p = self.slots[slot].as_mut().expect("just set");
         let is_read = p.op.answer.is_read();
+        // Taken once, before any piece is in flight.
         let base = p.op.buf.as_mut_slice().as_mut_ptr();
+        p.base = BufBase(base);
         for (i, s) in p.op.segments.iter().enumerate() {
             let user_data = ((slot as u64) << 16) | i as u64;
             // SAFETY: buf_offset + len lies inside the op's buffer (the
@@ -325,7 +350,10 @@ impl Ring {
         let worker = this.clone();
         std::thread::Builder::new()
             .name("io-uring".into())
-            .spawn(move || worker.run(core))?;
+            // The eventfd read stays armed as long as the ring lives: its
+            // 8 bytes are never freed, so a panic that unwinds this thread
+            // cannot leave the kernel a stack slot to write into.
+            .spawn(move || keep_forever([0u8; 8], |wake_buf| worker.run(core, wake_buf)))?;
         Ok(this)
     }
 
@@ -351,8 +379,7 @@ impl Ring {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 
-    fn run(&self, mut core: RingCore) {
-        let mut wake_buf = [0u8; 8];
+    fn run(&self, mut core: RingCore, wake_buf: &'static mut [u8; 8]) {
         let mut armed = false;
         loop {
             if !armed {
@@ -363,8 +390,8 @@ impl Ring {
                 )
                 .build()
                 .user_data(WAKE);
-                // SAFETY: wake_buf lives on this thread's stack for the whole
-                // loop, and only one read of it is ever queued at a time.
+                // SAFETY: wake_buf is never freed (see Ring::start), and only
+                // one read of it is ever queued at a time.
                 unsafe { core.push_foreign(&sqe) };
                 armed = true;
             }
@@ -443,4 +470,37 @@ fn finish(op: Op, failed: Option<i32>) {
     // reference (whose drop would close deltas here).
     drop(chain);
     drop(in_flight);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `keep_forever` holds is not dropped when its user panics (a
+    /// value owned by the thread, as the FUSE queues and the wake buffer
+    /// were, is dropped by the unwinding and its memory reused).
+    #[test]
+    fn kept_values_survive_a_panic() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static DROPPED: AtomicBool = AtomicBool::new(false);
+        struct Buffers;
+        impl Drop for Buffers {
+            fn drop(&mut self) {
+                DROPPED.store(true, Ordering::SeqCst);
+            }
+        }
+        let unwound = std::panic::catch_unwind(|| {
+            keep_forever(Buffers, |_b| panic!("a request went wrong"));
+        });
+        assert!(unwound.is_err());
+        assert!(!DROPPED.load(Ordering::SeqCst), "the buffers were freed");
+        // What the old code did: owned by the thread, dropped on unwind.
+        let unwound = std::panic::catch_unwind(|| {
+            let b = Buffers;
+            let _held = &b;
+            panic!("a request went wrong");
+        });
+        assert!(unwound.is_err());
+        assert!(DROPPED.load(Ordering::SeqCst));
+    }
 }
