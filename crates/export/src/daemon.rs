@@ -79,7 +79,7 @@ fn canonical(p: &Path) -> Result<PathBuf, String> {
 pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk, String> {
     // Held while opening: an offline snapshot, merge or switch is either
     // done before we look at the descriptor or waits for our file locks.
-    let _lock = DescriptorLock::acquire(dd).map_err(|e| e.to_string())?;
+    let lock = DescriptorLock::acquire(dd).map_err(|e| e.to_string())?;
     let open = || {
         Disk::open(
             dd,
@@ -95,7 +95,7 @@ pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk,
         Err(ploop_format::Error::Dirty { path }) => {
             warn!("{path} was not closed cleanly: running check");
             eprintln!("ploop: {path} was not closed cleanly: checking and repairing it");
-            for r in ops::check_disk(dd, false).map_err(|e| e.to_string())? {
+            for r in ops::repair_disk_locked(dd, &lock).map_err(|e| e.to_string())? {
                 for p in &r.report.problems {
                     warn!("check {}: {p}", r.path.display());
                 }

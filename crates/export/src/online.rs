@@ -144,31 +144,24 @@ pub fn merge_with_parent(
             return Err(e);
         }
     };
-    // Marked in the descriptor before its first byte changes: a merge that
-    // stops halfway leaves a parent nobody may open as the snapshot it was
-    // (a mount of the top still reads right: the child masks it).
-    let target = ops::mark_merge_target(dd, &mut d, shot.parent).and_then(|()| {
-        let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
-        lower.push(parent.clone());
-        Chain::new(lower, chain.cluster_size(), chain.virtual_size())
-    });
-    // On failure the twin is closed (its BAT written back, its in-use flag
-    // cleared) while it still holds the lock, and only then do the locks
-    // go back as they were.
-    let abandon = || {
-        if let Err(e) = parent.close() {
-            tracing::warn!("closing the parent of an abandoned merge: {e}");
-        }
-        let _ = layer_io(&parent).set_lock(LockMode::None);
-        let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
-    };
-    let target = match target {
+    let mut lower: Vec<Arc<Delta>> = chain.layers()[..pi].to_vec();
+    lower.push(parent.clone());
+    let target = match Chain::new(lower, chain.cluster_size(), chain.virtual_size()) {
         Ok(t) => t,
         Err(e) => {
-            abandon();
+            abandon(parent, None, &parent_old);
             return Err(e);
         }
     };
+    // Marked in the descriptor before its first byte changes: a merge that
+    // stops halfway leaves a parent nobody may open as the snapshot it was
+    // (a mount of the top still reads right: the child masks it).
+    let marked = ops::parent_can_hold(&parent, src, chain.virtual_size())
+        .and_then(|()| ops::mark_merge_target(dd, &mut d, shot.parent));
+    if let Err(e) = marked {
+        abandon(parent, Some(target), &parent_old);
+        return Err(e);
+    }
 
     // Phase 1, with I/O going on: copy what the child holds now. Clusters
     // the guest changes meanwhile are recorded and copied again below.
@@ -211,7 +204,7 @@ pub fn merge_with_parent(
         if is_top {
             src.stop_tracking();
         }
-        abandon();
+        abandon(parent, Some(target), &parent_old);
         return Err(e);
     }
 
@@ -239,8 +232,7 @@ pub fn merge_with_parent(
             if is_top {
                 src.stop_tracking();
             }
-            drop(target);
-            abandon();
+            abandon(parent, Some(target), &parent_old);
             return Err(e);
         }
     };
@@ -267,6 +259,27 @@ pub fn merge_with_parent(
         tracing::warn!("removing merged delta {}: {e}", child_path.display());
     }
     Ok(())
+}
+
+/// Give up a merge: the twin is closed (its BAT written back, its in-use
+/// flag cleared) and its file with it, lock and all, before the served
+/// chain's handle takes its shared lock back; nothing is ever written to
+/// the parent without the exclusive lock.
+fn abandon(parent: Arc<Delta>, target: Option<Chain>, parent_old: &Delta) {
+    drop(target);
+    match Arc::try_unwrap(parent) {
+        Ok(twin) => {
+            if let Err(e) = twin.close() {
+                tracing::warn!("closing the parent of an abandoned merge: {e}");
+            }
+            // Its file (and lock) goes here, after any retry of its close.
+            drop(twin);
+        }
+        Err(_) => tracing::warn!(
+            "the parent of an abandoned merge is still in use: it keeps its lock until released"
+        ),
+    }
+    let _ = layer_io(parent_old).set_lock(LockMode::Shared);
 }
 
 fn layer_io(d: &Delta) -> &ploop_io::SharedIo {

@@ -431,19 +431,61 @@ pub fn finish_merge(dd: &Path, d: &mut Descriptor, parent: Uuid, child: Uuid) ->
     Ok(child_path)
 }
 
+/// Whether `parent` can take every cluster `child` holds within a disk of
+/// `size` bytes: a ploop delta whose BAT is shorter than the disk (qemu
+/// and OpenVZ accept such images) cannot, and the merge must be refused
+/// before anything is marked or written.
+pub fn parent_can_hold(parent: &Delta, child: &PloopDelta, size: u64) -> Result<()> {
+    let Some(p) = parent.as_ploop() else {
+        return Ok(());
+    };
+    let disk_clusters = size.div_ceil(child.cluster_size());
+    let needed = child
+        .bat_snapshot()
+        .iter()
+        .enumerate()
+        .filter(|&(c, &e)| e != 0 && (c as u64) < disk_clusters)
+        .map(|(c, _)| c as u64 + 1)
+        .max()
+        .unwrap_or(0);
+    if needed > p.clusters() {
+        return Err(Error::Invalid(format!(
+            "{}: its BAT maps only {} clusters, but the delta merged into it holds cluster {}: \
+             it cannot be merged into",
+            p.path(),
+            p.clusters(),
+            needed - 1
+        )));
+    }
+    Ok(())
+}
+
 /// Merge snapshot `guid` (default: the top) down into its parent. The
 /// parent's file survives under `guid`'s GUID; `guid`'s file is removed.
 /// A merge that stopped halfway is finished the same way.
 pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
-    let _lock = DescriptorLock::acquire(dd)?;
-    let mut d = Descriptor::load(dd)?;
+    let lock = DescriptorLock::acquire(dd)?;
+    let d = Descriptor::load(dd)?;
     let child = guid.unwrap_or(d.top_guid);
+    merge_locked(dd, &lock, d, child, progress)
+}
+
+/// The body of `merge`, under the caller's descriptor lock, with the
+/// descriptor as loaded under it.
+fn merge_locked(
+    dd: &Path,
+    _lock: &DescriptorLock,
+    mut d: Descriptor,
+    child: Uuid,
+    progress: Progress,
+) -> Result<()> {
     let shot = mergeable(dd, &d, child)?;
     let child_entry = d.image(child).cloned().expect("validated");
     ensure_not_in_use(dd, &child_entry)?;
-    mark_merge_target(dd, &mut d, shot.parent)?;
     {
         // The parent's chain, writable at the parent, receives the child.
+        // Both are open (and the parent locked) before the parent is
+        // marked: a merge that cannot start marks nothing.
         let parent_disk = Disk::open_with(
             dd,
             d.clone(),
@@ -459,6 +501,10 @@ pub fn merge(dd: &Path, guid: Option<Uuid>, progress: Progress) -> Result<()> {
             child_entry.kind,
             &OpenOptions::default(),
         )?;
+        if let Some(c) = child_delta.as_ploop() {
+            parent_can_hold(parent_disk.chain.top(), c, parent_disk.chain.virtual_size())?;
+        }
+        mark_merge_target(dd, &mut d, shot.parent)?;
         copy_down(&child_delta, &parent_disk.chain, progress)?;
         parent_disk.close()?;
     }
@@ -502,6 +548,16 @@ pub fn delete(dd: &Path, guid: Uuid, progress: Progress) -> Result<()> {
                     format!(
                         "snapshot {} changed meanwhile: try again",
                         guid_string(&guid)
+                    ),
+                ));
+            }
+            if guid == d.top_guid && d.shot(shot.parent).is_some_and(|s| s.temporary) {
+                // The parent would become a top that refuses to open.
+                return Err(desc_err(
+                    dd,
+                    format!(
+                        "unable to delete the top: a merge into its parent {} did not finish (`ploop check` finishes it)",
+                        guid_string(&shot.parent)
                     ),
                 ));
             }
@@ -791,8 +847,27 @@ pub fn check_file(path: &Path, read_only: bool) -> Result<DeltaCheck> {
     })
 }
 
-/// Check every ploop delta of a disk, base first.
+/// Check every ploop delta of a disk, base first, and unless `read_only`
+/// repair what can be: an interrupted conversion is finished, each delta
+/// repaired, an interrupted merge rolled forward. Takes the descriptor
+/// lock to repair.
 pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
+    if read_only {
+        return check_disk_inner(dd, None);
+    }
+    let lock = DescriptorLock::acquire(dd)?;
+    check_disk_inner(dd, Some(&lock))
+}
+
+/// Repair a disk (as `check_disk`) under a descriptor lock the caller
+/// already holds (a mount that found its image left in use).
+pub fn repair_disk_locked(dd: &Path, lock: &DescriptorLock) -> Result<Vec<DeltaCheck>> {
+    check_disk_inner(dd, Some(lock))
+}
+
+/// `check_disk`: repairs when given the lock, only reports without it.
+fn check_disk_inner(dd: &Path, lock: Option<&DescriptorLock>) -> Result<Vec<DeltaCheck>> {
+    let read_only = lock.is_none();
     let mut out = Vec::new();
     let pending = Descriptor::load(dd)?
         .images
@@ -804,7 +879,6 @@ pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
             .problems
             .push("a format conversion was interrupted (fix: finish it)".into());
         if !read_only {
-            let _lock = DescriptorLock::acquire(dd)?;
             finish_conversion(dd)?;
             report.repaired = true;
         }
@@ -817,7 +891,8 @@ pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
         }
     }
     let d = Descriptor::load(dd)?;
-    for entry in d.chain(d.top_guid, &dd.display().to_string())? {
+    let mut checked = std::collections::HashSet::new();
+    let mut check_entry = |entry: &ImageEntry, out: &mut Vec<DeltaCheck>| -> Result<()> {
         let path = image_path(dd, &entry.file)?;
         if !ploop_io::fsys::exists(&path) {
             return Err(desc_err(
@@ -825,37 +900,49 @@ pub fn check_disk(dd: &Path, read_only: bool) -> Result<Vec<DeltaCheck>> {
                 format!("image file {} is missing", path.display()),
             ));
         }
-        if entry.kind == ImageType::Compressed {
+        if entry.kind == ImageType::Compressed && checked.insert(path.clone()) {
             out.push(check_file(&path, read_only)?);
         }
+        Ok(())
+    };
+    for entry in d.chain(d.top_guid, &dd.display().to_string())? {
+        check_entry(entry, &mut out)?;
     }
-    // Merges that stopped halfway are rolled forward, once every delta
-    // is repaired (the parent may have been left in use), one at a time:
-    // each changes the descriptor.
-    let mut pending = d.unfinished_merges();
-    let mut rounds = d.snapshots.len();
-    while let Some(&(parent, child)) = pending.first() {
+    // Merges that stopped halfway are rolled forward, one at a time (each
+    // changes the descriptor), once both deltas are repaired (the parent
+    // may have been left in use; a side branch's are not checked above).
+    // Under the lock, so what the descriptor says is what is merged.
+    let mut merges = d.unfinished_merges();
+    for _ in 0..d.snapshots.len() {
+        let Some(&(parent, child)) = merges.first() else {
+            break;
+        };
         let mut report = CheckReport::default();
         report.problems.push(format!(
             "the merge of snapshot {} into {} did not finish (fix: finish it)",
             guid_string(&child),
             guid_string(&parent)
         ));
-        let repaired = !read_only;
-        if repaired {
-            merge(dd, Some(child), &|_, _| {})?;
-            report.repaired = true;
+        let Some(lock) = lock else {
+            out.push(DeltaCheck {
+                path: dd.to_path_buf(),
+                report,
+            });
+            merges.remove(0);
+            continue;
+        };
+        let d = Descriptor::load(dd)?;
+        for guid in [parent, child] {
+            let entry = d.image(guid).cloned().expect("validated");
+            check_entry(&entry, &mut out)?;
         }
+        merge_locked(dd, lock, d, child, &|_, _| {})?;
+        report.repaired = true;
         out.push(DeltaCheck {
             path: dd.to_path_buf(),
             report,
         });
-        rounds = rounds.saturating_sub(1);
-        pending = if repaired && rounds > 0 {
-            Descriptor::load(dd)?.unfinished_merges()
-        } else {
-            pending.split_off(1)
-        };
+        merges = Descriptor::load(dd)?.unfinished_merges();
     }
     Ok(out)
 }

@@ -507,3 +507,177 @@ fn a_merge_that_fails_halfway_leaves_its_parent_unusable_until_finished() {
     disk.assert_content("the disk after the merge finished");
     disk.peers_check_all();
 }
+
+/// Mark snapshot `guid` in the descriptor as a merge left unfinished would
+/// (OpenVZ's `<Temporary/>`).
+fn mark_temporary(dd: &Path, guid: &str) {
+    let xml = std::fs::read_to_string(dd).unwrap();
+    let shots = xml.find("<Snapshots>").unwrap();
+    let at = shots + xml[shots..].find(&format!("<GUID>{guid}</GUID>")).unwrap();
+    let end = at + xml[at..].find("</Shot>").unwrap();
+    let marked = format!("{}<Temporary/>\n    {}", &xml[..end], &xml[end..]);
+    std::fs::write(dd, marked).unwrap();
+}
+
+/// The in-use flag a killed writer leaves in a delta's header.
+fn mark_in_use(image: &Path) {
+    patch(image, 44, &0x746F_6E59u32.to_le_bytes());
+}
+
+/// A daemon killed during an online merge leaves its top in use and the
+/// merge unfinished: the next mount (here `serve`, which opens disks the
+/// same way) repairs the top and rolls the merge forward while it holds
+/// the descriptor lock (the roll-forward used to take that lock a second
+/// time and fail on it).
+#[test]
+fn opening_a_disk_rolls_an_unfinished_merge_forward_under_its_own_lock() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 8 * MIB, &[]);
+    disk.write_random(1, 0, 2 * MIB);
+    let base = disk.snapshot();
+    disk.write_random(2, MIB, 3 * MIB);
+    mark_temporary(&disk.dd, &base);
+    let top = disk
+        .delta_files()
+        .into_iter()
+        .find(|f| f != &disk.image)
+        .expect("a top delta");
+    mark_in_use(&top);
+    let sock = tmp.path().join("nbd.sock");
+    let server = Server::on_socket(tmp.path(), &sock, &disk.dd);
+    let out = nbdsh(
+        &server.uri,
+        "h = nbd.NBD()\nh.connect_uri(uri)\nimport sys\nsys.stdout.buffer.write(h.pread(8 << 20, 0))\n",
+    );
+    server.stop();
+    assert_same(&out.success().stdout, &disk.expected, "the disk over NBD");
+    assert!(!std::fs::read_to_string(&disk.dd)
+        .unwrap()
+        .contains("<Temporary/>"));
+    assert_eq!(disk.snapshots().len(), 1, "the merge was finished");
+    disk.assert_content("after the roll-forward");
+    disk.peers_check_all();
+}
+
+/// A merge that cannot start (its parent is mounted read-only by a
+/// backup) marks nothing: the parent stays usable.
+#[test]
+fn a_merge_that_cannot_start_marks_nothing() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    let base = disk.snapshot();
+    disk.write_random(2, 0, MIB);
+    let sock = tmp.path().join("nbd.sock");
+    let backup = Server::on_socket_with(tmp.path(), &sock, &["-r", "-u", &base], &disk.dd);
+    let out = ploop(&[OsStr::new("snapshot-merge"), disk.dd.as_os_str()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("locked"), "{out}");
+    backup.stop();
+    let xml = std::fs::read_to_string(&disk.dd).unwrap();
+    assert!(
+        !xml.contains("<Temporary/>"),
+        "a merge that never started marked:\n{xml}"
+    );
+    ploop_ok(&[
+        OsStr::new("read"),
+        OsStr::new("-u"),
+        OsStr::new(&base),
+        disk.dd.as_os_str(),
+    ]);
+}
+
+/// A parent whose BAT is shorter than the disk (qemu and OpenVZ accept
+/// such images) cannot take clusters past its table: the merge is refused
+/// before anything is marked or written, rather than failing halfway on
+/// every try.
+#[test]
+fn a_merge_into_a_parent_with_a_short_bat_is_refused_up_front() {
+    let tmp = tempdir();
+    let sample = sample_image(tmp.path(), "parallels-v2");
+    let dir = tmp.path().join("disk");
+    std::fs::create_dir(&dir).unwrap();
+    let image = dir.join("root.hds");
+    std::fs::copy(&sample, &image).unwrap();
+    patch(&image, 36, &8192u32.to_le_bytes()); // 4 MiB: 64 clusters, 32 in the BAT
+    ploop_ok(&[
+        OsStr::new("restore-descriptor"),
+        dir.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let mut disk = TestDisk::adopt(&dir, &image, Vec::new());
+    disk.expected = disk.read(None);
+    disk.snapshot();
+    disk.write_random(3, 3 * MIB, 64 << 10); // cluster 48: past the parent's table
+    let before = std::fs::read(&image).unwrap();
+    let out = ploop(&[OsStr::new("snapshot-merge"), disk.dd.as_os_str()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("BAT maps only 32 clusters"), "{out}");
+    assert!(!std::fs::read_to_string(&disk.dd)
+        .unwrap()
+        .contains("<Temporary/>"));
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the parent changed"
+    );
+    disk.assert_content("after a refused merge");
+}
+
+/// Deleting the top over a parent whose merge did not finish would make
+/// that parent a top that refuses to open: refused, until check finishes
+/// the merge.
+#[test]
+fn the_top_over_an_unfinished_merge_cannot_be_deleted() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    let base = disk.snapshot();
+    disk.write_random(2, 0, MIB);
+    mark_temporary(&disk.dd, &base);
+    let top = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+    let out = ploop(&[
+        OsStr::new("snapshot-delete"),
+        OsStr::new("-u"),
+        OsStr::new(top),
+        disk.dd.as_os_str(),
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("did not finish"), "{out}");
+    ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+    disk.assert_content("after check finished the merge");
+}
+
+/// An unfinished merge on a side branch (not under the top): check repairs
+/// both of its deltas (a crash left the parent in use) before it rolls the
+/// merge forward.
+#[test]
+fn check_rolls_forward_a_merge_on_a_side_branch() {
+    let tmp = tempdir();
+    let mut disk = TestDisk::init(tmp.path(), 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    let s1 = disk.snapshot();
+    disk.write_random(2, 0, MIB);
+    let s2 = disk.snapshot();
+    disk.write_random(3, MIB, MIB);
+    let s3 = disk.snapshot();
+    let s3_view = disk.read(Some(&s3));
+    ploop_ok(&[
+        OsStr::new("snapshot-switch"),
+        OsStr::new("-u"),
+        OsStr::new(&s1),
+        disk.dd.as_os_str(),
+    ]);
+    // S1 has two children now (S2, and the new top); S2 -> S3 is a side
+    // branch. A merge of S3 into S2 was cut short: S2 marked, left in use.
+    mark_temporary(&disk.dd, &s2);
+    let xml = std::fs::read_to_string(&disk.dd).unwrap();
+    let at = xml.find(&format!("<GUID>{s2}</GUID>")).unwrap();
+    let file_at = at + xml[at..].find("<File>").unwrap() + 6;
+    let file = &xml[file_at..file_at + xml[file_at..].find("</File>").unwrap()];
+    mark_in_use(&disk.dir.join(file));
+    ploop_ok(&[OsStr::new("check"), disk.dd.as_os_str()]);
+    let xml = std::fs::read_to_string(&disk.dd).unwrap();
+    assert!(!xml.contains("<Temporary/>"), "{xml}");
+    assert!(!xml.contains(&s2), "S2 was merged away:\n{xml}");
+    assert_same(&disk.read(Some(&s3)), &s3_view, "S3 after the roll-forward");
+}
