@@ -327,7 +327,11 @@ fn dangling_extension(io: &SharedIo) -> Option<String> {
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    ploop_format::ploop::ext::read(io, &header, &bat, size).err()
+    match ploop_format::ploop::ext::read(io, &header, &bat, size) {
+        Ok(ploop_format::ploop::ext::State::Dangling(why)) => Some(why),
+        Err(e) => Some(e.to_string()),
+        Ok(_) => None,
+    }
 }
 
 #[test]

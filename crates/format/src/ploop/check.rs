@@ -172,22 +172,26 @@ pub fn check_with_backup(
     // offset that dangles is cleared (qemu refuses a file whose extension
     // offset names no extension).
     let mut ext_clusters = Vec::new();
-    if raw.format_extension_offset != 0 {
-        let why = if header.in_use {
-            Err("it was not closed cleanly, so its changed-block bitmap cannot be trusted".into())
-        } else {
-            super::ext::read(io, &header, &bat, new_size)
-        };
-        match why {
-            Ok(Some(ext)) => ext_clusters = ext.clusters,
-            Ok(None) => {}
-            Err(why) => {
-                report.problems.push(format!(
-                    "the header names a format extension at sector {}, but {why} (fix: drop the extension)",
-                    raw.format_extension_offset
-                ));
-                raw.format_extension_offset = 0;
-            }
+    let state = if raw.format_extension_offset == 0 {
+        super::ext::State::None
+    } else if header.in_use {
+        super::ext::State::Dangling(
+            "the image was not closed cleanly, so its changed-block bitmap cannot be trusted"
+                .into(),
+        )
+    } else {
+        super::ext::read(io, &header, &bat, new_size)
+            .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?
+    };
+    match state {
+        super::ext::State::None => {}
+        super::ext::State::Live(ext) => ext_clusters = ext.clusters,
+        super::ext::State::Dangling(why) => {
+            report.problems.push(format!(
+                "the header names a format extension at sector {}, but {why} (fix: drop the extension)",
+                raw.format_extension_offset
+            ));
+            raw.format_extension_offset = 0;
         }
     }
     let highest = bat

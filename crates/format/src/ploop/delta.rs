@@ -301,7 +301,17 @@ impl PloopDelta {
         if flags.writable && header.raw.format_extension_offset != 0 {
             // A writer would make a changed-block bitmap stale: drop the
             // extension (as qemu does) in the header write below that
-            // marks the image in use, before any of its clusters is reused.
+            // marks the image in use, before any of its clusters is reused;
+            // unless it holds a feature we do not know and may not drop.
+            let state = super::ext::read(&io, &header, &bat, size)
+                .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
+            if let super::ext::State::Live(ext) = &state {
+                if let Some(f) = ext.features.iter().find(|f| f.forbids_dropping()) {
+                    return Err(Error::Invalid(format!(
+                        "{path}: its format extension holds a feature this tool does not know and must keep ({f:?}): it can only be opened read-only"
+                    )));
+                }
+            }
             tracing::warn!(
                 "{path}: dropping its format extension (a changed-block bitmap): writing makes it stale"
             );

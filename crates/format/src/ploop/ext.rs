@@ -6,7 +6,7 @@
 //! ```text
 //! u64 magic 0xAB234CEF23DCEA87 | md5 of the rest of the cluster (16 bytes)
 //! then features, each 8-byte aligned:
-//!   u64 magic | u64 flags (0) | u32 data size | u32 unused | data
+//!   u64 magic | u64 flags | u32 data size | u32 unused | data
 //! ending with a feature whose magic is 0.
 //! dirty bitmap data: u64 disk size (sectors) | uuid (16) |
 //!   u32 granularity (sectors) | u32 l1 size | u64 l1[l1 size]
@@ -15,8 +15,13 @@
 //!
 //! A read-write open cannot keep a bitmap true, so it drops the extension
 //! (clears `ext_off` in the header write that marks the image in use, as
-//! qemu does); until then its clusters are live and never reused. `check`
-//! tells a live extension from a dangling offset.
+//! qemu does); until then its clusters are live and never reused. A
+//! feature this code does not know, flagged NECESSARY (the file must not
+//! change without it) or TRANSIT (it must be kept as it is), makes the
+//! image read-only instead. `check` tells a live extension from a
+//! dangling offset.
+
+use std::collections::HashSet;
 
 use md5::{Digest, Md5};
 use ploop_io::{AlignedBuf, SharedIo};
@@ -27,6 +32,11 @@ use crate::SECTOR;
 
 pub const EXT_MAGIC: u64 = 0xAB23_4CEF_23DC_EA87;
 pub const DIRTY_BITMAP_MAGIC: u64 = 0x2038_5FAE_252C_B34A;
+/// Feature flag: software that cannot load the feature must not change
+/// the file.
+pub const FLAG_NECESSARY: u64 = 1;
+/// Feature flag: software that does not know the feature keeps it as is.
+pub const FLAG_TRANSIT: u64 = 2;
 const FEATURE_HEADER: usize = 24;
 const DIRTY_BITMAP_FIXED: usize = 32;
 
@@ -43,8 +53,16 @@ pub enum Feature {
         /// Per bitmap cluster: 0 all clear, 1 all set, else its sector.
         l1: Vec<u64>,
     },
-    /// A feature this code does not know (kept as it is).
-    Unknown { magic: u64, size: u32 },
+    /// A feature this code does not know.
+    Unknown { magic: u64, flags: u64, size: u32 },
+}
+
+impl Feature {
+    /// Whether a writer that drops the extension would break this
+    /// feature's rules (an unknown one flagged NECESSARY or TRANSIT).
+    pub fn forbids_dropping(&self) -> bool {
+        matches!(self, Feature::Unknown { flags, .. } if flags & (FLAG_NECESSARY | FLAG_TRANSIT) != 0)
+    }
 }
 
 /// A format extension that checks out.
@@ -55,6 +73,17 @@ pub struct Extension {
     pub clusters: Vec<u64>,
 }
 
+/// What the header's `ext_off` leads to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No extension.
+    None,
+    /// An extension that checks out.
+    Live(Extension),
+    /// An offset that leads to no usable extension, and why.
+    Dangling(String),
+}
+
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
@@ -63,56 +92,76 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Read the extension `header` points at, if any: Ok(None) without one,
-/// Err(why) where the offset dangles (no extension there, a broken one, or
-/// clusters that data now uses).
-pub fn read(
-    io: &SharedIo,
-    header: &Header,
-    bat: &[u32],
-    file_size: u64,
-) -> Result<Option<Extension>, String> {
+/// Read the extension `header` points at. Err only for an I/O error: an
+/// offset that leads nowhere usable (no extension there, a broken one,
+/// clusters that data now uses) is `State::Dangling`.
+pub fn read(io: &SharedIo, header: &Header, bat: &[u32], file_size: u64) -> std::io::Result<State> {
     let sector = header.raw.format_extension_offset;
     if sector == 0 {
-        return Ok(None);
+        return Ok(State::None);
     }
     let cs = header.cluster_size;
-    let mapped: std::collections::HashSet<u64> = bat
+    let mapped: HashSet<u64> = bat
         .iter()
         .filter(|&&e| e != 0)
         .map(|&e| entry_to_offset(header, e) / cs)
         .collect();
-    let cluster_at = |sector: u64, what: &str| -> Result<u64, String> {
-        let off = sector
-            .checked_mul(SECTOR)
-            .ok_or_else(|| format!("the {what} offset overflows"))?;
-        if !off.is_multiple_of(cs) {
-            return Err(format!("the {what} at byte {off} is not cluster-aligned"));
-        }
-        if off < header.data_offset {
-            return Err(format!(
-                "the {what} at byte {off} lies in the header/BAT area"
-            ));
-        }
-        if off.saturating_add(cs) > file_size {
-            return Err(format!(
-                "the {what} at byte {off} lies past the end of the file"
-            ));
-        }
-        if mapped.contains(&(off / cs)) {
-            return Err(format!("the {what} at byte {off} now holds data"));
-        }
-        Ok(off / cs)
+    let place = |sector: u64, what: &str| cluster_at(header, &mapped, file_size, sector, what);
+    let own = match place(sector, "format extension") {
+        Ok(c) => c,
+        Err(why) => return Ok(State::Dangling(why)),
     };
-    let own = cluster_at(sector, "format extension")?;
     let mut buf = AlignedBuf::zeroed(cs as usize);
-    io.read_at(buf.as_mut_slice(), own * cs)
-        .map_err(|e| format!("reading the format extension: {e}"))?;
-    let b = buf.as_slice();
+    io.read_at(buf.as_mut_slice(), own * cs)?;
+    Ok(
+        match parse(buf.as_slice(), own, |s| place(s, "dirty bitmap cluster")) {
+            Ok(ext) => State::Live(ext),
+            Err(why) => State::Dangling(why),
+        },
+    )
+}
+
+/// The file cluster at `sector`, if it can belong to the extension.
+fn cluster_at(
+    header: &Header,
+    mapped: &HashSet<u64>,
+    file_size: u64,
+    sector: u64,
+    what: &str,
+) -> Result<u64, String> {
+    let cs = header.cluster_size;
+    let off = sector
+        .checked_mul(SECTOR)
+        .ok_or_else(|| format!("the {what} offset overflows"))?;
+    if !off.is_multiple_of(cs) {
+        return Err(format!("the {what} at byte {off} is not cluster-aligned"));
+    }
+    if off < header.data_offset {
+        return Err(format!(
+            "the {what} at byte {off} lies in the header/BAT area"
+        ));
+    }
+    if off.saturating_add(cs) > file_size {
+        return Err(format!(
+            "the {what} at byte {off} lies past the end of the file"
+        ));
+    }
+    if mapped.contains(&(off / cs)) {
+        return Err(format!("the {what} at byte {off} now holds data"));
+    }
+    Ok(off / cs)
+}
+
+/// Parse the extension cluster `b` (file cluster `own`); `bitmap_cluster`
+/// places a bitmap cluster's sector.
+fn parse(
+    b: &[u8],
+    own: u64,
+    bitmap_cluster: impl Fn(u64) -> Result<u64, String>,
+) -> Result<Extension, String> {
     if u64_at(b, 0) != EXT_MAGIC {
         return Err(format!(
-            "no format extension at byte {} (magic {:#x})",
-            own * cs,
+            "no format extension at its offset (magic {:#x})",
             u64_at(b, 0)
         ));
     }
@@ -133,9 +182,9 @@ pub fn read(
         let size = u32_at(b, pos + 16);
         pos += FEATURE_HEADER;
         if magic == 0 {
-            return Ok(Some(ext));
+            return Ok(ext);
         }
-        if flags != 0 {
+        if flags & !(FLAG_NECESSARY | FLAG_TRANSIT) != 0 {
             return Err(format!("feature {magic:#x} has unknown flags {flags:#x}"));
         }
         let end = pos
@@ -155,8 +204,7 @@ pub fn read(
                 .map(|i| u64_at(data, DIRTY_BITMAP_FIXED + 8 * i))
                 .collect();
             for &entry in l1.iter().filter(|&&e| e > 1) {
-                ext.clusters
-                    .push(cluster_at(entry, "dirty bitmap cluster")?);
+                ext.clusters.push(bitmap_cluster(entry)?);
             }
             ext.features.push(Feature::DirtyBitmap {
                 size_sectors: u64_at(data, 0),
@@ -165,7 +213,7 @@ pub fn read(
                 l1,
             });
         } else {
-            ext.features.push(Feature::Unknown { magic, size });
+            ext.features.push(Feature::Unknown { magic, flags, size });
         }
         pos = end.next_multiple_of(8);
     }
@@ -183,6 +231,13 @@ mod tests {
     /// An image with an extension cluster at file cluster 2 and a bitmap
     /// cluster at 3, holding the given features.
     fn image(features: &[(u64, Vec<u8>)]) -> (SharedIo, Header) {
+        let flagged: Vec<(u64, u64, Vec<u8>)> =
+            features.iter().map(|(m, d)| (*m, 0, d.clone())).collect();
+        image_flagged(&flagged)
+    }
+
+    /// Features as (magic, flags, data).
+    fn image_flagged(features: &[(u64, u64, Vec<u8>)]) -> (SharedIo, Header) {
         let mut h = Header::new(8 * CS, CS, Version::V2).unwrap();
         h.raw.format_extension_offset = 2 * CS / SECTOR;
         h = Header::validate(h.raw, "t").unwrap();
@@ -191,8 +246,9 @@ mod tests {
         let mut c = vec![0u8; CS as usize];
         c[..8].copy_from_slice(&EXT_MAGIC.to_le_bytes());
         let mut pos = 24;
-        for (magic, data) in features {
+        for (magic, flags, data) in features {
             c[pos..pos + 8].copy_from_slice(&magic.to_le_bytes());
+            c[pos + 8..pos + 16].copy_from_slice(&flags.to_le_bytes());
             c[pos + 16..pos + 20].copy_from_slice(&(data.len() as u32).to_le_bytes());
             pos += 24;
             c[pos..pos + data.len()].copy_from_slice(data);
@@ -219,7 +275,9 @@ mod tests {
     fn a_bitmap_names_its_clusters() {
         let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, bitmap(&[0, 3 * CS / SECTOR, 1]))]);
         let bat = vec![0u32; 8];
-        let ext = read(&io, &h, &bat, 4 * CS).unwrap().unwrap();
+        let State::Live(ext) = read(&io, &h, &bat, 4 * CS).unwrap() else {
+            panic!("no live extension");
+        };
         assert_eq!(ext.clusters, vec![2, 3]);
         assert!(matches!(&ext.features[0], Feature::DirtyBitmap { l1, .. } if l1.len() == 3));
     }
@@ -228,7 +286,10 @@ mod tests {
     fn dangling_and_broken_extensions_say_why() {
         let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, bitmap(&[3 * CS / SECTOR]))]);
         let mut bat = vec![0u32; 8];
-        let why = |bat: &[u32], size: u64| read(&io, &h, bat, size).unwrap_err();
+        let why = |bat: &[u32], size: u64| match read(&io, &h, bat, size).unwrap() {
+            State::Dangling(why) => why,
+            other => panic!("{other:?}"),
+        };
         assert!(
             why(&bat, 2 * CS).contains("past the end"),
             "{}",
@@ -248,6 +309,13 @@ mod tests {
         assert!(why(&[0; 8], 4 * CS).contains("no format extension"));
     }
 
+    fn dangling(state: State) -> String {
+        match state {
+            State::Dangling(why) => why,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn hostile_sizes_stay_inside_the_cluster() {
         let (io, h) = image(&[(DIRTY_BITMAP_MAGIC, {
@@ -255,11 +323,72 @@ mod tests {
             d[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
             d
         })]);
-        assert!(read(&io, &h, &[0; 8], 4 * CS)
-            .unwrap_err()
-            .contains("runs past"));
-        let (io, h) = image(&[(7, vec![0u8; 16])]);
-        let ext = read(&io, &h, &[0; 8], 4 * CS).unwrap().unwrap();
-        assert_eq!(ext.features, vec![Feature::Unknown { magic: 7, size: 16 }]);
+        assert!(dangling(read(&io, &h, &[0; 8], 4 * CS).unwrap()).contains("runs past"));
+    }
+
+    /// Unknown features are kept track of with their flags: NECESSARY and
+    /// TRANSIT ones forbid dropping the extension; unknown flag bits make
+    /// it unusable.
+    #[test]
+    fn unknown_features_and_their_flags() {
+        for (flags, forbids) in [(0, false), (FLAG_NECESSARY, true), (FLAG_TRANSIT, true)] {
+            let (io, h) = image_flagged(&[(7, flags, vec![0u8; 16])]);
+            let State::Live(ext) = read(&io, &h, &[0; 8], 4 * CS).unwrap() else {
+                panic!("no live extension");
+            };
+            assert_eq!(
+                ext.features,
+                vec![Feature::Unknown {
+                    magic: 7,
+                    flags,
+                    size: 16
+                }]
+            );
+            assert_eq!(ext.features[0].forbids_dropping(), forbids);
+        }
+        let (io, h) = image_flagged(&[(7, 4, vec![0u8; 16])]);
+        assert!(dangling(read(&io, &h, &[0; 8], 4 * CS).unwrap()).contains("unknown flags"));
+    }
+
+    /// A writable open drops an extension it can drop (a bitmap), in the
+    /// header it writes, and refuses one with an unknown NECESSARY or
+    /// TRANSIT feature, which it must not drop; read-only opens take both.
+    #[test]
+    fn a_writer_drops_what_it_may_and_refuses_what_it_must_keep() {
+        use crate::ploop::{CreateOptions, OpenFlags, PloopDelta};
+        for (flags, refused) in [(0, false), (FLAG_NECESSARY, true), (FLAG_TRANSIT, true)] {
+            let (ext_io, _) = image_flagged(&[(7, flags, vec![0u8; 16])]);
+            let mut cluster = vec![0u8; CS as usize];
+            ext_io.read_at(&mut cluster, 2 * CS).unwrap();
+            let io: SharedIo = Arc::new(MemIo::new("img"));
+            PloopDelta::create(
+                io.clone(),
+                CreateOptions {
+                    virtual_size: 8 * CS,
+                    cluster_size: CS,
+                    version: Version::V2,
+                    preallocate: false,
+                },
+            )
+            .unwrap();
+            io.write_at(&cluster, CS).unwrap();
+            io.write_at(&(CS / SECTOR).to_le_bytes(), 56).unwrap();
+            let writable = OpenFlags {
+                writable: true,
+                allow_dirty: false,
+            };
+            let opened = PloopDelta::open(io.clone(), writable);
+            let mut ext_off = [0u8; 8];
+            assert_eq!(opened.is_err(), refused, "flags {flags}");
+            if let Ok(d) = opened {
+                d.close().unwrap();
+                io.read_at(&mut ext_off, 56).unwrap();
+                assert_eq!(u64::from_le_bytes(ext_off), 0, "the extension was kept");
+            } else {
+                io.read_at(&mut ext_off, 56).unwrap();
+                assert_eq!(u64::from_le_bytes(ext_off), CS / SECTOR, "changed anyway");
+                PloopDelta::open(io, OpenFlags::default()).unwrap();
+            }
+        }
     }
 }
