@@ -880,10 +880,11 @@ fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The input of `write` and its length. A regular file (or standard input
-/// redirected from one) says its length; a pipe is copied into an unnamed
-/// temporary file first, read no further than one byte past `room`, so
-/// that its length is known before anything is written.
+/// The input of `write` and its length. A regular file or a block device
+/// (or standard input redirected from one) says its length; a pipe is
+/// copied into an unnamed temporary file first, read no further than one
+/// byte past `room`, so that its length is known before anything is
+/// written.
 fn sized_input(input: &Path, room: u64) -> Res<(Box<dyn Read>, u64)> {
     use std::io::{Seek, SeekFrom};
     use std::os::fd::AsFd;
@@ -894,10 +895,15 @@ fn sized_input(input: &Path, room: u64) -> Res<(Box<dyn Read>, u64)> {
     } else {
         std::fs::File::open(input).map_err(ctx)?
     };
-    if file.metadata().map_err(ctx)?.is_file() {
-        let len = file.metadata().map_err(ctx)?.len();
+    let kind = file.metadata().map_err(ctx)?.file_type();
+    if kind.is_file() || std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        // A device's length is where its end is; a file's too. Only that
+        // much is read, should the file grow meanwhile.
         let at = file.stream_position().map_err(ctx)?;
-        return Ok((Box::new(file), len.saturating_sub(at)));
+        let end = file.seek(SeekFrom::End(0)).map_err(ctx)?;
+        file.seek(SeekFrom::Start(at)).map_err(ctx)?;
+        let len = end.saturating_sub(at);
+        return Ok((Box::new(file.take(len)), len));
     }
     let mut staged = tempfile::tempfile().map_err(|e| format!("staging {name}: {e}"))?;
     let len = std::io::copy(&mut (&mut file).take(room.saturating_add(1)), &mut staged)
