@@ -69,9 +69,10 @@ pub enum FuseQueues {
     Dev,
 }
 
+/// The descriptor's path with its folder resolved and its own name not
+/// followed (a link there is refused when it is read).
 fn canonical(p: &Path) -> Result<PathBuf, String> {
-    p.canonicalize()
-        .map_err(|e| format!("{}: {e}", p.display()))
+    ploop_io::resolve_folder(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
 /// Open the disk; an image left in use by a crash is checked and repaired
@@ -182,6 +183,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     std::fs::write(&fuse_file, b"").map_err(|e| format!("{}: {e}", fuse_file.display()))?;
     let socket = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&socket);
+    let record_id = id.clone();
     let mut record = MountRecord {
         id,
         descriptor: dd.clone(),
@@ -190,7 +192,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         pid: std::process::id(),
         fuse_file: fuse_file.clone(),
         socket: socket.clone(),
-        log: log_path(&dd),
+        log: log_path(&record_id),
         device: None,
         mountpoint: None,
     };
@@ -522,7 +524,28 @@ fn watch_signals(socket: &Path) {
 }
 
 /// The daemon's log, beside the descriptor.
-pub fn log_path(dd: &Path) -> PathBuf {
-    let dir = dd.parent().unwrap_or(Path::new("."));
-    dir.join("ploop-daemon.log")
+/// Where the daemon of view `id` logs: a folder root owns, never the
+/// disk's folder (which a container's owner may control: a link there
+/// named like the log would make root append to any file).
+pub fn log_path(id: &str) -> PathBuf {
+    registry::log_dir().join(format!("{id}.log"))
+}
+
+/// Open (create) a daemon's log for appending: in a root-owned folder,
+/// made if needed, and never through a link.
+pub fn open_log(id: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = registry::log_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&dir)?;
+    let path = log_path(id);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    Ok((path, file))
 }

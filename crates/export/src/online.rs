@@ -14,7 +14,7 @@ use ploop_format::descriptor::{guid_string, Descriptor, ImageEntry, ImageType};
 use ploop_format::ploop::{OpenFlags, PloopDelta, Version};
 use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
-use ploop_image::disk::{image_path, open_delta, open_file, DescriptorLock};
+use ploop_image::disk::{image_path, open_delta, DescriptorLock};
 use ploop_image::ops;
 use ploop_image::{Chain, Delta, OpenOptions};
 use ploop_io::{AlignedBuf, LockMode, OpenMode};
@@ -68,14 +68,14 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
         let new_chain = match opened {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = ploop_io::fsys::remove(&path);
                 return Err(e);
             }
         };
         ops::freeze_top(&mut d, snap, file);
         if let Err(e) = d.save(dd) {
             drop(new_chain);
-            let _ = std::fs::remove_file(&path);
+            let _ = ploop_io::fsys::remove(&path);
             return Err(e);
         }
         // The old top is read-only from now on: clean flag, shared lock,
@@ -137,7 +137,7 @@ pub fn merge_with_parent(
     // lock for that.
     let parent_old = chain.layers()[pi].clone();
     let _ = layer_io(&parent_old).set_lock(LockMode::None);
-    let parent = match open_writable_twin(dd, &entries[pi]) {
+    let parent = match open_writable_twin(&parent_old, &entries[pi]) {
         Ok(p) => Arc::new(p),
         Err(e) => {
             let _ = layer_io(&parent_old).set_lock(LockMode::Shared);
@@ -254,8 +254,20 @@ pub fn merge_with_parent(
     if let Err(e) = source.close() {
         tracing::warn!("closing the merged delta: {e}");
     }
+    // The name the descriptor gave is removed only if it still names the
+    // file this merge emptied (the folder's owner may have renamed files
+    // meanwhile).
+    let merged = layer_io(&source).identity();
     drop(source);
-    if let Err(e) = std::fs::remove_file(&child_path) {
+    let removed = ploop_io::Folder::of(&child_path).and_then(|(dir, name)| {
+        if dir.identity(name).ok() != merged.ok().flatten() {
+            return Err(std::io::Error::other(
+                "the name no longer leads to the merged file: left alone",
+            ));
+        }
+        dir.remove(name)
+    });
+    if let Err(e) = removed {
         tracing::warn!("removing merged delta {}: {e}", child_path.display());
     }
     Ok(())
@@ -290,18 +302,32 @@ fn layer_io(d: &Delta) -> &ploop_io::SharedIo {
 }
 
 /// Open a delta of the served chain a second time, writable and locked
-/// exclusively (the caller has released the served chain's shared lock).
-fn open_writable_twin(dd: &std::path::Path, entry: &ImageEntry) -> Result<Delta> {
-    let path = image_path(dd, &entry.file)?;
-    let io = open_file(
-        &path,
-        OpenMode {
-            write: true,
-            direct: true,
-            create_new: false,
-            lock: LockMode::Exclusive,
-        },
-    )?;
+/// exclusively (the caller has released the served chain's shared lock):
+/// through the handle the daemon holds, so it is the very file served,
+/// whatever the descriptor (which the folder's owner may edit) names now.
+fn open_writable_twin(served: &Delta, entry: &ImageEntry) -> Result<Delta> {
+    let old = layer_io(served);
+    let mode = OpenMode {
+        write: true,
+        direct: true,
+        create_new: false,
+        lock: LockMode::Exclusive,
+    };
+    let io = match old.reopen(mode) {
+        Ok(Some(io)) => io,
+        Ok(None) => {
+            return Err(Error::Invalid(format!(
+                "{}: cannot be opened a second time",
+                old.describe()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(Error::Locked {
+                path: old.describe(),
+            })
+        }
+        Err(e) => return Err(Error::io(old.describe(), "opening again", 0, e)),
+    };
     Ok(match entry.kind {
         ImageType::Plain => Delta::Raw(RawDelta::open(io, true)?),
         ImageType::Compressed => Delta::Ploop(PloopDelta::open(

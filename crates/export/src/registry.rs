@@ -6,6 +6,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Where daemons log: /var/log/ploop (or $PLOOP_LOG_DIR).
+pub fn log_dir() -> PathBuf {
+    std::env::var_os("PLOOP_LOG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/log/ploop"))
+}
+
 pub fn run_dir() -> PathBuf {
     std::env::var_os("PLOOP_RUN_DIR")
         .map(PathBuf::from)

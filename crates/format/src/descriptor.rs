@@ -18,6 +18,10 @@ pub const TOP_GUID: Uuid = Uuid::from_u128(0x5fbaabe3_6958_40ff_92a7_860e329aab4
 pub const NONE_GUID: Uuid = Uuid::nil();
 /// OpenVZ allows this many deltas in one chain.
 pub const MAX_DELTAS: usize = 128;
+/// Images one descriptor may list (all branches of its snapshot tree):
+/// far more than any disk has, and few enough that a descriptor listing
+/// a hostile number is refused before it costs anything.
+pub const MAX_IMAGES: usize = 8 * MAX_DELTAS;
 pub const FILE_NAME: &str = "DiskDescriptor.xml";
 
 /// `<Type>`: Compressed is the ploop format, Plain is raw.
@@ -285,6 +289,15 @@ impl Descriptor {
             let n = node.child(name).ok_or_else(|| missing(name))?;
             parse_guid(&n.text).ok_or_else(|| bad(format!("<{name}> is not a GUID: {:?}", n.text)))
         };
+        if storage.all("Image").count() > MAX_IMAGES
+            || root
+                .child("Snapshots")
+                .is_some_and(|s| s.all("Shot").count() > MAX_IMAGES)
+        {
+            return Err(bad(format!(
+                "more than {MAX_IMAGES} images or snapshots: refused"
+            )));
+        }
         let mut images = Vec::new();
         for img in storage.all("Image") {
             let kind = match img.child("Type").map(|t| t.text.trim()) {
@@ -417,8 +430,26 @@ impl Descriptor {
                 guid_string(&self.top_guid)
             )));
         }
+        // Every chain ends at the base within the depth limit, and has no
+        // cycle: walked with a map of parents, so a long list costs little.
+        let parents: std::collections::HashMap<Uuid, Uuid> =
+            self.snapshots.iter().map(|s| (s.guid, s.parent)).collect();
         for s in &self.snapshots {
-            self.chain_guids(s.guid).map_err(&bad)?;
+            let mut cur = s.guid;
+            for depth in 0.. {
+                if cur == NONE_GUID {
+                    break;
+                }
+                if depth >= MAX_DELTAS {
+                    // Deeper than allowed, or a cycle: say which.
+                    return Err(bad(self.chain_guids(s.guid).err().unwrap_or_else(|| {
+                        format!("chain is deeper than {MAX_DELTAS} deltas")
+                    })));
+                }
+                cur = *parents
+                    .get(&cur)
+                    .ok_or_else(|| bad(format!("snapshot {} not found", guid_string(&cur))))?;
+            }
         }
         Ok(())
     }
@@ -618,15 +649,19 @@ pub fn resolve_image_path(dd_dir: &Path, file: &str, dd_path: &str) -> Result<Pa
     } else {
         p.to_path_buf()
     };
-    if rel
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(bad(format!(
+    // One plain name: a delta lives beside its descriptor, and is reached
+    // without following links (a subfolder of a folder a container's
+    // owner controls could be a link anywhere).
+    let mut parts = rel.components().filter(|c| !matches!(c, Component::CurDir));
+    match (parts.next(), parts.next()) {
+        (Some(Component::Normal(name)), None) => Ok(dd_dir.join(name)),
+        (Some(Component::Normal(_)), Some(Component::Normal(_))) => Err(bad(format!(
+            "image path {file} is in a subfolder: deltas live beside the descriptor"
+        ))),
+        _ => Err(bad(format!(
             "image path {file} leaves the descriptor's folder"
-        )));
+        ))),
     }
-    Ok(dd_dir.join(rel))
 }
 
 #[cfg(test)]
@@ -751,5 +786,7 @@ mod tests {
         assert!(resolve_image_path(dir, "../etc/passwd", "dd").is_err());
         assert!(resolve_image_path(dir, "/etc/passwd", "dd").is_err());
         assert!(resolve_image_path(dir, "a/../../x", "dd").is_err());
+        assert!(resolve_image_path(dir, "d/precious", "dd").is_err());
+        assert!(resolve_image_path(dir, "./root.hdd", "dd").is_ok());
     }
 }

@@ -38,9 +38,8 @@ pub fn open_file(path: &Path, mode: OpenMode) -> Result<SharedIo> {
     }
 }
 
-/// Open one delta file of either format.
-pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<Delta> {
-    let mode = OpenMode {
+fn delta_mode(opts: &OpenOptions) -> OpenMode {
+    OpenMode {
         write: opts.writable,
         direct: opts.direct,
         create_new: false,
@@ -49,8 +48,18 @@ pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<De
         } else {
             LockMode::Shared
         },
-    };
-    let io = open_file(path, mode)?;
+    }
+}
+
+/// Open one delta file of a disk, in either format: a regular file,
+/// never reached through a symbolic link (see `ploop_io::Folder`).
+pub fn open_delta(path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<Delta> {
+    let io = open_file(path, delta_mode(opts))?;
+    delta_on(io, path, kind, opts)
+}
+
+/// A delta of either format on an open file.
+fn delta_on(io: SharedIo, path: &Path, kind: ImageType, opts: &OpenOptions) -> Result<Delta> {
     let mut first = [0u8; 16];
     io.read_at(&mut first, 0)
         .map_err(|e| Error::io(path.display().to_string(), "reading header", 0, e))?;
@@ -88,9 +97,11 @@ pub fn known_parent(path: &Path) -> Option<(PathBuf, Uuid)> {
 }
 
 /// Open one image file on its own, as a chain of one delta: in the format
-/// given, or else a ploop delta if it has the signature, raw if not. A
-/// delta that a descriptor beside it shows snapshots built on opens
-/// read-only only: writing it would change what they show.
+/// given, or else a ploop delta if it has the signature, raw if not. The
+/// path is the administrator's own (`ploop serve IMAGE`): it may be a
+/// link or a block device. A delta that a descriptor beside it shows
+/// snapshots built on opens read-only only: writing it would change what
+/// they show.
 pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Result<Chain> {
     if writable {
         if let Some((dd, guid)) = known_parent(path) {
@@ -108,15 +119,21 @@ pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Resul
         direct: true,
         ..OpenOptions::default()
     };
-    let probe = open_file(
-        path,
-        OpenMode {
-            write: false,
-            direct: false,
-            create_new: false,
-            lock: LockMode::None,
-        },
-    )?;
+    let explicit = |mode: OpenMode| -> Result<SharedIo> {
+        match ploop_io::FileIo::open(path, mode) {
+            Ok(f) => Ok(std::sync::Arc::new(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Locked {
+                path: path.display().to_string(),
+            }),
+            Err(e) => Err(Error::io(path.display().to_string(), "opening", 0, e)),
+        }
+    };
+    let probe = explicit(OpenMode {
+        write: false,
+        direct: false,
+        create_new: false,
+        lock: LockMode::None,
+    })?;
     let mut first = [0u8; 16];
     probe
         .read_at(&mut first, 0)
@@ -129,7 +146,7 @@ pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Resul
     } else {
         ImageType::Plain
     };
-    let delta = open_delta(path, kind, &opts)?;
+    let delta = delta_on(explicit(delta_mode(&opts))?, path, kind, &opts)?;
     let (cluster, size) = match &delta {
         Delta::Ploop(p) => (p.cluster_size(), p.virtual_size()),
         Delta::Raw(r) => (RAW_IMAGE_CLUSTER, r.virtual_size()),
@@ -271,12 +288,10 @@ impl DescriptorLock {
         lck.push(".lck");
         let lck = PathBuf::from(lck);
         let name = lck.display().to_string();
-        let file = match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lck)
-        {
+        // A regular file, never reached through a link: the folder may be
+        // a container owner's, and the lock is created by root.
+        let opened = ploop_io::Folder::of(&lck).and_then(|(dir, file)| dir.open_lock_file(file));
+        let file = match opened {
             Ok(f) => f,
             // On a read-only filesystem nothing can change the descriptor:
             // there is no one to serialise with.

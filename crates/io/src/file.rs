@@ -100,7 +100,18 @@ impl FileIo {
         } else {
             (opts.open(path)?, false)
         };
-        take_lock(&file, mode.lock)?;
+        Self::from_file(file, path, mode.lock, direct)
+    }
+
+    /// A backend over an open file: takes its lock; `direct` says whether
+    /// it was opened with O_DIRECT.
+    pub(crate) fn from_file(
+        file: File,
+        path: &Path,
+        lock: LockMode,
+        direct: bool,
+    ) -> io::Result<Self> {
+        take_lock(&file, lock)?;
         let block_device =
             std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
         Ok(Self {
@@ -110,6 +121,38 @@ impl FileIo {
             block_device,
             rmw: Mutex::new(()),
         })
+    }
+
+    /// The same file opened again (a new open file description, so with
+    /// a lock of its own), through the descriptor this one holds: the file
+    /// it is, whatever its name now leads to.
+    pub fn reopen(&self, mode: OpenMode) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(mode.write);
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let (file, direct) = if mode.direct {
+            match opts
+                .clone()
+                .custom_flags(OFlags::DIRECT.bits() as i32)
+                .open(&proc_path)
+            {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    (opts.open(&proc_path)?, false)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (opts.open(&proc_path)?, false)
+        };
+        Self::from_file(file, &self.path, mode.lock, direct)
+    }
+
+    /// Device and inode of the open file.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
     }
 
     pub fn path(&self) -> &Path {
@@ -359,6 +402,14 @@ impl BlockIo for FileIo {
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         Some(self.file.as_raw_fd())
+    }
+
+    fn reopen(&self, mode: OpenMode) -> io::Result<Option<crate::SharedIo>> {
+        Ok(Some(std::sync::Arc::new(FileIo::reopen(self, mode)?)))
+    }
+
+    fn identity(&self) -> io::Result<Option<(u64, u64)>> {
+        FileIo::identity(self).map(Some)
     }
 }
 

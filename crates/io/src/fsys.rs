@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use crate::journal::{Journal, JournaledIo};
-use crate::{BlockIo, FileIo, OpenMode, SharedIo};
+use crate::{BlockIo, Folder, OpenMode, SharedIo};
 
 /// What the image layer needs of a filesystem.
 pub trait Fs {
@@ -52,45 +52,76 @@ pub fn is_replaced() -> bool {
     replaced().is_some()
 }
 
+// On the real filesystem every name is looked up in its folder without
+// following a symbolic link, and only regular files are opened (see
+// `Folder`): the folder of a disk may belong to a container's owner.
+
+/// Open the regular file at `path` (its last name never a link).
 pub fn open(path: &Path, mode: OpenMode) -> io::Result<SharedIo> {
     match replaced() {
         Some(fs) => fs.open(path, mode),
-        None => Ok(Arc::new(FileIo::open(path, mode)?)),
+        None => {
+            let (dir, name) = Folder::of(path)?;
+            Ok(Arc::new(dir.open_file(name, mode)?))
+        }
     }
 }
 
+/// Files read whole (descriptors) are refused past this size.
+pub const READ_LIMIT: u64 = 1 << 20;
+
+/// The whole regular file at `path`, up to [`READ_LIMIT`] bytes.
 pub fn read(path: &Path) -> io::Result<Vec<u8>> {
     match replaced() {
         Some(fs) => fs.read(path),
-        None => std::fs::read(path),
+        None => {
+            let (dir, name) = Folder::of(path)?;
+            dir.read(name, READ_LIMIT)
+        }
     }
 }
 
+/// Rename within one folder.
 pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
     match replaced() {
         Some(fs) => fs.rename(from, to),
-        None => std::fs::rename(from, to),
+        None => {
+            let (dir, from_name) = Folder::of(from)?;
+            if to.parent() != from.parent() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: a rename leaves its folder", to.display()),
+                ));
+            }
+            let to_name = to.file_name().unwrap_or_default();
+            dir.rename(from_name, to_name)
+        }
     }
 }
 
+/// Remove a name (a link itself, never what it points at).
 pub fn remove(path: &Path) -> io::Result<()> {
     match replaced() {
         Some(fs) => fs.remove(path),
-        None => std::fs::remove_file(path),
+        None => {
+            let (dir, name) = Folder::of(path)?;
+            dir.remove(name)
+        }
     }
 }
 
+/// Whether something of that name is there (a link counts).
 pub fn exists(path: &Path) -> bool {
     match replaced() {
         Some(fs) => fs.exists(path),
-        None => path.exists(),
+        None => Folder::of(path).is_ok_and(|(dir, name)| dir.exists(name)),
     }
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     match replaced() {
         Some(fs) => fs.sync_dir(dir),
-        None => std::fs::File::open(dir)?.sync_all(),
+        None => Folder::open(dir)?.sync(),
     }
 }
 

@@ -7,6 +7,7 @@
 mod aligned;
 mod faulty;
 mod file;
+mod folder;
 pub mod fsys;
 mod journal;
 mod memory;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 pub use aligned::{with_scratch, AlignedBuf};
 pub use faulty::{FaultPlan, FaultyIo};
 pub use file::{FileIo, LockMode, OpenMode};
+pub use folder::{resolve_folder, Folder};
 pub use journal::{Journal, JournaledIo, Survivors};
 pub use memory::MemIo;
 
@@ -79,6 +81,16 @@ pub trait BlockIo: Send + Sync {
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The same file opened again (with a lock of its own), whatever its
+    /// name leads to now. None for backends without a file.
+    fn reopen(&self, _mode: OpenMode) -> io::Result<Option<SharedIo>> {
+        Ok(None)
+    }
+    /// Device and inode of the file behind this backend, where there is
+    /// one.
+    fn identity(&self) -> io::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 }
 
 /// Shared handle to any backend.
@@ -123,6 +135,12 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         (**self).raw_fd()
+    }
+    fn reopen(&self, mode: OpenMode) -> io::Result<Option<SharedIo>> {
+        (**self).reopen(mode)
+    }
+    fn identity(&self) -> io::Result<Option<(u64, u64)>> {
+        (**self).identity()
     }
 }
 

@@ -607,7 +607,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         (_, true) => "preallocated",
         _ => "ploop1",
     };
-    let canonical = dd.canonicalize().ok();
+    let canonical = ploop_io::resolve_folder(dd).ok();
     let mounts: Vec<_> = ploop_export::registry::all()
         .into_iter()
         .filter(|r| Some(&r.descriptor) == canonical.as_ref())
@@ -744,7 +744,7 @@ fn snapshot_list(a: ListArgs) -> Res<ExitCode> {
     for s in &shots {
         let file = &d.image(s.guid).expect("validated").file;
         let fname = image_path(&a.descriptor, file)?;
-        let fname = fname.canonicalize().unwrap_or(fname);
+        let fname = ploop_io::resolve_folder(&fname).unwrap_or(fname);
         rows.push((s, fname.display().to_string()));
     }
     if a.json {

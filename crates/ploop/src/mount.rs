@@ -42,16 +42,15 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// Start a daemon in the background; returns the device once it is up.
 fn start_daemon(r: &MountRequest) -> Res<String> {
-    let dd = r
-        .descriptor
-        .canonicalize()
+    let dd = ploop_io::resolve_folder(&r.descriptor)
         .map_err(|e| format!("{}: {e}", r.descriptor.display()))?;
-    let log = daemon::log_path(&dd);
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let guid = match &r.uuid {
+        Some(u) => parse_guid(u).ok_or_else(|| format!("incorrect uuid specified: {u}"))?,
+        None => ploop_format::descriptor::TOP_GUID,
+    };
+    let id = registry::id_for(&dd, &guid_string(&guid), r.read_only);
+    let (log, log_file) =
+        daemon::open_log(&id).map_err(|e| format!("the daemon's log for {id}: {e}"))?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount").arg("--foreground");
     cmd.arg("--threads").arg(r.threads.to_string());
@@ -143,12 +142,12 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
 }
 
 fn canonical(p: &Path) -> PathBuf {
-    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+    ploop_io::resolve_folder(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// The read-write view of a disk that a live daemon serves.
 pub fn served_rw(dd: &Path) -> Option<MountRecord> {
-    let dd = dd.canonicalize().ok()?;
+    let dd = ploop_io::resolve_folder(dd).ok()?;
     registry::all()
         .into_iter()
         .find(|r| r.descriptor == dd && !r.read_only && r.daemon_alive())

@@ -97,10 +97,10 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     if r.uuid.is_some() && !r.read_only {
         return Err("a snapshot (-u) can only be served read-only: add -r".into());
     }
-    let target = r
-        .target
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", r.target.display()))?;
+    // The folder resolved, the last name kept: a descriptor that is a
+    // link is refused when it is read, never followed into another folder.
+    let target =
+        ploop_io::resolve_folder(&r.target).map_err(|e| format!("{}: {e}", r.target.display()))?;
     let disk = if is_descriptor(&target) {
         let disk = open_disk(&target, r.read_only, r.uuid)?;
         ServedDisk::new(target.clone(), disk.guid, r.read_only, disk.chain)

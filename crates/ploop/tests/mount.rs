@@ -146,7 +146,7 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
     let dev = disk.mount_with(&mnt, queues);
     assert!(dev.starts_with("/dev/loop"), "device {dev}");
     let ring_offered = fs::read_to_string(ENABLE_URING).is_ok_and(|v| v.trim() == "Y");
-    let log = fs::read_to_string(disk.path("ploop-daemon.log")).unwrap();
+    let log = daemon_log(&disk.dd());
     assert_eq!(
         log.contains("serving requests over io_uring"),
         !queues.contains(&"dev") && ring_offered,
@@ -301,7 +301,8 @@ fn online_snapshot_with_running_writer() {
     fsck_clean(&disk, "ext4");
 }
 
-fn daemon_pid(dd: &str) -> u32 {
+/// `ploop list --json`'s record of the disk `dd` serves.
+fn record(dd: &str) -> serde_json::Value {
     let out = ok(ploop(&["list", "--json"]), "list");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let canon = fs::canonicalize(dd).unwrap();
@@ -309,8 +310,17 @@ fn daemon_pid(dd: &str) -> u32 {
         .unwrap()
         .iter()
         .find(|r| Path::new(r["descriptor"].as_str().unwrap()) == canon)
-        .and_then(|r| r["pid"].as_u64())
-        .expect("our disk is listed") as u32
+        .cloned()
+        .expect("our disk is listed")
+}
+
+fn daemon_pid(dd: &str) -> u32 {
+    record(dd)["pid"].as_u64().expect("a pid") as u32
+}
+
+/// The log of the daemon serving `dd`, as `list` names it.
+fn daemon_log(dd: &str) -> String {
+    fs::read_to_string(record(dd)["log"].as_str().expect("a log path")).unwrap()
 }
 
 #[test]
@@ -1086,7 +1096,7 @@ fn fuse_over_io_uring_serves_what_dev_fuse_reads_back() {
         ploop(&["mount", "--fuse-queues", "ring", &disk.dd()]),
         "mount over io_uring",
     );
-    let log = fs::read_to_string(disk.path("ploop-daemon.log")).unwrap();
+    let log = daemon_log(&disk.dd());
     assert!(log.contains("serving requests over io_uring"), "{log}");
     // Allocating writes (helpers), then in-place rewrites (the ring), at
     // several request sizes, and 512-byte writes off the 4 KiB grid.

@@ -1,0 +1,300 @@
+//! Root must not be turned against the host. Each test hands a disk's
+//! folder to an unprivileged user (`nobody`), lets that user prepare an
+//! attack in it as a container's owner could, then runs `ploop` as root
+//! and checks that the attack is refused and the host's files untouched.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use common::*;
+
+/// A shell command run as `nobody`.
+#[track_caller]
+fn as_nobody(script: &str) {
+    run(
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .success();
+}
+
+/// A scratch area: `host/` holds root's files (0700), `ct/` is a disk's
+/// folder that `nobody` owns.
+struct Scene {
+    _tmp: tempfile::TempDir,
+    host: PathBuf,
+    ct: PathBuf,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let tmp = tempdir();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = tmp.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let ct = tmp.path().join("ct");
+        std::fs::create_dir(&ct).unwrap();
+        Scene {
+            host,
+            ct,
+            _tmp: tmp,
+        }
+    }
+
+    /// A root-only file on the host, with known content.
+    fn secret(&self, name: &str) -> (PathBuf, Vec<u8>) {
+        let p = self.host.join(name);
+        let content = data(7, 4 << 20);
+        std::fs::write(&p, &content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (p, content)
+    }
+
+    /// Give the disk's folder (and everything in it) to `nobody`.
+    fn hand_over(&self) {
+        run(
+            "chown",
+            &[
+                OsStr::new("-R"),
+                OsStr::new("nobody:nogroup"),
+                self.ct.as_os_str(),
+            ],
+        )
+        .success();
+    }
+}
+
+/// Exit status 1, and the message says `needle`.
+#[track_caller]
+fn refused(out: Out, needle: &str) {
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains(needle),
+        "the error does not say {needle:?}:\n{out}"
+    );
+}
+
+/// A delta swapped for a link to a host file: root's write, read and
+/// mount used to follow it, and wrote into (or exposed) the host file.
+#[test]
+fn a_delta_that_is_a_link_to_a_host_file_is_refused() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &["-f", "raw"]);
+    let (secret, content) = s.secret("shadow");
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && rm root.hdd && ln -s {} root.hdd",
+        s.ct.display(),
+        secret.display()
+    ));
+    let input = s.host.join("input");
+    std::fs::write(&input, vec![0x41u8; 65536]).unwrap();
+    refused(
+        ploop(&[OsStr::new("write"), disk.dd.as_os_str(), input.as_os_str()]),
+        "symbolic link",
+    );
+    refused(
+        ploop(&[OsStr::new("read"), disk.dd.as_os_str()]),
+        "symbolic link",
+    );
+    refused(
+        ploop(&[OsStr::new("mount"), disk.dd.as_os_str()]),
+        "symbolic link",
+    );
+    assert!(
+        std::fs::read(&secret).unwrap() == content,
+        "the host file changed"
+    );
+}
+
+/// `<File>d/precious</File>` with `d` a link to a host folder: root's
+/// snapshot-delete used to unlink the host's file.
+#[test]
+fn a_delta_in_a_linked_subfolder_is_refused() {
+    let s = Scene::new();
+    let mut disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    let snap = disk.snapshot();
+    let (precious, _) = s.secret("precious");
+    let top = disk
+        .delta_files()
+        .into_iter()
+        .find(|f| f != &disk.image)
+        .expect("a top delta");
+    let top_name = top.file_name().unwrap().to_str().unwrap().to_string();
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && ln -s {} d && sed -i 's|<File>{top_name}</File>|<File>d/precious</File>|' DiskDescriptor.xml",
+        s.ct.display(),
+        s.host.display(),
+    ));
+    refused(
+        ploop(&[
+            OsStr::new("snapshot-delete"),
+            OsStr::new("-u"),
+            OsStr::new(&snap),
+            disk.dd.as_os_str(),
+        ]),
+        "subfolder",
+    );
+    assert!(precious.exists(), "root removed a host file");
+}
+
+/// A lower delta swapped for a FIFO: mount used to hang forever on it.
+#[test]
+fn a_fifo_for_a_delta_is_refused_without_hanging() {
+    let s = Scene::new();
+    let mut disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    disk.snapshot();
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && rm root.hdd && mkfifo root.hdd",
+        s.ct.display()
+    ));
+    let started = std::time::Instant::now();
+    let out = run(
+        "timeout",
+        &[
+            OsStr::new("20"),
+            OsStr::new(bin()),
+            OsStr::new("mount"),
+            disk.dd.as_os_str(),
+        ],
+    );
+    refused(out, "not a regular file");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+}
+
+/// The daemon's log and the descriptor's lock file named as links to host
+/// files, and a `<File>` holding a newline and a passwd line: root's
+/// failed mount used to append that line to the host file the log link
+/// named, print the host file's last lines, and create a file anywhere
+/// through the lock link.
+#[test]
+fn the_daemon_log_and_the_lock_file_cannot_be_aimed_at_host_files() {
+    let s = Scene::new();
+    let mut disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    disk.write_random(1, 0, MIB);
+    let (passwd, content) = s.secret("passwd");
+    let made = s.host.join("made-by-root");
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && ln -s {} ploop-daemon.log && \
+         sed -i 's|<File>root.hdd</File>|<File>root.hdd\\&#10;toor::0:0:root:/root:/bin/bash</File>|' DiskDescriptor.xml",
+        s.ct.display(),
+        passwd.display(),
+    ));
+    let out = ploop(&[OsStr::new("mount"), disk.dd.as_os_str()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        !out.stderr.contains("\ntoor"),
+        "a name printed a line of its own:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("\\ntoor"),
+        "the newline is shown escaped:\n{out}"
+    );
+    assert!(
+        std::fs::read(&passwd).unwrap() == content,
+        "the host file changed"
+    );
+    as_nobody(&format!(
+        "cd {} && ln -sf {} DiskDescriptor.xml.lck",
+        s.ct.display(),
+        made.display(),
+    ));
+    let out = ploop(&[OsStr::new("snapshot"), disk.dd.as_os_str()]);
+    refused(out, "symbolic link");
+    assert!(!made.exists(), "root created a file through the lock link");
+}
+
+/// A DiskDescriptor.xml that is itself a link into another folder: every
+/// file name in it would be looked up there.
+#[test]
+fn a_descriptor_that_is_a_link_is_refused() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && mkdir elsewhere && mv DiskDescriptor.xml root.hdd elsewhere/ && \
+         ln -s elsewhere/DiskDescriptor.xml DiskDescriptor.xml",
+        s.ct.display()
+    ));
+    refused(
+        ploop(&[OsStr::new("read"), disk.dd.as_os_str()]),
+        "symbolic link",
+    );
+    refused(
+        ploop(&[OsStr::new("mount"), disk.dd.as_os_str()]),
+        "symbolic link",
+    );
+}
+
+/// Descriptors are read with a cap (1 MiB) and validated in time linear
+/// in their images, of which there may be at most 1,024: 160,000 images
+/// once took 7.4 s, and a descriptor with no end (a link to /dev/zero, a
+/// huge file) ran the process out of memory.
+#[test]
+fn huge_descriptors_are_refused_at_once() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    let original = std::fs::read_to_string(&disk.dd).unwrap();
+    // Many images, each with its snapshot, in a chain.
+    let n = 3000;
+    let mut images = String::new();
+    let mut shots = String::new();
+    let guid = |i: usize| format!("{{{:08x}-0000-4000-8000-000000000000}}", i + 1);
+    for i in 0..n {
+        images.push_str(&format!(
+            "<Image><GUID>{}</GUID><Type>Compressed</Type><File>d{i}</File></Image>",
+            guid(i)
+        ));
+        let parent = if i == 0 {
+            "{00000000-0000-0000-0000-000000000000}".to_string()
+        } else {
+            guid(i - 1)
+        };
+        shots.push_str(&format!(
+            "<Shot><GUID>{}</GUID><ParentGUID>{parent}</ParentGUID></Shot>",
+            guid(i)
+        ));
+    }
+    let many = format!(
+        "<Parallels_disk_image><Disk_Parameters><Disk_size>8192</Disk_size></Disk_Parameters>\
+         <StorageData><Storage><Start>0</Start><End>8192</End><Blocksize>2048</Blocksize>{images}\
+         </Storage></StorageData><Snapshots><TopGUID>{}</TopGUID>{shots}</Snapshots>\
+         </Parallels_disk_image>",
+        guid(n - 1)
+    );
+    let big = format!("{original}<!--{}-->", " ".repeat(2 << 20));
+    for (what, text, needle) in [
+        ("many images", many, "more than 1024"),
+        ("2 MiB", big, "larger than"),
+    ] {
+        let staged = s.host.join("staged.xml");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&s.host, std::fs::Permissions::from_mode(0o755)).unwrap();
+        s.hand_over();
+        as_nobody(&format!("cat {} > {}", staged.display(), disk.dd.display()));
+        let started = std::time::Instant::now();
+        refused(ploop(&[OsStr::new("info"), disk.dd.as_os_str()]), needle);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{what}: took {:?}",
+            started.elapsed()
+        );
+    }
+}
