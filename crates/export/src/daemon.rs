@@ -337,20 +337,28 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
             Backend::Nbd(device) => device.path().to_path_buf(),
             Backend::Fuse(_) => kernel::loop_attach(&fuse_file, opts.read_only)?,
         };
+        let mut mounted = None;
         if let Some(m) = &opts.mountpoint {
-            if let Err(e) = kernel::mount(&dev, m, &opts.fs_options, opts.read_only) {
-                if let Backend::Fuse(_) = backend {
-                    let _ = kernel::loop_detach(&dev);
+            let done = kernel::MountPoint::open(m).and_then(|mp| {
+                kernel::mount(&dev, &mp, &opts.fs_options, opts.read_only)?;
+                Ok(mp.path().to_path_buf())
+            });
+            match done {
+                Ok(p) => mounted = Some(p),
+                Err(e) => {
+                    if let Backend::Fuse(_) = backend {
+                        let _ = kernel::loop_detach(&dev);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
-        Ok((dev, opts.mountpoint.clone()))
+        Ok((dev, mounted))
     };
     match attach(&backend) {
         Ok((dev, mnt)) => {
             record.device = Some(dev);
-            record.mountpoint = mnt.map(|m| m.canonicalize().unwrap_or(m));
+            record.mountpoint = mnt;
         }
         Err(e) => {
             let _ = shutdown(&record, &mut backend);

@@ -1,12 +1,39 @@
 //! Kernel-facing steps done with util-linux and friends: loop devices,
 //! mounts, freeze/thaw, mkfs. Each failure carries the tool's own message.
 
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::process::Command;
+
+/// Where tools are looked for: the system's own folders, never the PATH
+/// root inherited (a user's folder first in it would run that user's
+/// `mount` as root).
+pub const TOOL_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The absolute path of `tool` in [`TOOL_PATH`].
+pub fn tool_path(tool: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    TOOL_PATH
+        .split(':')
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| format!("{tool} is not installed (looked in {TOOL_PATH})"))
+}
+
+/// A tool's command, found in [`TOOL_PATH`] and run with a clean
+/// environment (no LD_PRELOAD, IFS or locale of the caller's).
+fn command(tool: &str) -> Result<Command, String> {
+    let mut cmd = Command::new(tool_path(tool)?);
+    cmd.env_clear().env("PATH", TOOL_PATH).env("LC_ALL", "C");
+    Ok(cmd)
+}
 
 /// Run a tool; on failure return "TOOL ARGS: stderr".
 pub fn run(tool: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(tool)
+    let out = command(tool)?
         .args(args)
         .output()
         .map_err(|e| format!("cannot run {tool}: {e}"))?;
@@ -63,8 +90,83 @@ pub fn fs_type(dev: &Path) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-pub fn mount(dev: &Path, dir: &Path, opts: &str, read_only: bool) -> Result<(), String> {
-    let mut o = String::from(if read_only { "ro" } else { "rw" });
+/// A mount point, opened once: the mount lands on the directory opened,
+/// whatever its name leads to by then (a swap for a link between a check
+/// and the mount cannot move it).
+pub struct MountPoint {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl MountPoint {
+    /// Open `path` (made absolute and resolved first) with no link in it,
+    /// and check that no user but root can replace any folder on the way:
+    /// each is root's and writable by no one else, or sticky with a
+    /// root-owned entry for the next name.
+    pub fn open(path: &Path) -> Result<MountPoint, String> {
+        let shown = path.display();
+        let real = path
+            .canonicalize()
+            .map_err(|e| format!("mount point {shown}: {e}"))?;
+        let resolve =
+            rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS;
+        let flags =
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat2(
+            rustix::fs::CWD,
+            &real,
+            flags,
+            rustix::fs::Mode::empty(),
+            resolve,
+        ) {
+            Err(rustix::io::Errno::NOSYS) => rustix::fs::open(
+                &real,
+                flags | rustix::fs::OFlags::NOFOLLOW,
+                rustix::fs::Mode::empty(),
+            ),
+            other => other,
+        }
+        .map_err(|e| {
+            format!("mount point {shown}: {e} (it must be a directory, reached without links)")
+        })?;
+        let mut at = PathBuf::from("/");
+        for part in real.components().skip(1) {
+            let Component::Normal(name) = part else {
+                return Err(format!("mount point {shown}: not a plain path"));
+            };
+            let dir = std::fs::metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+            let next = at.join(name);
+            let others_write = dir.uid() != 0 || dir.mode() & 0o022 != 0;
+            if others_write {
+                let sticky = dir.mode() & 0o1000 != 0;
+                let entry = std::fs::symlink_metadata(&next)
+                    .map_err(|e| format!("{}: {e}", next.display()))?;
+                if !sticky || entry.uid() != 0 {
+                    return Err(format!(
+                        "mount point {shown}: {} can be replaced by a user other than root (its folder {} is writable by uid {} or others): refused",
+                        next.display(),
+                        at.display(),
+                        dir.uid()
+                    ));
+                }
+            }
+            at = next;
+        }
+        Ok(MountPoint { fd, path: real })
+    }
+
+    /// The resolved path (for records and messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Mount `dev` on `mp`. Read-only mounts (snapshots, backups) get nosuid
+/// and nodev unless `opts` asks otherwise; read-write ones keep OpenVZ's
+/// behaviour (a container's root has its setuid programs and, in older
+/// templates, device nodes), so mount them where only root can look in.
+pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result<(), String> {
+    let mut o = String::from(if read_only { "ro,nosuid,nodev" } else { "rw" });
     if read_only && fs_type(dev).as_deref() == Some("xfs") {
         // A snapshot of a mounted xfs has the same UUID and a dirty log.
         o.push_str(",nouuid,norecovery");
@@ -73,7 +175,16 @@ pub fn mount(dev: &Path, dir: &Path, opts: &str, read_only: bool) -> Result<(), 
         o.push(',');
         o.push_str(opts);
     }
-    run("mount", &["-o", &o, s(dev), s(dir)]).map(|_| ())
+    // mount(8) gets the opened directory as /proc/self/fd/N, which the
+    // kernel resolves to that very directory; --no-canonicalize keeps
+    // mount(8) from turning it back into a path. The descriptor is handed
+    // down for this one command.
+    let target = format!("/proc/self/fd/{}", mp.fd.as_raw_fd());
+    rustix::io::fcntl_setfd(mp.fd.as_fd(), rustix::io::FdFlags::empty())
+        .map_err(|e| format!("mount point {}: {e}", mp.path.display()))?;
+    let done = run("mount", &["--no-canonicalize", "-o", &o, s(dev), &target]);
+    let _ = rustix::io::fcntl_setfd(mp.fd.as_fd(), rustix::io::FdFlags::CLOEXEC);
+    done.map(|_| ())
 }
 
 pub fn umount(dir: &Path) -> Result<(), String> {

@@ -102,9 +102,9 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
 
 pub fn mount(r: MountRequest) -> Res<ExitCode> {
     if let Some(m) = &r.mountpoint {
-        if !m.is_dir() {
-            return Err(format!("mount point {} is not a directory", m.display()).into());
-        }
+        // Checked here for a clear error before the daemon starts; the
+        // daemon opens it again and mounts on what it opened.
+        ploop_export::kernel::MountPoint::open(m)?;
     }
     if !r.foreground {
         let dev = start_daemon(&r)?;

@@ -298,3 +298,98 @@ fn huge_descriptors_are_refused_at_once() {
         );
     }
 }
+
+/// A mount point inside a folder a user owns: that user could swap it for
+/// a link between root's check and root's mount and have the container's
+/// filesystem mounted anywhere. Refused; a root-owned one is mounted, on
+/// the directory opened, with nosuid and nodev for a read-only snapshot.
+#[test]
+fn a_mount_point_a_user_can_replace_is_refused() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 64 * MIB, &["-t", "ext4"]);
+    let snap = disk.snapshot();
+    let users = s.ct.join("users-dir");
+    std::fs::create_dir(&users).unwrap();
+    std::fs::create_dir(users.join("mnt")).unwrap();
+    s.hand_over();
+    /// Whatever the test's end, nothing stays mounted.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = ploop(&[OsStr::new("umount"), self.0.as_os_str()]);
+        }
+    }
+    let _unmount = Unmount(disk.dd.clone());
+    let out = ploop(&[
+        OsStr::new("mount"),
+        OsStr::new("-m"),
+        users.join("mnt").as_os_str(),
+        disk.dd.as_os_str(),
+    ]);
+    refused(out, "can be replaced by a user other than root");
+    // The same from a root-owned folder works; a snapshot mounted
+    // read-only gets nosuid and nodev.
+    let mnt = s.host.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ploop_ok(&[
+        OsStr::new("mount"),
+        OsStr::new("-r"),
+        OsStr::new("-u"),
+        OsStr::new(&snap),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        disk.dd.as_os_str(),
+    ]);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+        .map(str::to_string);
+    ploop_ok(&[OsStr::new("umount"), OsStr::new("-m"), mnt.as_os_str()]);
+    let line = line.expect("the snapshot is mounted");
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+}
+
+/// Root's PATH may start with a folder a user writes (sudo keeps it,
+/// scripts prepend it): the tools ploop runs as root (mkfs, losetup,
+/// mount, blkid) come from the system's folders only, with a clean
+/// environment.
+#[test]
+fn tools_are_not_taken_from_the_callers_path() {
+    let s = Scene::new();
+    let evil = s.ct.join("bin");
+    std::fs::create_dir(&evil).unwrap();
+    let marker = s.host.join("ran-as-root");
+    for tool in ["mkfs.ext4", "losetup", "mount", "blkid", "umount"] {
+        let p = evil.join(tool);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    s.hand_over();
+    let path = format!(
+        "{}:{}",
+        evil.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let image = s.host.join("root.hdd");
+    let out = std::process::Command::new(bin())
+        .args([
+            OsStr::new("init"),
+            OsStr::new("-s"),
+            OsStr::new("64M"),
+            image.as_os_str(),
+        ])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let out = Out::from_output("ploop init with a user's PATH first".into(), out);
+    assert!(out.ok(), "{out}");
+    assert!(
+        !marker.exists(),
+        "a tool from the caller's PATH ran as root"
+    );
+}
