@@ -40,11 +40,12 @@ impl MountRecord {
         run_dir().join(&self.id)
     }
 
+    /// Whether the daemon recorded still serves: it holds its view's lock
+    /// for its whole life, so the lock's holder (as /proc/locks says) must
+    /// be the recorded pid. A process that merely reuses the pid holds no
+    /// such lock.
     pub fn daemon_alive(&self) -> bool {
-        process_alive(self.pid)
-            && std::fs::read_to_string(format!("/proc/{}/cmdline", self.pid))
-                .map(|c| c.contains("ploop"))
-                .unwrap_or(false)
+        lock_holder(&lock_path(&self.id)) == Some(self.pid)
     }
 
     /// Write the record atomically.
@@ -89,17 +90,71 @@ pub fn id_for(descriptor: &Path, guid: &str, read_only: bool) -> String {
     format!("{h:016x}")
 }
 
-/// Hold the lock of one served view (`<run dir>/<id>.lock`) for as long
-/// as the returned file lives.
-pub fn lock_view(id: &str) -> std::io::Result<std::fs::File> {
+fn lock_path(id: &str) -> PathBuf {
+    run_dir().join(format!("{id}.lock"))
+}
+
+/// The lock of one served view, held for a daemon's life; its file is
+/// removed when it is let go (while still held, so that the next daemon
+/// locks a file of its own).
+pub struct ViewLock {
+    /// Held open (and locked) until the lock is let go.
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for ViewLock {
+    fn drop(&mut self) {
+        // Removed while still held (the file closes after this).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Take the lock of one served view (`<run dir>/<id>.lock`).
+pub fn lock_view(id: &str) -> std::io::Result<ViewLock> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     std::fs::create_dir_all(run_dir())?;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(run_dir().join(format!("{id}.lock")))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
-    Ok(f)
+    let path = lock_path(id);
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+        // A daemon that let go of this name may have removed it after we
+        // opened it: the lock counts only on the file the name leads to.
+        let here = file.metadata()?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(now) if now.dev() == here.dev() && now.ino() == here.ino() => {
+                return Ok(ViewLock { _file: file, path })
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The pid holding a flock on `path`, from /proc/locks.
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let dev = meta.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (waiters have
+        // "->" after the number and hold nothing).
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
 }
 
 /// Every record on this machine.
@@ -116,6 +171,9 @@ pub fn all() -> Vec<MountRecord> {
     out
 }
 
+/// Forget a record, and the lock file of its view unless a daemon holds it.
 pub fn remove(rec: &MountRecord) {
     let _ = std::fs::remove_dir_all(rec.dir());
+    // Taken and let go: its file goes with it.
+    drop(lock_view(&rec.id));
 }

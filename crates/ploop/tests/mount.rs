@@ -380,6 +380,63 @@ fn killed_daemon_case(queues: &str) {
     fsck_clean(&disk, "ext4");
 }
 
+/// A dead daemon's pid reused by a user's process whose name says ploop
+/// (any user can name a process so): the mount counts as gone, `umount`
+/// cleans it up and a remount works; the view's lock file goes with the
+/// daemon that held it.
+#[test]
+fn a_reused_daemon_pid_keeps_no_dead_mount_alive() {
+    let _serial = serial();
+    let disk = Disk::new("64M", "none");
+    ok(ploop(&["mount", &disk.dd()]), "mount");
+    let pid = daemon_pid(&disk.dd());
+    ok(
+        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        "kill -9",
+    );
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The user's process, as if it had been given the dead daemon's pid.
+    let mut impostor = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["bash", "-c", "exec -a ploop-mount sleep 60"])
+        .spawn()
+        .unwrap();
+    let run_dir = Path::new("/run/ploop");
+    let state = fs::read_dir(run_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("state.json"))
+        .find(|p| fs::read_to_string(p).is_ok_and(|t| t.contains(&disk.dd())))
+        .expect("the dead daemon's record");
+    let text = fs::read_to_string(&state).unwrap();
+    fs::write(
+        &state,
+        text.replace(
+            &format!("\"pid\": {pid}"),
+            &format!("\"pid\": {}", impostor.id()),
+        ),
+    )
+    .unwrap();
+    let running = record(&disk.dd())["running"].as_bool();
+    let umounted = ploop(&["umount", &disk.dd()]);
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert_eq!(
+        running,
+        Some(false),
+        "a user's process passed for the daemon"
+    );
+    ok(umounted, "umount of a disk whose daemon died");
+    ok(ploop(&["mount", &disk.dd()]), "remount");
+    let id = state.parent().unwrap().file_name().unwrap().to_owned();
+    let lock = run_dir.join(format!("{}.lock", id.to_str().unwrap()));
+    assert!(lock.exists(), "the live daemon holds its lock file");
+    disk.umount();
+    assert!(!lock.exists(), "the lock file outlived its daemon");
+}
+
 /// What the writer loop below puts in file `i`.
 fn loop_file(i: u64) -> Vec<u8> {
     format!("{i}\n").repeat(65536).into_bytes()[..65536].to_vec()
