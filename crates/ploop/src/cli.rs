@@ -213,11 +213,14 @@ struct BusyPollArg {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Listen on this unix socket.
+    /// Listen on this unix socket (made so that only root can connect).
+    /// Without --socket or --tcp: a socket in /run/ploop, named on the
+    /// first line printed.
     #[arg(long, conflicts_with = "tcp")]
     socket: Option<PathBuf>,
-    /// Listen on this TCP address (default 127.0.0.1:10809). Addresses
-    /// other than loopback need TLS, or --insecure.
+    /// Listen on TCP (e.g. 127.0.0.1:10809). Plain text needs --insecure,
+    /// even on loopback (any local user could connect); other addresses
+    /// need TLS with client certificates (--tls-ca).
     #[arg(long, value_name = "ADDR:PORT")]
     tcp: Option<String>,
     /// Read-only export.
@@ -235,10 +238,17 @@ struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// PEM CA: clients must present a certificate it signed.
+    /// PEM CA: clients must present a certificate it signed. Required
+    /// off loopback, unless --tls-any-client. (Shared secrets, TLS-PSK,
+    /// are not offered: rustls has none.)
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
-    /// Allow plain text on a non-loopback address.
+    /// Off loopback, accept TLS clients without a client certificate
+    /// (anyone who reaches the port may use the disk).
+    #[arg(long, requires = "tls_cert")]
+    tls_any_client: bool,
+    /// Allow plain text over TCP (anyone who reaches the port may read
+    /// and write the disk).
     #[arg(long)]
     insecure: bool,
     /// Worker threads doing the disk I/O, shared by all clients.
@@ -247,6 +257,14 @@ struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
+    /// Most connections from one peer (a local user on a unix socket, an
+    /// address over TCP).
+    #[arg(long, default_value_t = 16)]
+    max_connections_per_peer: usize,
+    /// Cut off a client that has asked for nothing for this many seconds
+    /// (0: never; clients such as qemu keep idle connections open).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    idle_timeout: u64,
     /// I/O engine for plain reads and in-place writes: uring (each
     /// connection's reader starts them on its own io_uring and replies as
     /// they complete) or sync (pread/pwrite in the workers). Other
@@ -478,9 +496,13 @@ pub fn run() -> Res<ExitCode> {
                 tls_cert: a.tls_cert,
                 tls_key: a.tls_key,
                 tls_ca: a.tls_ca,
+                tls_any_client: a.tls_any_client,
                 insecure: a.insecure,
                 threads: a.threads,
                 max_connections: a.max_connections,
+                max_per_peer: a.max_connections_per_peer,
+                idle_timeout: (a.idle_timeout > 0)
+                    .then(|| std::time::Duration::from_secs(a.idle_timeout)),
                 uring: a.io == "uring",
                 image_format: a.format.as_deref().map(|f| match f {
                     "raw" => ImageType::Plain,

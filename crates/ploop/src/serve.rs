@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use ploop_export::daemon::open_disk;
 use ploop_export::nbd::{self, Export, Listen, Listener, ServeOptions};
+use ploop_export::registry;
 use ploop_export::served::ServedDisk;
-use ploop_format::descriptor::{ImageType, TOP_GUID};
+use ploop_format::descriptor::{guid_string, ImageType, TOP_GUID};
 use tracing::info;
 use uuid::Uuid;
 
@@ -27,17 +28,17 @@ pub struct ServeRequest {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
+    pub tls_any_client: bool,
     pub insecure: bool,
     pub threads: usize,
     pub max_connections: usize,
+    pub max_per_peer: usize,
+    pub idle_timeout: Option<std::time::Duration>,
     /// Plain reads and in-place writes through io_uring.
     pub uring: bool,
     /// Format of an image file given on its own (None: look at it).
     pub image_format: Option<ImageType>,
 }
-
-/// The port NBD is registered on.
-const NBD_PORT: u16 = 10809;
 
 fn is_descriptor(path: &Path) -> bool {
     if path
@@ -56,22 +57,43 @@ fn is_descriptor(path: &Path) -> bool {
         .is_some_and(|&b| b == b'<')
 }
 
-fn listen_address(r: &ServeRequest) -> Res<Listen> {
+/// Where to listen. Whoever can connect reads and writes the disk, so:
+/// a unix socket only root can use by default; plain TCP, even on
+/// loopback (any local user), only with --insecure; TLS off loopback only
+/// with client certificates, unless --tls-any-client says otherwise.
+fn listen_address(r: &ServeRequest, target: &Path) -> Res<Listen> {
     if let Some(path) = &r.socket {
         return Ok(Listen::Unix(path.clone()));
     }
-    let text = r
-        .tcp
-        .clone()
-        .unwrap_or_else(|| format!("127.0.0.1:{NBD_PORT}"));
+    let Some(text) = &r.tcp else {
+        let guid = guid_string(&r.uuid.unwrap_or(TOP_GUID));
+        let id = registry::id_for(target, &guid, r.read_only);
+        std::fs::create_dir_all(registry::run_dir())?;
+        return Ok(Listen::Unix(
+            registry::run_dir().join(format!("nbd-{id}.sock")),
+        ));
+    };
     let addr: SocketAddr = text
         .parse()
         .map_err(|_| format!("--tcp {text}: expected ADDRESS:PORT, like 127.0.0.1:10809"))?;
     let tls = r.tls_cert.is_some();
-    if !addr.ip().is_loopback() && !tls && !r.insecure {
+    if !tls && !r.insecure {
         return Err(format!(
-            "refusing to serve {addr} without TLS: anyone on the network could read and write \
-             the disk. Give --tls-cert and --tls-key, or --insecure if the network is trusted"
+            "refusing to serve {addr} without TLS: anyone who reaches it{} could read and \
+             write the disk. Give --tls-cert and --tls-key, serve on a unix socket (the \
+             default), or --insecure if every peer is trusted",
+            if addr.ip().is_loopback() {
+                " (any local user)"
+            } else {
+                ""
+            }
+        )
+        .into());
+    }
+    if tls && !addr.ip().is_loopback() && r.tls_ca.is_none() && !r.tls_any_client {
+        return Err(format!(
+            "refusing to serve {addr} to any TLS client: give --tls-ca so that clients must \
+             present a certificate it signed, or --tls-any-client"
         )
         .into());
     }
@@ -85,7 +107,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     if let Err(e) = ploop_export::kernel::become_io_flusher() {
         tracing::debug!("not marked as an I/O flusher: {e}");
     }
-    let listen = listen_address(&r)?;
+
     let tls = match (&r.tls_cert, &r.tls_key) {
         (Some(cert), Some(key)) => Some(
             nbd::tls::server_config(cert, key, r.tls_ca.as_deref())
@@ -101,6 +123,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     // link is refused when it is read, never followed into another folder.
     let target =
         ploop_io::resolve_folder(&r.target).map_err(|e| format!("{}: {e}", r.target.display()))?;
+    let listen = listen_address(&r, &target)?;
     let disk = if is_descriptor(&target) {
         let disk = open_disk(&target, r.read_only, r.uuid)?;
         ServedDisk::new(target.clone(), disk.guid, r.read_only, disk.chain)
@@ -114,7 +137,8 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     let disk = Arc::new(disk);
     let export = Arc::new(Export {
         name: r.name.clone(),
-        description: format!("ploop disk {}", target.display()),
+        // Clients see the export's name only, never where the disk lives.
+        description: "ploop disk".into(),
         read_only: r.read_only,
         disk: disk.clone(),
     });
@@ -132,7 +156,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let uri = listener.uri(&r.name);
+    let uri = listener.uri(&r.name, tls.is_some());
     info!("serving {} at {uri}", target.display());
     // The address on stdout (scripts wait for it); the rest on stderr.
     println!("{uri}");
@@ -151,6 +175,8 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
             tls,
             threads: r.threads,
             max_connections: r.max_connections,
+            max_per_peer: r.max_per_peer.max(1),
+            idle_timeout: r.idle_timeout,
             uring: r.uring,
         },
         stop,

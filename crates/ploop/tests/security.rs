@@ -393,3 +393,155 @@ fn tools_are_not_taken_from_the_callers_path() {
         "a tool from the caller's PATH ran as root"
     );
 }
+
+/// The socket `serve` listens on, and what the first line says of it.
+fn socket_of(uri: &str) -> PathBuf {
+    PathBuf::from(uri.split("socket=").nth(1).expect("a unix socket URI"))
+}
+
+/// `ploop serve` once listened on 127.0.0.1:10809 in plain text by
+/// default, so any local user read and wrote root's disk. Now it listens
+/// on a socket only root may use (whatever the umask), plain TCP needs
+/// --insecure even on loopback, and TLS off loopback needs client
+/// certificates unless --tls-any-client says otherwise. Clients see the
+/// export's name, never the descriptor's path.
+#[test]
+fn only_root_can_use_a_served_disk_by_default() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    let server = Server::start(s.host.as_path(), &[disk.dd.as_os_str()]);
+    let sock = socket_of(&server.uri);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    let as_user = run(
+        "setpriv",
+        &[
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "nbdinfo",
+            &server.uri,
+        ],
+    );
+    let listed = run("nbdinfo", &["--list", &server.uri]);
+    server.stop();
+    assert_eq!(mode, 0o600, "{}", sock.display());
+    assert!(!as_user.ok(), "a user read the served disk:\n{as_user}");
+    assert!(listed.ok(), "{listed}");
+    let shown = format!("{}{}", listed.stdout_str(), listed.stderr);
+    assert!(
+        !shown.contains(s.ct.to_str().unwrap()),
+        "the path leaked:\n{shown}"
+    );
+    // An explicit socket, under a loose umask, is made 0600 too.
+    let explicit = s.host.join("nbd.sock");
+    let server = Server::on_socket(s.host.as_path(), &explicit, &disk.dd);
+    let mode = std::fs::metadata(&explicit).unwrap().permissions().mode() & 0o777;
+    server.stop();
+    assert_eq!(mode, 0o600);
+    // Plain TCP on loopback: refused without --insecure.
+    let out = ploop(&[
+        OsStr::new("serve"),
+        OsStr::new("--tcp"),
+        OsStr::new("127.0.0.1:0"),
+        disk.dd.as_os_str(),
+    ]);
+    refused(out, "any local user");
+    // TLS off loopback without client certificates: refused.
+    let cert = s.host.join("cert.pem");
+    let key = s.host.join("key.pem");
+    run(
+        "openssl",
+        &[
+            OsStr::new("req"),
+            OsStr::new("-x509"),
+            OsStr::new("-newkey"),
+            OsStr::new("rsa:2048"),
+            OsStr::new("-nodes"),
+            OsStr::new("-days"),
+            OsStr::new("2"),
+            OsStr::new("-subj"),
+            OsStr::new("/CN=ploop test"),
+            OsStr::new("-keyout"),
+            key.as_os_str(),
+            OsStr::new("-out"),
+            cert.as_os_str(),
+        ],
+    )
+    .success();
+    let out = ploop(&[
+        OsStr::new("serve"),
+        OsStr::new("--tcp"),
+        OsStr::new("0.0.0.0:0"),
+        OsStr::new("--tls-cert"),
+        cert.as_os_str(),
+        OsStr::new("--tls-key"),
+        key.as_os_str(),
+        disk.dd.as_os_str(),
+    ]);
+    refused(out, "--tls-ca");
+}
+
+/// Silent sockets once held every connection slot for 60 s each (and a
+/// negotiated idle client forever): negotiation now has 10 s, one peer
+/// gets at most --max-connections-per-peer slots, and --idle-timeout cuts
+/// off idle clients.
+#[test]
+fn silent_and_idle_clients_cannot_hold_every_slot() {
+    use std::io::Read;
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    let sock = s.host.join("nbd.sock");
+    let server = Server::on_socket_with(
+        s.host.as_path(),
+        &sock,
+        &["--max-connections", "8", "--max-connections-per-peer", "4"],
+        &disk.dd,
+    );
+    // Four silent connections from root: a fifth from the same peer is
+    // closed at once.
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..4)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut fifth = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    fifth
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(
+        fifth.read(&mut b).unwrap_or(0),
+        0,
+        "a fifth connection from one peer was served"
+    );
+    // Within about 10 s the silent ones are gone and a client is served.
+    let started = std::time::Instant::now();
+    let served = loop {
+        let out = run("nbdinfo", &["--size", &server.uri]);
+        if out.ok() {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never served: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert!(
+        served < std::time::Duration::from_secs(20),
+        "served after {served:?}"
+    );
+    assert!(
+        served > std::time::Duration::from_secs(5),
+        "the silent connections did not hold their slots at all ({served:?})"
+    );
+    drop(silent);
+    server.stop();
+    // An idle negotiated client is cut off after --idle-timeout.
+    let server =
+        Server::on_socket_with(s.host.as_path(), &sock, &["--idle-timeout", "2"], &disk.dd);
+    let script = "h = nbd.NBD()\nh.connect_uri(uri)\nimport time\ntime.sleep(4)\n\
+                  try:\n    h.pread(512, 0)\n    print('served')\nexcept nbd.Error:\n    print('cut off')\n";
+    let out = nbdsh(&server.uri, script);
+    server.stop();
+    assert!(out.stdout_str().contains("cut off"), "{out}");
+}

@@ -143,7 +143,13 @@ impl Listener {
                 if is_socket && UnixStream::connect(path).is_err() {
                     let _ = std::fs::remove_file(path);
                 }
-                Listener::Unix(UnixListener::bind(path)?, path.clone())
+                // Only root (the owner) may connect: whoever can, reads and
+                // writes the disk. Made so by the umask while it is bound,
+                // so there is no moment when others could connect.
+                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+                let bound = UnixListener::bind(path);
+                rustix::process::umask(old);
+                Listener::Unix(bound?, path.clone())
             }
             Listen::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr)?),
         };
@@ -154,13 +160,16 @@ impl Listener {
         Ok(l)
     }
 
-    /// An NBD URI for clients.
-    pub fn uri(&self, export: &str) -> String {
+    /// An NBD URI for clients (`nbds` where TLS is required).
+    pub fn uri(&self, export: &str, tls: bool) -> String {
+        let scheme = if tls { "nbds" } else { "nbd" };
         match self {
-            Listener::Unix(_, path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Listener::Unix(_, path) => {
+                format!("{scheme}+unix:///{export}?socket={}", path.display())
+            }
             Listener::Tcp(t) => match t.local_addr() {
-                Ok(a) if a.is_ipv6() => format!("nbd://[{}]:{}/{export}", a.ip(), a.port()),
-                Ok(a) => format!("nbd://{a}/{export}"),
+                Ok(a) if a.is_ipv6() => format!("{scheme}://[{}]:{}/{export}", a.ip(), a.port()),
+                Ok(a) => format!("{scheme}://{a}/{export}"),
                 Err(_) => String::new(),
             },
         }
@@ -222,12 +231,50 @@ pub struct ServeOptions {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub threads: usize,
     pub max_connections: usize,
+    /// Most connections from one peer (a user on a unix socket, an
+    /// address over TCP), so that one peer cannot take every slot.
+    pub max_per_peer: usize,
+    /// A negotiated client with nothing in flight for this long is cut
+    /// off (None: never).
+    pub idle_timeout: Option<Duration>,
     /// Queue plain reads and in-place writes through io_uring.
     pub uring: bool,
 }
 
-/// How long a client may take to negotiate, TLS handshake included.
-const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to negotiate, TLS handshake included: a
+/// silent socket holds its slot no longer.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is at the other end of a connection, for the per-peer limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Peer {
+    /// A local user (SO_PEERCRED of a unix socket).
+    User(u32),
+    /// A TCP address.
+    Address(std::net::IpAddr),
+    Unknown,
+}
+
+fn peer_of(s: &Stream) -> Peer {
+    match s {
+        Stream::Unix(u) => rustix::net::sockopt::socket_peercred(u)
+            .map(|c| Peer::User(c.uid.as_raw()))
+            .unwrap_or(Peer::Unknown),
+        Stream::Tcp(t) => t
+            .peer_addr()
+            .map(|a| Peer::Address(a.ip()))
+            .unwrap_or(Peer::Unknown),
+    }
+}
+
+/// A client being served: its thread, its socket, who it is, and when it
+/// last asked for something.
+struct Client {
+    thread: JoinHandle<()>,
+    stream: Stream,
+    peer: Peer,
+    activity: Arc<transmission::Activity>,
+}
 /// A reply the client does not take for this long cuts the connection
 /// (so that a client that stops reading cannot hold the workers).
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -279,10 +326,10 @@ impl Write for Deadline<'_> {
 }
 
 /// Wait for threads to end, up to `limit`; true if all did.
-fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool {
+fn wait_finished(clients: &[Client], limit: Duration) -> bool {
     let start = Instant::now();
     loop {
-        if clients.iter().all(|(h, _)| h.is_finished()) {
+        if clients.iter().all(|c| c.thread.is_finished()) {
             return true;
         }
         if start.elapsed() > limit {
@@ -299,11 +346,19 @@ fn wait_finished(clients: &[(JoinHandle<()>, Stream)], limit: Duration) -> bool 
 pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> io::Result<bool> {
     let uring = opts.uring && uring_works();
     let shared = Shared::new(Box::new(Pool::new(opts.threads)?), uring, stop.clone());
-    let mut clients: Vec<(JoinHandle<()>, Stream)> = Vec::new();
+    let mut clients: Vec<Client> = Vec::new();
     let mut served = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let accepted = listener.accept(Duration::from_millis(200));
-        clients.retain(|(h, _)| !h.is_finished());
+        clients.retain(|c| !c.thread.is_finished());
+        if let Some(limit) = opts.idle_timeout {
+            for c in &clients {
+                if c.activity.idle_for().is_some_and(|idle| idle > limit) {
+                    debug!("a client idle for over {limit:?}: cutting it off");
+                    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
         let stream = match accepted {
             Ok(Some(s)) => s,
             Ok(None) => continue,
@@ -318,6 +373,14 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
             warn!("{} clients connected: refusing another", clients.len());
             continue; // dropping the stream closes it
         }
+        let peer = peer_of(&stream);
+        if clients.iter().filter(|c| c.peer == peer).count() >= opts.max_per_peer {
+            warn!(
+                "{peer:?} has {} connections: refusing another",
+                opts.max_per_peer
+            );
+            continue;
+        }
         let handle = match stream.try_clone() {
             Ok(h) => h,
             Err(e) => {
@@ -327,35 +390,42 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
         };
         served += 1;
         let (export, tls, shared) = (opts.export.clone(), opts.tls.clone(), shared.clone());
+        let activity = Arc::new(transmission::Activity::default());
+        let watched = activity.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{served}"))
             .spawn(move || {
-                if let Err(e) = handle_client(stream, &export, tls, &shared) {
+                if let Err(e) = handle_client(stream, &export, tls, &shared, watched) {
                     debug!("client {served}: {e}");
                 }
             });
         match spawned {
-            Ok(h) => clients.push((h, handle)),
+            Ok(thread) => clients.push(Client {
+                thread,
+                stream: handle,
+                peer,
+                activity,
+            }),
             Err(e) => warn!("cannot start a thread for a client: {e}"),
         }
     }
     info!("stopping: {} client(s) connected", clients.len());
     // Readers see the end of their input; requests that still arrive get
     // ESHUTDOWN; what was started is answered.
-    for (_, s) in &clients {
-        let _ = s.shutdown(std::net::Shutdown::Read);
+    for c in &clients {
+        let _ = c.stream.shutdown(std::net::Shutdown::Read);
     }
     if !wait_finished(&clients, STOP_GRACE) {
         warn!("clients still busy after {STOP_GRACE:?}: cutting their connections");
-        for (_, s) in &clients {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        for c in &clients {
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         if !wait_finished(&clients, STOP_GRACE) {
             return Ok(false);
         }
     }
-    for (h, _) in clients {
-        let _ = h.join();
+    for c in clients {
+        let _ = c.thread.join();
     }
     Ok(true)
 }
@@ -376,12 +446,14 @@ pub(crate) fn uring_works() -> bool {
     }
 }
 
-/// Negotiate with one client, then serve its requests.
+/// Negotiate with one client, then serve its requests (recorded in
+/// `activity`).
 pub fn handle_client(
     stream: Stream,
     export: &Arc<Export>,
     tls: Option<Arc<rustls::ServerConfig>>,
     shared: &Arc<Shared>,
+    activity: Arc<transmission::Activity>,
 ) -> io::Result<()> {
     let mut s = stream;
     let until = Instant::now() + NEGOTIATION_TIMEOUT;
@@ -415,7 +487,7 @@ pub fn handle_client(
             }
         }
     };
-    transmit(s, export, agreed, shared)
+    transmit(s, export, agreed, shared, activity)
 }
 
 /// Serve one socket of the kernel's NBD client (handed to it with
@@ -426,7 +498,13 @@ pub fn serve_kernel_socket(
     export: &Arc<Export>,
     shared: &Arc<Shared>,
 ) -> io::Result<()> {
-    transmit(Stream::Unix(s), export, Agreed::default(), shared)
+    transmit(
+        Stream::Unix(s),
+        export,
+        Agreed::default(),
+        shared,
+        Arc::default(),
+    )
 }
 
 /// The transmission flags to give the kernel's NBD client (NBD_SET_FLAGS).
@@ -441,15 +519,17 @@ fn transmit(
     export: &Arc<Export>,
     agreed: Agreed,
     shared: &Arc<Shared>,
+    activity: Arc<transmission::Activity>,
 ) -> io::Result<()> {
     s.set_read_timeout(None)?;
     s.set_write_timeout(Some(SEND_TIMEOUT))?;
     debug!("transmission: {agreed:?}");
-    let conn = Connection::new(
+    let conn = Connection::watched(
         export.clone(),
         agreed,
         Box::new(s.try_clone()?),
         shared.clone(),
+        activity,
     );
     let ring = if shared.uring() {
         // The ring polls the socket through this descriptor: it stays

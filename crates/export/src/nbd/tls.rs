@@ -34,8 +34,17 @@ pub fn server_config(
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, String> {
     let chain = certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key_path = key;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    // aws-lc, not ring: ring takes only some RSA sizes (a 2432-bit key,
+    // as the NBD project's own tests use, was refused).
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The key on its own first, so that a key it cannot use is named.
+    let signing = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -52,8 +61,12 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
+    let certified = rustls::sign::CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{} and {}: {e}", cert.display(), key_path.display()))?;
     let config = builder
-        .with_single_cert(chain, key)
+        .with_single_cert(certified.cert, key)
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     Ok(Arc::new(config))
 }

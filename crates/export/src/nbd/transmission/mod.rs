@@ -125,6 +125,51 @@ struct Budget {
     replies: usize,
 }
 
+/// When a connection last took a request, and how many it has in flight:
+/// what the server's idle timeout looks at.
+pub struct Activity {
+    since: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            last_ms: Default::default(),
+            in_flight: Default::default(),
+        }
+    }
+}
+
+impl Activity {
+    fn took(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+    }
+
+    fn gave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long nothing has been asked or answered, if nothing is in
+    /// flight.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::SeqCst));
+        Some(self.since.elapsed().saturating_sub(last))
+    }
+}
+
 /// One connection in transmission.
 pub struct Connection {
     me: Weak<Connection>,
@@ -143,6 +188,7 @@ pub struct Connection {
     budget_freed: Signal,
     /// A reply could not be sent: stop reading requests.
     broken: AtomicBool,
+    activity: Arc<Activity>,
 }
 
 /// Gives a request's budget back however its job ends.
@@ -164,6 +210,18 @@ impl Connection {
         out: Box<dyn ReplySink>,
         shared: Arc<Shared>,
     ) -> Arc<Self> {
+        Self::watched(export, agreed, out, shared, Arc::default())
+    }
+
+    /// [`Self::new`], recording its requests in `activity`.
+    pub fn watched(
+        export: Arc<Export>,
+        agreed: Agreed,
+        out: Box<dyn ReplySink>,
+        shared: Arc<Shared>,
+        activity: Arc<Activity>,
+    ) -> Arc<Self> {
+        activity.touch();
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             export,
@@ -182,6 +240,7 @@ impl Connection {
             }),
             budget_freed: Signal::default(),
             broken: AtomicBool::new(false),
+            activity,
         })
     }
 
@@ -200,6 +259,7 @@ impl Connection {
         b.bytes += bytes;
         drop(b);
         self.shared.take_bytes(bytes);
+        self.activity.took();
     }
 
     /// [`Self::take_budget`] if that needs no waiting.
@@ -210,6 +270,7 @@ impl Connection {
         }
         b.requests += 1;
         b.bytes += bytes;
+        self.activity.took();
         true
     }
 
@@ -220,6 +281,7 @@ impl Connection {
 
     fn give_budget(&self, bytes: usize) {
         self.shared.give_bytes(bytes);
+        self.activity.gave();
         let mut b = lock(&self.budget);
         b.requests -= 1;
         b.bytes -= bytes;
