@@ -95,7 +95,10 @@ pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk,
     match open() {
         Err(ploop_format::Error::Dirty { path }) => {
             warn!("{path} was not closed cleanly: running check");
-            eprintln!("ploop: {path} was not closed cleanly: checking and repairing it");
+            eprintln!(
+                "ploop: {} was not closed cleanly: checking and repairing it",
+                ploop_format::escape_control(&path, false)
+            );
             for r in ops::repair_disk_locked(dd, &lock).map_err(|e| e.to_string())? {
                 for p in &r.report.problems {
                     warn!("check {}: {p}", r.path.display());

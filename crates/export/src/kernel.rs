@@ -96,6 +96,9 @@ pub fn fs_type(dev: &Path) -> Option<String> {
 pub struct MountPoint {
     fd: OwnedFd,
     path: PathBuf,
+    /// Some folder on the way is root's and closed to others: only root
+    /// can reach what gets mounted here.
+    private: bool,
 }
 
 impl MountPoint {
@@ -130,15 +133,19 @@ impl MountPoint {
             format!("mount point {shown}: {e} (it must be a directory, reached without links)")
         })?;
         let mut at = PathBuf::from("/");
+        let mut private = false;
         for part in real.components().skip(1) {
             let Component::Normal(name) = part else {
                 return Err(format!("mount point {shown}: not a plain path"));
             };
             let dir = std::fs::metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+            private |= dir.uid() == 0 && dir.mode() & 0o011 == 0;
             let next = at.join(name);
             let others_write = dir.uid() != 0 || dir.mode() & 0o022 != 0;
             if others_write {
-                let sticky = dir.mode() & 0o1000 != 0;
+                // A sticky folder keeps others from renaming root's entry,
+                // but only if root owns the folder itself.
+                let sticky = dir.uid() == 0 && dir.mode() & 0o1000 != 0;
                 let entry = std::fs::symlink_metadata(&next)
                     .map_err(|e| format!("{}: {e}", next.display()))?;
                 if !sticky || entry.uid() != 0 {
@@ -152,7 +159,11 @@ impl MountPoint {
             }
             at = next;
         }
-        Ok(MountPoint { fd, path: real })
+        Ok(MountPoint {
+            fd,
+            path: real,
+            private,
+        })
     }
 
     /// The resolved path (for records and messages).
@@ -161,12 +172,18 @@ impl MountPoint {
     }
 }
 
-/// Mount `dev` on `mp`. Read-only mounts (snapshots, backups) get nosuid
-/// and nodev unless `opts` asks otherwise; read-write ones keep OpenVZ's
-/// behaviour (a container's root has its setuid programs and, in older
-/// templates, device nodes), so mount them where only root can look in.
+/// Mount `dev` on `mp`. The filesystem is the container owner's: its
+/// setuid programs and device nodes must not serve users of the host. So
+/// it gets nosuid and nodev (unless `opts` asks otherwise), but for a
+/// read-write mount under a folder closed to all but root, where OpenVZ's
+/// behaviour is kept (a container's root needs its setuid programs; OpenVZ
+/// mounts them in /vz/root, mode 0700).
 pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result<(), String> {
-    let mut o = String::from(if read_only { "ro,nosuid,nodev" } else { "rw" });
+    let mut o = String::from(match (read_only, mp.private) {
+        (true, _) => "ro,nosuid,nodev",
+        (false, true) => "rw",
+        (false, false) => "rw,nosuid,nodev",
+    });
     if read_only && fs_type(dev).as_deref() == Some("xfs") {
         // A snapshot of a mounted xfs has the same UUID and a dirty log.
         o.push_str(",nouuid,norecovery");
@@ -178,7 +195,8 @@ pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result
     // mount(8) gets the opened directory as /proc/self/fd/N, which the
     // kernel resolves to that very directory; --no-canonicalize keeps
     // mount(8) from turning it back into a path. The descriptor is handed
-    // down for this one command.
+    // down for this command (a child another thread starts meanwhile gets
+    // it too: an O_PATH handle of a folder, which grants nothing).
     let target = format!("/proc/self/fd/{}", mp.fd.as_raw_fd());
     rustix::io::fcntl_setfd(mp.fd.as_fd(), rustix::io::FdFlags::empty())
         .map_err(|e| format!("mount point {}: {e}", mp.path.display()))?;

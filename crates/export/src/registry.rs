@@ -41,11 +41,11 @@ impl MountRecord {
     }
 
     /// Whether the daemon recorded still serves: it holds its view's lock
-    /// for its whole life, so the lock's holder (as /proc/locks says) must
-    /// be the recorded pid. A process that merely reuses the pid holds no
-    /// such lock.
+    /// for its whole life, and nothing else holds that lock but for an
+    /// instant (this probe). A process that merely reuses the pid holds
+    /// no such lock.
     pub fn daemon_alive(&self) -> bool {
-        lock_holder(&lock_path(&self.id)) == Some(self.pid)
+        lock_held(&lock_path(&self.id))
     }
 
     /// Write the record atomically.
@@ -122,7 +122,18 @@ pub fn lock_view(id: &str) -> std::io::Result<ViewLock> {
             .write(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+        // A probe (lock_held) holds it shared for an instant: try again
+        // briefly before calling it taken.
+        let mut tries = 0;
+        while let Err(e) =
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            tries += 1;
+            if e != rustix::io::Errno::WOULDBLOCK || tries > 20 {
+                return Err(e.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         // A daemon that let go of this name may have removed it after we
         // opened it: the lock counts only on the file the name leads to.
         let here = file.metadata()?;
@@ -135,26 +146,21 @@ pub fn lock_view(id: &str) -> std::io::Result<ViewLock> {
     }
 }
 
-/// The pid holding a flock on `path`, from /proc/locks.
-fn lock_holder(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(path).ok()?;
-    let dev = meta.dev();
-    let want = format!(
-        "{:02x}:{:02x}:{}",
-        rustix::fs::major(dev),
-        rustix::fs::minor(dev),
-        meta.ino()
-    );
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    locks.lines().find_map(|line| {
-        // "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" (waiters have
-        // "->" after the number and hold nothing).
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
-            .then(|| f[4].parse().ok())
-            .flatten()
-    })
+/// Whether someone holds the flock of `path`: tried for a shared lock
+/// without waiting, and let go at once if it was free.
+fn lock_held(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return false;
+    };
+    matches!(
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    )
 }
 
 /// Every record on this machine.

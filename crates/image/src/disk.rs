@@ -120,7 +120,7 @@ pub fn open_image(path: &Path, writable: bool, kind: Option<ImageType>) -> Resul
         ..OpenOptions::default()
     };
     let explicit = |mode: OpenMode| -> Result<SharedIo> {
-        match ploop_io::FileIo::open(path, mode) {
+        match ploop_io::FileIo::open_named(path, mode) {
             Ok(f) => Ok(std::sync::Arc::new(f)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::Locked {
                 path: path.display().to_string(),

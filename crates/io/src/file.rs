@@ -103,6 +103,67 @@ impl FileIo {
         Self::from_file(file, path, mode.lock, direct)
     }
 
+    /// Open a path the administrator named (`ploop serve IMAGE`): a
+    /// regular file or a block device, never a FIFO (looked at without
+    /// blocking); a link is followed only where it sits in a folder that
+    /// only root can change (as in /dev/disk/by-id), not in one a user
+    /// could have put it in.
+    pub fn open_named(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        check_named(path)?;
+        Self::open_nonblocking(path, mode)
+    }
+
+    /// The first `len` bytes (fewer if it is shorter) of a path the
+    /// administrator named, opened as [`Self::open_named`] does.
+    pub fn read_head(path: &Path, len: usize) -> io::Result<Vec<u8>> {
+        let io = Self::open_named(
+            path,
+            OpenMode {
+                write: false,
+                direct: false,
+                create_new: false,
+                lock: LockMode::None,
+            },
+        )?;
+        let mut head = vec![0u8; len];
+        let n = io.file.read_at(&mut head, 0)?;
+        head.truncate(n);
+        Ok(head)
+    }
+
+    fn open_nonblocking(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(mode.write);
+        let nonblock = OFlags::NONBLOCK.bits() as i32;
+        let (file, direct) = if mode.direct {
+            match opts
+                .clone()
+                .custom_flags(OFlags::DIRECT.bits() as i32 | nonblock)
+                .open(path)
+            {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    (opts.custom_flags(nonblock).open(path)?, false)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            (opts.custom_flags(nonblock).open(path)?, false)
+        };
+        let kind = file.metadata()?.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
+        }
+        rustix::fs::fcntl_setfl(&file, rustix::fs::fcntl_getfl(&file)? - OFlags::NONBLOCK)?;
+        Self::from_file(file, path, mode.lock, direct)
+    }
+
     /// A backend over an open file: takes its lock; `direct` says whether
     /// it was opened with O_DIRECT.
     pub(crate) fn from_file(
@@ -224,6 +285,30 @@ impl FileIo {
         }
         Ok(())
     }
+}
+
+/// A link in `path`'s last name is allowed only in a folder no one but
+/// root can change (root's, writable by no one else).
+pub(crate) fn check_named(path: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::metadata(parent)?;
+    if dir.uid() == 0 && dir.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{}: is a link in a folder users other than root can change: name its target",
+            path.display()
+        ),
+    ))
 }
 
 fn take_lock(file: &File, mode: LockMode) -> io::Result<()> {

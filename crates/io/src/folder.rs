@@ -111,13 +111,26 @@ impl Folder {
             other => other,
         }
         .map_err(|e| self.explain(name, e))?;
-        let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+        let st = rustix::fs::fstat(&fd)?;
+        let kind = FileType::from_raw_mode(st.st_mode);
         if kind != FileType::RegularFile {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "{}: is a {kind:?}, not a regular file: refused",
                     self.path.join(name).display()
+                ),
+            ));
+        }
+        // A second name for a file elsewhere (where hard links to others'
+        // files are allowed: fs.protected_hardlinks=0) must not be written.
+        if flags.contains(OFlags::RDWR) && st.st_nlink > 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: has {} names (hard links): a disk's file may have one only",
+                    self.path.join(name).display(),
+                    st.st_nlink
                 ),
             ));
         }

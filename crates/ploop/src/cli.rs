@@ -219,8 +219,8 @@ struct ServeArgs {
     #[arg(long, conflicts_with = "tcp")]
     socket: Option<PathBuf>,
     /// Listen on TCP (e.g. 127.0.0.1:10809). Plain text needs --insecure,
-    /// even on loopback (any local user could connect); other addresses
-    /// need TLS with client certificates (--tls-ca).
+    /// even on loopback (any local user could connect); TLS needs client
+    /// certificates (--tls-ca) or --tls-any-client.
     #[arg(long, value_name = "ADDR:PORT")]
     tcp: Option<String>,
     /// Read-only export.
@@ -239,12 +239,12 @@ struct ServeArgs {
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// PEM CA: clients must present a certificate it signed. Required
-    /// off loopback, unless --tls-any-client. (Shared secrets, TLS-PSK,
-    /// are not offered: rustls has none.)
+    /// with TLS unless --tls-any-client. (Shared secrets, TLS-PSK, are not
+    /// offered: rustls has none.)
     #[arg(long, requires = "tls_cert")]
     tls_ca: Option<PathBuf>,
-    /// Off loopback, accept TLS clients without a client certificate
-    /// (anyone who reaches the port may use the disk).
+    /// Accept TLS clients without a client certificate (anyone who
+    /// reaches the port may use the disk).
     #[arg(long, requires = "tls_cert")]
     tls_any_client: bool,
     /// Allow plain text over TCP (anyone who reaches the port may read
@@ -592,7 +592,9 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
     let mut deltas = Vec::new();
     for e in d.chain(d.top_guid, &name)? {
         let path = image_path(dd, &e.file)?;
-        let meta = std::fs::metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+        // Not through a link: the folder may be a container owner's.
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
         let (version, allocated) = if e.kind == ImageType::Compressed {
             // A peek without a lock, so info works on a mounted disk too
             // (the on-disk BAT may then lag the daemon's by one flush).
@@ -670,7 +672,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             println!(
                 "  {} {} allocated={} file_size={}",
                 x["guid"].as_str().unwrap_or(""),
-                x["file"].as_str().unwrap_or(""),
+                ploop_format::escape_control(x["file"].as_str().unwrap_or(""), false),
                 x["allocated_clusters"]
                     .as_u64()
                     .map_or("-".to_string(), |c| format!("{c} clusters")),
@@ -684,11 +686,9 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
 fn check(a: CheckArgs) -> Res<ExitCode> {
     let _ = (a.force, a.check);
     let is_dd = a.target.extension().is_some_and(|e| e == "xml") || {
-        let mut first = [0u8; 16];
-        let n = std::fs::File::open(&a.target)
-            .and_then(|mut f| f.read(&mut first))
+        let first = ploop_io::FileIo::read_head(&a.target, 16)
             .map_err(|e| format!("{}: {e}", a.target.display()))?;
-        !has_signature(&first[..n]) && first[..n].starts_with(b"<")
+        !has_signature(&first) && first.starts_with(b"<")
     };
     let results = if is_dd {
         ops::check_disk(&a.target, a.read_only)?
@@ -790,7 +790,8 @@ fn snapshot_list(a: ListArgs) -> Res<ExitCode> {
             "uuid" => (guid_string(&s.guid), 38),
             "parent_uuid" => (guid_string(&s.parent), 38),
             "current" => ((if s.guid == d.top_guid { "*" } else { "" }).to_string(), 1),
-            _ => (fname.to_string(), 32),
+            // Names come from the descriptor: control characters escaped.
+            _ => (ploop_format::escape_control(fname, false).into_owned(), 32),
         }
     };
     if !a.no_header {

@@ -27,8 +27,9 @@ fn main() -> ExitCode {
                 src = s.source();
             }
             // Names in messages come from files a container's owner may
-            // write: no control character reaches the terminal raw.
-            let msg = ploop_format::escape_control(&msg, true);
+            // write: no control character reaches the terminal raw, not
+            // even a line break.
+            let msg = ploop_format::escape_control(&msg, false);
             eprintln!("ploop: error: {msg}");
             ExitCode::from(1)
         }

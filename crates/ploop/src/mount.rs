@@ -90,12 +90,13 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     let device = line.trim().to_string();
     if device.is_empty() {
         let status = child.wait()?;
-        return Err(format!(
-            "the daemon failed ({status}); its log {} ends with:\n{}",
-            log.display(),
-            tail(&log, 5)
-        )
-        .into());
+        // The log's last lines, each on its own line with its control
+        // characters escaped (names in it come from the disk's folder).
+        eprintln!("ploop: the daemon's log {} ends with:", log.display());
+        for line in tail(&log, 5).lines() {
+            eprintln!("  {}", ploop_format::escape_control(line, false));
+        }
+        return Err(format!("the daemon failed ({status})").into());
     }
     Ok(device)
 }

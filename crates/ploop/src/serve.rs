@@ -47,20 +47,18 @@ fn is_descriptor(path: &Path) -> bool {
     {
         return true;
     }
-    let mut head = [0u8; 64];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .unwrap_or(0);
-    head[..n]
-        .iter()
+    // Looked at without following a link a user could have made, and
+    // without blocking on a FIFO.
+    let head = ploop_io::FileIo::read_head(path, 64).unwrap_or_default();
+    head.iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|&b| b == b'<')
 }
 
 /// Where to listen. Whoever can connect reads and writes the disk, so:
 /// a unix socket only root can use by default; plain TCP, even on
-/// loopback (any local user), only with --insecure; TLS off loopback only
-/// with client certificates, unless --tls-any-client says otherwise.
+/// loopback (any local user), only with --insecure; TLS only with client
+/// certificates, unless --tls-any-client says otherwise.
 fn listen_address(r: &ServeRequest, target: &Path) -> Res<Listen> {
     if let Some(path) = &r.socket {
         return Ok(Listen::Unix(path.clone()));
@@ -90,7 +88,9 @@ fn listen_address(r: &ServeRequest, target: &Path) -> Res<Listen> {
         )
         .into());
     }
-    if tls && !addr.ip().is_loopback() && r.tls_ca.is_none() && !r.tls_any_client {
+    if tls && r.tls_ca.is_none() && !r.tls_any_client {
+        // TLS alone authenticates the server, not the client: on loopback
+        // too, any local user could connect.
         return Err(format!(
             "refusing to serve {addr} to any TLS client: give --tls-ca so that clients must \
              present a certificate it signed, or --tls-any-client"

@@ -563,6 +563,7 @@ fn tls_with_qemu_img_and_libnbd() {
         &[
             OsStr::new("--tcp"),
             "127.0.0.1:0".as_ref(),
+            "--tls-any-client".as_ref(),
             "--tls-cert".as_ref(),
             cert.as_os_str(),
             "--tls-key".as_ref(),
@@ -1095,6 +1096,7 @@ fn tls_takes_the_keys_the_usual_tools_make() {
             &[
                 OsStr::new("--tcp"),
                 "127.0.0.1:0".as_ref(),
+                "--tls-any-client".as_ref(),
                 "--tls-cert".as_ref(),
                 cert.as_os_str(),
                 "--tls-key".as_ref(),
@@ -1118,6 +1120,7 @@ fn tls_takes_the_keys_the_usual_tools_make() {
         OsStr::new("serve"),
         OsStr::new("--tcp"),
         OsStr::new("127.0.0.1:0"),
+        OsStr::new("--tls-any-client"),
         OsStr::new("--tls-cert"),
         cert.as_os_str(),
         OsStr::new("--tls-key"),

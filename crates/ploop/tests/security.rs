@@ -210,6 +210,13 @@ fn the_daemon_log_and_the_lock_file_cannot_be_aimed_at_host_files() {
         std::fs::read(&passwd).unwrap() == content,
         "the host file changed"
     );
+    // Whatever prints the name shows it escaped.
+    let listed = ploop(&[OsStr::new("snapshot-list"), disk.dd.as_os_str()]);
+    let shown = format!("{}{}", listed.stdout_str(), listed.stderr);
+    assert!(
+        shown.contains("\\ntoor") && !shown.contains("\ntoor"),
+        "snapshot-list printed a name raw:\n{listed}"
+    );
     as_nobody(&format!(
         "cd {} && ln -sf {} DiskDescriptor.xml.lck",
         s.ct.display(),
@@ -399,6 +406,14 @@ fn socket_of(uri: &str) -> PathBuf {
     PathBuf::from(uri.split("socket=").nth(1).expect("a unix socket URI"))
 }
 
+/// `ploop serve ARGS`, stopped after 20 s if it started (a refusal ends
+/// it at once).
+fn serve_for_a_while(args: &[&OsStr]) -> Out {
+    let mut all = vec![OsStr::new("20"), OsStr::new(bin()), OsStr::new("serve")];
+    all.extend_from_slice(args);
+    run("timeout", &all)
+}
+
 /// `ploop serve` once listened on 127.0.0.1:10809 in plain text by
 /// default, so any local user read and wrote root's disk. Now it listens
 /// on a socket only root may use (whatever the umask), plain TCP needs
@@ -439,8 +454,7 @@ fn only_root_can_use_a_served_disk_by_default() {
     server.stop();
     assert_eq!(mode, 0o600);
     // Plain TCP on loopback: refused without --insecure.
-    let out = ploop(&[
-        OsStr::new("serve"),
+    let out = serve_for_a_while(&[
         OsStr::new("--tcp"),
         OsStr::new("127.0.0.1:0"),
         disk.dd.as_os_str(),
@@ -468,17 +482,18 @@ fn only_root_can_use_a_served_disk_by_default() {
         ],
     )
     .success();
-    let out = ploop(&[
-        OsStr::new("serve"),
-        OsStr::new("--tcp"),
-        OsStr::new("0.0.0.0:0"),
-        OsStr::new("--tls-cert"),
-        cert.as_os_str(),
-        OsStr::new("--tls-key"),
-        key.as_os_str(),
-        disk.dd.as_os_str(),
-    ]);
-    refused(out, "--tls-ca");
+    for addr in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let out = serve_for_a_while(&[
+            OsStr::new("--tcp"),
+            OsStr::new(addr),
+            OsStr::new("--tls-cert"),
+            cert.as_os_str(),
+            OsStr::new("--tls-key"),
+            key.as_os_str(),
+            disk.dd.as_os_str(),
+        ]);
+        refused(out, "--tls-ca");
+    }
 }
 
 /// Silent sockets once held every connection slot for 60 s each (and a
@@ -490,20 +505,33 @@ fn silent_and_idle_clients_cannot_hold_every_slot() {
     use std::io::Read;
     let s = Scene::new();
     let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
-    let sock = s.host.join("nbd.sock");
-    let server = Server::on_socket_with(
+    // Over TCP every local user is the same peer, 127.0.0.1 (root's own
+    // connections on a unix socket are not limited).
+    let server = Server::start(
         s.host.as_path(),
-        &sock,
-        &["--max-connections", "8", "--max-connections-per-peer", "4"],
-        &disk.dd,
+        &[
+            OsStr::new("--tcp"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--insecure"),
+            OsStr::new("--max-connections"),
+            OsStr::new("8"),
+            OsStr::new("--max-connections-per-peer"),
+            OsStr::new("4"),
+            disk.dd.as_os_str(),
+        ],
     );
-    // Four silent connections from root: a fifth from the same peer is
-    // closed at once.
-    let silent: Vec<std::os::unix::net::UnixStream> = (0..4)
-        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+    let addr = server
+        .uri
+        .trim_start_matches("nbd://")
+        .trim_end_matches('/')
+        .to_string();
+    // Four silent connections: a fifth from the same peer is closed at
+    // once.
+    let silent: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let mut fifth = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut fifth = std::net::TcpStream::connect(&addr).unwrap();
     fifth
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
@@ -537,6 +565,7 @@ fn silent_and_idle_clients_cannot_hold_every_slot() {
     drop(silent);
     server.stop();
     // An idle negotiated client is cut off after --idle-timeout.
+    let sock = s.host.join("nbd.sock");
     let server =
         Server::on_socket_with(s.host.as_path(), &sock, &["--idle-timeout", "2"], &disk.dd);
     let script = "h = nbd.NBD()\nh.connect_uri(uri)\nimport time\ntime.sleep(4)\n\
@@ -544,4 +573,170 @@ fn silent_and_idle_clients_cannot_hold_every_slot() {
     let out = nbdsh(&server.uri, script);
     server.stop();
     assert!(out.stdout_str().contains("cut off"), "{out}");
+}
+
+/// A client that floods options and never reads the replies once blocked
+/// the server's writes forever, past the 10 s negotiation deadline; one
+/// that sends a write's header and then nothing held the write's budget
+/// and passed for busy, never idle.
+#[test]
+fn clients_that_stop_reading_or_sending_are_cut_off() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &[]);
+    let sock = s.host.join("nbd.sock");
+    let server =
+        Server::on_socket_with(s.host.as_path(), &sock, &["--idle-timeout", "2"], &disk.dd);
+    // Options, thousands of them, no reply ever read.
+    let mut flood = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    flood.read_exact(&mut hello).unwrap();
+    flood.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut list = b"IHAVEOPT".to_vec();
+    list.extend_from_slice(&3u32.to_be_bytes()); // NBD_OPT_LIST
+    list.extend_from_slice(&0u32.to_be_bytes());
+    flood
+        .set_write_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        match flood.write(&list.repeat(256)) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let cut = started.elapsed();
+    assert!(sent > 0);
+    assert!(
+        cut < std::time::Duration::from_secs(20),
+        "the flood held on for {cut:?}"
+    );
+    // A negotiated client sends a write's header for 1 MiB, then nothing.
+    let mut stall = UnixStream::connect(&sock).unwrap();
+    stall.read_exact(&mut hello).unwrap();
+    stall.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut go = b"IHAVEOPT".to_vec();
+    go.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    go.extend_from_slice(&0u32.to_be_bytes());
+    stall.write_all(&go).unwrap();
+    let mut export = [0u8; 10];
+    stall.read_exact(&mut export).unwrap();
+    let mut write = 0x2560_9513u32.to_be_bytes().to_vec();
+    write.extend_from_slice(&0u16.to_be_bytes());
+    write.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+    write.extend_from_slice(&7u64.to_be_bytes());
+    write.extend_from_slice(&0u64.to_be_bytes());
+    write.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    stall.write_all(&write).unwrap();
+    stall.write_all(&[0u8; 4096]).unwrap();
+    stall
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let ended = matches!(stall.read(&mut b), Ok(0) | Err(_));
+    let waited = started.elapsed();
+    server.stop();
+    assert!(ended, "the stalled writer still has its connection");
+    assert!(
+        waited < std::time::Duration::from_secs(15),
+        "cut off after {waited:?}"
+    );
+}
+
+/// A read-write mount where users of the host can reach it gets nosuid
+/// and nodev (the filesystem's setuid programs and device nodes are the
+/// container owner's); under a folder closed to all but root it keeps
+/// OpenVZ's behaviour. A sticky folder that a user owns is no safer than
+/// any of theirs: refused.
+#[test]
+fn where_users_can_reach_a_mount_it_gets_nosuid_and_nodev() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 64 * MIB, &["-t", "ext4"]);
+    let public = s.host.parent().unwrap().join("public");
+    std::fs::create_dir(&public).unwrap();
+    std::fs::create_dir(public.join("mnt")).unwrap();
+    std::fs::create_dir(s.host.join("mnt")).unwrap();
+    let options = |mnt: &std::path::Path| {
+        ploop_ok(&[
+            OsStr::new("mount"),
+            OsStr::new("-m"),
+            mnt.as_os_str(),
+            disk.dd.as_os_str(),
+        ]);
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+            .map(str::to_string);
+        ploop_ok(&[OsStr::new("umount"), disk.dd.as_os_str()]);
+        line.expect("mounted")
+    };
+    let open = options(&public.join("mnt"));
+    assert!(open.contains("nosuid") && open.contains("nodev"), "{open}");
+    let private = options(&s.host.join("mnt"));
+    assert!(!private.contains("nosuid"), "{private}");
+    // A user's sticky folder with root's entry in it.
+    let sticky = s.ct.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    run("chown", &[OsStr::new("nobody"), sticky.as_os_str()]).success();
+    std::fs::create_dir(sticky.join("mnt")).unwrap();
+    let out = ploop(&[
+        OsStr::new("mount"),
+        OsStr::new("-m"),
+        sticky.join("mnt").as_os_str(),
+        disk.dd.as_os_str(),
+    ]);
+    refused(out, "can be replaced by a user other than root");
+}
+
+/// `ploop serve IMAGE` with IMAGE in a user's folder: a link there to a
+/// host file (or device), or a FIFO, is refused; and a hard link to a
+/// host file (where fs.protected_hardlinks=0 lets a user make one) is not
+/// written through a descriptor.
+#[test]
+fn named_images_and_hard_links_are_checked() {
+    let s = Scene::new();
+    let disk = TestDisk::init(&s.ct, 4 * MIB, &["-f", "raw"]);
+    let (secret, content) = s.secret("disk-of-the-host");
+    s.hand_over();
+    as_nobody(&format!(
+        "cd {} && ln -s {} link.img && mkfifo fifo.img",
+        s.ct.display(),
+        secret.display()
+    ));
+    for (name, needle) in [
+        ("link.img", "is a link"),
+        ("fifo.img", "neither a regular file"),
+    ] {
+        let sock = s.host.join("nbd.sock");
+        let out = run(
+            "timeout",
+            &[
+                OsStr::new("20"),
+                OsStr::new(bin()),
+                OsStr::new("serve"),
+                OsStr::new("--socket"),
+                sock.as_os_str(),
+                s.ct.join(name).as_os_str(),
+            ],
+        );
+        refused(out, needle);
+    }
+    // As if a user had hard-linked the host file as the disk's image.
+    std::fs::remove_file(&disk.image).unwrap();
+    std::fs::hard_link(&secret, &disk.image).unwrap();
+    let input = s.host.join("input");
+    std::fs::write(&input, vec![0x41u8; 4096]).unwrap();
+    refused(
+        ploop(&[OsStr::new("write"), disk.dd.as_os_str(), input.as_os_str()]),
+        "hard links",
+    );
+    assert!(
+        std::fs::read(&secret).unwrap() == content,
+        "the host file changed"
+    );
 }

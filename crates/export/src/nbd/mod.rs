@@ -318,6 +318,13 @@ impl Read for Deadline<'_> {
 
 impl Write for Deadline<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A client that never reads our replies must not hold us past the
+        // deadline either.
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.s.set_write_timeout(Some(left))?;
         self.s.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -351,8 +358,17 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
     while !stop.load(Ordering::SeqCst) {
         let accepted = listener.accept(Duration::from_millis(200));
         clients.retain(|c| !c.thread.is_finished());
-        if let Some(limit) = opts.idle_timeout {
-            for c in &clients {
+        // A write's header and then nothing holds the write's budget: cut
+        // off after the send timeout, or the idle timeout if shorter.
+        let stall = opts
+            .idle_timeout
+            .map_or(SEND_TIMEOUT, |t| t.min(SEND_TIMEOUT));
+        for c in &clients {
+            if c.activity.payload_stalled_for().is_some_and(|t| t > stall) {
+                warn!("a client sent a write without its payload for {stall:?}: cutting it off");
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+            if let Some(limit) = opts.idle_timeout {
                 if c.activity.idle_for().is_some_and(|idle| idle > limit) {
                     debug!("a client idle for over {limit:?}: cutting it off");
                     let _ = c.stream.shutdown(std::net::Shutdown::Both);
@@ -374,7 +390,10 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
             continue; // dropping the stream closes it
         }
         let peer = peer_of(&stream);
-        if clients.iter().filter(|c| c.peer == peer).count() >= opts.max_per_peer {
+        // Root is the administrator (and the only one who can reach the
+        // default socket): only others are limited per peer.
+        let limited = peer != Peer::User(0);
+        if limited && clients.iter().filter(|c| c.peer == peer).count() >= opts.max_per_peer {
             warn!(
                 "{peer:?} has {} connections: refusing another",
                 opts.max_per_peer

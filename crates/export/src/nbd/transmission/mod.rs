@@ -125,12 +125,18 @@ struct Budget {
     replies: usize,
 }
 
-/// When a connection last took a request, and how many it has in flight:
-/// what the server's idle timeout looks at.
+/// When a connection last took a request, how many requests and replies
+/// it has under way, and since when it waits for a write's payload: what
+/// the server's watchdog looks at (idle clients, stalled payloads).
 pub struct Activity {
     since: std::time::Instant,
     last_ms: std::sync::atomic::AtomicU64,
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Transmission has begun (negotiation has its own deadline).
+    started: AtomicBool,
+    /// When (ms since `since`, plus one) a payload read began to wait;
+    /// 0 when none is waiting.
+    payload_from: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Activity {
@@ -139,11 +145,37 @@ impl Default for Activity {
             since: std::time::Instant::now(),
             last_ms: Default::default(),
             in_flight: Default::default(),
+            started: AtomicBool::new(false),
+            payload_from: Default::default(),
         }
     }
 }
 
 impl Activity {
+    fn now_ms(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
+
+    /// A write's payload is not all here: reading it may wait.
+    fn payload_waits(&self) {
+        self.payload_from.store(self.now_ms() + 1, Ordering::SeqCst);
+    }
+
+    fn payload_read(&self) {
+        self.payload_from.store(0, Ordering::SeqCst);
+    }
+
+    /// How long a payload read has waited, if one does: a client that
+    /// sends a write's header and then nothing holds the write's budget.
+    pub fn payload_stalled_for(&self) -> Option<std::time::Duration> {
+        match self.payload_from.load(Ordering::SeqCst) {
+            0 => None,
+            from => Some(std::time::Duration::from_millis(
+                self.now_ms().saturating_sub(from - 1),
+            )),
+        }
+    }
+
     fn took(&self) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.touch();
@@ -155,14 +187,13 @@ impl Activity {
     }
 
     fn touch(&self) {
-        let ms = self.since.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::SeqCst);
+        self.last_ms.store(self.now_ms(), Ordering::SeqCst);
     }
 
-    /// How long nothing has been asked or answered, if nothing is in
-    /// flight.
+    /// How long nothing has been asked or answered, if transmission has
+    /// begun and nothing (request or reply) is under way.
     pub fn idle_for(&self) -> Option<std::time::Duration> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
+        if !self.started.load(Ordering::SeqCst) || self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
         let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::SeqCst));
@@ -222,6 +253,7 @@ impl Connection {
         activity: Arc<Activity>,
     ) -> Arc<Self> {
         activity.touch();
+        activity.started.store(true, Ordering::SeqCst);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             export,
@@ -292,11 +324,14 @@ impl Connection {
     /// request they answer held its budget until now).
     fn hold_reply_bytes(&self, cost: usize) {
         self.shared.add_bytes(cost);
+        // Not idle while a reply waits to be sent (a slow reader).
+        self.activity.took();
         lock(&self.budget).replies += cost;
     }
 
     fn release_reply_bytes(&self, cost: usize) {
         self.shared.give_bytes(cost);
+        self.activity.gave();
         let mut b = lock(&self.budget);
         b.replies -= cost;
         self.budget_freed.notify_all();
@@ -457,10 +492,16 @@ fn request_loop_batched<R: Read>(
             let len = req.length as usize;
             take_budget(conn, g, len);
             let mut buf = conn.shared.buffer(len);
-            if input.buffer().len() < len {
+            let waits = input.buffer().len() < len;
+            if waits {
                 g.submit();
+                conn.activity.payload_waits();
             }
-            if input.read_exact(&mut buf.as_mut_slice()[..len]).is_err() {
+            let read = input.read_exact(&mut buf.as_mut_slice()[..len]);
+            if waits {
+                conn.activity.payload_read();
+            }
+            if read.is_err() {
                 // Cut off in the middle of a write: nothing was acknowledged.
                 conn.give_budget(len);
                 return End::IoError;
