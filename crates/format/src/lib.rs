@@ -11,8 +11,7 @@ pub mod raw;
 
 pub use error::{Error, Result};
 
-/// Bytes in one sector: the unit of every size field on disk.
-pub const SECTOR: u64 = 512;
+pub use ploop_io::SECTOR;
 
 /// `text` with its control characters written as escapes (`\n`, `\x1b`),
 /// so that a name from a descriptor a container's owner wrote (`<File>`

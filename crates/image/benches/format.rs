@@ -101,16 +101,13 @@ fn random(t: &dyn Target, size: u64, write: bool, secs: f64) -> f64 {
     let mut buf = AlignedBuf::zeroed(4096);
     buf.as_mut_slice().fill(0x5a);
     let blocks = size / 4096;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rng = ploop_test_support::Rng::new(1);
     let deadline = Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < deadline {
         for _ in 0..64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let off = (x % blocks) * 4096;
+            let off = rng.below(blocks) * 4096;
             if write {
                 t.write(buf.as_slice(), off);
             } else {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ploop_format::ploop::{FillFn, MappingPin, PloopDelta};
 use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
-use ploop_io::is_zero;
+use ploop_io::{is_zero, Segment};
 
 /// One delta of a chain, in either format. Deltas live behind an `Arc`,
 /// so the size difference between variants costs nothing.
@@ -18,16 +18,6 @@ use ploop_io::is_zero;
 pub enum Delta {
     Raw(RawDelta),
     Ploop(PloopDelta),
-}
-
-/// One piece of a request that queued I/O can do directly on a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Segment {
-    pub fd: std::os::fd::RawFd,
-    pub file_offset: u64,
-    /// Where in the request's buffer the piece goes.
-    pub buf_offset: usize,
-    pub len: usize,
 }
 
 /// How to do a request with plain file I/O: its pieces, and a pin that

@@ -1,10 +1,14 @@
 //! The image layer: delta chains over the formats, and the operations that
-//! reshape them (snapshot, merge, delete, switch, convert, check).
+//! reshape them (snapshot, merge, delete, switch, convert, check), offline
+//! or on a disk being served.
 #![forbid(unsafe_code)]
 
 pub mod chain;
 pub mod disk;
+pub mod online;
 pub mod ops;
+pub mod served;
 
-pub use chain::{Chain, Delta, Plan, Segment};
+pub use chain::{Chain, Delta, Plan};
 pub use disk::{Disk, OpenOptions};
+pub use ploop_io::Segment;

@@ -86,11 +86,8 @@ proptest! {
             }
         }
         // Power cut: a pseudo-random subset of unflushed operations survives.
-        let mut x = keep_seed | 1;
-        let image = faulty.crash_image(|_| {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            x & 1 == 1
-        });
+        let mut rng = ploop_test_support::Rng::new(keep_seed);
+        let image = faulty.crash_image(|_| rng.next_u64() & 1 == 1);
         std::mem::forget(chain); // no clean close after a power cut
         let mem: SharedIo = Arc::new(MemIo::from_bytes("crashed.hdd", image));
         let report = check(&mem, true).unwrap();

@@ -126,7 +126,7 @@ fn work(chain: &Chain, j: &Journal, m: &mut Model, rng: &mut Rng, steps: usize) 
 
 /// One disk's life; returns its journal, its files and the model.
 fn life(seed: u64) -> (Journal, Vec<String>, Model) {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let j = Journal::new();
     let mut m = Model {
         live: vec![0; SIZE as usize],

@@ -97,7 +97,7 @@ fn snapshots(dd: &Path) -> Vec<Uuid> {
 fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
     let fs = Rc::new(JournaledFs::new(j.clone()));
     with_fs(fs, || {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::new(seed);
         let image = dir.join("root.hdd");
         let dd = dir.join("DiskDescriptor.xml");
         let mut steps: Vec<Step> = Vec::new();

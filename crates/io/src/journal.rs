@@ -9,15 +9,15 @@
 //! subset of the later operations, in any order; a kept write may be torn,
 //! keeping only some of its 512-byte sectors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap as NameMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::{BlockIo, MemIo};
+use crate::fsys::Fs;
+use crate::{BlockIo, MemIo, OpenMode, SharedIo};
 
-/// The unit a disk writes atomically.
-pub const SECTOR: u64 = 512;
+use crate::SECTOR;
 
 #[derive(Clone, Debug)]
 enum Change {
@@ -295,6 +295,116 @@ impl BlockIo for JournaledIo {
 
     fn describe(&self) -> String {
         self.live.describe()
+    }
+}
+
+// --- A whole filesystem in the journal --------------------------------------
+
+/// A filesystem held in a [`Journal`]: file contents, and the folder's
+/// creations, renames and removals, all in one recorded sequence.
+pub struct JournaledFs {
+    journal: Journal,
+    names: Mutex<NameMap<PathBuf, Arc<JournaledIo>>>,
+}
+
+impl JournaledFs {
+    pub fn new(journal: Journal) -> Self {
+        Self {
+            journal,
+            names: Mutex::new(NameMap::new()),
+        }
+    }
+}
+
+/// A handle opened without write access: writes fail, as with EBADF.
+struct ReadOnly(Arc<JournaledIo>);
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "file opened read-only")
+}
+
+impl BlockIo for ReadOnly {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn punch_hole(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.0.size()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{}: no such file", path.display()),
+    )
+}
+
+impl Fs for JournaledFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<SharedIo> {
+        let mut names = self.names.lock().expect("names lock");
+        if let Some(f) = names.get(path) {
+            if mode.create_new {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            if !mode.write {
+                return Ok(Arc::new(ReadOnly(f.clone())));
+            }
+            return Ok(f.clone());
+        }
+        if !mode.create_new {
+            return Err(not_found(path));
+        }
+        let f = Arc::new(self.journal.create(&path.display().to_string()));
+        self.journal.dir_create(path, f.id());
+        names.insert(path.to_path_buf(), f.clone());
+        Ok(f)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let names = self.names.lock().expect("names lock");
+        let f = names.get(path).ok_or_else(|| not_found(path))?;
+        let mut buf = vec![0u8; f.size()? as usize];
+        f.read_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut names = self.names.lock().expect("names lock");
+        let f = names.remove(from).ok_or_else(|| not_found(from))?;
+        names.insert(to.to_path_buf(), f);
+        self.journal.dir_rename(from, to);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut names = self.names.lock().expect("names lock");
+        names.remove(path).ok_or_else(|| not_found(path))?;
+        self.journal.dir_remove(path);
+        Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        self.names.lock().expect("names lock").contains_key(path)
+    }
+
+    fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        self.journal.dir_sync();
+        Ok(())
     }
 }
 

@@ -3,12 +3,15 @@
 //! Formats never open files themselves; they are handed a [`BlockIo`]. That
 //! is what lets the same delta run over direct I/O, over a buffered file on
 //! a network filesystem, in memory, or over a fault-injecting backend.
+#![forbid(unsafe_code)]
 
 mod aligned;
+#[cfg(any(test, feature = "test-support"))]
 mod faulty;
 mod file;
 mod folder;
 pub mod fsys;
+#[cfg(any(test, feature = "test-support"))]
 mod journal;
 mod memory;
 
@@ -16,9 +19,11 @@ use std::io;
 use std::sync::Arc;
 
 pub use aligned::{with_scratch, AlignedBuf};
+#[cfg(any(test, feature = "test-support"))]
 pub use faulty::{FaultPlan, FaultyIo};
 pub use file::{FileIo, LockMode, OpenMode};
 pub use folder::{resolve_folder, Folder};
+#[cfg(any(test, feature = "test-support"))]
 pub use journal::{Journal, JournaledIo, Survivors};
 pub use memory::MemIo;
 
@@ -93,8 +98,23 @@ pub trait BlockIo: Send + Sync {
     }
 }
 
+/// Bytes in one sector: the unit of every size field on disk, and what a
+/// disk writes atomically.
+pub const SECTOR: u64 = 512;
+
 /// Shared handle to any backend.
 pub type SharedIo = Arc<dyn BlockIo>;
+
+/// One piece of a request that queued I/O (io_uring) does directly on a
+/// file: `len` bytes at `file_offset`, into or out of the request's buffer
+/// at `buf_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub fd: std::os::fd::RawFd,
+    pub file_offset: u64,
+    pub buf_offset: usize,
+    pub len: usize,
+}
 
 impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use ploop_export::control::Request;
+use ploop_daemon::control::Request;
 use ploop_format::descriptor::{guid_string, parse_guid, Descriptor, ImageType, TOP_GUID};
 use ploop_format::ploop::{has_signature, Version, MIN_CLUSTER_SECTORS};
 use ploop_format::SECTOR;
@@ -485,7 +485,7 @@ pub fn run() -> Res<ExitCode> {
         ),
         Cmd::List { json } => crate::mount::list(json),
         Cmd::Serve(a) => {
-            ploop_export::busy_poll::set_limit(std::time::Duration::from_micros(a.poll.busy_poll));
+            ploop_uring::busy_poll::set_limit(std::time::Duration::from_micros(a.poll.busy_poll));
             crate::serve::serve(crate::serve::ServeRequest {
                 uuid: a.uuid.as_deref().map(guid_arg).transpose()?,
                 target: a.target,
@@ -632,7 +632,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         _ => "ploop1",
     };
     let canonical = ploop_io::resolve_folder(dd).ok();
-    let mounts: Vec<_> = ploop_export::registry::all()
+    let mounts: Vec<_> = ploop_daemon::registry::all()
         .into_iter()
         .filter(|r| Some(&r.descriptor) == canonical.as_ref())
         .map(|r| crate::mount::record_json(&r))

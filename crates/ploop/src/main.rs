@@ -1,5 +1,7 @@
 //! `ploop`: the command-line tool. Thin: parse, call the library, print.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod mount;
 mod serve;

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use ploop_export::control::{self, Request};
-use ploop_export::daemon::{self, MountOptions};
-use ploop_export::kernel;
-use ploop_export::nbd_device;
-use ploop_export::registry::{self, MountRecord};
+use ploop_daemon::control::{self, Request};
+use ploop_daemon::kernel;
+use ploop_daemon::registry::{self, MountRecord};
+use ploop_daemon::session::{self, MountOptions};
 use ploop_format::descriptor::{guid_string, parse_guid};
+use ploop_nbd::kernel_client;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -50,7 +50,7 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     };
     let id = registry::id_for(&dd, &guid_string(&guid), r.read_only);
     let (log, log_file) =
-        daemon::open_log(&id).map_err(|e| format!("the daemon's log for {id}: {e}"))?;
+        session::open_log(&id).map_err(|e| format!("the daemon's log for {id}: {e}"))?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount").arg("--foreground");
     cmd.arg("--threads").arg(r.threads.to_string());
@@ -105,7 +105,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
     if let Some(m) = &r.mountpoint {
         // Checked here for a clear error before the daemon starts; the
         // daemon opens it again and mounts on what it opened.
-        ploop_export::kernel::MountPoint::open(m)?;
+        ploop_daemon::kernel::MountPoint::open(m)?;
     }
     if !r.foreground {
         let dev = start_daemon(&r)?;
@@ -116,7 +116,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         Some(u) => Some(parse_guid(u).ok_or_else(|| format!("incorrect uuid specified: {u}"))?),
         None => None,
     };
-    ploop_export::busy_poll::set_limit(std::time::Duration::from_micros(r.busy_poll_us));
+    ploop_uring::busy_poll::set_limit(std::time::Duration::from_micros(r.busy_poll_us));
     let opts = MountOptions {
         descriptor: r.descriptor.clone(),
         guid,
@@ -126,13 +126,13 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         threads: r.threads,
         uring: r.uring,
         fuse_queues: match r.fuse_queues.as_str() {
-            "ring" => daemon::FuseQueues::Ring,
-            "dev" => daemon::FuseQueues::Dev,
-            _ => daemon::FuseQueues::Auto,
+            "ring" => session::FuseQueues::Ring,
+            "dev" => session::FuseQueues::Dev,
+            _ => session::FuseQueues::Auto,
         },
         nbd: r.nbd,
     };
-    daemon::serve(opts, |rec| {
+    session::serve(opts, |rec| {
         if let Some(d) = &rec.device {
             // The parent `ploop mount` may be gone: a closed pipe is fine.
             let mut out = std::io::stdout().lock();
@@ -174,11 +174,15 @@ fn cleanup_dead(rec: &MountRecord) -> Res<()> {
         }
     }
     if let Some(d) = &rec.device {
-        let _ = if nbd_device::is_nbd(d) {
-            nbd_device::disconnect(d)
+        // Best effort: the device may be gone with the daemon already.
+        let detached = if kernel_client::is_nbd(d) {
+            kernel_client::disconnect(d).map_err(|e| e.to_string())
         } else {
-            kernel::loop_detach(d)
+            kernel::loop_detach(d).map_err(|e| e.to_string())
         };
+        if let Err(e) = detached {
+            eprintln!("warning: {}: {e}", d.display());
+        }
     }
     if kernel::is_mounted(&rec.fuse_file) {
         kernel::umount_lazy(&rec.fuse_file)?;

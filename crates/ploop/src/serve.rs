@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use ploop_export::daemon::open_disk;
-use ploop_export::nbd::{self, Export, Listen, Listener, ServeOptions};
-use ploop_export::registry;
-use ploop_export::served::ServedDisk;
+use ploop_daemon::registry;
+use ploop_daemon::session::open_disk;
 use ploop_format::descriptor::{guid_string, ImageType, TOP_GUID};
+use ploop_image::served::ServedDisk;
+use ploop_nbd::{Export, Listen, Listener, ServeOptions};
 use tracing::info;
 use uuid::Uuid;
 
@@ -104,13 +104,13 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     // A kernel NBD client on this host (nbd-client) may write a mounted
     // filesystem back through us under memory pressure. Needs
     // CAP_SYS_RESOURCE; a user's server goes on without it.
-    if let Err(e) = ploop_export::kernel::become_io_flusher() {
+    if let Err(e) = ploop_daemon::kernel::become_io_flusher() {
         tracing::debug!("not marked as an I/O flusher: {e}");
     }
 
     let tls = match (&r.tls_cert, &r.tls_key) {
         (Some(cert), Some(key)) => Some(
-            nbd::tls::server_config(cert, key, r.tls_ca.as_deref())
+            ploop_nbd::tls::server_config(cert, key, r.tls_ca.as_deref())
                 .map_err(|e| format!("TLS: {e}"))?,
         ),
         (None, None) if r.tls_ca.is_none() => None,
@@ -168,7 +168,7 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         if r.read_only { ", read-only" } else { "" },
         if tls.is_some() { " with TLS" } else { "" }
     );
-    let served = nbd::serve(
+    let served = ploop_nbd::serve(
         &listener,
         ServeOptions {
             export,

@@ -2,15 +2,17 @@
 //! snapshots, a killed daemon, page-cache use. Needs root, /dev/fuse and
 //! loop devices (CI has them).
 
+mod common;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PLOOP: &str = env!("CARGO_BIN_EXE_ploop");
+use common::{bin, data, ok, output, ploop};
 
 /// These tests share the machine's page cache (one of them measures it)
 /// and loop devices: run them one at a time.
@@ -18,25 +20,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("spawn")
-}
-
-fn ploop(args: &[&str]) -> Output {
-    run(Command::new(PLOOP).args(args))
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A disk in a temporary folder that is unmounted however the test ends.
@@ -104,18 +87,6 @@ impl Drop for Disk {
     }
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write_synced(path: &Path, data: &[u8]) {
     let mut f = fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
@@ -124,16 +95,20 @@ fn write_synced(path: &Path, data: &[u8]) {
 
 /// qemu-img's own check of a delta file passes.
 fn qemu_img_check(delta: &Path) {
-    let out =
-        run(Command::new("qemu-img").args(["check", "-f", "parallels", delta.to_str().unwrap()]));
+    let out = output(Command::new("qemu-img").args([
+        "check",
+        "-f",
+        "parallels",
+        delta.to_str().unwrap(),
+    ]));
     ok(out, "qemu-img check");
 }
 
 fn fsck_clean(disk: &Disk, fstype: &str) {
     let dev = ok(ploop(&["mount", &disk.dd()]), "mount device only");
     let out = match fstype {
-        "xfs" => run(Command::new("xfs_repair").args(["-n", &dev])),
-        _ => run(Command::new("fsck.ext4").args(["-n", "-f", &dev])),
+        "xfs" => output(Command::new("xfs_repair").args(["-n", &dev])),
+        _ => output(Command::new("fsck.ext4").args(["-n", "-f", &dev])),
     };
     disk.umount();
     ok(out, &format!("fsck of {fstype}"));
@@ -158,13 +133,13 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
     ))
     .unwrap();
     assert_eq!(dio.trim(), "1", "loop device uses direct I/O");
-    let big = pattern(1, 40 << 20);
+    let big = data(1, 40 << 20);
     write_synced(&mnt.join("big"), &big);
     fs::create_dir(mnt.join("d")).unwrap();
     for i in 0..50 {
         write_synced(
             &mnt.join(format!("d/small{i}")),
-            &pattern(100 + i, 3000 + i as usize),
+            &data(100 + i, 3000 + i as usize),
         );
     }
     disk.umount();
@@ -177,7 +152,7 @@ fn roundtrip(fstype: &str, queues: &[&str]) {
     for i in 0..50 {
         assert_eq!(
             fs::read(mnt.join(format!("d/small{i}"))).unwrap(),
-            pattern(100 + i, 3000 + i as usize)
+            data(100 + i, 3000 + i as usize)
         );
     }
     disk.umount();
@@ -215,7 +190,7 @@ fn online_snapshot_with_running_writer() {
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                write_synced(&mnt.join(format!("f{i}")), &pattern(i, 256 << 10));
+                write_synced(&mnt.join(format!("f{i}")), &data(i, 256 << 10));
                 done.lock().unwrap().push(i);
                 i += 1;
             }
@@ -254,7 +229,7 @@ fn online_snapshot_with_running_writer() {
     );
     for i in &before {
         let got = fs::read(smnt.join(format!("f{i}"))).unwrap();
-        assert!(got == pattern(*i, 256 << 10), "snapshot file f{i}");
+        assert!(got == data(*i, 256 << 10), "snapshot file f{i}");
     }
     // Files in the snapshot are whole or absent: nothing torn.
     for e in fs::read_dir(&smnt).unwrap() {
@@ -262,18 +237,15 @@ fn online_snapshot_with_running_writer() {
         if let Some(i) = name.strip_prefix('f').and_then(|n| n.parse::<u64>().ok()) {
             let got = fs::read(smnt.join(&name)).unwrap();
             assert!(
-                got.is_empty() || got == pattern(i, 256 << 10),
+                got.is_empty() || got == data(i, 256 << 10),
                 "snapshot file {name} is torn"
             );
         }
     }
     // Merging would change the snapshot under the backup's feet: refused.
     let out = ploop(&["snapshot-merge", &disk.dd()]);
-    assert!(
-        !out.status.success(),
-        "merge into a mounted snapshot must fail"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.ok(), "merge into a mounted snapshot must fail");
+    let err = out.stderr.clone();
     assert!(err.contains("locked") || err.contains("in use"), "{err}");
     ok(
         ploop(&["umount", "-m", smnt.to_str().unwrap()]),
@@ -281,7 +253,7 @@ fn online_snapshot_with_running_writer() {
     );
     // The top lost nothing.
     for i in &all {
-        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == pattern(*i, 256 << 10));
+        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == data(*i, 256 << 10));
     }
     // Merge the snapshot away online while writing more.
     write_synced(&mnt.join("after"), b"after merge");
@@ -295,7 +267,7 @@ fn online_snapshot_with_running_writer() {
     assert_eq!(list.lines().count(), 1, "merged into one delta: {list}");
     disk.mount(&mnt);
     for i in &all {
-        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == pattern(*i, 256 << 10));
+        assert!(fs::read(mnt.join(format!("f{i}"))).unwrap() == data(*i, 256 << 10));
     }
     disk.umount();
     fsck_clean(&disk, "ext4");
@@ -336,17 +308,17 @@ fn killed_daemon_case(queues: &str) {
     let disk = Disk::new("256M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount_with(&mnt, &["--fuse-queues", queues]);
-    let data = pattern(7, 8 << 20);
+    let data = data(7, 8 << 20);
     write_synced(&mnt.join("kept"), &data);
     let pid = daemon_pid(&disk.dd());
     ok(
-        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        output(Command::new("kill").args(["-9", &pid.to_string()])),
         "kill -9",
     );
     std::thread::sleep(Duration::from_millis(300));
     // I/O now fails instead of hanging.
     let start = Instant::now();
-    let out = run(Command::new("timeout").args([
+    let out = output(Command::new("timeout").args([
         "30",
         "dd",
         "if=/dev/zero",
@@ -359,10 +331,7 @@ fn killed_daemon_case(queues: &str) {
         start.elapsed() < Duration::from_secs(25),
         "I/O hung after the daemon died ({queues})"
     );
-    assert!(
-        !out.status.success(),
-        "I/O after the daemon died must fail ({queues})"
-    );
+    assert!(!out.ok(), "I/O after the daemon died must fail ({queues})");
     // umount cleans up, a remount checks the image and sees flushed data.
     ok(
         ploop(&["umount", "-m", mnt.to_str().unwrap()]),
@@ -391,7 +360,7 @@ fn a_reused_daemon_pid_keeps_no_dead_mount_alive() {
     ok(ploop(&["mount", &disk.dd()]), "mount");
     let pid = daemon_pid(&disk.dd());
     ok(
-        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        output(Command::new("kill").args(["-9", &pid.to_string()])),
         "kill -9",
     );
     while Path::new(&format!("/proc/{pid}")).exists() {
@@ -463,7 +432,7 @@ fn daemon_killed_during_a_write_and_fsync_loop_loses_nothing_flushed() {
     std::thread::sleep(Duration::from_millis(1500));
     let pid = daemon_pid(&disk.dd());
     ok(
-        run(Command::new("kill").args(["-9", &pid.to_string()])),
+        output(Command::new("kill").args(["-9", &pid.to_string()])),
         "kill -9",
     );
     let start = Instant::now();
@@ -511,22 +480,19 @@ fn second_writer_is_refused() {
         "{info}"
     );
     let out = ploop(&["mount", &disk.dd()]);
-    assert!(!out.status.success(), "second mount must fail");
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.ok(), "second mount must fail");
+    let err = out.stderr.clone();
     assert!(err.contains("already mounted"), "{err}");
-    let mut child = Command::new(PLOOP)
+    let mut child = Command::new(bin())
         .args(["write", &disk.dd(), "-"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        !out.status.success(),
-        "offline write while mounted must fail"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = common::Out::from_output("ploop write".into(), child.wait_with_output().unwrap());
+    assert!(!out.ok(), "offline write while mounted must fail");
+    let err = out.stderr.clone();
     assert!(err.contains("in use") || err.contains("locked"), "{err}");
     disk.umount();
 }
@@ -585,13 +551,13 @@ fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
         .set_len(160 << 20)
         .unwrap();
     ok(
-        run(Command::new("mkfs.ext4").args(["-q", "-F", backing.to_str().unwrap()])),
+        output(Command::new("mkfs.ext4").args(["-q", "-F", backing.to_str().unwrap()])),
         "mkfs",
     );
     let home = tmp.path().join("home");
     fs::create_dir_all(&home).unwrap();
     ok(
-        run(Command::new("mount").args([
+        output(Command::new("mount").args([
             "-o",
             "loop",
             backing.to_str().unwrap(),
@@ -617,22 +583,22 @@ fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
     let mnt = tmp.path().join("mnt");
     fs::create_dir_all(&mnt).unwrap();
     ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), &dd]), "mount");
-    write_synced(&mnt.join("old"), &pattern(1, 8 << 20));
+    write_synced(&mnt.join("old"), &data(1, 8 << 20));
     let out = ok(ploop(&["snapshot", &dd]), "snapshot");
     let base = out
         .split_whitespace()
         .find(|w| w.starts_with('{'))
         .expect("snapshot guid in output")
         .to_string();
-    write_synced(&mnt.join("new"), &pattern(2, 48 << 20));
+    write_synced(&mnt.join("new"), &data(2, 48 << 20));
     // Leave room for about a third of what the merge copies.
     let df = ok(
-        run(Command::new("df").args(["-B1", "--output=avail", home.to_str().unwrap()])),
+        output(Command::new("df").args(["-B1", "--output=avail", home.to_str().unwrap()])),
         "df",
     );
     let free: u64 = df.lines().nth(1).unwrap().trim().parse().unwrap();
     ok(
-        run(Command::new("fallocate").args([
+        output(Command::new("fallocate").args([
             "-l",
             &(free - (16 << 20)).to_string(),
             home.join("filler").to_str().unwrap(),
@@ -640,12 +606,12 @@ fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
         "fallocate",
     );
     let out = ploop(&["snapshot-merge", &dd]);
-    assert!(!out.status.success(), "the merge should run out of space");
+    assert!(!out.ok(), "the merge should run out of space");
     let xml = fs::read_to_string(&dd).unwrap();
     assert!(xml.contains("<Temporary/>"), "no merge mark:\n{xml}");
     // The running disk lost nothing.
-    assert!(fs::read(mnt.join("old")).unwrap() == pattern(1, 8 << 20));
-    assert!(fs::read(mnt.join("new")).unwrap() == pattern(2, 48 << 20));
+    assert!(fs::read(mnt.join("old")).unwrap() == data(1, 8 << 20));
+    assert!(fs::read(mnt.join("new")).unwrap() == data(2, 48 << 20));
     // The half-merged parent is refused.
     let smnt = tmp.path().join("snap");
     fs::create_dir_all(&smnt).unwrap();
@@ -658,8 +624,8 @@ fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
         smnt.to_str().unwrap(),
         &dd,
     ]);
-    assert!(!out.status.success(), "a half-merged parent mounted");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("merge"));
+    assert!(!out.ok(), "a half-merged parent mounted");
+    assert!(out.stderr.clone().contains("merge"));
     ok(ploop(&["umount", &dd]), "umount");
     fs::remove_file(home.join("filler")).unwrap();
     ok(ploop(&["check", &dd]), "check finishes the merge");
@@ -668,8 +634,8 @@ fn an_online_merge_that_fails_halfway_leaves_its_parent_unusable() {
         ploop(&["mount", "-m", mnt.to_str().unwrap(), &dd]),
         "mount again",
     );
-    assert!(fs::read(mnt.join("old")).unwrap() == pattern(1, 8 << 20));
-    assert!(fs::read(mnt.join("new")).unwrap() == pattern(2, 48 << 20));
+    assert!(fs::read(mnt.join("old")).unwrap() == data(1, 8 << 20));
+    assert!(fs::read(mnt.join("new")).unwrap() == data(2, 48 << 20));
     ok(ploop(&["umount", &dd]), "umount");
 }
 
@@ -682,7 +648,7 @@ fn drop_caches() {
 /// asks mincore): what this file costs, whatever else runs on the host.
 fn cached_bytes(file: &Path) -> u64 {
     let out = ok(
-        run(Command::new("fincore").args([
+        output(Command::new("fincore").args([
             "--bytes",
             "--noheadings",
             "--output",
@@ -717,7 +683,7 @@ fn data_is_cached_once() {
     for (what, queues) in [("ploop", "dev"), ("ploop over io_uring queues", "auto")] {
         disk.mount_with(&mnt, &["--fuse-queues", queues]);
         if queues == "dev" {
-            write_synced(&mnt.join("data"), &pattern(3, N));
+            write_synced(&mnt.join("data"), &data(3, N));
         }
         let (upper, under) = cache_after_read(&mnt.join("data"), &image);
         disk.umount();
@@ -728,26 +694,26 @@ fn data_is_cached_once() {
     // file: the image's pages are cached a second time.
     let raw = disk.path("plain.raw");
     ok(
-        run(Command::new("truncate").args(["-s", "512M", raw.to_str().unwrap()])),
+        output(Command::new("truncate").args(["-s", "512M", raw.to_str().unwrap()])),
         "truncate",
     );
     ok(
-        run(Command::new("mkfs.ext4").args(["-q", "-F", raw.to_str().unwrap()])),
+        output(Command::new("mkfs.ext4").args(["-q", "-F", raw.to_str().unwrap()])),
         "mkfs",
     );
     let dev = ok(
-        run(Command::new("losetup").args(["-f", "--show", raw.to_str().unwrap()])),
+        output(Command::new("losetup").args(["-f", "--show", raw.to_str().unwrap()])),
         "losetup",
     );
     let pmnt = disk.mnt("plain");
     ok(
-        run(Command::new("mount").args([&dev, pmnt.to_str().unwrap()])),
+        output(Command::new("mount").args([&dev, pmnt.to_str().unwrap()])),
         "mount plain",
     );
-    write_synced(&pmnt.join("data"), &pattern(3, N));
+    write_synced(&pmnt.join("data"), &data(3, N));
     let (upper, under) = cache_after_read(&pmnt.join("data"), std::slice::from_ref(&raw));
-    let _ = run(Command::new("umount").arg(&pmnt));
-    let _ = run(Command::new("losetup").args(["-d", &dev]));
+    let _ = output(Command::new("umount").arg(&pmnt));
+    let _ = output(Command::new("losetup").args(["-d", &dev]));
     rows.push(("plain loop", upper, under));
 
     let line: Vec<String> = rows
@@ -797,7 +763,7 @@ fn fstrim_gives_space_back() {
     let disk = Disk::new("512M", "ext4");
     let mnt = disk.mnt("mnt");
     disk.mount(&mnt);
-    write_synced(&mnt.join("big"), &pattern(9, 96 << 20));
+    write_synced(&mnt.join("big"), &data(9, 96 << 20));
     let img = disk.path("root.hdd");
     let used = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
@@ -806,12 +772,12 @@ fn fstrim_gives_space_back() {
     let full = used(&img);
     fs::remove_file(mnt.join("big")).unwrap();
     // ext4 frees the blocks at the journal commit; fstrim skips them before.
-    ok(run(Command::new("sync").arg("-f").arg(&mnt)), "sync");
+    ok(output(Command::new("sync").arg("-f").arg(&mnt)), "sync");
     ok(
-        run(Command::new("fstrim").arg(mnt.to_str().unwrap())),
+        output(Command::new("fstrim").arg(mnt.to_str().unwrap())),
         "fstrim",
     );
-    ok(run(Command::new("sync").arg("-f").arg(&mnt)), "sync");
+    ok(output(Command::new("sync").arg("-f").arg(&mnt)), "sync");
     let trimmed = used(&img);
     assert!(
         trimmed + (64 << 20) < full,
@@ -837,7 +803,7 @@ impl Writer {
                 let mut done = Vec::new();
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    write_synced(&dir.join(format!("{prefix}{i}")), &pattern(i, 64 << 10));
+                    write_synced(&dir.join(format!("{prefix}{i}")), &data(i, 64 << 10));
                     done.push(i);
                     i += 1;
                 }
@@ -862,7 +828,7 @@ fn online_delete_and_merge_while_writing() {
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut guids = Vec::new();
     for step in 0..2u64 {
-        let data = pattern(1000 + step, 3 << 20);
+        let data = data(1000 + step, 3 << 20);
         let name = format!("base{step}");
         write_synced(&mnt.join(&name), &data);
         files.push((name, data));
@@ -911,7 +877,7 @@ fn online_delete_and_merge_while_writing() {
     for (prefix, done) in [("a", &a), ("b", &b)] {
         for i in done {
             assert!(
-                fs::read(mnt.join(format!("{prefix}{i}"))).unwrap() == pattern(*i, 64 << 10),
+                fs::read(mnt.join(format!("{prefix}{i}"))).unwrap() == data(*i, 64 << 10),
                 "{prefix}{i}"
             );
         }
@@ -949,20 +915,20 @@ fn io_uring_engine_serves_the_same_data() {
         ]),
         "mount with io_uring",
     );
-    let data = pattern(11, 24 << 20);
-    write_synced(&mnt.join("a"), &data);
+    let a = data(11, 24 << 20);
+    write_synced(&mnt.join("a"), &a);
     // Overwrites in place go through the ring too.
-    write_synced(&mnt.join("a"), &data);
+    write_synced(&mnt.join("a"), &a);
     let out = ok(ploop(&["snapshot", &disk.dd()]), "online snapshot");
     assert!(out.contains('{'), "{out}");
-    write_synced(&mnt.join("b"), &pattern(12, 5 << 20));
-    ok(run(&mut Command::new("sync")), "sync");
+    write_synced(&mnt.join("b"), &data(12, 5 << 20));
+    ok(output(&mut Command::new("sync")), "sync");
     drop_caches();
-    assert!(fs::read(mnt.join("a")).unwrap() == data);
+    assert!(fs::read(mnt.join("a")).unwrap() == a);
     disk.umount();
     disk.mount(&mnt);
-    assert!(fs::read(mnt.join("a")).unwrap() == data);
-    assert!(fs::read(mnt.join("b")).unwrap() == pattern(12, 5 << 20));
+    assert!(fs::read(mnt.join("a")).unwrap() == a);
+    assert!(fs::read(mnt.join("b")).unwrap() == data(12, 5 << 20));
     disk.umount();
     fsck_clean(&disk, "ext4");
 }
@@ -980,11 +946,8 @@ fn busy_umount_can_be_retried() {
         .unwrap();
     for attempt in 0..2 {
         let out = ploop(&["umount", "-m", mnt.to_str().unwrap()]);
-        assert!(
-            !out.status.success(),
-            "umount of a busy mount point must fail"
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.ok(), "umount of a busy mount point must fail");
+        let err = out.stderr.clone();
         assert!(err.contains("busy"), "attempt {attempt}: {err}");
     }
     holder.kill().unwrap();
@@ -1007,16 +970,16 @@ fn snapshot_after_a_manual_umount_freezes_nothing_else() {
     let disk = Disk::new("64M", "ext4");
     let host = disk.mnt("host");
     ok(
-        run(Command::new("mount").args(["-t", "tmpfs", "tmpfs", host.to_str().unwrap()])),
+        output(Command::new("mount").args(["-t", "tmpfs", "tmpfs", host.to_str().unwrap()])),
         "mount tmpfs",
     );
     let mnt = host.join("root");
     fs::create_dir(&mnt).unwrap();
     disk.mount(&mnt);
     fs::write(mnt.join("kept"), b"before the snapshot").unwrap();
-    ok(run(Command::new("umount").arg(&mnt)), "plain umount");
+    ok(output(Command::new("umount").arg(&mnt)), "plain umount");
     let taken = ploop(&["snapshot", &disk.dd()]);
-    let _ = run(Command::new("umount").arg(&host));
+    let _ = output(Command::new("umount").arg(&host));
     ok(taken, "snapshot of a disk whose filesystem was unmounted");
     disk.umount();
     // The snapshot holds what was written.
@@ -1036,7 +999,7 @@ fn sigterm_stops_the_daemon_cleanly() {
     write_synced(&mnt.join("f"), b"kept");
     let pid = daemon_pid(&disk.dd());
     ok(
-        run(Command::new("kill").args(["-TERM", &pid.to_string()])),
+        output(Command::new("kill").args(["-TERM", &pid.to_string()])),
         "kill -TERM",
     );
     let start = Instant::now();
@@ -1070,7 +1033,7 @@ fn two_daemons_for_one_view_cannot_both_start() {
     // once, exactly one wins.
     for mode in [&["-r"][..], &[][..]] {
         let spawn = || {
-            Command::new(PLOOP)
+            Command::new(bin())
                 .arg("mount")
                 .args(mode)
                 .arg(disk.dd())
@@ -1080,15 +1043,14 @@ fn two_daemons_for_one_view_cannot_both_start() {
                 .unwrap()
         };
         let (a, b) = (spawn(), spawn());
-        let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
-        let started = outs.iter().filter(|o| o.status.success()).count();
+        let outs = [a, b]
+            .map(|c| common::Out::from_output("ploop mount".into(), c.wait_with_output().unwrap()));
+        let started = outs.iter().filter(|o| o.ok()).count();
         assert_eq!(
             started,
             1,
             "exactly one daemon serves the view {mode:?}: {:?}",
-            outs.iter()
-                .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
-                .collect::<Vec<_>>()
+            outs.iter().map(|o| o.stderr.clone()).collect::<Vec<_>>()
         );
         disk.umount();
         let listed = ok(ploop(&["list"]), "list");
@@ -1105,7 +1067,7 @@ fn dd_write(dev: &str, data: &[u8], offset: u64, bs: usize) {
     fs::write(src.path(), data).unwrap();
     assert_eq!(offset % bs as u64, 0);
     ok(
-        run(Command::new("dd").args([
+        output(Command::new("dd").args([
             &format!("if={}", src.path().display()),
             &format!("of={dev}"),
             &format!("bs={bs}"),
@@ -1119,14 +1081,14 @@ fn dd_write(dev: &str, data: &[u8], offset: u64, bs: usize) {
 }
 
 fn dd_read(dev: &str, len: usize, bs: usize) -> Vec<u8> {
-    let out = run(Command::new("dd").args([
+    let out = output(Command::new("dd").args([
         &format!("if={dev}"),
         &format!("bs={bs}"),
         &format!("count={}", len / bs),
         "iflag=direct",
         "status=none",
     ]));
-    assert!(out.status.success(), "dd read");
+    assert!(out.ok(), "dd read");
     out.stdout
 }
 
@@ -1141,8 +1103,8 @@ fn fuse_over_io_uring_serves_what_dev_fuse_reads_back() {
     if !Path::new(ENABLE_URING).exists() {
         // No FUSE over io_uring in this kernel: asking for it fails clearly.
         let out = ploop(&["mount", "--fuse-queues", "ring", &disk.dd()]);
-        assert!(!out.status.success(), "ring without kernel support");
-        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.ok(), "ring without kernel support");
+        let err = out.stderr.clone();
         assert!(err.contains("io_uring"), "{err}");
         return;
     }
@@ -1158,7 +1120,7 @@ fn fuse_over_io_uring_serves_what_dev_fuse_reads_back() {
     // Allocating writes (helpers), then in-place rewrites (the ring), at
     // several request sizes, and 512-byte writes off the 4 KiB grid.
     let mut put = |at: usize, len: usize, bs: usize, seed: u64| {
-        let data = pattern(seed, len);
+        let data = data(seed, len);
         dd_write(&dev, &data, at as u64, bs);
         model[at..at + len].copy_from_slice(&data);
     };
@@ -1170,7 +1132,7 @@ fn fuse_over_io_uring_serves_what_dev_fuse_reads_back() {
     put((41 << 20) + 4096, 8192, 4096, 6);
     // A discard: the range reads as zeros.
     ok(
-        run(Command::new("blkdiscard").args([
+        output(Command::new("blkdiscard").args([
             "-o",
             &(41u64 << 20).to_string(),
             "-l",
@@ -1214,7 +1176,7 @@ fn mount_over_the_kernel_nbd_client() {
     if has_nbd {
         let dev = ok(out, "mount --nbd");
         assert!(dev.starts_with("/dev/nbd"), "{dev}");
-        let data = pattern(7, 3 << 20);
+        let data = data(7, 3 << 20);
         write_synced(&mnt.join("over-nbd"), &data);
         let list = ok(ploop(&["list"]), "list");
         assert!(list.contains(&dev), "{list}");
@@ -1225,8 +1187,8 @@ fn mount_over_the_kernel_nbd_client() {
         fsck_clean(&disk, "ext4");
         return;
     }
-    assert!(!out.status.success(), "mount --nbd without nbd devices");
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.ok(), "mount --nbd without nbd devices");
+    let err = out.stderr.clone();
     assert!(
         err.contains("nbd module") && err.contains("without --nbd"),
         "{err}"
@@ -1234,8 +1196,61 @@ fn mount_over_the_kernel_nbd_client() {
     assert_eq!(ok(ploop(&["list"]), "list"), "", "a record was left");
     // Closed cleanly: the next mount needs no check, and works.
     let again = ploop(&["mount", "-m", mnt.to_str().unwrap(), &disk.dd()]);
-    let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+    let stderr = again.stderr.clone().to_string();
     ok(again, "mount after a failed --nbd");
     assert!(!stderr.contains("not closed cleanly"), "{stderr}");
+    disk.umount();
+}
+
+/// A start that fails at any step undoes all it did: the image is closed
+/// (not left marked in use) and no record, loop device or FUSE mount stays
+/// behind; the next start works.
+#[test]
+fn a_failed_start_leaves_nothing_behind() {
+    let _serial = serial();
+    let disk = Disk::new("64M", "none");
+    let dd = disk.dd();
+    let image = disk.path("root.hdd");
+    // Where this view's daemon keeps its FUSE file and socket.
+    let dev = ok(ploop(&["mount", &dd]), "mount device only");
+    let fuse_file = PathBuf::from(ok(
+        output(Command::new("losetup").args(["-n", "-O", "BACK-FILE", "-l", &dev])),
+        "losetup of the device",
+    ));
+    let run = fuse_file.parent().unwrap().to_path_buf();
+    disk.umount();
+    let leftovers = || {
+        let loops = ok(
+            output(Command::new("losetup").args(["-l", "-n", "-O", "BACK-FILE"])),
+            "losetup -l",
+        );
+        let loops = loops.lines().filter(|l| l.contains(run.to_str().unwrap()));
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let fuse = mounts
+            .lines()
+            .filter(|l| l.contains(fuse_file.to_str().unwrap()));
+        let listed = ok(ploop(&["list"]), "list");
+        (loops.count(), fuse.count(), listed.contains(&dd))
+    };
+    let in_use = || common::read_u32(&image, 44);
+    assert_eq!(in_use(), 0, "closed after a clean umount");
+
+    // The filesystem mount fails (there is none) after the device is up.
+    let mnt = disk.mnt("mnt");
+    let out = ploop(&["mount", "-m", mnt.to_str().unwrap(), &dd]);
+    assert!(!out.ok(), "mounting a disk without a filesystem must fail");
+    assert_eq!(leftovers(), (0, 0, false), "after a failed mount: {out}");
+    assert_eq!(in_use(), 0, "image left marked in use: {out}");
+
+    // The daemon's folder cannot be made: the image is open by then.
+    let _ = fs::remove_dir_all(&run);
+    fs::write(&run, b"").unwrap();
+    let out = ploop(&["mount", &dd]);
+    fs::remove_file(&run).unwrap();
+    assert!(!out.ok(), "a start without its folder must fail");
+    assert_eq!(leftovers(), (0, 0, false), "after a failed start: {out}");
+    assert_eq!(in_use(), 0, "image left marked in use: {out}");
+
+    ok(ploop(&["mount", &dd]), "mount after failed starts");
     disk.umount();
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::delta::entry_to_offset;
+use super::header::entry_to_offset;
 use super::header::Header;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

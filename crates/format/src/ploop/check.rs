@@ -4,7 +4,8 @@
 use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::{scan_bat, BatProblem};
-use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
+use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::header::{entry_to_offset, offset_to_entry};
 use super::header::{Header, RawHeader, FLAG_CONVERTING, FLAG_EMPTY, HEADER_SIZE};
 use crate::{Error, Result};
 

@@ -2,7 +2,8 @@
 
 use ploop_io::SharedIo;
 
-use super::delta::{entry_to_offset, metadata_page, offset_to_entry, read_metadata, META_PAGE};
+use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::header::{entry_to_offset, offset_to_entry};
 use super::header::{Header, Version, FLAG_CONVERTING, IN_USE_MAGIC};
 use super::scan_bat;
 use crate::{Error, Result};

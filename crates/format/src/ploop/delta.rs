@@ -25,8 +25,11 @@ use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::scan_bat;
 use super::free::FreeClusters;
-use super::header::{Header, RawHeader, Version, FLAG_EMPTY, HEADER_SIZE, IN_USE_MAGIC};
-use crate::{Error, Result, SECTOR};
+use super::header::{
+    entry_to_offset, offset_to_entry, Header, RawHeader, Version, FLAG_EMPTY, HEADER_SIZE,
+    IN_USE_MAGIC,
+};
+use crate::{Error, Result};
 
 /// Metadata is written back in pages of this size (O_DIRECT-friendly).
 pub const META_PAGE: u64 = 4096;
@@ -204,23 +207,6 @@ pub(crate) fn read_metadata(io: &SharedIo) -> Result<(Header, Vec<u32>, u64)> {
         at += n as u64;
     }
     Ok((header, bat, size))
-}
-
-/// Byte offset in the file that a BAT entry stands for.
-pub fn entry_to_offset(header: &Header, entry: u32) -> u64 {
-    match header.version {
-        Version::V1 => u64::from(entry) * SECTOR,
-        Version::V2 => u64::from(entry) * header.cluster_size,
-    }
-}
-
-/// BAT entry for a file offset, if it fits the version's range.
-pub fn offset_to_entry(header: &Header, offset: u64) -> Option<u32> {
-    let e = match header.version {
-        Version::V1 => offset / SECTOR,
-        Version::V2 => offset / header.cluster_size,
-    };
-    u32::try_from(e).ok()
 }
 
 /// The bytes of metadata page `page` (header + BAT) from in-memory state.

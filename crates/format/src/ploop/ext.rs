@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use md5::{Digest, Md5};
 use ploop_io::{AlignedBuf, SharedIo};
 
-use super::delta::entry_to_offset;
+use super::header::entry_to_offset;
 use super::header::Header;
 use crate::SECTOR;
 

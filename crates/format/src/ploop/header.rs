@@ -298,6 +298,23 @@ impl Header {
     }
 }
 
+/// Byte offset in the file that a BAT entry stands for.
+pub fn entry_to_offset(header: &Header, entry: u32) -> u64 {
+    match header.version {
+        Version::V1 => u64::from(entry) * SECTOR,
+        Version::V2 => u64::from(entry) * header.cluster_size,
+    }
+}
+
+/// BAT entry for a file offset, if it fits the version's range.
+pub fn offset_to_entry(header: &Header, offset: u64) -> Option<u32> {
+    let e = match header.version {
+        Version::V1 => offset / SECTOR,
+        Version::V2 => offset / header.cluster_size,
+    };
+    u32::try_from(e).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,8 @@ mod free;
 pub mod header;
 
 pub use bat::{scan_bat, BatProblem};
-pub use delta::{
-    entry_to_offset, offset_to_entry, CreateOptions, FillFn, MappingPin, OpenFlags, PloopDelta,
-    META_PAGE,
-};
+pub use delta::{CreateOptions, FillFn, MappingPin, OpenFlags, PloopDelta, META_PAGE};
+pub use header::{entry_to_offset, offset_to_entry};
 pub use header::{Header, RawHeader, Version, MIN_CLUSTER_SECTORS};
 
 /// True if the first bytes of a file carry a ploop signature.

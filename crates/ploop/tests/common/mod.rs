@@ -117,6 +117,19 @@ pub fn run_in<S: AsRef<OsStr>>(dir: Option<&Path>, prog: &str, args: &[S]) -> Ou
     Out::from_output(describe(prog, &args), o)
 }
 
+/// Run a prepared command and collect its output.
+pub fn output(cmd: &mut Command) -> Out {
+    let what = format!("{cmd:?}");
+    Out::from_output(what, cmd.output().expect("spawn"))
+}
+
+/// The trimmed standard output of a command that must succeed.
+#[track_caller]
+pub fn ok(out: Out, what: &str) -> String {
+    assert!(out.ok(), "{what} failed:\n{out}");
+    out.stdout_str().trim().to_string()
+}
+
 pub fn run<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> Out {
     run_in(None, prog, args)
 }
@@ -183,37 +196,7 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("creating a temp dir under /var/tmp")
 }
 
-/// xorshift64*: deterministic, dependency-free test data.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// `len` pseudo-random bytes from `seed`.
-pub fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
+pub use ploop_test_support::data;
 
 /// First differing byte of two buffers, for assertion messages.
 pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {

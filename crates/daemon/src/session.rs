@@ -16,14 +16,15 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::control::{self, Request, Response};
-use crate::fuse::{DiskFile, OneFileFs, MAX_REQUEST};
-use crate::fuse_ring::Queues;
 use crate::kernel;
-use crate::nbd::Export;
-use crate::nbd_device::NbdDevice;
-use crate::online;
 use crate::registry::{self, MountRecord};
-use crate::served::ServedDisk;
+use crate::{Error, Result};
+use ploop_fuse::file::{DiskFile, OneFileFs, MAX_REQUEST};
+use ploop_fuse::ring::Queues;
+use ploop_image::online;
+use ploop_image::served::ServedDisk;
+use ploop_nbd::kernel_client::NbdDevice;
+use ploop_nbd::Export;
 
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -71,16 +72,16 @@ pub enum FuseQueues {
 
 /// The descriptor's path with its folder resolved and its own name not
 /// followed (a link there is refused when it is read).
-fn canonical(p: &Path) -> Result<PathBuf, String> {
-    ploop_io::resolve_folder(p).map_err(|e| format!("{}: {e}", p.display()))
+fn canonical(p: &Path) -> Result<PathBuf> {
+    ploop_io::resolve_folder(p).map_err(|e| Error::io(p.display(), e))
 }
 
 /// Open the disk; an image left in use by a crash is checked and repaired
 /// first, as OpenVZ does on mount.
-pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk, String> {
+pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk> {
     // Held while opening: an offline snapshot, merge or switch is either
     // done before we look at the descriptor or waits for our file locks.
-    let lock = DescriptorLock::acquire(dd).map_err(|e| e.to_string())?;
+    let lock = DescriptorLock::acquire(dd)?;
     let open = || {
         Disk::open(
             dd,
@@ -99,19 +100,19 @@ pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk,
                 "ploop: {} was not closed cleanly: checking and repairing it",
                 ploop_format::escape_control(&path, false)
             );
-            for r in ops::repair_disk_locked(dd, &lock).map_err(|e| e.to_string())? {
+            for r in ops::repair_disk_locked(dd, &lock)? {
                 for p in &r.report.problems {
                     warn!("check {}: {p}", r.path.display());
                 }
             }
-            open().map_err(|e| e.to_string())
+            Ok(open()?)
         }
-        other => other.map_err(|e| e.to_string()),
+        other => Ok(other?),
     }
 }
 
 /// Serve until stopped. `ready` runs once the device (and mount) is up.
-pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(), String> {
+pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()> {
     // Before any thread starts: they all inherit it.
     if let Err(e) = kernel::become_io_flusher() {
         info!("not marked as an I/O flusher ({e}): heavy memory pressure may stall the device");
@@ -126,29 +127,29 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
     let existing = registry::all().into_iter().find(|r| r.id == id);
     if let Some(old) = &existing {
         if old.daemon_alive() || view_lock.is_err() {
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "{} is already mounted (device {}, daemon pid {})",
                 dd.display(),
                 old.device
                     .as_ref()
                     .map_or("-".into(), |d| d.display().to_string()),
                 old.pid
-            ));
+            )));
         }
     }
     let _view_lock = view_lock.map_err(|_| {
-        format!(
+        Error::Refused(format!(
             "{} is being mounted by another daemon right now",
             dd.display()
-        )
+        ))
     })?;
     if let Some(old) = existing {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "{} has a stale mount record (daemon {} is gone); run `ploop umount {}` first",
             dd.display(),
             old.pid,
             dd.display()
-        ));
+        )));
     }
     let disk = open_disk(&dd, opts.read_only, opts.guid)?;
     let served = Arc::new(ServedDisk::new(
@@ -157,6 +158,30 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         opts.read_only,
         disk.chain,
     ));
+    let dir = registry::run_dir().join(&id);
+    let fuse_file = dir.join("disk");
+    let socket = dir.join("ctl.sock");
+    let log = log_path(&id);
+    // From here on, whatever fails undoes what was done: see Session.
+    let mut session = Session {
+        served: served.clone(),
+        record: MountRecord {
+            id,
+            descriptor: dd.clone(),
+            guid: guid_s,
+            read_only: opts.read_only,
+            pid: std::process::id(),
+            fuse_file: fuse_file.clone(),
+            socket: socket.clone(),
+            log,
+            device: None,
+            mountpoint: None,
+        },
+        saved: false,
+        backend: None,
+        late_requests: false,
+        finished: false,
+    };
     let file = Arc::new(DiskFile::new(served.clone()));
     let queues = match opts.fuse_queues {
         _ if opts.nbd => None,
@@ -167,58 +192,41 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                 info!("FUSE over io_uring not used: {e}; serving over /dev/fuse");
                 None
             }
-            Err(e) => {
-                let _ = served.current().close();
-                return Err(format!("FUSE over io_uring: {e}"));
-            }
+            Err(e) => return Err(e.into()),
         },
     };
-    let dir = registry::run_dir().join(&id);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
     // The control socket inside takes merge, delete and stop: root only.
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let fuse_file = dir.join("disk");
+        .map_err(|e| Error::io(dir.display(), e))?;
     if kernel::is_mounted(&fuse_file) {
         // A dead daemon's FUSE mount (not connected): drop it first.
-        let _ = kernel::umount_lazy(&fuse_file);
+        if let Err(e) = kernel::umount_lazy(&fuse_file) {
+            warn!("dropping a dead daemon's FUSE mount: {e}");
+        }
     }
-    std::fs::write(&fuse_file, b"").map_err(|e| format!("{}: {e}", fuse_file.display()))?;
-    let socket = dir.join("ctl.sock");
-    let _ = std::fs::remove_file(&socket);
-    let record_id = id.clone();
-    let mut record = MountRecord {
-        id,
-        descriptor: dd.clone(),
-        guid: guid_s,
-        read_only: opts.read_only,
-        pid: std::process::id(),
-        fuse_file: fuse_file.clone(),
-        socket: socket.clone(),
-        log: log_path(&record_id),
-        device: None,
-        mountpoint: None,
-    };
-    record
-        .save()
-        .map_err(|e| format!("saving mount record: {e}"))?;
+    std::fs::write(&fuse_file, b"").map_err(|e| Error::io(fuse_file.display(), e))?;
+    match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(socket.display(), e))
+        }
+        _ => {}
+    }
+    session.save()?;
 
-    let cleanup_record = |r: &MountRecord| registry::remove(r);
-    let mut backend = if opts.nbd {
+    let backend = if opts.nbd {
         let export = Arc::new(Export {
             name: String::new(),
-            description: format!("ploop disk {}", dd.display()),
+            description: "ploop disk".into(),
             read_only: opts.read_only,
             disk: served.clone(),
         });
-        match NbdDevice::attach(export, nbd_connections(), opts.threads, opts.uring) {
-            Ok(d) => Backend::Nbd(d),
-            Err(e) => {
-                cleanup_record(&record);
-                let _ = served.current().close();
-                return Err(e);
-            }
-        }
+        Backend::Nbd(NbdDevice::attach(
+            export,
+            nbd_connections(),
+            opts.threads,
+            opts.uring,
+        )?)
     } else {
         let mut cfg = Config::default();
         cfg.mount_options = vec![
@@ -235,58 +243,167 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         cfg.acl = SessionACL::All;
         cfg.n_threads = Some(opts.threads.max(1));
         cfg.clone_fd = true;
-        let ring = crate::uring::Ring::start_if(opts.uring);
+        let ring = ploop_uring::Ring::start_if(opts.uring);
         let fs = OneFileFs::new(file, ring, queues.clone());
-        let session = match fuser::Session::new(fs, &fuse_file, &cfg) {
-            Ok(s) => s,
-            Err(e) => {
-                cleanup_record(&record);
-                let _ = served.current().close();
-                return Err(format!("FUSE mount on {}: {e}", fuse_file.display()));
-            }
-        };
+        let fuse = fuser::Session::new(fs, &fuse_file, &cfg)
+            .map_err(|e| Error::io(format!("FUSE mount on {}", fuse_file.display()), e))?;
         if let Some(q) = &queues {
-            let started = match q.start_if_negotiated(&session) {
+            match q.start_if_negotiated(&fuse) {
                 Ok(false) if opts.fuse_queues == FuseQueues::Ring => {
-                    Err("the kernel did not agree to FUSE over io_uring".to_string())
+                    return Err(Error::Refused(
+                        "the kernel did not agree to FUSE over io_uring".to_string(),
+                    ))
                 }
-                Ok(_) => Ok(()),
-                Err(e) => Err(format!("starting the FUSE queues: {e}")),
-            };
-            if let Err(e) = started {
-                drop(session);
-                cleanup_record(&record);
-                let _ = served.current().close();
-                return Err(e);
+                Ok(_) => {}
+                Err(e) => return Err(Error::io("starting the FUSE queues", e)),
             }
         }
         let fuse_thread = std::thread::Builder::new()
             .name("fuse".into())
-            .spawn(move || session.run())
-            .map_err(|e| e.to_string())?;
+            .spawn(move || fuse.run())
+            .map_err(|e| Error::io("starting the FUSE thread", e))?;
         Backend::Fuse(Some(fuse_thread))
     };
+    let nbd_device = match &backend {
+        Backend::Nbd(device) => Some(device.path().to_path_buf()),
+        Backend::Fuse(_) => None,
+    };
+    session.backend = Some(backend);
 
-    let late_requests = std::sync::atomic::AtomicBool::new(false);
-    // Undo the kernel side: filesystem, loop device, FUSE mount. Safe to
-    // call again after a failure (a busy mount point, say).
-    let shutdown = |record: &MountRecord, backend: &mut Backend| -> Result<(), String> {
-        let mut errors = Vec::new();
+    let dev = match nbd_device {
+        Some(d) => d,
+        None => kernel::loop_attach(&fuse_file, opts.read_only)?,
+    };
+    session.record.device = Some(dev.clone());
+    if let Some(m) = &opts.mountpoint {
+        let mp = kernel::MountPoint::open(m)?;
+        kernel::mount(&dev, &mp, &opts.fs_options, opts.read_only)?;
+        session.record.mountpoint = Some(mp.path().to_path_buf());
+    }
+    session.save()?;
+    let listener = UnixListener::bind(&socket).map_err(|e| Error::io(socket.display(), e))?;
+    info!(
+        "serving {} ({}) on {} as {}",
+        dd.display(),
+        session.record.guid,
+        fuse_file.display(),
+        dev.display()
+    );
+    ready(&session.record);
+    watch_signals(&socket);
+
+    control::serve(&listener, |req, progress| {
+        let result = match req {
+            Request::Status => Ok(Some(json!({
+                "record": &session.record,
+                "deltas": served.current().layers().len(),
+            }))),
+            Request::Flush => served
+                .chain()
+                .flush()
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+            Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
+                Some(None) => Err("incorrect uuid".to_string()),
+                parsed => Frozen::if_mounted(&session.record)
+                    .map_err(|e| e.to_string())
+                    .and_then(|frozen| {
+                        let taken = online::snapshot(&served, parsed.flatten());
+                        drop(frozen);
+                        taken
+                            .map(|g| Some(json!(guid_string(&g))))
+                            .map_err(|e| e.to_string())
+                    }),
+            },
+            Request::Merge { guid } => {
+                let g = match guid.as_deref().map(parse_guid) {
+                    Some(None) => return (Response::err("incorrect uuid"), false),
+                    Some(Some(g)) => g,
+                    None => TOP_GUID,
+                };
+                online::merge_with_parent(&served, g, progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+            }
+            Request::Delete { guid } => match parse_guid(&guid) {
+                None => Err("incorrect uuid".to_string()),
+                Some(g) => online::delete(&served, g, progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string()),
+            },
+            Request::Stop => {
+                let r = served
+                    .chain()
+                    .flush()
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| session.shutdown().map_err(|e| e.to_string()));
+                return match r {
+                    Ok(()) => (Response::ok(None), true),
+                    Err(e) => (Response::err(e), false),
+                };
+            }
+        };
+        match result {
+            Ok(v) => (Response::ok(v), false),
+            Err(e) => {
+                warn!("control request failed: {e}");
+                (Response::err(e), false)
+            }
+        }
+    });
+    let stopped = session.finish();
+    info!("stopped serving {}", dd.display());
+    stopped
+}
+
+/// What `serve` has set up. Dropped before `finish` — any step of the
+/// start failed — it undoes all of it in reverse: the kernel side, the
+/// image (closed) and the mount record, so no error path repeats the
+/// cleanup or forgets part of it.
+struct Session {
+    served: Arc<ServedDisk>,
+    record: MountRecord,
+    /// The record is in the registry.
+    saved: bool,
+    backend: Option<Backend>,
+    /// FUSE threads outlived the unmount: requests may still land, so the
+    /// image is flushed but left marked in use (the next mount checks it).
+    late_requests: bool,
+    finished: bool,
+}
+
+impl Session {
+    fn save(&mut self) -> Result<()> {
+        self.record.save().map_err(|e| {
+            Error::io(
+                format!("the mount record in {}", self.record.dir().display()),
+                e,
+            )
+        })?;
+        self.saved = true;
+        Ok(())
+    }
+
+    /// Undo the kernel side: filesystem, device, FUSE mount. Safe to call
+    /// again after a failure (a busy mount point, say).
+    fn shutdown(&mut self) -> Result<()> {
+        let Session {
+            record,
+            backend,
+            late_requests,
+            ..
+        } = self;
         if let Some(m) = &record.mountpoint {
             // Only our filesystem: after a manual umount something else
             // may be mounted there.
             if record.device.is_some() && kernel::mounted_from(m) == record.device {
-                if let Err(e) = kernel::umount(m) {
-                    errors.push(e);
-                }
+                kernel::umount(m)?;
             }
         }
-        if !errors.is_empty() {
-            return Err(errors.join("; "));
-        }
         let fuse_thread = match backend {
-            Backend::Nbd(device) => return device.detach(),
-            Backend::Fuse(thread) => thread,
+            None => return Ok(()),
+            Some(Backend::Nbd(device)) => return Ok(device.detach()?),
+            Some(Backend::Fuse(thread)) => thread,
         };
         if let Some(d) = &record.device {
             kernel::loop_detach(d)?;
@@ -313,7 +430,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
                     // Something still holds the file: detach lazily; the
                     // FUSE threads end when the last user lets go, or with us.
                     warn!("FUSE unmount kept failing ({e}); detaching lazily");
-                    let _ = kernel::umount_lazy(&record.fuse_file);
+                    if let Err(e) = kernel::umount_lazy(&record.fuse_file) {
+                        warn!("lazy FUSE unmount: {e}");
+                    }
                     break;
                 }
             }
@@ -324,146 +443,49 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<(),
         }
         if !fuse_thread.is_finished() {
             warn!("FUSE threads still running after unmount; leaving them to exit with us");
-            // Late requests may still land: flush what we have but leave
-            // the image marked in use, so the next mount checks it.
-            late_requests.store(true, std::sync::atomic::Ordering::SeqCst);
+            *late_requests = true;
             return Ok(());
         }
         if let Err(e) = fuse_thread.join() {
             error!("FUSE thread panicked: {e:?}");
         }
         Ok(())
-    };
+    }
 
-    let attach = |backend: &Backend| -> Result<(PathBuf, Option<PathBuf>), String> {
-        let dev = match backend {
-            Backend::Nbd(device) => device.path().to_path_buf(),
-            Backend::Fuse(_) => kernel::loop_attach(&fuse_file, opts.read_only)?,
+    /// Serving ended (the kernel side is gone): close the image, or only
+    /// flush it if requests may still land, and drop the record.
+    fn finish(mut self) -> Result<()> {
+        self.finished = true;
+        let closed = if self.late_requests {
+            self.served.current().flush()
+        } else {
+            self.served.current().close()
         };
-        let mut mounted = None;
-        if let Some(m) = &opts.mountpoint {
-            let done = kernel::MountPoint::open(m).and_then(|mp| {
-                kernel::mount(&dev, &mp, &opts.fs_options, opts.read_only)?;
-                Ok(mp.path().to_path_buf())
-            });
-            match done {
-                Ok(p) => mounted = Some(p),
-                Err(e) => {
-                    if let Backend::Fuse(_) = backend {
-                        let _ = kernel::loop_detach(&dev);
-                    }
-                    return Err(e);
-                }
+        registry::remove(&self.record);
+        Ok(closed?)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Err(e) = self.shutdown() {
+            warn!("undoing a failed start: {e}");
+        }
+        if !self.late_requests {
+            if let Err(e) = self.served.current().close() {
+                warn!(
+                    "closing {} after a failed start: {e}",
+                    self.record.descriptor.display()
+                );
             }
         }
-        Ok((dev, mounted))
-    };
-    match attach(&backend) {
-        Ok((dev, mnt)) => {
-            record.device = Some(dev);
-            record.mountpoint = mnt;
-        }
-        Err(e) => {
-            let _ = shutdown(&record, &mut backend);
-            let _ = served.current().close();
-            cleanup_record(&record);
-            return Err(e);
+        if self.saved {
+            registry::remove(&self.record);
         }
     }
-    let listener = record
-        .save()
-        .map_err(|e| format!("saving mount record: {e}"))
-        .and_then(|()| {
-            UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))
-        });
-    let listener = match listener {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = shutdown(&record, &mut backend);
-            let _ = served.current().close();
-            cleanup_record(&record);
-            return Err(e);
-        }
-    };
-    info!(
-        "serving {} ({}) on {} as {}",
-        dd.display(),
-        record.guid,
-        fuse_file.display(),
-        record
-            .device
-            .as_ref()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default()
-    );
-    ready(&record);
-    watch_signals(&socket);
-
-    control::serve(&listener, |req, progress| {
-        let result = match req {
-            Request::Status => Ok(Some(json!({
-                "record": &record,
-                "deltas": served.current().layers().len(),
-            }))),
-            Request::Flush => served
-                .chain()
-                .flush()
-                .map(|_| None)
-                .map_err(|e| e.to_string()),
-            Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
-                Some(None) => Err("incorrect uuid".to_string()),
-                parsed => Frozen::if_mounted(&record).and_then(|frozen| {
-                    let taken = online::snapshot(&served, parsed.flatten());
-                    drop(frozen);
-                    taken
-                        .map(|g| Some(json!(guid_string(&g))))
-                        .map_err(|e| e.to_string())
-                }),
-            },
-            Request::Merge { guid } => {
-                let g = match guid.as_deref().map(parse_guid) {
-                    Some(None) => return (Response::err("incorrect uuid"), false),
-                    Some(Some(g)) => g,
-                    None => TOP_GUID,
-                };
-                online::merge_with_parent(&served, g, progress)
-                    .map(|_| None)
-                    .map_err(|e| e.to_string())
-            }
-            Request::Delete { guid } => match parse_guid(&guid) {
-                None => Err("incorrect uuid".to_string()),
-                Some(g) => online::delete(&served, g, progress)
-                    .map(|_| None)
-                    .map_err(|e| e.to_string()),
-            },
-            Request::Stop => {
-                let r = served
-                    .chain()
-                    .flush()
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| shutdown(&record, &mut backend));
-                return match r {
-                    Ok(()) => (Response::ok(None), true),
-                    Err(e) => (Response::err(e), false),
-                };
-            }
-        };
-        match result {
-            Ok(v) => (Response::ok(v), false),
-            Err(e) => {
-                warn!("control request failed: {e}");
-                (Response::err(e), false)
-            }
-        }
-    });
-    let closed = if late_requests.load(std::sync::atomic::Ordering::SeqCst) {
-        served.current().flush().map_err(|e| e.to_string())
-    } else {
-        served.current().close().map_err(|e| e.to_string())
-    };
-    registry::remove(&record);
-    info!("stopped serving {}", dd.display());
-    closed
 }
 
 /// The container's filesystem, frozen while the top delta is switched (so
@@ -476,7 +498,7 @@ impl Frozen {
     /// Freeze the filesystem mounted from our device, if it still is (a
     /// mount point someone unmounted by hand would freeze the filesystem
     /// holding it instead).
-    fn if_mounted(record: &MountRecord) -> Result<Option<Frozen>, String> {
+    fn if_mounted(record: &MountRecord) -> Result<Option<Frozen>> {
         let (Some(m), Some(dev)) = (&record.mountpoint, &record.device) else {
             return Ok(None);
         };
@@ -488,7 +510,7 @@ impl Frozen {
             );
             return Ok(None);
         }
-        kernel::freeze(m).map_err(|e| format!("freezing {}: {e}", m.display()))?;
+        kernel::freeze(m)?;
         Ok(Some(Frozen(m.clone())))
     }
 }

@@ -4,19 +4,14 @@
 //! panic or hang, whatever the bytes.
 
 use std::io::{self, BufReader, Read, Write};
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use ploop_format::descriptor::TOP_GUID;
-use ploop_format::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
-use ploop_image::{Chain, Delta};
-use ploop_io::{MemIo, SharedIo};
+use ploop_image::served::ServedDisk;
 
 use super::handshake::{self, Agreed, Outcome, TlsPolicy};
 use super::transmission::{self, Connection, Inline, ReplySink, Shared};
 use super::{proto, Export};
-use crate::served::ServedDisk;
 
 /// Size of the replayed disk, and its cluster size.
 pub const DISK_SIZE: u64 = 1 << 20;
@@ -58,39 +53,13 @@ impl Write for Sink {
 
 impl ReplySink for Sink {}
 
-/// A fresh writable export on an in-memory ploop delta.
+/// A fresh export on an in-memory ploop delta.
 pub fn memory_export(read_only: bool) -> Arc<Export> {
-    let io: SharedIo = Arc::new(MemIo::new("replay.hdd"));
-    PloopDelta::create(
-        io.clone(),
-        CreateOptions {
-            virtual_size: DISK_SIZE,
-            cluster_size: CLUSTER,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .expect("creating an in-memory delta");
-    let delta = PloopDelta::open(
-        io,
-        OpenFlags {
-            writable: !read_only,
-            allow_dirty: false,
-        },
-    )
-    .expect("opening an in-memory delta");
-    let chain = Chain::new(vec![Arc::new(Delta::Ploop(delta))], CLUSTER, DISK_SIZE)
-        .expect("a chain of one delta");
     Arc::new(Export {
         name: "replay".into(),
         description: String::new(),
         read_only,
-        disk: Arc::new(ServedDisk::new(
-            PathBuf::from("replay"),
-            TOP_GUID,
-            read_only,
-            chain,
-        )),
+        disk: Arc::new(ServedDisk::in_memory(DISK_SIZE, CLUSTER, read_only)),
     })
 }
 
@@ -207,17 +176,9 @@ mod tests {
         assert!(out.windows(512).any(|w| w.iter().all(|&b| b == 0xab)));
     }
 
-    /// xorshift: deterministic noise.
+    /// Deterministic noise (the project's shared generator).
     fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        ploop_test_support::data(seed, len)
     }
 
     /// Random bytes, and random requests with valid magic, never panic or

@@ -1,63 +1,93 @@
-//! Queued I/O for the exports. [`RingCore`] starts plain reads and
-//! in-place writes on an io_uring, in batches (one doorbell for the disk
-//! instead of one per request), and answers each when its last piece
-//! completes. FUSE workers hand theirs to a shared [`Ring`] with its own
+//! The io_uring engine of the exports: plain file reads and writes
+//! started in batches (one doorbell for the disk instead of one per
+//! request), each operation answered through its own callback when its
+//! last piece completes; busy polling; ring builders. It knows nothing of
+//! FUSE or NBD: an operation is pieces of file I/O, a buffer, and a
+//! callback. FUSE workers hand theirs to a shared [`Ring`] with its own
 //! thread and go back for the next request; an NBD connection's reader
-//! owns a core and reaps it while it waits for the client.
+//! owns a [`RingCore`] and reaps it while it waits for its client.
 //!
-//! Requests that need the image layer's logic (allocation, copy-up,
-//! discard, flush) never come here: they stay synchronous in the workers.
+//! Which requests come here is the caller's choice: the exports send
+//! plain reads and in-place writes; allocation, copy-up, discard and
+//! flush stay synchronous in their workers.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use fuser::{Errno, ReplyData, ReplyWrite};
 use io_uring::{opcode, types, IoUring};
-use ploop_image::{Chain, Segment};
-use ploop_io::AlignedBuf;
+use ploop_io::{AlignedBuf, Segment};
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::error;
 
-use crate::busy_poll::BusyPoll;
-use crate::served::InFlight;
+pub mod busy_poll;
 
-/// The answer owed when an operation completes.
-pub enum Answer {
-    /// A FUSE read: the data, or an errno.
-    Read(ReplyData),
-    /// A FUSE write.
-    Write(ReplyWrite),
-    /// Anything else: called on the thread that reaps the ring, with the
-    /// buffer and the errno of a failed piece. It must not block.
-    Call {
-        read: bool,
-        done: Box<dyn FnOnce(AlignedBuf, Option<i32>) + Send>,
-    },
-}
+use busy_poll::BusyPoll;
 
-impl Answer {
-    fn is_read(&self) -> bool {
-        match self {
-            Answer::Read(_) => true,
-            Answer::Write(_) => false,
-            Answer::Call { read, .. } => *read,
-        }
+/// Requests the ring takes as they are: whole O_DIRECT blocks, at
+/// offsets and of lengths that are multiples of this.
+pub const QUEUE_ALIGN: u64 = 4096;
+
+/// The entry that reads (or writes) segment `s` of the request buffer at
+/// `base`. Making it is safe; pushing it is not: the buffer range and the
+/// file must outlive the operation.
+pub fn segment_entry(base: *mut u8, s: &Segment, read: bool) -> io_uring::squeue::Entry {
+    let ptr = base.wrapping_add(s.buf_offset);
+    if read {
+        opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
+            .offset(s.file_offset)
+            .build()
+    } else {
+        opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
+            .offset(s.file_offset)
+            .build()
     }
 }
 
-/// One FUSE request turned into file I/O.
+/// What the completion `res` of segment `s` means for its request: `None`
+/// when the piece is done, or the errno that fails the request. A short
+/// read (past the end of a file) reads the rest as zeros; a short write is
+/// an I/O error.
+///
+/// # Safety
+/// `base + s.buf_offset .. + s.len` lies in the request's buffer, this
+/// piece has completed and nothing else touches its range (other pieces
+/// may still be in flight, so no slice over the whole buffer is made).
+pub unsafe fn segment_done(base: *mut u8, s: &Segment, read: bool, res: i32) -> Option<i32> {
+    if res < 0 {
+        return Some(-res);
+    }
+    let done = res as usize;
+    if done >= s.len {
+        return None;
+    }
+    if !read {
+        return Some(libc::EIO);
+    }
+    let tail = base.wrapping_add(s.buf_offset + done);
+    // SAFETY: `tail .. tail + len - done` is this piece's unread rest,
+    // inside the buffer (the caller's promise) and touched by no one else.
+    unsafe { std::ptr::write_bytes(tail, 0, s.len - done) };
+    None
+}
+
+/// What an operation calls once its last piece completes, on the thread
+/// that reaps the ring, with its buffer and the errno of a failed piece
+/// (None: all went well). It must not block. Whatever must live until the
+/// I/O is over (the files the pieces name, their mappings' pins) is
+/// captured by it.
+pub type Done = Box<dyn FnOnce(AlignedBuf, Option<i32>) + Send>;
+
+/// One request turned into file I/O.
 pub struct Op {
-    /// Where the request lies on the disk.
-    pub offset: u64,
+    /// Pieces of file I/O, each into or out of a part of `buf`.
     pub segments: Vec<Segment>,
     /// Read target or write source; aligned for O_DIRECT.
     pub buf: AlignedBuf,
-    pub answer: Answer,
-    /// Keeps the deltas' files open and online operations waiting.
-    pub chain: Arc<Chain>,
-    pub in_flight: InFlight,
+    /// Reads (a short read ends in zeros) or writes.
+    pub read: bool,
+    pub done: Done,
 }
 
 struct Pending {
@@ -115,8 +145,7 @@ impl RingCore {
         // One request may be cut in more pieces than MAX_PIECES (32 MiB in
         // 4 KiB clusters laid out apart): room for all their completions.
         // See busy_poll::build_ring for how completions reach a thread.
-        let ring =
-            crate::busy_poll::build_ring(IoUring::builder().setup_cqsize(COMPLETIONS), ENTRIES)?;
+        let ring = busy_poll::build_ring(IoUring::builder().setup_cqsize(COMPLETIONS), ENTRIES)?;
         Ok(RingCore {
             ring,
             slots: Vec::new(),
@@ -226,22 +255,11 @@ impl RingCore {
         let Some(p) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
             return;
         };
-        let want = p.op.segments[piece].len as i32;
-        let is_read = p.op.answer.is_read();
-        if res < 0 {
-            p.failed = Some(-res);
-        } else if res != want {
-            if is_read {
-                // Past the end of a file: the rest reads as zeros.
-                let s = p.op.segments[piece];
-                let from = s.buf_offset + res as usize;
-                // SAFETY: the range lies inside this piece of the op's
-                // buffer (res < len), whose read has just completed; other
-                // pieces may still be in flight, so no slice over it all.
-                unsafe { std::ptr::write_bytes(p.base.0.add(from), 0, s.len - res as usize) };
-            } else {
-                p.failed = Some(libc::EIO);
-            }
+        let s = p.op.segments[piece];
+        // SAFETY: the piece has completed; its range lies in the op's
+        // buffer, which the slot owns until every piece has.
+        if let Some(e) = unsafe { segment_done(p.base.0, &s, p.op.read, res) } {
+            p.failed = Some(e);
         }
         p.remaining -= 1;
         if p.remaining == 0 {
@@ -276,26 +294,16 @@ impl RingCore {
             failed: None,
         });
         let p = self.slots[slot].as_mut().expect("just set");
-        let is_read = p.op.answer.is_read();
+        let is_read = p.op.read;
         // Taken once, before any piece is in flight.
         let base = p.op.buf.as_mut_slice().as_mut_ptr();
         p.base = BufBase(base);
         for (i, s) in p.op.segments.iter().enumerate() {
             let user_data = ((slot as u64) << 16) | i as u64;
-            // SAFETY: buf_offset + len lies inside the op's buffer (the
-            // planner splits the request's own range), and the buffer is
-            // owned by the slot until every piece has completed.
-            let ptr = unsafe { base.add(s.buf_offset) };
-            let sqe = if is_read {
-                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            } else {
-                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            }
-            .user_data(user_data);
+            // buf_offset + len lies inside the op's buffer (the planner
+            // splits the request's own range), and the buffer is owned by
+            // the slot until every piece has completed.
+            let sqe = segment_entry(base, s, is_read).user_data(user_data);
             // SAFETY: as above, the memory outlives the operation; the
             // file descriptors stay open through `op.chain`.
             unsafe { push_entry(&mut self.ring, &sqe) };
@@ -445,31 +453,7 @@ fn run_after_batch() {
 }
 
 fn finish(op: Op, failed: Option<i32>) {
-    let Op {
-        offset,
-        buf,
-        answer,
-        segments: _,
-        chain,
-        in_flight,
-    } = op;
-    if !answer.is_read() {
-        // Again now that the data is in place: an online merge that copied
-        // the cluster meanwhile must copy it once more.
-        chain.note_written(offset, buf.len() as u64);
-    }
-    match (answer, failed) {
-        (Answer::Read(r), Some(e)) => r.error(Errno::from_i32(e)),
-        (Answer::Write(r), Some(e)) => r.error(Errno::from_i32(e)),
-        (Answer::Read(r), None) => r.data(buf.as_slice()),
-        (Answer::Write(r), None) => r.written(buf.len() as u32),
-        (Answer::Call { done, .. }, failed) => done(buf, failed),
-    }
-    // The chain goes first: while the op is in flight no online
-    // operation can have replaced it, so this is never its last
-    // reference (whose drop would close deltas here).
-    drop(chain);
-    drop(in_flight);
+    (op.done)(op.buf, failed);
 }
 
 #[cfg(test)]

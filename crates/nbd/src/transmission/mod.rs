@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::handshake::{Agreed, ALLOCATION_ID};
 use super::proto::*;
 use super::Export;
-use crate::uring::{Answer, Op};
+use ploop_uring::Op;
 
 mod commands;
 mod pool;

@@ -1,9 +1,12 @@
 //! The NBD export: a server for the NBD protocol (fixed newstyle
 //! negotiation, structured replies, base:allocation, extended headers,
-//! STARTTLS) on a unix socket or TCP, serving one disk to many clients.
+//! STARTTLS) on a unix socket or TCP, serving one disk to many clients;
+//! and the kernel's NBD client as a device ([`kernel_client`]).
 
 pub mod handshake;
+pub mod kernel_client;
 pub mod proto;
+#[cfg(any(test, feature = "test-support"))]
 pub mod replay;
 pub mod tls;
 pub mod transmission;
@@ -20,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::served::ServedDisk;
 use handshake::{Agreed, Outcome, TlsPolicy};
+use ploop_image::served::ServedDisk;
 use transmission::{Connection, Pool, Shared, MAX_PAYLOAD};
 
 /// One disk as clients see it.
@@ -452,7 +455,7 @@ pub fn serve(listener: &Listener, opts: ServeOptions, stop: Arc<AtomicBool>) -> 
 /// Whether this kernel gives us an io_uring that waits with a timeout
 /// (Linux 5.11+); warned about if not.
 pub(crate) fn uring_works() -> bool {
-    match crate::uring::RingCore::new() {
+    match ploop_uring::RingCore::new() {
         Ok(r) if r.waits_with_timeout() => true,
         Ok(_) => {
             warn!("io_uring cannot wait with a timeout here (Linux < 5.11); using synchronous I/O");

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+use crate::{Chain, Plan, Segment};
 use ploop_format::ploop::MappingPin;
-use ploop_image::{Chain, Plan, Segment};
 use uuid::Uuid;
 
 pub struct ServedDisk {
@@ -59,6 +59,40 @@ impl ServedDisk {
             _pin: pin,
         };
         (segments, in_flight)
+    }
+
+    /// A writable (or read-only) disk of `size` bytes on one empty ploop
+    /// delta held in memory: for tests and fuzzing of the exports.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn in_memory(size: u64, cluster: u64, read_only: bool) -> Self {
+        use ploop_format::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
+        let io: ploop_io::SharedIo = Arc::new(ploop_io::MemIo::new("memory.hdd"));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: size,
+                cluster_size: cluster,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .expect("creating an in-memory delta");
+        let delta = PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: !read_only,
+                allow_dirty: false,
+            },
+        )
+        .expect("opening an in-memory delta");
+        let chain = Chain::new(vec![Arc::new(crate::Delta::Ploop(delta))], cluster, size)
+            .expect("a chain of one delta");
+        Self::new(
+            PathBuf::from("memory"),
+            ploop_format::descriptor::TOP_GUID,
+            read_only,
+            chain,
+        )
     }
 
     /// The chain, held for one request.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, types};
 
-use crate::uring::{RingCore, FOREIGN};
+use ploop_uring::{RingCore, FOREIGN};
 
 use super::*;
 
@@ -63,7 +63,7 @@ impl ConnRing {
         self.note(foreign);
     }
 
-    fn note(&mut self, foreign: crate::uring::Foreign) {
+    fn note(&mut self, foreign: ploop_uring::Foreign) {
         for (data, _) in foreign {
             if data == SOCKET_READABLE {
                 self.polling = false;
@@ -179,8 +179,7 @@ pub(super) struct Completed {
     pub(super) _budget: BudgetGuard,
 }
 
-/// Requests the ring can take: whole O_DIRECT blocks.
-pub(super) const QUEUE_ALIGN: u64 = 4096;
+use ploop_uring::QUEUE_ALIGN;
 
 impl Connection {
     /// Hand a plain READ or in-place WRITE to the ring. Gives the payload
@@ -248,23 +247,26 @@ impl Connection {
         drop(chain);
         let conn = self.clone();
         Ok(Op {
-            offset: req.offset,
             segments,
             buf,
-            chain: planned_on,
-            in_flight,
-            answer: Answer::Call {
-                read,
-                done: Box::new(move |buf, failed| {
-                    conn.completed_by_ring(Completed {
-                        req,
-                        buf,
-                        runs,
-                        failed,
-                        _budget: budget,
-                    })
-                }),
-            },
+            read,
+            done: Box::new(move |buf, failed| {
+                if !read {
+                    // Again now that the data is in place: an online merge
+                    // that copied the cluster meanwhile must copy it again.
+                    planned_on.note_written(req.offset, buf.len() as u64);
+                }
+                conn.completed_by_ring(Completed {
+                    req,
+                    buf,
+                    runs,
+                    failed,
+                    _budget: budget,
+                });
+                // The chain before the in-flight mark: see ServedDisk.
+                drop(planned_on);
+                drop(in_flight);
+            }),
         })
     }
 
@@ -278,7 +280,7 @@ impl Connection {
         lock(&self.completed).push(c);
         if !self.reply_scheduled.swap(true, Ordering::SeqCst) {
             let conn = self.clone();
-            crate::uring::after_batch(Box::new(move || conn.reply_completed(false)));
+            ploop_uring::after_batch(Box::new(move || conn.reply_completed(false)));
         }
     }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::nbd::transmission::{Pool, Shared};
-use crate::nbd::{self, Export};
+use crate::transmission::{Pool, Shared};
+use crate::{self as nbd, Export};
 
 // include/uapi/linux/nbd.h: _IO(0xab, n).
 const NBD_SET_SOCK: u64 = 0xab00;
@@ -92,6 +92,24 @@ pub struct NbdDevice {
     servers: Vec<JoinHandle<()>>,
 }
 
+/// Why the kernel's NBD client could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no nbd devices (/sys/block/nbd*): the kernel's nbd module is not loaded \
+         (try `modprobe nbd`), or this kernel has none; mount without --nbd uses \
+         FUSE and a loop device"
+    )]
+    NoModule,
+    #[error("every nbd device is in use")]
+    AllInUse,
+    #[error("the disk has no size")]
+    Empty,
+    /// A device, or the threads serving it.
+    #[error("{what}: {err}")]
+    Io { what: String, err: io::Error },
+}
+
 impl NbdDevice {
     /// Claim a free nbd device and connect it to `export` over
     /// `connections` socket pairs.
@@ -100,21 +118,19 @@ impl NbdDevice {
         connections: usize,
         threads: usize,
         uring: bool,
-    ) -> Result<NbdDevice, String> {
+    ) -> Result<NbdDevice, Error> {
         let candidates = devices();
         if candidates.is_empty() {
-            return Err(
-                "no nbd devices (/sys/block/nbd*): the kernel's nbd module is not loaded \
-                 (try `modprobe nbd`), or this kernel has none; mount without --nbd uses \
-                 FUSE and a loop device"
-                    .into(),
-            );
+            return Err(Error::NoModule);
         }
         if export.size() == 0 {
-            return Err("the disk has no size".into());
+            return Err(Error::Empty);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let pool = Pool::new(threads).map_err(|e| format!("NBD worker threads: {e}"))?;
+        let pool = Pool::new(threads).map_err(|err| Error::Io {
+            what: "NBD worker threads".into(),
+            err,
+        })?;
         let shared = Shared::new(Box::new(pool), uring && nbd::uring_works(), stop);
         for dev in candidates {
             // A connected device shows the thread in its NBD_DO_IT (its
@@ -134,10 +150,15 @@ impl NbdDevice {
                 {
                     continue
                 }
-                Err(e) => return Err(format!("{}: {e}", dev.display())),
+                Err(err) => {
+                    return Err(Error::Io {
+                        what: dev.display().to_string(),
+                        err,
+                    })
+                }
             }
         }
-        Err("every nbd device is in use".into())
+        Err(Error::AllInUse)
     }
 
     /// Ok(None): another process is setting this device up.
@@ -257,7 +278,7 @@ impl NbdDevice {
 
     /// Disconnect the device (the filesystem on it must be unmounted) and
     /// wait for its connections to end.
-    pub fn detach(&mut self) -> Result<(), String> {
+    pub fn detach(&mut self) -> Result<(), Error> {
         // Writes to the device itself (a device-only mount) may sit in its
         // page cache: after the disconnect they could only fail.
         if let Err(e) = self.file.sync_all() {
@@ -289,13 +310,14 @@ impl NbdDevice {
 /// down under a mounted filesystem: the daemon's signal handlers (SIGTERM
 /// asks for a clean stop) must run on other threads.
 fn block_signals() {
-    // SAFETY: sigfillset fills a local set; pthread_sigmask changes only
-    // this thread's mask and reads the set we pass.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-    }
+    let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises the set it is given (a local).
+    unsafe { libc::sigfillset(all.as_mut_ptr()) };
+    // SAFETY: `all` was initialised just above.
+    let all = unsafe { all.assume_init() };
+    // SAFETY: pthread_sigmask changes only this thread's mask and reads
+    // the set we pass.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
 }
 
 /// Let go of a device whose daemon is gone. The kernel shut its sockets
@@ -304,7 +326,7 @@ fn block_signals() {
 /// and which someone still holds open. A device that another daemon owns
 /// by now (its sysfs `pid`, the thread in NBD_DO_IT, is alive) is left
 /// alone.
-pub fn disconnect(dev: &Path) -> Result<(), String> {
+pub fn disconnect(dev: &Path) -> Result<(), Error> {
     let Ok(owner) = std::fs::read_to_string(sys_dir(dev).join("pid")) else {
         return Ok(()); // not connected any more
     };
@@ -319,10 +341,16 @@ pub fn disconnect(dev: &Path) -> Result<(), String> {
         .read(true)
         .write(true)
         .open(dev)
-        .map_err(|e| format!("{}: {e}", dev.display()))?;
+        .map_err(|err| Error::Io {
+            what: dev.display().to_string(),
+            err,
+        })?;
     let fd = file.as_raw_fd();
     let _ = ioctl(fd, NBD_DISCONNECT, 0);
-    ioctl(fd, NBD_CLEAR_SOCK, 0).map_err(|e| format!("{}: NBD_CLEAR_SOCK: {e}", dev.display()))
+    ioctl(fd, NBD_CLEAR_SOCK, 0).map_err(|err| Error::Io {
+        what: format!("{}: NBD_CLEAR_SOCK", dev.display()),
+        err,
+    })
 }
 
 #[cfg(test)]

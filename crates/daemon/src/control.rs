@@ -61,7 +61,7 @@ struct Progress {
 }
 
 /// Send one request and wait for the answer.
-pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, String> {
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> crate::Result<Response> {
     call_with_progress(socket, req, timeout, &|_, _| {})
 }
 
@@ -72,20 +72,24 @@ pub fn call_with_progress(
     req: &Request,
     timeout: Duration,
     progress: &dyn Fn(u64, u64),
-) -> Result<Response, String> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
+) -> crate::Result<Response> {
+    let failed = |what: String| crate::Error::Control {
+        path: socket.display().to_string(),
+        what,
+    };
+    let mut s =
+        UnixStream::connect(socket).map_err(|e| failed(format!("cannot reach the daemon: {e}")))?;
     s.set_read_timeout(Some(timeout)).ok();
-    let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(req).map_err(|e| failed(e.to_string()))?;
     line.push('\n');
     s.write_all(line.as_bytes())
-        .map_err(|e| format!("daemon socket: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     let mut input = BufReader::new(&s);
     loop {
         let mut answer = String::new();
         input
             .read_line(&mut answer)
-            .map_err(|e| format!("daemon did not answer: {e}"))?;
+            .map_err(|e| failed(format!("the daemon did not answer: {e}")))?;
         if let Ok(Progress {
             progress: (done, total),
         }) = serde_json::from_str(&answer)
@@ -94,7 +98,7 @@ pub fn call_with_progress(
             continue;
         }
         return serde_json::from_str(&answer)
-            .map_err(|e| format!("bad answer from daemon: {e}: {answer:?}"));
+            .map_err(|e| failed(format!("a bad answer: {e}: {answer:?}")));
     }
 }
 

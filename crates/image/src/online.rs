@@ -10,13 +10,13 @@
 
 use std::sync::Arc;
 
+use crate::disk::{image_path, open_delta, DescriptorLock};
+use crate::ops;
+use crate::{Chain, Delta, OpenOptions};
 use ploop_format::descriptor::{guid_string, Descriptor, ImageEntry, ImageType};
 use ploop_format::ploop::{OpenFlags, PloopDelta, Version};
 use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
-use ploop_image::disk::{image_path, open_delta, DescriptorLock};
-use ploop_image::ops;
-use ploop_image::{Chain, Delta, OpenOptions};
 use ploop_io::{AlignedBuf, LockMode, OpenMode};
 use uuid::Uuid;
 

@@ -11,7 +11,7 @@
 //!
 //! Over NBD, where the client waits for each batch of replies before it
 //! sends the next requests, polling takes the server's wake-up out of
-//! every round trip: see README.md for the figures.
+//! every round trip: see docs/benchmarks.md for the figures.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};

@@ -6,13 +6,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use crate::{Error, Result};
+
 /// Where tools are looked for: the system's own folders, never the PATH
 /// root inherited (a user's folder first in it would run that user's
 /// `mount` as root).
 pub const TOOL_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The absolute path of `tool` in [`TOOL_PATH`].
-pub fn tool_path(tool: &str) -> Result<PathBuf, String> {
+pub fn tool_path(tool: &str) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     TOOL_PATH
         .split(':')
@@ -20,31 +22,37 @@ pub fn tool_path(tool: &str) -> Result<PathBuf, String> {
         .find(|p| {
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
-        .ok_or_else(|| format!("{tool} is not installed (looked in {TOOL_PATH})"))
+        .ok_or_else(|| Error::NotInstalled {
+            tool: tool.to_string(),
+            path: TOOL_PATH,
+        })
 }
 
 /// A tool's command, found in [`TOOL_PATH`] and run with a clean
 /// environment (no LD_PRELOAD, IFS or locale of the caller's).
-fn command(tool: &str) -> Result<Command, String> {
+fn command(tool: &str) -> Result<Command> {
     let mut cmd = Command::new(tool_path(tool)?);
     cmd.env_clear().env("PATH", TOOL_PATH).env("LC_ALL", "C");
     Ok(cmd)
 }
 
 /// Run a tool; on failure return "TOOL ARGS: stderr".
-pub fn run(tool: &str, args: &[&str]) -> Result<String, String> {
+pub fn run(tool: &str, args: &[&str]) -> Result<String> {
     let out = command(tool)?
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+        .map_err(|err| Error::Spawn {
+            tool: tool.to_string(),
+            err,
+        })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(format!(
-            "{tool} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(Error::Tool {
+            tool: tool.to_string(),
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -53,7 +61,7 @@ fn s(p: &Path) -> &str {
 }
 
 /// Attach a loop device with direct I/O to `file`; returns the device.
-pub fn loop_attach(file: &Path, read_only: bool) -> Result<PathBuf, String> {
+pub fn loop_attach(file: &Path, read_only: bool) -> Result<PathBuf> {
     let mut args = vec!["-f", "--show", "--direct-io=on"];
     if read_only {
         args.push("-r");
@@ -62,7 +70,7 @@ pub fn loop_attach(file: &Path, read_only: bool) -> Result<PathBuf, String> {
     run("losetup", &args).map(PathBuf::from)
 }
 
-pub fn loop_detach(dev: &Path) -> Result<(), String> {
+pub fn loop_detach(dev: &Path) -> Result<()> {
     run("losetup", &["-d", s(dev)]).map(|_| ())
 }
 
@@ -106,11 +114,12 @@ impl MountPoint {
     /// and check that no user but root can replace any folder on the way:
     /// each is root's and writable by no one else, or sticky with a
     /// root-owned entry for the next name.
-    pub fn open(path: &Path) -> Result<MountPoint, String> {
-        let shown = path.display();
-        let real = path
-            .canonicalize()
-            .map_err(|e| format!("mount point {shown}: {e}"))?;
+    pub fn open(path: &Path) -> Result<MountPoint> {
+        let refused = |what: String| Error::MountPoint {
+            path: path.display().to_string(),
+            what,
+        };
+        let real = path.canonicalize().map_err(|e| refused(e.to_string()))?;
         let resolve =
             rustix::fs::ResolveFlags::NO_SYMLINKS | rustix::fs::ResolveFlags::NO_MAGICLINKS;
         let flags =
@@ -130,15 +139,17 @@ impl MountPoint {
             other => other,
         }
         .map_err(|e| {
-            format!("mount point {shown}: {e} (it must be a directory, reached without links)")
+            refused(format!(
+                "{e} (it must be a directory, reached without links)"
+            ))
         })?;
         let mut at = PathBuf::from("/");
         let mut private = false;
         for part in real.components().skip(1) {
             let Component::Normal(name) = part else {
-                return Err(format!("mount point {shown}: not a plain path"));
+                return Err(refused("not a plain path".into()));
             };
-            let dir = std::fs::metadata(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+            let dir = std::fs::metadata(&at).map_err(|e| Error::io(at.display(), e))?;
             private |= dir.uid() == 0 && dir.mode() & 0o011 == 0;
             let next = at.join(name);
             let others_write = dir.uid() != 0 || dir.mode() & 0o022 != 0;
@@ -146,15 +157,15 @@ impl MountPoint {
                 // A sticky folder keeps others from renaming root's entry,
                 // but only if root owns the folder itself.
                 let sticky = dir.uid() == 0 && dir.mode() & 0o1000 != 0;
-                let entry = std::fs::symlink_metadata(&next)
-                    .map_err(|e| format!("{}: {e}", next.display()))?;
+                let entry =
+                    std::fs::symlink_metadata(&next).map_err(|e| Error::io(next.display(), e))?;
                 if !sticky || entry.uid() != 0 {
-                    return Err(format!(
-                        "mount point {shown}: {} can be replaced by a user other than root (its folder {} is writable by uid {} or others): refused",
+                    return Err(refused(format!(
+                        "{} can be replaced by a user other than root (its folder {} is writable by uid {} or others): refused",
                         next.display(),
                         at.display(),
                         dir.uid()
-                    ));
+                    )));
                 }
             }
             at = next;
@@ -178,7 +189,7 @@ impl MountPoint {
 /// read-write mount under a folder closed to all but root, where OpenVZ's
 /// behaviour is kept (a container's root needs its setuid programs; OpenVZ
 /// mounts them in /vz/root, mode 0700).
-pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result<(), String> {
+pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result<()> {
     let mut o = String::from(match (read_only, mp.private) {
         (true, _) => "ro,nosuid,nodev",
         (false, true) => "rw",
@@ -199,13 +210,13 @@ pub fn mount(dev: &Path, mp: &MountPoint, opts: &str, read_only: bool) -> Result
     // it too: an O_PATH handle of a folder, which grants nothing).
     let target = format!("/proc/self/fd/{}", mp.fd.as_raw_fd());
     rustix::io::fcntl_setfd(mp.fd.as_fd(), rustix::io::FdFlags::empty())
-        .map_err(|e| format!("mount point {}: {e}", mp.path.display()))?;
+        .map_err(|e| Error::io(mp.path.display(), e.into()))?;
     let done = run("mount", &["--no-canonicalize", "-o", &o, s(dev), &target]);
     let _ = rustix::io::fcntl_setfd(mp.fd.as_fd(), rustix::io::FdFlags::CLOEXEC);
     done.map(|_| ())
 }
 
-pub fn umount(dir: &Path) -> Result<(), String> {
+pub fn umount(dir: &Path) -> Result<()> {
     run("umount", &[s(dir)]).map(|_| ())
 }
 
@@ -225,20 +236,20 @@ pub fn umount_fuse(path: &Path) -> std::io::Result<()> {
 }
 
 /// Lazy unmount, for a FUSE file whose daemon is gone.
-pub fn umount_lazy(path: &Path) -> Result<(), String> {
+pub fn umount_lazy(path: &Path) -> Result<()> {
     run("umount", &["-l", s(path)]).map(|_| ())
 }
 
-pub fn freeze(dir: &Path) -> Result<(), String> {
+pub fn freeze(dir: &Path) -> Result<()> {
     run("fsfreeze", &["-f", s(dir)]).map(|_| ())
 }
 
-pub fn thaw(dir: &Path) -> Result<(), String> {
+pub fn thaw(dir: &Path) -> Result<()> {
     run("fsfreeze", &["-u", s(dir)]).map(|_| ())
 }
 
 /// Make a filesystem on a device (ext4 or xfs), quietly.
-pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<(), String> {
+pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<()> {
     let bs = block_size.map(|b| b.to_string());
     let mut args: Vec<&str> = Vec::new();
     let tool = match fstype {
@@ -261,9 +272,9 @@ pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<(), Str
             "mkfs.xfs".to_string()
         }
         other => {
-            return Err(format!(
+            return Err(Error::Refused(format!(
                 "unsupported filesystem type {other} (ext4, ext3 or xfs)"
-            ))
+            )))
         }
     };
     args.push(s(dev));

@@ -27,52 +27,27 @@ use ploop_io::AlignedBuf;
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::{debug, error};
 
-use crate::busy_poll::BusyPoll;
-use crate::fuse::DiskFile;
-use crate::served::InFlight;
+use crate::file::DiskFile;
+use ploop_image::served::InFlight;
+use ploop_uring::busy_poll::BusyPoll;
 
 /// Requests in flight over all queues (each has a buffer of the largest
 /// request), and the most one queue takes.
 const TOTAL_DEPTH: usize = 128;
 const MAX_DEPTH: usize = 32;
 
-// The kernel's ABI (include/uapi/linux/fuse.h).
-const CMD_REGISTER: u32 = 1;
-const CMD_COMMIT_AND_FETCH: u32 = 2;
-/// fuse_in_header / fuse_out_header area, per-opcode argument area, then
-/// struct fuse_uring_ent_in_out.
-const IN_OUT: usize = 0;
-const OP_IN: usize = 128;
-const ENT_IN_OUT: usize = 256;
-const HEADER_LEN: usize = 288;
+use crate::abi::{self, *};
+use zerocopy::FromZeros;
 
-const FUSE_LOOKUP: u32 = 1;
-const FUSE_GETATTR: u32 = 3;
-const FUSE_SETATTR: u32 = 4;
-const FUSE_OPEN: u32 = 14;
-const FUSE_READ: u32 = 15;
-const FUSE_WRITE: u32 = 16;
-const FUSE_STATFS: u32 = 17;
-const FUSE_RELEASE: u32 = 18;
-const FUSE_FSYNC: u32 = 20;
-const FUSE_GETXATTR: u32 = 22;
-const FUSE_LISTXATTR: u32 = 23;
-const FUSE_FLUSH: u32 = 25;
-const FUSE_DESTROY: u32 = 38;
-const FUSE_FALLOCATE: u32 = 43;
-const FUSE_LSEEK: u32 = 46;
-
-const FATTR_SIZE: u32 = 1 << 3;
-const FOPEN_DIRECT_IO: u32 = 1 << 0;
-const FOPEN_PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
-const S_IFREG: u32 = 0o100_000;
+const CMD_REGISTER: u32 = FUSE_IO_URING_CMD_REGISTER;
+const CMD_COMMIT_AND_FETCH: u32 = FUSE_IO_URING_CMD_COMMIT_AND_FETCH;
+const HEADER_LEN: usize = size_of::<UringReqHeader>();
 
 /// File pieces one request may have in flight on the ring; a request cut
 /// into more (small clusters) goes to a helper.
 const MAX_SEGMENTS: usize = 16;
 
-/// Queued plain I/O in flight is aligned like this (O_DIRECT).
-const QUEUE_ALIGN: u64 = 4096;
+use ploop_uring::QUEUE_ALIGN;
 
 // user_data: what completed, in the top byte; the slot and piece below.
 const KIND_CMD: u64 = 1 << 56;
@@ -93,6 +68,17 @@ pub struct Queues {
     helpers: usize,
 }
 
+/// Why FUSE over io_uring cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("FUSE over io_uring: the fuse module does not offer it ({ENABLE_URING} is not Y)")]
+    NotOffered,
+    #[error("FUSE over io_uring: counting CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("FUSE over io_uring: setting up ring thread {index}: {err}")]
+    Queue { index: usize, err: std::io::Error },
+}
+
 impl Queues {
     /// Queues for every possible CPU (the kernel wants all of them before it
     /// sends a request over the ring), or None with the reason logged.
@@ -100,20 +86,18 @@ impl Queues {
         file: Arc<DiskFile>,
         payload_len: usize,
         helpers: usize,
-    ) -> Result<Arc<Queues>, String> {
+    ) -> Result<Arc<Queues>, Error> {
         if !kernel_offers() {
-            return Err(format!(
-                "the fuse module does not offer it ({ENABLE_URING} is not Y)"
-            ));
+            return Err(Error::NotOffered);
         }
-        let cpus = possible_cpus().map_err(|e| format!("counting CPUs: {e}"))?;
+        let cpus = possible_cpus().map_err(Error::Cpus)?;
         // Buffers on CPUs that never send a request are never touched.
         let depth = (TOTAL_DEPTH / cpus).clamp(4, MAX_DEPTH);
         let mut prepared = Vec::with_capacity(cpus);
         for index in 0..cpus {
             let qids = queues_served(index, cpus, depth);
-            let q = Queue::new(index, &qids, payload_len)
-                .map_err(|e| format!("setting up ring thread {index}: {e}"))?;
+            let q =
+                Queue::new(index, &qids, payload_len).map_err(|err| Error::Queue { index, err })?;
             prepared.push(q);
         }
         Ok(Arc::new(Queues {
@@ -177,7 +161,7 @@ impl Queues {
                     // Commands, the wake read or file I/O may still point at
                     // the queue's buffers however run ends (a panic
                     // included): they are never freed.
-                    crate::uring::keep_forever(q, |q| q.run(fd, &this.file, &jobs));
+                    ploop_uring::keep_forever(q, |q| q.run(fd, &this.file, &jobs));
                 });
             // The kernel waits for every queue: without this one, requests
             // would hang.
@@ -330,7 +314,7 @@ impl Queue {
         let depth = qids.len();
         // Room for every slot's command plus its file I/O, and the wake.
         // See busy_poll::build_ring for how completions reach the thread.
-        let ring = crate::busy_poll::build_ring(
+        let ring = ploop_uring::busy_poll::build_ring(
             IoUring::<squeue::Entry128, cqueue::Entry>::builder()
                 .setup_cqsize((depth * (MAX_SEGMENTS + 1) + 1) as u32),
             (depth * 4) as u32,
@@ -411,17 +395,21 @@ impl Queue {
     fn commit(&mut self, fd: RawFd, slot: usize, result: Result<usize, i32>) {
         let s = &mut self.slots[slot];
         s.last = Cmd::Commit;
-        let h = s.header.as_mut_slice();
-        let unique = u64_at(h, IN_OUT + 8);
-        let commit_id = u64_at(h, ENT_IN_OUT + 8);
+        let mut h: UringReqHeader = abi::read(s.header.as_slice());
+        let unique = abi::read::<InHeader>(&h.in_out).unique;
+        let commit_id = h.ring_ent_in_out.commit_id;
         let (error, len) = match result {
             Ok(n) => (0i32, n),
             Err(e) => (-e, 0),
         };
-        put_u32(h, IN_OUT, (16 + len) as u32);
-        h[IN_OUT + 4..IN_OUT + 8].copy_from_slice(&error.to_ne_bytes());
-        put_u64(h, IN_OUT + 8, unique);
-        put_u32(h, ENT_IN_OUT + 16, len as u32);
+        let out = OutHeader {
+            len: (size_of::<OutHeader>() + len) as u32,
+            error,
+            unique,
+        };
+        abi::write(&mut h.in_out, &out);
+        h.ring_ent_in_out.payload_sz = len as u32;
+        abi::write(s.header.as_mut_slice(), &h);
         self.submit_commit(fd, slot, commit_id);
     }
 
@@ -486,7 +474,8 @@ impl Queue {
                             Cmd::Register => self.register(fd, slot),
                             Cmd::Commit => {
                                 let h = self.slots[slot].header.as_slice();
-                                let commit_id = u64_at(h, ENT_IN_OUT + 8);
+                                let commit_id =
+                                    abi::read::<UringReqHeader>(h).ring_ent_in_out.commit_id;
                                 self.submit_commit(fd, slot, commit_id);
                             }
                         }
@@ -544,14 +533,14 @@ impl Queue {
         file: &Arc<DiskFile>,
         jobs: &crossbeam_channel::Sender<Job>,
     ) {
-        let h = self.slots[slot].header.as_slice();
-        let opcode = u32_at(h, IN_OUT + 4);
-        let op = &h[OP_IN..OP_IN + 128];
-        let in_payload = u32_at(h, ENT_IN_OUT + 16) as usize;
+        let h: UringReqHeader = abi::read(self.slots[slot].header.as_slice());
+        let opcode = abi::read::<InHeader>(&h.in_out).opcode;
+        let op = &h.op_in;
+        let in_payload = h.ring_ent_in_out.payload_sz as usize;
         let result: Result<usize, i32> = match opcode {
             FUSE_READ => {
-                let offset = u64_at(op, 8);
-                let size = u32_at(op, 16) as usize;
+                let ReadIn { offset, size, .. } = abi::read(op);
+                let size = size as usize;
                 let end = offset.saturating_add(size as u64).min(file.disk.size);
                 let len = end.saturating_sub(offset) as usize;
                 if len == 0 {
@@ -569,8 +558,8 @@ impl Queue {
                 }
             }
             FUSE_WRITE => {
-                let offset = u64_at(op, 8);
-                let len = u32_at(op, 16) as usize;
+                let WriteIn { offset, size, .. } = abi::read(op);
+                let len = size as usize;
                 if len > in_payload || len > self.payload_len() {
                     Err(libc::EINVAL)
                 } else if let Err(e) = file.check_write(offset, len as u64) {
@@ -587,9 +576,13 @@ impl Queue {
             }
             FUSE_FSYNC => return self.hand_to_helper(jobs, slot, Work::Fsync),
             FUSE_FALLOCATE => {
-                let offset = u64_at(op, 8);
-                let length = u64_at(op, 16);
-                let mode = u32_at(op, 24) as i32;
+                let FallocateIn {
+                    offset,
+                    length,
+                    mode,
+                    ..
+                } = abi::read(op);
+                let mode = mode as i32;
                 return self.hand_to_helper(
                     jobs,
                     slot,
@@ -602,8 +595,7 @@ impl Queue {
             }
             FUSE_GETATTR => Ok(self.reply_attr(slot, file)),
             FUSE_SETATTR => {
-                let valid = u32_at(op, 0);
-                let size = u64_at(op, 16);
+                let SetattrIn { valid, size, .. } = abi::read(op);
                 if valid & FATTR_SIZE != 0 && size != file.disk.size {
                     Err(libc::EINVAL)
                 } else {
@@ -611,42 +603,46 @@ impl Queue {
                 }
             }
             FUSE_OPEN => {
-                let flags = u32_at(op, 0) as i32;
-                let acc = fuser::OpenFlags(flags).acc_mode();
+                let OpenIn { flags, .. } = abi::read(op);
+                let acc = fuser::OpenFlags(flags as i32).acc_mode();
                 match file.check_open(acc) {
-                    Ok(()) => {
-                        let p = self.payload_mut(slot);
-                        p[..16].fill(0);
-                        put_u32(p, 8, FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES);
-                        Ok(16)
-                    }
+                    Ok(()) => Ok(abi::write(
+                        self.payload_mut(slot),
+                        &OpenOut {
+                            open_flags: FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+                            ..OpenOut::new_zeroed()
+                        },
+                    )),
                     Err(e) => Err(e.code()),
                 }
             }
             FUSE_LSEEK => {
-                let offset = u64_at(op, 8) as i64;
-                let whence = u32_at(op, 16) as i32;
-                match file.lseek(offset, whence) {
-                    Ok(at) => {
-                        put_u64(self.payload_mut(slot), 0, at as u64);
-                        Ok(8)
-                    }
+                let LseekIn { offset, whence, .. } = abi::read(op);
+                match file.lseek(offset as i64, whence as i32) {
+                    Ok(at) => Ok(abi::write(
+                        self.payload_mut(slot),
+                        &LseekOut { offset: at as u64 },
+                    )),
                     Err(e) => Err(e.code()),
                 }
             }
-            FUSE_STATFS => {
-                let p = self.payload_mut(slot);
-                p[..80].fill(0);
-                put_u32(p, 40, 512); // bsize
-                put_u32(p, 44, 255); // namelen
-                put_u32(p, 48, 512); // frsize
-                Ok(80)
-            }
+            FUSE_STATFS => Ok(abi::write(
+                self.payload_mut(slot),
+                &StatfsOut {
+                    bsize: 512,
+                    namelen: 255,
+                    frsize: 512,
+                    ..StatfsOut::new_zeroed()
+                },
+            )),
             FUSE_GETXATTR => Err(libc::ENODATA),
             FUSE_LISTXATTR => {
-                if u32_at(op, 0) == 0 {
-                    self.payload_mut(slot)[..8].fill(0);
-                    Ok(8)
+                // A size of 0 asks how much room the list needs: none.
+                if abi::read::<GetxattrIn>(op).size == 0 {
+                    Ok(abi::write(
+                        self.payload_mut(slot),
+                        &GetxattrOut::new_zeroed(),
+                    ))
                 } else {
                     Ok(0)
                 }
@@ -672,24 +668,29 @@ impl Queue {
 
     fn reply_attr(&mut self, slot: usize, file: &DiskFile) -> usize {
         let a = file.attr();
-        let p = self.payload_mut(slot);
-        p[..104].fill(0);
-        put_u64(p, 0, crate::fuse::TTL.as_secs());
         let t = a.mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let at = 16;
-        put_u64(p, at, a.ino.0);
-        put_u64(p, at + 8, a.size);
-        put_u64(p, at + 16, a.blocks);
-        for i in 0..3 {
-            put_u64(p, at + 24 + 8 * i, t.as_secs());
-            put_u32(p, at + 48 + 4 * i, t.subsec_nanos());
-        }
-        put_u32(p, at + 60, S_IFREG | u32::from(a.perm));
-        put_u32(p, at + 64, a.nlink);
-        put_u32(p, at + 68, a.uid);
-        put_u32(p, at + 72, a.gid);
-        put_u32(p, at + 80, a.blksize);
-        104
+        let out = AttrOut {
+            attr_valid: crate::file::TTL.as_secs(),
+            attr: Attr {
+                ino: a.ino.0,
+                size: a.size,
+                blocks: a.blocks,
+                atime: t.as_secs(),
+                mtime: t.as_secs(),
+                ctime: t.as_secs(),
+                atimensec: t.subsec_nanos(),
+                mtimensec: t.subsec_nanos(),
+                ctimensec: t.subsec_nanos(),
+                mode: S_IFREG | u32::from(a.perm),
+                nlink: a.nlink,
+                uid: a.uid,
+                gid: a.gid,
+                blksize: a.blksize,
+                ..Attr::new_zeroed()
+            },
+            ..AttrOut::new_zeroed()
+        };
+        abi::write(self.payload_mut(slot), &out)
     }
 
     /// Start plain file I/O for a read or an in-place write, if it can be
@@ -742,19 +743,10 @@ impl Queue {
         let base = payload.as_mut_slice().as_mut_ptr();
         let mut sqes = Vec::with_capacity(segments.len());
         for (i, s) in segments.iter().enumerate() {
-            // SAFETY: buf_offset + len lies inside the request's range of
-            // the payload buffer, which this slot owns until every piece
-            // has completed.
-            let ptr = unsafe { base.add(s.buf_offset) };
-            let sqe = if write {
-                opcode::Write::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            } else {
-                opcode::Read::new(types::Fd(s.fd), ptr, s.len as u32)
-                    .offset(s.file_offset)
-                    .build()
-            };
+            // buf_offset + len lies inside the request's range of the
+            // payload buffer, which this slot owns until every piece has
+            // completed.
+            let sqe = ploop_uring::segment_entry(base, s, !write);
             sqes.push(squeue::Entry128::from(
                 sqe.user_data(KIND_IO | (slot as u64) << 16 | i as u64),
             ));
@@ -791,19 +783,10 @@ impl Queue {
             return;
         };
         let s = p.segments[piece];
-        if res < 0 {
-            p.failed = Some(-res);
-        } else if res as usize != s.len {
-            if p.write {
-                p.failed = Some(libc::EIO);
-            } else {
-                // Past the end of a file: the rest reads as zeros.
-                let from = s.buf_offset + res as usize;
-                // SAFETY: the range lies inside this piece of the payload
-                // buffer, whose read has just completed; other pieces may
-                // still be in flight, so no slice over the whole buffer.
-                unsafe { std::ptr::write_bytes(base.add(from), 0, s.len - res as usize) };
-            }
+        // SAFETY: the piece has completed; its range lies in the payload
+        // buffer, which the slot owns until every piece has.
+        if let Some(e) = unsafe { ploop_uring::segment_done(base, &s, !p.write, res) } {
+            p.failed = Some(e);
         }
         p.remaining -= 1;
         if p.remaining > 0 {
@@ -888,16 +871,26 @@ fn helper(file: &DiskFile, jobs: crossbeam_channel::Receiver<Job>) {
 
 /// struct fuse_write_out at the start of `buf`: its size.
 fn write_out(buf: &mut [u8], written: usize) -> usize {
-    put_u32(buf, 0, written as u32);
-    put_u32(buf, 4, 0);
-    8
+    abi::write(
+        buf,
+        &WriteOut {
+            size: written as u32,
+            padding: 0,
+        },
+    )
 }
 
 /// struct fuse_uring_cmd_req in the command area of the SQE.
 fn cmd_req(commit_id: u64, qid: u16) -> [u8; 80] {
     let mut c = [0u8; 80];
-    c[8..16].copy_from_slice(&commit_id.to_ne_bytes());
-    c[16..18].copy_from_slice(&qid.to_ne_bytes());
+    abi::write(
+        &mut c,
+        &UringCmdReq {
+            commit_id,
+            qid,
+            ..UringCmdReq::new_zeroed()
+        },
+    );
     c
 }
 
@@ -913,22 +906,6 @@ fn with_len(sqe: squeue::Entry128, len: u32) -> squeue::Entry128 {
     raw[LEN_AT..LEN_AT + 4].copy_from_slice(&len.to_ne_bytes());
     // SAFETY: as above.
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@ use fuser::{
 use ploop_io::AlignedBuf;
 use tracing::{error, warn};
 
-use crate::served::{InFlight, ServedDisk};
-use crate::uring::{Answer, Op, Ring};
+use ploop_image::served::{InFlight, ServedDisk};
+use ploop_image::Chain;
+use ploop_uring::{Op, Ring};
 
 /// Largest request we ask the kernel for.
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -44,21 +45,20 @@ pub struct OneFileFs {
     /// Queued I/O for plain reads and in-place writes, if enabled.
     ring: Option<Arc<Ring>>,
     /// Queues ready to take requests over io_uring, if the kernel agrees.
-    fuse_ring: Option<Arc<crate::fuse_ring::Queues>>,
+    fuse_ring: Option<Arc<crate::ring::Queues>>,
 }
 
 /// A request ready for the ring: the chain it was planned on, the file
 /// pieces, and its in-flight mark.
 type Queued = (Arc<ploop_image::Chain>, Vec<ploop_image::Segment>, InFlight);
 
-/// Requests aligned like this can go to the ring as they are.
-const QUEUE_ALIGN: u64 = 4096;
+use ploop_uring::QUEUE_ALIGN;
 
 impl OneFileFs {
     pub fn new(
         file: Arc<DiskFile>,
         ring: Option<Arc<Ring>>,
-        fuse_ring: Option<Arc<crate::fuse_ring::Queues>>,
+        fuse_ring: Option<Arc<crate::ring::Queues>>,
     ) -> Self {
         Self {
             disk: file.disk.clone(),
@@ -217,6 +217,15 @@ impl DiskFile {
 }
 
 /// Map an image error to the errno the kernel passes up.
+/// What a queued request held until its I/O was over: the chain goes
+/// first (while the request is in flight no online operation can have
+/// replaced it, so this is never its last reference, whose drop would
+/// close deltas on the ring's thread), then the in-flight mark.
+fn release(chain: Arc<Chain>, in_flight: InFlight) {
+    drop(chain);
+    drop(in_flight);
+}
+
 fn errno(e: &ploop_format::Error) -> Errno {
     match e {
         ploop_format::Error::Io { err, .. } => err
@@ -342,12 +351,16 @@ impl Filesystem for OneFileFs {
             Ok(Some((chain, segments, in_flight))) => {
                 let ring = self.ring.as_ref().expect("planned for the ring");
                 ring.submit(Op {
-                    offset,
                     segments,
                     buf: AlignedBuf::zeroed((end - offset) as usize),
-                    answer: Answer::Read(reply),
-                    chain,
-                    in_flight,
+                    read: true,
+                    done: Box::new(move |buf, failed| {
+                        match failed {
+                            Some(e) => reply.error(Errno::from_i32(e)),
+                            None => reply.data(buf.as_slice()),
+                        }
+                        release(chain, in_flight);
+                    }),
                 });
                 return;
             }
@@ -394,12 +407,20 @@ impl Filesystem for OneFileFs {
                 buf.as_mut_slice().copy_from_slice(data);
                 let ring = self.ring.as_ref().expect("planned for the ring");
                 ring.submit(Op {
-                    offset,
                     segments,
                     buf,
-                    answer: Answer::Write(reply),
-                    chain,
-                    in_flight,
+                    read: false,
+                    done: Box::new(move |buf, failed| {
+                        // Again now that the data is in place: an online
+                        // merge that copied the cluster meanwhile must copy
+                        // it once more.
+                        chain.note_written(offset, buf.len() as u64);
+                        match failed {
+                            Some(e) => reply.error(Errno::from_i32(e)),
+                            None => reply.written(buf.len() as u32),
+                        }
+                        release(chain, in_flight);
+                    }),
                 });
                 return;
             }
@@ -476,10 +497,13 @@ impl Filesystem for OneFileFs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::replay::{memory_export, DISK_SIZE};
+    use ploop_image::served::ServedDisk;
+    use std::sync::Arc;
+
+    const DISK_SIZE: u64 = 1 << 20;
 
     fn file() -> DiskFile {
-        DiskFile::new(memory_export(false).disk.clone())
+        DiskFile::new(Arc::new(ServedDisk::in_memory(DISK_SIZE, 64 << 10, false)))
     }
 
     #[test]
