@@ -15,13 +15,21 @@ pub enum Error {
     #[error("{tool} is not installed (looked in {path})")]
     NotInstalled { tool: String, path: &'static str },
     #[error("cannot run {tool}: {err}")]
-    Spawn { tool: String, err: io::Error },
+    Spawn {
+        tool: String,
+        #[source]
+        err: io::Error,
+    },
     /// The mount point cannot be used (and why).
     #[error("mount point {path}: {what}")]
     MountPoint { path: String, what: String },
     /// A file, folder or device the daemon works with.
     #[error("{path}: {err}")]
-    Io { path: String, err: io::Error },
+    Io {
+        path: String,
+        #[source]
+        err: io::Error,
+    },
     #[error(transparent)]
     Image(#[from] ploop_format::Error),
     #[error(transparent)]

@@ -189,7 +189,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         mode => match Queues::prepare(file.clone(), MAX_REQUEST as usize, opts.threads) {
             Ok(q) => Some(q),
             Err(e) if mode == FuseQueues::Auto => {
-                info!("FUSE over io_uring not used: {e}; serving over /dev/fuse");
+                info!("{e}; serving over /dev/fuse");
                 None
             }
             Err(e) => return Err(e.into()),
@@ -217,7 +217,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     let backend = if opts.nbd {
         let export = Arc::new(Export {
             name: String::new(),
-            description: "ploop disk".into(),
+            description: format!("ploop disk {}", dd.display()),
             read_only: opts.read_only,
             disk: served.clone(),
         });
@@ -471,18 +471,26 @@ impl Drop for Session {
         if self.finished {
             return;
         }
-        if let Err(e) = self.shutdown() {
-            warn!("undoing a failed start: {e}");
-        }
-        if !self.late_requests {
-            if let Err(e) = self.served.current().close() {
-                warn!(
-                    "closing {} after a failed start: {e}",
-                    self.record.descriptor.display()
-                );
+        let kernel_gone = match self.shutdown() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("undoing a failed start: {e}");
+                false
             }
+        };
+        let what = self.record.descriptor.display();
+        if kernel_gone && !self.late_requests {
+            if let Err(e) = self.served.current().close() {
+                warn!("closing {what} after a failed start: {e}");
+            }
+        } else if let Err(e) = self.served.current().flush() {
+            // Requests may still land: flushed, but left marked in use
+            // (the next mount checks it).
+            warn!("flushing {what} after a failed start: {e}");
         }
-        if self.saved {
+        // A device the kernel still has keeps its record: its daemon will
+        // be gone, and `ploop umount` cleans up after dead daemons.
+        if kernel_gone && self.saved {
             registry::remove(&self.record);
         }
     }

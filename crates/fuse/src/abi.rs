@@ -230,6 +230,31 @@ abi! {
     }
 }
 
+// The sizes fuse.h gives (its FUSE_COMPAT sizes and the io_uring structs),
+// checked when the crate is built.
+const _: () = {
+    assert!(size_of::<InHeader>() == 40);
+    assert!(size_of::<OutHeader>() == 16);
+    assert!(size_of::<ReadIn>() == 40);
+    assert!(size_of::<WriteIn>() == 40);
+    assert!(size_of::<WriteOut>() == 8);
+    assert!(size_of::<FallocateIn>() == 32);
+    assert!(size_of::<SetattrIn>() == 88);
+    assert!(size_of::<OpenOut>() == 16);
+    assert!(size_of::<LseekIn>() == 24);
+    assert!(size_of::<StatfsOut>() == 80);
+    assert!(size_of::<Attr>() == 88);
+    assert!(size_of::<AttrOut>() == 104);
+    assert!(size_of::<UringEntInOut>() == 32);
+    assert!(size_of::<UringReqHeader>() == 288);
+    assert!(size_of::<UringCmdReq>() == 24);
+    assert!(size_of::<OpenIn>() == 8);
+    assert!(size_of::<LseekOut>() == 8);
+    assert!(size_of::<GetxattrIn>() == 8);
+    assert!(size_of::<GetxattrOut>() == 8);
+    assert!(std::mem::offset_of!(UringReqHeader, ring_ent_in_out) == 256);
+};
+
 /// Read `T` from the start of `bytes` (zeros where `bytes` is short, which
 /// the kernel never sends: argument areas are 128 bytes).
 pub fn read<T: FromBytes + IntoBytes>(bytes: &[u8]) -> T {
@@ -250,27 +275,6 @@ pub fn write<T: IntoBytes + Immutable>(out: &mut [u8], value: &T) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The sizes fuse.h gives (its FUSE_COMPAT sizes and the io_uring
-    /// structs).
-    #[test]
-    fn sizes_match_the_kernel() {
-        assert_eq!(size_of::<InHeader>(), 40);
-        assert_eq!(size_of::<OutHeader>(), 16);
-        assert_eq!(size_of::<ReadIn>(), 40);
-        assert_eq!(size_of::<WriteIn>(), 40);
-        assert_eq!(size_of::<WriteOut>(), 8);
-        assert_eq!(size_of::<FallocateIn>(), 32);
-        assert_eq!(size_of::<SetattrIn>(), 88);
-        assert_eq!(size_of::<OpenOut>(), 16);
-        assert_eq!(size_of::<LseekIn>(), 24);
-        assert_eq!(size_of::<StatfsOut>(), 80);
-        assert_eq!(size_of::<Attr>(), 88);
-        assert_eq!(size_of::<AttrOut>(), 104);
-        assert_eq!(size_of::<UringEntInOut>(), 32);
-        assert_eq!(size_of::<UringReqHeader>(), 288);
-        assert_eq!(size_of::<UringCmdReq>(), 24);
-    }
 
     #[test]
     fn fields_sit_where_the_kernel_puts_them() {

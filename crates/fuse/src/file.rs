@@ -20,7 +20,6 @@ use ploop_io::AlignedBuf;
 use tracing::{error, warn};
 
 use ploop_image::served::{InFlight, ServedDisk};
-use ploop_image::Chain;
 use ploop_uring::{Op, Ring};
 
 /// Largest request we ask the kernel for.
@@ -50,7 +49,7 @@ pub struct OneFileFs {
 
 /// A request ready for the ring: the chain it was planned on, the file
 /// pieces, and its in-flight mark.
-type Queued = (Arc<ploop_image::Chain>, Vec<ploop_image::Segment>, InFlight);
+type Queued = (Vec<ploop_image::Segment>, InFlight);
 
 use ploop_uring::QUEUE_ALIGN;
 
@@ -84,10 +83,7 @@ impl OneFileFs {
             chain.plan_read(offset, len)?
         };
         // Registered while the guard is held: see ServedDisk::begin_queued.
-        Ok(plan.map(|plan| {
-            let (segments, in_flight) = self.disk.begin_queued(plan);
-            (chain.clone(), segments, in_flight)
-        }))
+        Ok(plan.map(|plan| self.disk.begin_queued(&chain, plan)))
     }
 }
 
@@ -217,15 +213,6 @@ impl DiskFile {
 }
 
 /// Map an image error to the errno the kernel passes up.
-/// What a queued request held until its I/O was over: the chain goes
-/// first (while the request is in flight no online operation can have
-/// replaced it, so this is never its last reference, whose drop would
-/// close deltas on the ring's thread), then the in-flight mark.
-fn release(chain: Arc<Chain>, in_flight: InFlight) {
-    drop(chain);
-    drop(in_flight);
-}
-
 fn errno(e: &ploop_format::Error) -> Errno {
     match e {
         ploop_format::Error::Io { err, .. } => err
@@ -348,7 +335,7 @@ impl Filesystem for OneFileFs {
             return;
         }
         match self.plan(offset, end - offset, false) {
-            Ok(Some((chain, segments, in_flight))) => {
+            Ok(Some((segments, in_flight))) => {
                 let ring = self.ring.as_ref().expect("planned for the ring");
                 ring.submit(Op {
                     segments,
@@ -359,7 +346,7 @@ impl Filesystem for OneFileFs {
                             Some(e) => reply.error(Errno::from_i32(e)),
                             None => reply.data(buf.as_slice()),
                         }
-                        release(chain, in_flight);
+                        drop(in_flight);
                     }),
                 });
                 return;
@@ -402,7 +389,7 @@ impl Filesystem for OneFileFs {
             return;
         }
         match self.plan(offset, data.len() as u64, true) {
-            Ok(Some((chain, segments, in_flight))) => {
+            Ok(Some((segments, in_flight))) => {
                 let mut buf = AlignedBuf::zeroed(data.len());
                 buf.as_mut_slice().copy_from_slice(data);
                 let ring = self.ring.as_ref().expect("planned for the ring");
@@ -414,12 +401,12 @@ impl Filesystem for OneFileFs {
                         // Again now that the data is in place: an online
                         // merge that copied the cluster meanwhile must copy
                         // it once more.
-                        chain.note_written(offset, buf.len() as u64);
+                        in_flight.chain().note_written(offset, buf.len() as u64);
                         match failed {
                             Some(e) => reply.error(Errno::from_i32(e)),
                             None => reply.written(buf.len() as u32),
                         }
-                        release(chain, in_flight);
+                        drop(in_flight);
                     }),
                 });
                 return;

@@ -22,7 +22,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::Errno;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use ploop_image::{Chain, Segment};
+use ploop_image::Segment;
 use ploop_io::AlignedBuf;
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::{debug, error};
@@ -74,9 +74,17 @@ pub enum Error {
     #[error("FUSE over io_uring: the fuse module does not offer it ({ENABLE_URING} is not Y)")]
     NotOffered,
     #[error("FUSE over io_uring: counting CPUs: {0}")]
-    Cpus(std::io::Error),
+    Cpus(#[source] std::io::Error),
     #[error("FUSE over io_uring: setting up ring thread {index}: {err}")]
-    Queue { index: usize, err: std::io::Error },
+    Queue {
+        index: usize,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error(
+        "FUSE over io_uring: request buffers of {0} bytes are below the 4 KiB the protocol needs"
+    )]
+    Payload(usize),
 }
 
 impl Queues {
@@ -89,6 +97,9 @@ impl Queues {
     ) -> Result<Arc<Queues>, Error> {
         if !kernel_offers() {
             return Err(Error::NotOffered);
+        }
+        if payload_len < 4096 {
+            return Err(Error::Payload(payload_len));
         }
         let cpus = possible_cpus().map_err(Error::Cpus)?;
         // Buffers on CPUs that never send a request are never touched.
@@ -232,8 +243,7 @@ struct Pending {
     failed: Option<i32>,
     write: bool,
     len: usize,
-    chain: Arc<Chain>,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 /// struct iovec, held as plain numbers so that a queue can move to its
@@ -724,13 +734,17 @@ impl Queue {
             // Errors get their message from the helper's synchronous try.
             Ok(None) | Err(_) => return Planned::Helper,
         };
-        let chain = guard.clone();
-        let (segments, in_flight) = file.disk.begin_queued(plan);
+        let (segments, in_flight) = file.disk.begin_queued(&guard, plan);
         drop(guard);
         let payload = self.slots[slot]
             .payload
             .as_mut()
             .expect("payload is home while the queue answers");
+        if len > payload.len() || !ploop_uring::segments_fit(&segments, len) {
+            // A planner's bug, not input: the helper's synchronous path
+            // answers (and reports) it; nothing reaches the kernel.
+            return Planned::Helper;
+        }
         if !write {
             // Pieces no delta holds read as zeros.
             let mut at = 0;
@@ -744,8 +758,8 @@ impl Queue {
         let mut sqes = Vec::with_capacity(segments.len());
         for (i, s) in segments.iter().enumerate() {
             // buf_offset + len lies inside the request's range of the
-            // payload buffer, which this slot owns until every piece has
-            // completed.
+            // payload buffer (checked above), which this slot owns until
+            // every piece has completed.
             let sqe = ploop_uring::segment_entry(base, s, !write);
             sqes.push(squeue::Entry128::from(
                 sqe.user_data(KIND_IO | (slot as u64) << 16 | i as u64),
@@ -768,8 +782,7 @@ impl Queue {
             failed: None,
             write,
             len,
-            chain,
-            _in_flight: in_flight,
+            in_flight,
         });
         for sqe in sqes {
             self.push(sqe);
@@ -796,7 +809,7 @@ impl Queue {
         if p.write {
             // Again now that the data is in place: an online merge that
             // copied the cluster meanwhile must copy it once more.
-            p.chain.note_written(p.offset, p.len as u64);
+            p.in_flight.chain().note_written(p.offset, p.len as u64);
         }
         let result = match (p.failed, p.write) {
             (Some(e), _) => Err(e),

@@ -23,15 +23,29 @@ pub struct ServedDisk {
     in_flight: AtomicUsize,
 }
 
-/// Marks one queued request in flight until dropped, and keeps the
-/// clusters it was planned on from being reused meanwhile.
+/// Marks one queued request in flight until dropped, holds the chain it
+/// was planned on, and keeps the clusters it was planned on from being
+/// reused meanwhile.
 pub struct InFlight {
+    /// Let go of before the in-flight mark: while the request is in flight
+    /// no online operation can have replaced the chain, so this is never
+    /// its last reference, whose drop would close deltas on the thread
+    /// that completes the I/O (a ring's).
+    chain: Option<Arc<Chain>>,
     disk: Arc<ServedDisk>,
     _pin: Option<MappingPin>,
 }
 
+impl InFlight {
+    /// The chain the request was planned on.
+    pub fn chain(&self) -> &Chain {
+        self.chain.as_deref().expect("held until dropped")
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
+        drop(self.chain.take());
         self.disk.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -48,13 +62,22 @@ impl ServedDisk {
         }
     }
 
-    /// Register a queued request; call with the chain guard held, so an
-    /// online operation either waits for it or it sees the new chain.
-    /// Hold the InFlight until the plan's I/O has completed.
-    pub fn begin_queued(self: &Arc<Self>, plan: Plan) -> (Vec<Segment>, InFlight) {
+    /// Register a request queued on `chain` (from the guard of [`chain`]
+    /// or [`try_chain`], still held, so an online operation either waits
+    /// for it or it sees the new chain). Hold the InFlight until the
+    /// plan's I/O has completed.
+    ///
+    /// [`chain`]: Self::chain
+    /// [`try_chain`]: Self::try_chain
+    pub fn begin_queued(
+        self: &Arc<Self>,
+        chain: &Arc<Chain>,
+        plan: Plan,
+    ) -> (Vec<Segment>, InFlight) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let (segments, pin) = plan.into_parts();
         let in_flight = InFlight {
+            chain: Some(Arc::clone(chain)),
             disk: self.clone(),
             _pin: pin,
         };

@@ -107,7 +107,11 @@ pub enum Error {
     Empty,
     /// A device, or the threads serving it.
     #[error("{what}: {err}")]
-    Io { what: String, err: io::Error },
+    Io {
+        what: String,
+        #[source]
+        err: io::Error,
+    },
 }
 
 impl NbdDevice {
@@ -310,14 +314,20 @@ impl NbdDevice {
 /// down under a mounted filesystem: the daemon's signal handlers (SIGTERM
 /// asks for a clean stop) must run on other threads.
 fn block_signals() {
-    let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: sigfillset initialises the set it is given (a local).
-    unsafe { libc::sigfillset(all.as_mut_ptr()) };
-    // SAFETY: `all` was initialised just above.
-    let all = unsafe { all.assume_init() };
+    // SAFETY: sigset_t is plain data, and all zeros is a valid (empty) set.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigfillset writes only the set it is given (a local); it
+    // cannot fail for a valid pointer.
+    unsafe { libc::sigfillset(&mut all) };
     // SAFETY: pthread_sigmask changes only this thread's mask and reads
     // the set we pass.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) };
+    if rc != 0 {
+        warn!(
+            "blocking signals on the NBD thread: {}; a signal may tear the device down",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
 }
 
 /// Let go of a device whose daemon is gone. The kernel shut its sockets

@@ -45,6 +45,19 @@ pub fn segment_entry(base: *mut u8, s: &Segment, read: bool) -> io_uring::squeue
     }
 }
 
+/// Whether every segment lies inside a buffer of `buf_len` bytes, is one
+/// entry long (at most 4 GiB - 1) and has a piece number (16 bits of the
+/// entry's user data): what pushing their entries relies on.
+pub fn segments_fit(segments: &[Segment], buf_len: usize) -> bool {
+    segments.len() <= 1 << 16
+        && segments.iter().all(|s| {
+            s.len <= u32::MAX as usize
+                && s.buf_offset
+                    .checked_add(s.len)
+                    .is_some_and(|end| end <= buf_len)
+        })
+}
+
 /// What the completion `res` of segment `s` means for its request: `None`
 /// when the piece is done, or the errno that fails the request. A short
 /// read (past the end of a file) reads the rest as zeros; a short write is
@@ -164,7 +177,12 @@ impl RingCore {
     /// Take an operation; it starts as soon as there is room.
     pub fn push(&mut self, op: Op) {
         self.poll.note_request(op.buf.len());
-        if op.segments.is_empty() {
+        if !segments_fit(&op.segments, op.buf.len()) {
+            // A planner's bug, not input: refused, never handed to the
+            // kernel to read or write past the buffer.
+            error!("an operation's pieces do not fit its buffer: refused");
+            finish(op, Some(libc::EINVAL));
+        } else if op.segments.is_empty() {
             // Nothing to do on disk (all zeros): answer at once.
             finish(op, None);
         } else {
@@ -300,12 +318,11 @@ impl RingCore {
         p.base = BufBase(base);
         for (i, s) in p.op.segments.iter().enumerate() {
             let user_data = ((slot as u64) << 16) | i as u64;
-            // buf_offset + len lies inside the op's buffer (the planner
-            // splits the request's own range), and the buffer is owned by
-            // the slot until every piece has completed.
             let sqe = segment_entry(base, s, is_read).user_data(user_data);
-            // SAFETY: as above, the memory outlives the operation; the
-            // file descriptors stay open through `op.chain`.
+            // SAFETY: the piece lies inside the op's buffer (checked by
+            // `push`), which the slot owns until every piece has
+            // completed; the files stay open through what `done` holds
+            // (see `Done`).
             unsafe { push_entry(&mut self.ring, &sqe) };
         }
     }
@@ -459,6 +476,51 @@ fn finish(op: Op, failed: Option<i32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Run one op on a ring thread; its buffer and errno.
+    fn run_op(segments: Vec<Segment>, buf: AlignedBuf, read: bool) -> (AlignedBuf, Option<i32>) {
+        let ring = Ring::start().expect("io_uring");
+        let (tx, rx) = std::sync::mpsc::channel();
+        ring.submit(Op {
+            segments,
+            buf,
+            read,
+            done: Box::new(move |buf, failed| tx.send((buf, failed)).unwrap()),
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the op is answered")
+    }
+
+    /// A read past the end of the file ends in zeros; pieces that do not
+    /// fit the buffer are refused before the kernel sees them.
+    #[test]
+    fn short_reads_end_in_zeros_and_pieces_must_fit() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 6144]).unwrap();
+        let fd = f.as_raw_fd();
+        let piece = |buf_offset, len| Segment {
+            fd,
+            file_offset: 4096,
+            buf_offset,
+            len,
+        };
+        let mut buf = AlignedBuf::zeroed(8192);
+        buf.as_mut_slice().fill(0xff);
+        let (buf, failed) = run_op(vec![piece(4096, 4096)], buf, true);
+        assert_eq!(failed, None);
+        let b = buf.as_slice();
+        assert!(b[..4096].iter().all(|&x| x == 0xff), "outside the piece");
+        assert!(b[4096..6144].iter().all(|&x| x == 7), "read");
+        assert!(b[6144..].iter().all(|&x| x == 0), "past the end: zeros");
+
+        let (buf, failed) = run_op(vec![piece(4096, 8192)], AlignedBuf::zeroed(8192), true);
+        assert_eq!(failed, Some(libc::EINVAL));
+        assert!(buf.as_slice().iter().all(|&x| x == 0));
+        let (_, failed) = run_op(vec![piece(usize::MAX, 2)], AlignedBuf::zeroed(8192), false);
+        assert_eq!(failed, Some(libc::EINVAL));
+    }
 
     /// What `keep_forever` holds is not dropped when its user panics (a
     /// value owned by the thread, as the FUSE queues and the wake buffer

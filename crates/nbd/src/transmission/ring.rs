@@ -242,8 +242,7 @@ impl Connection {
             payload.expect("WRITE carries its payload").0
         };
         // Registered while the guard is held: see ServedDisk::begin_queued.
-        let (segments, in_flight) = disk.begin_queued(plan);
-        let planned_on = Arc::clone(&chain);
+        let (segments, in_flight) = disk.begin_queued(&chain, plan);
         drop(chain);
         let conn = self.clone();
         Ok(Op {
@@ -254,7 +253,7 @@ impl Connection {
                 if !read {
                     // Again now that the data is in place: an online merge
                     // that copied the cluster meanwhile must copy it again.
-                    planned_on.note_written(req.offset, buf.len() as u64);
+                    in_flight.chain().note_written(req.offset, buf.len() as u64);
                 }
                 conn.completed_by_ring(Completed {
                     req,
@@ -263,8 +262,6 @@ impl Connection {
                     failed,
                     _budget: budget,
                 });
-                // The chain before the in-flight mark: see ServedDisk.
-                drop(planned_on);
                 drop(in_flight);
             }),
         })
