@@ -16,9 +16,10 @@ mkdir root backup
 cleanup() { $P umount DiskDescriptor.xml >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-echo "== init: a 1 GiB ploop image with ext4, in $W"
+echo "== init: a 1 GiB ploop image, OpenVZ's layout (GPT, ext4 in partition 1), in $W"
 $P init -s 1G root.hdd
-echo "== mount it as the container's root"
+$P info DiskDescriptor.xml
+echo "== mount partition 1 as the container's root"
 $P mount -m root DiskDescriptor.xml
 $P list
 echo "== put a tiny root in it (static busybox)"

@@ -62,11 +62,33 @@ fn s(p: &Path) -> &str {
 
 /// Attach a loop device with direct I/O to `file`; returns the device.
 pub fn loop_attach(file: &Path, read_only: bool) -> Result<PathBuf> {
-    let mut args = vec!["-f", "--show", "--direct-io=on"];
+    loop_attach_range(file, read_only, None)
+}
+
+/// [`loop_attach`] to `len` bytes of `file` from `offset` (a partition).
+pub fn loop_attach_range(
+    file: &Path,
+    read_only: bool,
+    range: Option<(u64, u64)>,
+) -> Result<PathBuf> {
+    let mut args = vec![
+        "-f".to_string(),
+        "--show".to_string(),
+        "--direct-io=on".to_string(),
+    ];
     if read_only {
-        args.push("-r");
+        args.push("-r".into());
     }
-    args.push(s(file));
+    if let Some((offset, len)) = range {
+        args.extend([
+            "-o".into(),
+            offset.to_string(),
+            "--sizelimit".into(),
+            len.to_string(),
+        ]);
+    }
+    args.push(s(file).to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run("losetup", &args).map(PathBuf::from)
 }
 
@@ -248,26 +270,35 @@ pub fn thaw(dir: &Path) -> Result<()> {
     run("fsfreeze", &["-u", s(dir)]).map(|_| ())
 }
 
-/// Make a filesystem on a device (ext4 or xfs), quietly.
-pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<()> {
-    let bs = block_size.map(|b| b.to_string());
-    let mut args: Vec<&str> = Vec::new();
+/// How [`mkfs`] makes a filesystem.
+#[derive(Clone, Debug, Default)]
+pub struct MkfsOptions {
+    /// Block size in bytes (the tool's default without).
+    pub block_size: Option<u32>,
+    pub label: Option<String>,
+    /// ext3/ext4: initialise inode tables and journal now, not lazily in
+    /// the background after the first mount.
+    pub no_lazy: bool,
+}
+
+/// Make a filesystem on a device (ext4, ext3 or xfs), quietly.
+pub fn mkfs(dev: &Path, fstype: &str, o: &MkfsOptions) -> Result<()> {
+    let mut args: Vec<String> = Vec::new();
     let tool = match fstype {
         "ext4" | "ext3" => {
-            args.extend(["-q", "-F"]);
-            if let Some(b) = &bs {
-                args.extend(["-b", b]);
+            args.extend(["-q".into(), "-F".into()]);
+            if let Some(b) = o.block_size {
+                args.extend(["-b".into(), b.to_string()]);
+            }
+            if o.no_lazy {
+                args.extend(["-E".into(), "lazy_itable_init=0,lazy_journal_init=0".into()]);
             }
             format!("mkfs.{fstype}")
         }
         "xfs" => {
-            args.extend(["-q", "-f"]);
-            let opt;
-            if let Some(b) = &bs {
-                opt = format!("size={b}");
-                args.extend(["-b", opt.as_str()]);
-                args.push(s(dev));
-                return run("mkfs.xfs", &args).map(|_| ());
+            args.extend(["-q".into(), "-f".into()]);
+            if let Some(b) = o.block_size {
+                args.extend(["-b".into(), format!("size={b}")]);
             }
             "mkfs.xfs".to_string()
         }
@@ -277,7 +308,11 @@ pub fn mkfs(dev: &Path, fstype: &str, block_size: Option<u32>) -> Result<()> {
             )))
         }
     };
-    args.push(s(dev));
+    if let Some(l) = &o.label {
+        args.extend(["-L".into(), l.clone()]);
+    }
+    args.push(s(dev).to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&tool, &args).map(|_| ())
 }
 

@@ -31,13 +31,38 @@ pub struct MountRecord {
     pub fuse_file: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The whole virtual disk.
     pub device: Option<PathBuf>,
+    /// Where the filesystem is when the disk has a partition table.
+    #[serde(default)]
+    pub partition: Option<PartitionRecord>,
     pub mountpoint: Option<PathBuf>,
+}
+
+/// Partition 1 of a served disk with a GPT, reached as a loop device over
+/// its byte range (the kernel here may have no partition support).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionRecord {
+    pub number: u32,
+    /// First byte on the virtual disk.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    pub device: Option<PathBuf>,
 }
 
 impl MountRecord {
     pub fn dir(&self) -> PathBuf {
         run_dir().join(&self.id)
+    }
+
+    /// The device holding the filesystem: partition 1's where the disk
+    /// has a partition table, the whole disk's otherwise.
+    pub fn fs_device(&self) -> Option<&Path> {
+        match &self.partition {
+            Some(p) => p.device.as_deref(),
+            None => self.device.as_deref(),
+        }
     }
 
     /// Whether the daemon recorded still serves: it holds its view's lock

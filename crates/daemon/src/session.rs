@@ -10,6 +10,7 @@ use std::time::Duration;
 use fuser::{Config, MountOption, SessionACL};
 use ploop_format::descriptor::{guid_string, parse_guid, TOP_GUID};
 use ploop_image::disk::DescriptorLock;
+use ploop_image::gpt::{self, Layout};
 use ploop_image::{ops, Disk, OpenOptions};
 use serde_json::json;
 use tracing::{error, info, warn};
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use crate::control::{self, Request, Response};
 use crate::kernel;
-use crate::registry::{self, MountRecord};
+use crate::registry::{self, MountRecord, PartitionRecord};
 use crate::{Error, Result};
 use ploop_fuse::file::{DiskFile, OneFileFs, MAX_REQUEST};
 use ploop_fuse::ring::Queues;
@@ -82,6 +83,8 @@ pub fn open_disk(dd: &Path, read_only: bool, guid: Option<Uuid>) -> Result<Disk>
     // Held while opening: an offline snapshot, merge or switch is either
     // done before we look at the descriptor or waits for our file locks.
     let lock = DescriptorLock::acquire(dd)?;
+    let descriptor = ploop_format::descriptor::Descriptor::load(dd)?;
+    ploop_image::disk::refuse_encrypted(dd, &descriptor)?;
     let open = || {
         Disk::open(
             dd,
@@ -152,6 +155,42 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         )));
     }
     let disk = open_disk(&dd, opts.read_only, opts.guid)?;
+    // Held for the daemon's life: OpenVZ 9's tools see the disk in use.
+    let openvz_lock = match ploop_image::disk::hold_openvz_lock(&dd) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = disk.close();
+            return Err(e.into());
+        }
+    };
+    // Where the filesystem is, before anything is set up: a table that
+    // cannot be trusted stops the mount with the image untouched.
+    let layout = match gpt::probe(&disk.chain, &dd.display().to_string()) {
+        Ok(l) => l,
+        Err(e) => {
+            if let Err(c) = disk.close() {
+                warn!(
+                    "closing {} after a refused partition table: {c}",
+                    dd.display()
+                );
+            }
+            return Err(e.into());
+        }
+    };
+    if let Layout::Gpt(p) = &layout {
+        info!(
+            "partition {} (sectors {}-{}, type {}{}) holds the filesystem",
+            p.number,
+            p.first_sector(),
+            p.last_sector(),
+            p.type_guid,
+            if p.from_backup {
+                "; primary table damaged, backup used"
+            } else {
+                ""
+            }
+        );
+    }
     let served = Arc::new(ServedDisk::new(
         dd.clone(),
         disk.guid,
@@ -175,6 +214,15 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
             socket: socket.clone(),
             log,
             device: None,
+            partition: match &layout {
+                Layout::Gpt(p) => Some(PartitionRecord {
+                    number: p.number,
+                    start: p.start,
+                    len: p.len,
+                    device: None,
+                }),
+                Layout::Whole => None,
+            },
             mountpoint: None,
         },
         saved: false,
@@ -275,9 +323,20 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         None => kernel::loop_attach(&fuse_file, opts.read_only)?,
     };
     session.record.device = Some(dev.clone());
+    let fs_dev = match session.record.partition.as_mut() {
+        Some(p) => {
+            // A loop device over the partition's bytes: of the FUSE file
+            // directly, or of the NBD device.
+            let under = if opts.nbd { &dev } else { &fuse_file };
+            let part = kernel::loop_attach_range(under, opts.read_only, Some((p.start, p.len)))?;
+            p.device = Some(part.clone());
+            part
+        }
+        None => dev.clone(),
+    };
     if let Some(m) = &opts.mountpoint {
         let mp = kernel::MountPoint::open(m)?;
-        kernel::mount(&dev, &mp, &opts.fs_options, opts.read_only)?;
+        kernel::mount(&fs_dev, &mp, &opts.fs_options, opts.read_only)?;
         session.record.mountpoint = Some(mp.path().to_path_buf());
     }
     session.save()?;
@@ -287,7 +346,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         dd.display(),
         session.record.guid,
         fuse_file.display(),
-        dev.display()
+        fs_dev.display()
     );
     ready(&session.record);
     watch_signals(&socket);
@@ -343,6 +402,13 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 };
             }
         };
+        // A merge or delete may have closed a descriptor of the base
+        // file, which drops a POSIX lock: take it again.
+        if let Some(l) = &openvz_lock {
+            if let Err(e) = l.reassert() {
+                warn!("retaking OpenVZ's lock on the base delta: {e}");
+            }
+        }
         match result {
             Ok(v) => (Response::ok(v), false),
             Err(e) => {
@@ -396,8 +462,16 @@ impl Session {
         if let Some(m) = &record.mountpoint {
             // Only our filesystem: after a manual umount something else
             // may be mounted there.
-            if record.device.is_some() && kernel::mounted_from(m) == record.device {
-                kernel::umount(m)?;
+            if let Some(dev) = record.fs_device() {
+                if kernel::mounted_from(m).as_deref() == Some(dev) {
+                    kernel::umount(m)?;
+                }
+            }
+        }
+        if let Some(p) = record.partition.as_mut() {
+            if let Some(d) = &p.device {
+                kernel::loop_detach(d)?;
+                p.device = None;
             }
         }
         let fuse_thread = match backend {
@@ -507,10 +581,10 @@ impl Frozen {
     /// mount point someone unmounted by hand would freeze the filesystem
     /// holding it instead).
     fn if_mounted(record: &MountRecord) -> Result<Option<Frozen>> {
-        let (Some(m), Some(dev)) = (&record.mountpoint, &record.device) else {
+        let (Some(m), Some(dev)) = (&record.mountpoint, record.fs_device()) else {
             return Ok(None);
         };
-        if kernel::mounted_from(m).as_deref() != Some(dev.as_path()) {
+        if kernel::mounted_from(m).as_deref() != Some(dev) {
             warn!(
                 "{} is not mounted from {}: snapshot without freezing",
                 m.display(),

@@ -40,12 +40,26 @@ impl ImageType {
     }
 }
 
+/// What a descriptor holds that is not modelled here (OpenVZ's
+/// `<Encryption>`, `<Max_delta_size>`, `<Volume>`, a newer tool's
+/// elements, attributes): kept as read and written back in place, so
+/// that no rewrite loses it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extra {
+    /// The element's own attributes, escaped, with a leading space.
+    pub attrs: String,
+    /// Unknown child elements as XML, each after the known child it
+    /// followed (None: before them all).
+    pub children: Vec<(Option<String>, String)>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageEntry {
     pub guid: Uuid,
     pub kind: ImageType,
     /// As written in the descriptor (relative to its folder, or absolute).
     pub file: String,
+    pub extra: Extra,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +71,7 @@ pub struct Shot {
     /// until the merge is finished, what the snapshot itself holds is a
     /// mix that never existed, and it must not be opened on its own.
     pub temporary: bool,
+    pub extra: Extra,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +86,71 @@ pub struct Descriptor {
     pub images: Vec<ImageEntry>,
     pub top_guid: Uuid,
     pub snapshots: Vec<Shot>,
+    /// OpenVZ's `<Encryption><KeyId>`: the disk is encrypted (LUKS inside
+    /// the virtual disk) with this key. Read only; the element itself is
+    /// kept in `extras`.
+    pub encryption_key_id: Option<String>,
+    /// Unmodelled content of each container element, written back.
+    pub extras: Extras,
+}
+
+/// [`Extra`] of the descriptor's fixed elements.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// The root element's name as read, when not ours (OpenVZ has used
+    /// several).
+    pub root_name: Option<String>,
+    pub root: Extra,
+    pub disk_parameters: Extra,
+    pub storage_data: Extra,
+    pub storage: Extra,
+    pub snapshots: Extra,
+}
+
+/// The root element this tool names new descriptors with.
+const DEFAULT_ROOT: &str = "Parallels_disk_image";
+const ROOT_KNOWN: &[&str] = &["Disk_Parameters", "StorageData", "Snapshots"];
+const PARAMS_KNOWN: &[&str] = &["Disk_size", "Cylinders", "Heads", "Sectors", "Padding"];
+const STORAGE_DATA_KNOWN: &[&str] = &["Storage"];
+const STORAGE_KNOWN: &[&str] = &["Start", "End", "Blocksize", "Preallocated", "Image"];
+const IMAGE_KNOWN: &[&str] = &["GUID", "Type", "File"];
+const SNAPSHOTS_KNOWN: &[&str] = &["TopGUID", "Shot"];
+const SHOT_KNOWN: &[&str] = &["GUID", "ParentGUID", "Temporary"];
+
+/// Write an element: its known children (name, lines already indented)
+/// with its unmodelled ones put back where they were.
+fn element(x: &mut String, indent: usize, name: &str, extra: &Extra, known: &[(&str, String)]) {
+    let pad = " ".repeat(indent);
+    let inner = " ".repeat(indent + 2);
+    let _ = writeln!(x, "{pad}<{name}{}>", extra.attrs);
+    let put = |x: &mut String, anchor: Option<&str>| {
+        for (a, xml) in &extra.children {
+            if a.as_deref() == anchor {
+                let _ = writeln!(x, "{inner}{xml}");
+            }
+        }
+    };
+    put(x, None);
+    let mut placed: Vec<&str> = Vec::new();
+    for (i, (child, lines)) in known.iter().enumerate() {
+        x.push_str(lines);
+        // After the last of a run of same-named children.
+        if known.get(i + 1).is_none_or(|(next, _)| next != child) {
+            put(x, Some(child));
+            placed.push(child);
+        }
+    }
+    // Anchored to a known child not written this time: at the end.
+    for (a, xml) in &extra.children {
+        if a.as_deref().is_some_and(|a| !placed.contains(&a)) {
+            let _ = writeln!(x, "{inner}{xml}");
+        }
+    }
+    let _ = writeln!(x, "{pad}</{name}>");
+}
+
+fn leaf(indent: usize, name: &str, value: impl std::fmt::Display) -> String {
+    format!("{}<{name}>{value}</{name}>\n", " ".repeat(indent))
 }
 
 /// Format a GUID the way libploop does: lowercase, in braces.
@@ -98,11 +178,53 @@ const MAX_DEPTH: usize = 32;
 #[derive(Debug, Default)]
 struct Node {
     name: String,
+    /// The attributes as written, escaped (with their leading space).
+    attrs: String,
     text: String,
     children: Vec<Node>,
 }
 
 impl Node {
+    /// The element as XML on one line (text escaped, attributes as read).
+    fn to_xml(&self, out: &mut String) {
+        out.push('<');
+        out.push_str(&self.name);
+        out.push_str(&self.attrs);
+        let text = self.text.trim();
+        if text.is_empty() && self.children.is_empty() {
+            out.push_str("/>");
+            return;
+        }
+        out.push('>');
+        out.push_str(&escape(text));
+        for c in &self.children {
+            c.to_xml(out);
+        }
+        out.push_str("</");
+        out.push_str(&self.name);
+        out.push('>');
+    }
+
+    /// What of this element a descriptor does not model: its attributes,
+    /// and the children not named in `known`, each placed after the known
+    /// child it followed.
+    fn extra(&self, known: &[&str]) -> Extra {
+        let mut extra = Extra {
+            attrs: self.attrs.clone(),
+            children: Vec::new(),
+        };
+        let mut after: Option<String> = None;
+        for c in &self.children {
+            if known.contains(&c.name.as_str()) {
+                after = Some(c.name.clone());
+            } else {
+                let mut xml = String::new();
+                c.to_xml(&mut xml);
+                extra.children.push((after.clone(), xml));
+            }
+        }
+        extra
+    }
     fn child(&self, name: &str) -> Option<&Node> {
         self.children.iter().find(|c| c.name == name)
     }
@@ -132,11 +254,13 @@ fn parse_tree(text: &str, path: &str) -> Result<Node> {
             }
             Event::Start(e) => stack.push(Node {
                 name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                attrs: raw_attrs(&e),
                 ..Node::default()
             }),
             Event::Empty(e) => {
                 let node = Node {
                     name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                    attrs: raw_attrs(&e),
                     ..Node::default()
                 };
                 stack.last_mut().expect("root").children.push(node);
@@ -191,6 +315,19 @@ fn parse_tree(text: &str, path: &str) -> Result<Node> {
     }
 }
 
+/// An element's attributes as written (still escaped), with a leading
+/// space, or nothing.
+fn raw_attrs(e: &quick_xml::events::BytesStart) -> String {
+    let raw = String::from_utf8_lossy(e.attributes_raw())
+        .trim()
+        .to_string();
+    if raw.is_empty() {
+        raw
+    } else {
+        format!(" {raw}")
+    }
+}
+
 fn escape(s: &str) -> String {
     quick_xml::escape::escape(s).into_owned()
 }
@@ -215,13 +352,17 @@ impl Descriptor {
                 guid: TOP_GUID,
                 kind,
                 file: file.to_string(),
+                extra: Extra::default(),
             }],
             top_guid: TOP_GUID,
             snapshots: vec![Shot {
                 guid: TOP_GUID,
                 parent: NONE_GUID,
                 temporary: false,
+                extra: Extra::default(),
             }],
+            encryption_key_id: None,
+            extras: Extras::default(),
         }
     }
 
@@ -317,6 +458,7 @@ impl Descriptor {
                 guid: guid_of(img, "GUID")?,
                 kind,
                 file: file.to_string(),
+                extra: img.extra(IMAGE_KNOWN),
             });
         }
         if images.is_empty() {
@@ -336,11 +478,23 @@ impl Descriptor {
                 guid: guid_of(shot, "GUID")?,
                 parent: guid_of(shot, "ParentGUID")?,
                 temporary: shot.child("Temporary").is_some(),
+                extra: shot.extra(SHOT_KNOWN),
             });
         }
         let top_guid = match snaps.child("TopGUID") {
             Some(_) => guid_of(snaps, "TopGUID")?,
             None => TOP_GUID,
+        };
+        let encryption_key_id = params
+            .child("Encryption")
+            .map(|e| e.child("KeyId").map_or("", |k| k.text.trim()).to_string());
+        let extras = Extras {
+            root_name: (root.name != DEFAULT_ROOT).then(|| root.name.clone()),
+            root: root.extra(ROOT_KNOWN),
+            disk_parameters: params.extra(PARAMS_KNOWN),
+            storage_data: storage_data.extra(STORAGE_DATA_KNOWN),
+            storage: storage.extra(STORAGE_KNOWN),
+            snapshots: snaps.extra(SNAPSHOTS_KNOWN),
         };
         let mut d = Self {
             size_sectors,
@@ -351,6 +505,8 @@ impl Descriptor {
             images,
             top_guid,
             snapshots,
+            encryption_key_id,
+            extras,
         };
         d.validate(path)?;
         if d.top_guid != TOP_GUID {
@@ -540,52 +696,89 @@ impl Descriptor {
         }
     }
 
-    /// Serialise as libploop does (two-space indent).
+    /// Serialise as libploop does (two-space indent), with what was read
+    /// and is not modelled put back where it was.
     pub fn to_xml(&self) -> String {
-        let mut x = String::from("<?xml version=\"1.0\"?>\n<Parallels_disk_image>\n");
         let sectors = if self.cylinders != 0 && self.heads != 0 {
             self.size_sectors / (u64::from(self.cylinders) * u64::from(self.heads))
         } else {
             0
         };
-        let _ = write!(
-            x,
-            "  <Disk_Parameters>\n    <Disk_size>{}</Disk_size>\n    <Cylinders>{}</Cylinders>\n    <Heads>{}</Heads>\n    <Sectors>{}</Sectors>\n    <Padding>0</Padding>\n  </Disk_Parameters>\n",
-            self.size_sectors, self.cylinders, self.heads, sectors
+        let e = &self.extras;
+        let mut params = String::new();
+        element(
+            &mut params,
+            2,
+            "Disk_Parameters",
+            &e.disk_parameters,
+            &[
+                ("Disk_size", leaf(4, "Disk_size", self.size_sectors)),
+                ("Cylinders", leaf(4, "Cylinders", self.cylinders)),
+                ("Heads", leaf(4, "Heads", self.heads)),
+                ("Sectors", leaf(4, "Sectors", sectors)),
+                ("Padding", leaf(4, "Padding", 0)),
+            ],
         );
-        let _ = write!(
-            x,
-            "  <StorageData>\n    <Storage>\n      <Start>0</Start>\n      <End>{}</End>\n      <Blocksize>{}</Blocksize>\n",
-            self.size_sectors, self.blocksize
-        );
+        let mut storage_known = vec![
+            ("Start", leaf(6, "Start", 0)),
+            ("End", leaf(6, "End", self.size_sectors)),
+            ("Blocksize", leaf(6, "Blocksize", self.blocksize)),
+        ];
         if self.preallocated {
-            x.push_str("      <Preallocated>1</Preallocated>\n");
+            storage_known.push(("Preallocated", leaf(6, "Preallocated", 1)));
         }
         for i in &self.images {
-            let _ = write!(
-                x,
-                "      <Image>\n        <GUID>{}</GUID>\n        <Type>{}</Type>\n        <File>{}</File>\n      </Image>\n",
-                guid_string(&i.guid),
-                i.kind.as_str(),
-                escape(&i.file)
+            let mut img = String::new();
+            element(
+                &mut img,
+                6,
+                "Image",
+                &i.extra,
+                &[
+                    ("GUID", leaf(8, "GUID", guid_string(&i.guid))),
+                    ("Type", leaf(8, "Type", i.kind.as_str())),
+                    ("File", leaf(8, "File", escape(&i.file))),
+                ],
             );
+            storage_known.push(("Image", img));
         }
-        x.push_str("    </Storage>\n  </StorageData>\n  <Snapshots>\n");
-        let _ = writeln!(x, "    <TopGUID>{}</TopGUID>", guid_string(&self.top_guid));
-        for s in &self.snapshots {
-            let _ = write!(
-                x,
-                "    <Shot>\n      <GUID>{}</GUID>\n      <ParentGUID>{}</ParentGUID>\n{}    </Shot>\n",
-                guid_string(&s.guid),
-                guid_string(&s.parent),
-                if s.temporary {
-                    "      <Temporary/>\n"
-                } else {
-                    ""
-                }
-            );
+        let mut storage = String::new();
+        element(&mut storage, 4, "Storage", &e.storage, &storage_known);
+        let mut storage_data = String::new();
+        element(
+            &mut storage_data,
+            2,
+            "StorageData",
+            &e.storage_data,
+            &[("Storage", storage)],
+        );
+        let mut snaps_known = vec![("TopGUID", leaf(4, "TopGUID", guid_string(&self.top_guid)))];
+        for sh in &self.snapshots {
+            let mut known = vec![
+                ("GUID", leaf(6, "GUID", guid_string(&sh.guid))),
+                ("ParentGUID", leaf(6, "ParentGUID", guid_string(&sh.parent))),
+            ];
+            if sh.temporary {
+                known.push(("Temporary", "      <Temporary/>\n".to_string()));
+            }
+            let mut shot = String::new();
+            element(&mut shot, 4, "Shot", &sh.extra, &known);
+            snaps_known.push(("Shot", shot));
         }
-        x.push_str("  </Snapshots>\n</Parallels_disk_image>\n");
+        let mut snaps = String::new();
+        element(&mut snaps, 2, "Snapshots", &e.snapshots, &snaps_known);
+        let mut x = String::from("<?xml version=\"1.0\"?>\n");
+        element(
+            &mut x,
+            0,
+            e.root_name.as_deref().unwrap_or(DEFAULT_ROOT),
+            &e.root,
+            &[
+                ("Disk_Parameters", params),
+                ("StorageData", storage_data),
+                ("Snapshots", snaps),
+            ],
+        );
         x
     }
 
@@ -677,11 +870,13 @@ mod tests {
             guid: TOP_GUID,
             kind: ImageType::Compressed,
             file: "root.hdd.{f}".into(),
+            extra: Extra::default(),
         });
         d.snapshots.push(Shot {
             guid: TOP_GUID,
             parent: a,
             temporary: false,
+            extra: Extra::default(),
         });
         d.top_guid = TOP_GUID;
         d
@@ -777,6 +972,82 @@ mod tests {
         d.snapshots[0].guid = TOP_GUID;
         d.snapshots[0].parent = NONE_GUID;
         expect_err(&d.to_xml(), "appears twice");
+    }
+
+    /// An OpenVZ 9 descriptor with what we do not model: every element
+    /// and attribute of it survives a rewrite, inside the element it was
+    /// in and after the same sibling, and reads back equal.
+    #[test]
+    fn unknown_elements_and_attributes_survive_a_rewrite() {
+        let x = r#"<?xml version="1.0"?>
+<Virtuozzo_disk_image Version="3" xmlns:vz="urn:x">
+  <Disk_Parameters>
+    <Disk_size>2097152</Disk_size>
+    <Max_delta_size>4194304</Max_delta_size>
+    <Cylinders>2080</Cylinders>
+    <Heads>16</Heads>
+    <Sectors>63</Sectors>
+    <Padding>0</Padding>
+    <Encryption>
+      <KeyId>key-&amp;-42</KeyId>
+    </Encryption>
+  </Disk_Parameters>
+  <StorageData>
+    <Volume><Parent>../base</Parent><ReadOnly/></Volume>
+    <Storage>
+      <Start>0</Start>
+      <End>2097152</End>
+      <Blocksize>2048</Blocksize>
+      <Image vz:id="7">
+        <GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID>
+        <Type>Compressed</Type>
+        <Model note="a &lt; b">fast</Model>
+        <File>root.hds</File>
+      </Image>
+    </Storage>
+  </StorageData>
+  <Snapshots>
+    <TopGUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</TopGUID>
+    <Shot>
+      <GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID>
+      <ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID>
+      <Created>2026-12-06</Created>
+    </Shot>
+  </Snapshots>
+  <Trailer/>
+</Virtuozzo_disk_image>
+"#;
+        let d = Descriptor::parse(x, "dd").unwrap();
+        assert_eq!(d.encryption_key_id.as_deref(), Some("key-&-42"));
+        let out = d.to_xml();
+        for kept in [
+            "<Virtuozzo_disk_image Version=\"3\" xmlns:vz=\"urn:x\">",
+            "<Max_delta_size>4194304</Max_delta_size>",
+            "<Encryption><KeyId>key-&amp;-42</KeyId></Encryption>",
+            "<Volume><Parent>../base</Parent><ReadOnly/></Volume>",
+            "<Image vz:id=\"7\">",
+            "<Model note=\"a &lt; b\">fast</Model>",
+            "<Created>2026-12-06</Created>",
+            "<Trailer/>",
+        ] {
+            assert!(out.contains(kept), "{kept} lost:\n{out}");
+        }
+        // In place: after the sibling each followed, in its own parent.
+        let at = |s: &str| out.find(s).unwrap();
+        assert!(
+            at("<Disk_size>") < at("<Max_delta_size>")
+                && at("<Max_delta_size>") < at("<Cylinders>")
+        );
+        assert!(
+            at("<Padding>") < at("<Encryption>") && at("<Encryption>") < at("</Disk_Parameters>")
+        );
+        assert!(at("<StorageData>") < at("<Volume>") && at("<Volume>") < at("<Storage>"));
+        assert!(at("<Type>") < at("<Model") && at("<Model") < at("<File>"));
+        assert!(at("<ParentGUID>") < at("<Created>") && at("<Created>") < at("</Shot>"));
+        assert!(at("</Snapshots>") < at("<Trailer/>"));
+        let back = Descriptor::parse(&out, "dd").unwrap();
+        assert_eq!(back, d);
+        assert_eq!(back.to_xml(), out, "a second rewrite changes nothing");
     }
 
     #[test]

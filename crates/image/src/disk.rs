@@ -272,6 +272,23 @@ impl Disk {
     }
 }
 
+/// Refuse a disk whose data is encrypted (OpenVZ's `ploop init -k`: LUKS
+/// inside the virtual disk, named by `<Encryption><KeyId>`): this tool has
+/// no encryption, and serving ciphertext as a disk would let a mount or a
+/// client write over it.
+pub fn refuse_encrypted(dd_path: &Path, descriptor: &Descriptor) -> Result<()> {
+    match &descriptor.encryption_key_id {
+        None => Ok(()),
+        Some(key) => Err(Error::Descriptor {
+            path: dd_path.display().to_string(),
+            what: format!(
+                "the disk is encrypted (key id {key:?}); encrypted disks are not supported \
+                 here: open it with OpenVZ's ploop"
+            ),
+        }),
+    }
+}
+
 /// Serialises changes to one descriptor between processes: an exclusive
 /// lock on `DiskDescriptor.xml.lck`, as libploop does.
 pub struct DescriptorLock {
@@ -300,12 +317,100 @@ impl DescriptorLock {
             }
             Err(e) => return Err(Error::io(&name, "opening lock file", 0, e)),
         };
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |_| Error::Descriptor {
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            // OpenVZ 7's tools take this very lock for each operation.
+            let by = match ploop_io::locks::flock_holders(&file).first() {
+                Some(pid) => format!(" by process {pid}"),
+                None => String::new(),
+            };
+            return Err(Error::Descriptor {
                 path: dd_path.display().to_string(),
-                what: "another ploop command is changing this disk (descriptor is locked)".into(),
-            },
-        )?;
+                what: format!("another ploop command is changing this disk ({name} is locked{by})"),
+            });
+        }
+        check_openvz_lock(dd_path)?;
         Ok(Self { _file: Some(file) })
     }
+}
+
+/// The base delta of a disk (where OpenVZ 9 takes its locks), opened
+/// read-only; None where the descriptor cannot be read (its reader says
+/// why) or names no base.
+fn open_base(dd_path: &Path) -> Result<Option<(PathBuf, std::fs::File)>> {
+    let Ok(d) = Descriptor::load(dd_path) else {
+        return Ok(None);
+    };
+    let Some(base) = d
+        .snapshots
+        .iter()
+        .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
+        .and_then(|s| d.image(s.guid))
+    else {
+        return Ok(None);
+    };
+    let path = image_path(dd_path, &base.file)?;
+    let name = path.display().to_string();
+    let file = ploop_io::Folder::of(&path)
+        .and_then(|(dir, file)| dir.open_read(file))
+        .map_err(|e| Error::io(&name, "opening for its lock", 0, e))?;
+    Ok(Some((path, file)))
+}
+
+/// Whether process `pid` runs this very program (a daemon or command of
+/// ours: they exclude each other with their own file locks).
+fn runs_this_program(pid: i32) -> bool {
+    let exe = |p: &str| {
+        std::fs::read_link(format!("/proc/{p}/exe")).ok().map(|l| {
+            let s = l.to_string_lossy().into_owned();
+            s.strip_suffix(" (deleted)")
+                .map(str::to_string)
+                .unwrap_or(s)
+        })
+    };
+    pid > 0 && exe(&pid.to_string()).is_some_and(|e| Some(e) == exe("self"))
+}
+
+/// Refuse a disk that one of OpenVZ 9's tools holds: a record lock on
+/// bytes 200..205 (every operation, and every disk it has set up) or
+/// 300..305 (long operations) of the base delta, as its lib/lock.c takes.
+pub fn check_openvz_lock(dd_path: &Path) -> Result<()> {
+    if ploop_io::fsys::is_replaced() {
+        return Ok(());
+    }
+    let Some((base, file)) = open_base(dd_path)? else {
+        return Ok(());
+    };
+    let holder = ploop_io::locks::openvz_holder(&file)
+        .map_err(|e| Error::io(base.display().to_string(), "probing its lock", 200, e))?;
+    match holder {
+        Some(pid) if !runs_this_program(pid) => Err(Error::Descriptor {
+            path: dd_path.display().to_string(),
+            what: format!(
+                "the disk is in use by another program: {} holds OpenVZ's lock on {} \
+                 (an OpenVZ ploop command, or a disk it serves)",
+                if pid > 0 {
+                    format!("process {pid}")
+                } else {
+                    "an open file description (no process known)".to_string()
+                },
+                base.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// OpenVZ 9's lock on a disk's base delta, held while a daemon of ours
+/// serves it, so that OpenVZ's tools see the disk as in use and name our
+/// process. None where the disk has no base to lock.
+pub fn hold_openvz_lock(dd_path: &Path) -> Result<Option<ploop_io::locks::RangeReadLock>> {
+    if ploop_io::fsys::is_replaced() {
+        return Ok(None);
+    }
+    let Some((base, file)) = open_base(dd_path)? else {
+        return Ok(None);
+    };
+    ploop_io::locks::RangeReadLock::take(file)
+        .map(Some)
+        .map_err(|e| Error::io(base.display().to_string(), "locking", 200, e))
 }

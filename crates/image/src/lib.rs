@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod disk;
+pub mod gpt;
 pub mod online;
 pub mod ops;
 pub mod served;

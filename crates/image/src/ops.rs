@@ -320,11 +320,13 @@ fn push_top(d: &mut Descriptor, parent: Uuid, file: String) {
         guid: TOP_GUID,
         kind: ImageType::Compressed,
         file,
+        extra: Default::default(),
     });
     d.snapshots.push(Shot {
         guid: TOP_GUID,
         parent,
         temporary: false,
+        extra: Default::default(),
     });
     d.top_guid = TOP_GUID;
 }

@@ -175,6 +175,12 @@ impl Folder {
         FileIo::from_file(File::from(fd), &path, mode.lock, false)
     }
 
+    /// Open the regular file `name` read-only, never through a link (for
+    /// record locks on an image: see [`crate::locks`]).
+    pub fn open_read(&self, name: &OsStr) -> io::Result<File> {
+        self.open_fd(name, OFlags::RDONLY, false).map(File::from)
+    }
+
     /// Open (or create) a regular file for a lock, never through a link.
     pub fn open_lock_file(&self, name: &OsStr) -> io::Result<File> {
         match self.open_fd(name, OFlags::RDWR, true) {

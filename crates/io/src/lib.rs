@@ -13,6 +13,7 @@ mod folder;
 pub mod fsys;
 #[cfg(any(test, feature = "test-support"))]
 mod journal;
+pub mod locks;
 mod memory;
 
 use std::io;

@@ -154,6 +154,25 @@ struct InitArgs {
     /// Filesystem block size in bytes.
     #[arg(short = 'B', long = "fs-blocksize")]
     fs_block: Option<String>,
+    /// Filesystem label.
+    #[arg(short = 'L', long = "label")]
+    label: Option<String>,
+    /// Initialise the filesystem's inode tables and journal now rather
+    /// than lazily after the first mount (ext3/ext4).
+    #[arg(short = 'n', long = "nolazy")]
+    nolazy: bool,
+    /// No partition table: the filesystem on the whole disk. By default
+    /// a disk with a filesystem gets OpenVZ's layout: a GPT with
+    /// partition 1 from one cluster in to one cluster before the end (a
+    /// disk made with -t none has no table, as in OpenVZ).
+    #[arg(short = 'P', long = "no-partition")]
+    no_partition: bool,
+    /// Encryption key id (OpenVZ's -k): not supported.
+    #[arg(short = 'k', hide = true)]
+    keyid: Option<String>,
+    /// Image format (OpenVZ's -T): only ploop here.
+    #[arg(short = 'T', hide = true)]
+    image_format: Option<String>,
     image: PathBuf,
 }
 
@@ -565,6 +584,15 @@ fn init(a: InitArgs) -> Res<ExitCode> {
             })
         })
         .transpose()?;
+    if let Some(k) = &a.keyid {
+        return Err(format!(
+            "encrypted disks are not supported (key id {k}): this ploop has no encryption"
+        )
+        .into());
+    }
+    if let Some(t) = a.image_format.as_deref().filter(|t| *t != "ploop") {
+        return Err(format!("image format {t} is not supported by init: only ploop").into());
+    }
     let opts = InitOptions {
         size,
         format: parse_format(&a.format)?,
@@ -572,15 +600,42 @@ fn init(a: InitArgs) -> Res<ExitCode> {
         cluster_size: cluster,
     };
     let dd = with_progress("allocating", |p| ops::init(&a.image, opts, p))?;
-    if a.fstype != "none" {
-        if let Err(e) = crate::mount::make_filesystem(&dd, &a.fstype, fs_block) {
-            // Remove the half-made disk, unless a daemon still serves it.
-            if crate::mount::served_rw(&dd).is_none() {
-                let _ = std::fs::remove_file(&dd);
-                let _ = std::fs::remove_file(&a.image);
-            }
-            return Err(e);
+    let mkfs = ploop_daemon::kernel::MkfsOptions {
+        block_size: fs_block,
+        label: a.label.clone(),
+        no_lazy: a.nolazy,
+    };
+    let layout = || -> Res<()> {
+        // As OpenVZ: the table comes with the filesystem (`-t none`
+        // makes a bare disk, like its ploop_create_image).
+        if !a.no_partition && a.fstype != "none" {
+            let disk = Disk::open(
+                &dd,
+                OpenOptions {
+                    writable: true,
+                    ..OpenOptions::default()
+                },
+            )?;
+            let made = ploop_image::gpt::write_openvz(
+                &disk.chain,
+                cluster / SECTOR,
+                &dd.display().to_string(),
+            );
+            disk.close()?;
+            made?;
         }
+        if a.fstype != "none" {
+            crate::mount::make_filesystem(&dd, &a.fstype, &mkfs)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = layout() {
+        // Remove the half-made disk, unless a daemon still serves it.
+        if crate::mount::served_rw(&dd).is_none() {
+            let _ = std::fs::remove_file(&dd);
+            let _ = std::fs::remove_file(&a.image);
+        }
+        return Err(e);
     }
     println!("{}", dd.display());
     Ok(ExitCode::SUCCESS)
@@ -637,8 +692,16 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         .filter(|r| Some(&r.descriptor) == canonical.as_ref())
         .map(|r| crate::mount::record_json(&r))
         .collect();
+    let partition = disk_partition(dd);
     if as_json {
         let v = json!({
+            "partition": partition.as_ref().map(|p| json!({
+                "number": p.number,
+                "start": p.start,
+                "length": p.len,
+                "type": p.type_guid,
+                "guid": p.guid,
+            })),
             "mounts": mounts,
             "descriptor": name,
             "size": size,
@@ -657,10 +720,26 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             println!("fmt_version:\t{v}");
         }
         println!("format:\t\t{format}");
+        if let Some(p) = &partition {
+            println!(
+                "partition:\t{} (sectors {}-{}, type {})",
+                p.number,
+                p.first_sector(),
+                p.last_sector(),
+                p.type_guid
+            );
+        }
         for m in &mounts {
             println!(
-                "mounted:\t{} at {} ({}, daemon pid {}{})",
-                m["device"].as_str().unwrap_or("-"),
+                "mounted:\t{}{} at {} ({}, daemon pid {}{})",
+                m["fs_device"].as_str().unwrap_or("-"),
+                match m["partition"]["number"].as_u64() {
+                    Some(n) => format!(
+                        " (partition {n} of {})",
+                        m["device"].as_str().unwrap_or("-")
+                    ),
+                    None => String::new(),
+                },
                 m["mountpoint"].as_str().unwrap_or("-"),
                 if m["read_only"] == true { "ro" } else { "rw" },
                 m["pid"],
@@ -681,6 +760,18 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Partition 1 of a disk's top, if it has a partition table and can be
+/// read now (not while a daemon holds it for writing).
+fn disk_partition(dd: &Path) -> Option<ploop_image::gpt::Partition> {
+    let disk = Disk::open(dd, OpenOptions::default()).ok()?;
+    let layout = ploop_image::gpt::probe(&disk.chain, &dd.display().to_string());
+    let _ = disk.close();
+    match layout {
+        Ok(ploop_image::gpt::Layout::Gpt(p)) => Some(p),
+        _ => None,
+    }
 }
 
 fn check(a: CheckArgs) -> Res<ExitCode> {
@@ -824,6 +915,7 @@ fn snapshot_list(a: ListArgs) -> Res<ExitCode> {
 
 fn read(dd: &Path, offset: &str, length: Option<&str>, uuid: Option<&str>) -> Res<ExitCode> {
     let guid = uuid.map(guid_arg).transpose()?;
+    ploop_image::disk::refuse_encrypted(dd, &Descriptor::load(dd)?)?;
     let disk = Disk::open(
         dd,
         OpenOptions {
@@ -860,6 +952,7 @@ fn read(dd: &Path, offset: &str, length: Option<&str>, uuid: Option<&str>) -> Re
 fn write(dd: &Path, offset: &str, input: &Path) -> Res<ExitCode> {
     // Held while opening, so no offline snapshot/merge/switch is midway.
     let lock = ploop_image::disk::DescriptorLock::acquire(dd)?;
+    ploop_image::disk::refuse_encrypted(dd, &Descriptor::load(dd)?)?;
     let disk = Disk::open(
         dd,
         OpenOptions {

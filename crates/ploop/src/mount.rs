@@ -133,7 +133,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         nbd: r.nbd,
     };
     session::serve(opts, |rec| {
-        if let Some(d) = &rec.device {
+        if let Some(d) = rec.fs_device() {
             // The parent `ploop mount` may be gone: a closed pipe is fine.
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", d.display()).and_then(|()| out.flush());
@@ -173,6 +173,13 @@ fn cleanup_dead(rec: &MountRecord) -> Res<()> {
             kernel::umount_lazy(m)?;
         }
     }
+    let part = rec.partition.as_ref().and_then(|p| p.device.as_ref());
+    if let Some(d) = part {
+        // Best effort, as below.
+        if let Err(e) = kernel::loop_detach(d) {
+            eprintln!("warning: {}: {e}", d.display());
+        }
+    }
     if let Some(d) = &rec.device {
         // Best effort: the device may be gone with the daemon already.
         let detached = if kernel_client::is_nbd(d) {
@@ -201,7 +208,7 @@ pub fn umount(
         .into_iter()
         .filter(|r| match (mountpoint, device, dd) {
             (Some(m), _, _) => r.mountpoint.as_deref() == Some(canonical(m).as_path()),
-            (_, Some(d), _) => r.device.as_deref() == Some(d),
+            (_, Some(d), _) => r.device.as_deref() == Some(d) || r.fs_device() == Some(d),
             (_, _, Some(dd)) => r.descriptor == canonical(dd),
             _ => false,
         })
@@ -241,6 +248,13 @@ pub fn record_json(r: &MountRecord) -> serde_json::Value {
         "uuid": r.guid,
         "read_only": r.read_only,
         "device": r.device,
+        "partition": r.partition.as_ref().map(|p| json!({
+            "number": p.number,
+            "start": p.start,
+            "length": p.len,
+            "device": p.device,
+        })),
+        "fs_device": r.fs_device(),
         "mountpoint": r.mountpoint,
         "pid": r.pid,
         "running": r.daemon_alive(),
@@ -257,9 +271,8 @@ pub fn list(as_json: bool) -> Res<ExitCode> {
     }
     for r in &recs {
         println!(
-            "{:<12} {} {} {} pid={}{}{}",
-            r.device
-                .as_ref()
+            "{:<12} {} {} {} pid={}{}{}{}",
+            r.fs_device()
                 .map_or("-".into(), |d| d.display().to_string()),
             r.descriptor.display(),
             r.mountpoint
@@ -267,6 +280,16 @@ pub fn list(as_json: bool) -> Res<ExitCode> {
                 .map_or("-".into(), |m| m.display().to_string()),
             if r.read_only { "ro" } else { "rw" },
             r.pid,
+            match &r.partition {
+                Some(p) => format!(
+                    " partition={} of {}",
+                    p.number,
+                    r.device
+                        .as_ref()
+                        .map_or("-".into(), |d| d.display().to_string())
+                ),
+                None => String::new(),
+            },
             if r.guid == guid_string(&ploop_format::descriptor::TOP_GUID) {
                 String::new()
             } else {
@@ -316,8 +339,15 @@ pub fn online_snapshot(rec: &MountRecord, uuid: Option<Uuid>) -> Res<Uuid> {
         .ok_or_else(|| "daemon did not return the snapshot GUID".into())
 }
 
-/// Make a filesystem on a new image through the same FUSE + loop path.
-pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
+/// OpenVZ's hidden balloon file in a filesystem's root (its lib/ploop.h
+/// BALLOON_FNAME): online shrink inflates it to take space from the
+/// filesystem and hand it back.
+pub const BALLOON_FILE: &str = ".balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8";
+
+/// Make a filesystem on a new image through the same FUSE + loop path
+/// (on partition 1 where the disk has a partition table), and put the
+/// balloon file in its root as OpenVZ's `ploop init` does.
+pub fn make_filesystem(dd: &Path, fstype: &str, o: &kernel::MkfsOptions) -> Res<()> {
     let req = MountRequest {
         descriptor: dd.to_path_buf(),
         read_only: false,
@@ -332,7 +362,45 @@ pub fn make_filesystem(dd: &Path, fstype: &str, block: Option<u32>) -> Res<()> {
         nbd: false,
     };
     let dev = start_daemon(&req)?;
-    let made = kernel::mkfs(Path::new(&dev), fstype, block);
+    let dev = Path::new(&dev);
+    let made = kernel::mkfs(dev, fstype, o)
+        .map_err(|e| e.into())
+        .and_then(|()| create_balloon(dev));
     umount(None, None, Some(dd))?;
-    made.map_err(|e| e.into())
+    made
+}
+
+/// Mount the new filesystem on a private folder, create the balloon file
+/// (empty, 0600, as OpenVZ's create_balloon_file does) and unmount.
+fn create_balloon(dev: &Path) -> Res<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let run = registry::run_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&run)
+        .map_err(|e| format!("{}: {e}", run.display()))?;
+    let dir = run.join(format!("init.{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = kernel::MountPoint::open(&dir)
+        .and_then(|mp| kernel::mount(dev, &mp, "", false))
+        .map_err(|e| -> Box<dyn std::error::Error> { e.into() })
+        .and_then(|()| {
+            let path = dir.join(BALLOON_FILE);
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("creating the balloon file: {e}").into());
+            let unmounted = kernel::umount(&dir);
+            made.and(unmounted.map_err(|e| e.into()))
+        });
+    let _ = std::fs::remove_dir(&dir);
+    result
 }

@@ -124,8 +124,17 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
     let target =
         ploop_io::resolve_folder(&r.target).map_err(|e| format!("{}: {e}", r.target.display()))?;
     let listen = listen_address(&r, &target)?;
+    // OpenVZ 9's lock on the base delta, held while serving.
+    let mut _openvz_lock = None;
     let disk = if is_descriptor(&target) {
         let disk = open_disk(&target, r.read_only, r.uuid)?;
+        match ploop_image::disk::hold_openvz_lock(&target) {
+            Ok(l) => _openvz_lock = l,
+            Err(e) => {
+                let _ = disk.close();
+                return Err(e.into());
+            }
+        }
         ServedDisk::new(target.clone(), disk.guid, r.read_only, disk.chain)
     } else {
         if r.uuid.is_some() {

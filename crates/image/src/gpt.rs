@@ -1,0 +1,640 @@
+//! The GUID partition table inside a virtual disk, laid out as OpenVZ's
+//! `ploop init` lays it out (its lib/fsutils.c `create_gpt_partition`):
+//! one partition, from one cluster in to the end of the disk less one
+//! cluster, rounded down to the cluster and then to 4 KiB, of the Linux
+//! filesystem type. The structures and their checksums are the
+//! `gpt_disk_io` crate's; what is decided here is the layout, and how
+//! strictly a table read from a disk is checked before a partition found
+//! in it is trusted with a filesystem.
+
+use gpt_disk_io::{BlockIo, Disk as GptDisk};
+use gpt_disk_types::{
+    guid, BlockSize, Chs, Crc32, GptHeader, GptHeaderRevision, GptHeaderSignature,
+    GptPartitionAttributes, GptPartitionEntry, GptPartitionEntryArray,
+    GptPartitionEntryArrayLayout, GptPartitionEntrySize, GptPartitionName, GptPartitionType, Guid,
+    Lba, LbaLe, MasterBootRecord, U32Le,
+};
+use ploop_format::{Error, Result};
+
+use crate::Chain;
+
+const SECTOR: u64 = 512;
+/// Partition entries OpenVZ (parted) writes, of 128 bytes each: 32 sectors.
+const ENTRIES: u32 = 128;
+const ENTRY_SIZE: u32 = 128;
+/// An entry array larger than this is refused before it is read (the
+/// usual one is 16 KiB).
+const MAX_ENTRY_BYTES: u64 = 1 << 20;
+/// "Linux filesystem data", sgdisk's type 8300, which OpenVZ's
+/// `sgdisk -n` gives partition 1.
+pub const LINUX_FS: Guid = guid!("0fc63daf-8483-4772-8e79-3d69d8477de4");
+
+/// Partition 1 of a disk: where the filesystem lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// Always 1 here: OpenVZ uses partition 1 and no other.
+    pub number: u32,
+    /// First byte on the virtual disk.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The partition's type GUID, lowercase.
+    pub type_guid: String,
+    /// The partition's own GUID, lowercase.
+    pub guid: String,
+    /// The primary table was damaged and the backup at the disk's end was
+    /// used (nothing was repaired: that is `sgdisk`'s job).
+    pub from_backup: bool,
+}
+
+impl Partition {
+    pub fn first_sector(&self) -> u64 {
+        self.start / SECTOR
+    }
+
+    pub fn last_sector(&self) -> u64 {
+        (self.start + self.len) / SECTOR - 1
+    }
+}
+
+/// How a virtual disk holds its filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// No partition table: the filesystem (if any) is the whole disk.
+    Whole,
+    /// A GPT, and the filesystem in its partition 1.
+    Gpt(Partition),
+}
+
+/// Where OpenVZ puts partition 1 on a disk of `sectors` 512-byte sectors
+/// with clusters of `cluster_sectors`: first and last sector. For clusters
+/// smaller than the table itself (under 17 KiB) the start moves up to the
+/// first cluster past the table, and the end below the backup table,
+/// where OpenVZ's sgdisk call would fail.
+pub fn openvz_range(sectors: u64, cluster_sectors: u64) -> Option<(u64, u64)> {
+    let cluster = cluster_sectors.max(8);
+    let first_usable = 2 + u64::from(ENTRIES * ENTRY_SIZE) / SECTOR;
+    let start = first_usable.div_ceil(cluster).max(1) * cluster;
+    let last_usable = sectors.checked_sub(first_usable + 1)?;
+    let end = (sectors.checked_sub(cluster)? / cluster * cluster).min(last_usable + 1) / 8 * 8;
+    let last = end.checked_sub(1)?;
+    (last >= start).then_some((start, last))
+}
+
+/// What the table is read from and written to: a virtual disk, as bytes.
+pub trait Medium {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+}
+
+impl Medium for Chain {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Chain::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Chain::write_at(self, buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        Chain::flush(self)
+    }
+}
+
+/// A medium seen as 512-byte blocks, for the `gpt_disk_io` crate.
+struct Blocks<'a, M: Medium + ?Sized>(&'a M);
+
+impl<M: Medium + ?Sized> Blocks<'_, M> {
+    /// The byte offset of `len` bytes at `lba`, if they lie on the disk
+    /// and are whole sectors (the crate's contract, checked here rather
+    /// than trusted).
+    fn range(&self, lba: Lba, len: usize) -> Result<u64> {
+        let offset = lba.to_u64().checked_mul(SECTOR);
+        match offset {
+            Some(o)
+                if (len as u64).is_multiple_of(SECTOR)
+                    && o.checked_add(len as u64)
+                        .is_some_and(|end| end <= self.0.size()) =>
+            {
+                Ok(o)
+            }
+            _ => Err(Error::Invalid(format!(
+                "partition table I/O of {len} bytes at sector {} is outside the disk",
+                lba.to_u64()
+            ))),
+        }
+    }
+}
+
+impl<M: Medium + ?Sized> BlockIo for Blocks<'_, M> {
+    type Error = Error;
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize::BS_512
+    }
+
+    fn num_blocks(&mut self) -> Result<u64> {
+        Ok(self.0.size() / SECTOR)
+    }
+
+    fn read_blocks(&mut self, start_lba: Lba, dst: &mut [u8]) -> Result<()> {
+        let at = self.range(start_lba, dst.len())?;
+        self.0.read_at(dst, at)
+    }
+
+    fn write_blocks(&mut self, start_lba: Lba, src: &[u8]) -> Result<()> {
+        let at = self.range(start_lba, src.len())?;
+        self.0.write_at(src, at)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.0.flush()
+    }
+}
+
+fn corrupt(name: &str, what: String) -> Error {
+    Error::Corrupt {
+        path: format!("{name} (partition table)"),
+        what,
+    }
+}
+
+/// Find how a disk holds its filesystem. `name` names the disk in errors.
+/// Only reads. A GPT is trusted only whole: header and entry checksums,
+/// a header that fits the disk, partition 1 in use and inside both the
+/// table's usable sectors and the disk; a damaged primary table falls
+/// back to the backup at the disk's end. Tables of other kinds (an MBR,
+/// a protective MBR with no GPT behind it) are refused, never read as a
+/// whole-disk filesystem.
+pub fn probe<M: Medium + ?Sized>(m: &M, name: &str) -> Result<Layout> {
+    let bad = |what: String| corrupt(name, what);
+    let total = m.size() / SECTOR;
+    if total < 3 {
+        return Ok(Layout::Whole);
+    }
+    let mut head = vec![0u8; (total.min(8) * SECTOR) as usize];
+    m.read_at(&mut head, 0)?;
+    let sig = |at: usize| head.get(at..at + 8) == Some(&b"EFI PART"[..]);
+    if sig(512) {
+        let (entry, from_backup) = read_gpt(m, total).map_err(bad)?;
+        let first = entry.starting_lba.to_u64();
+        let last = entry.ending_lba.to_u64();
+        return Ok(Layout::Gpt(Partition {
+            number: 1,
+            start: first * SECTOR,
+            len: (last - first + 1) * SECTOR,
+            type_guid: { entry.partition_type_guid }.0.to_string(),
+            guid: { entry.unique_partition_guid }.to_string(),
+            from_backup,
+        }));
+    }
+    if sig(4096) {
+        return Err(bad(
+            "the GPT is laid out for 4096-byte sectors; only 512-byte sectors are supported".into(),
+        ));
+    }
+    // A filesystem on the whole disk: ext2/3/4's magic at byte 1080,
+    // XFS's at 0. (Its boot sector may end in 55 aa too.)
+    if head.get(1080..1082) == Some(&[0x53, 0xef][..]) || head.starts_with(b"XFSB") {
+        return Ok(Layout::Whole);
+    }
+    if head[510..512] == [0x55, 0xaa] {
+        let records: Vec<&[u8]> = (0..4).map(|i| &head[446 + 16 * i..462 + 16 * i]).collect();
+        if records.iter().any(|r| r[4] == 0xee) {
+            return Err(bad("the disk has a protective MBR but no GPT behind it \
+                 (no 'EFI PART' signature at sector 1)"
+                .into()));
+        }
+        let plausible =
+            records.iter().all(|r| r[0] == 0 || r[0] == 0x80) && records.iter().any(|r| r[4] != 0);
+        if plausible {
+            return Err(bad(
+                "the disk has an MBR (DOS) partition table; only GPT is \
+                 supported (convert it with `sgdisk -g`)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(Layout::Whole)
+}
+
+/// Partition 1 of the GPT on a disk of `total` sectors, and whether it
+/// came from the backup table.
+fn read_gpt<M: Medium + ?Sized>(
+    m: &M,
+    total: u64,
+) -> std::result::Result<(GptPartitionEntry, bool), String> {
+    let primary = read_header(m, 1, total);
+    let (header, from_backup) = match primary {
+        Ok(h) => (h, false),
+        Err(HeaderError { what, alternate }) => {
+            let backup_at = alternate.filter(|&a| a < total).unwrap_or(total - 1);
+            match read_header(m, backup_at, total) {
+                Ok(h) => {
+                    tracing::warn!("primary GPT unusable ({what}); using the backup");
+                    (h, true)
+                }
+                Err(_) => return Err(format!("primary GPT: {what}; no usable backup either")),
+            }
+        }
+    };
+    let entry = first_entry(m, &header)?;
+    let (first, last) = (entry.starting_lba.to_u64(), entry.ending_lba.to_u64());
+    let (usable_lo, usable_hi) = (
+        header.first_usable_lba.to_u64(),
+        header.last_usable_lba.to_u64(),
+    );
+    if first > last {
+        return Err(format!(
+            "partition 1 ends (sector {last}) before it starts ({first})"
+        ));
+    }
+    if last >= total {
+        return Err(format!(
+            "partition 1 (sectors {first}-{last}) lies past the end of the {total}-sector disk"
+        ));
+    }
+    if first < usable_lo || last > usable_hi {
+        return Err(format!(
+            "partition 1 (sectors {first}-{last}) lies outside the table's usable sectors \
+             {usable_lo}-{usable_hi}"
+        ));
+    }
+    Ok((entry, from_backup))
+}
+
+struct HeaderError {
+    what: String,
+    /// Where the header says its twin is, when it could be read that far.
+    alternate: Option<u64>,
+}
+
+/// The GPT header at `lba`, checked whole.
+fn read_header<M: Medium + ?Sized>(
+    m: &M,
+    lba: u64,
+    total: u64,
+) -> std::result::Result<GptHeader, HeaderError> {
+    let fail = |what: String, alternate: Option<u64>| HeaderError { what, alternate };
+    let mut block = [0u8; SECTOR as usize];
+    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| fail(e.to_string(), None))?;
+    let h = disk
+        .read_gpt_header(Lba(lba), &mut block)
+        .map_err(|e| fail(format!("reading sector {lba}: {e}"), None))?;
+    if !h.is_signature_valid() {
+        return Err(fail(
+            format!("no 'EFI PART' signature at sector {lba}"),
+            None,
+        ));
+    }
+    let alternate = Some(h.alternate_lba.to_u64());
+    let size = h.header_size.to_u32() as usize;
+    if !(92..=SECTOR as usize).contains(&size) {
+        return Err(fail(
+            format!("header size {size} (92 to 512 expected)"),
+            alternate,
+        ));
+    }
+    let mut covered = block[..size].to_vec();
+    covered[16..20].fill(0);
+    let crc = gpt_disk_types::crc::Crc::<u32>::new(&Crc32::ALGORITHM).checksum(&covered);
+    if crc != h.header_crc32.0.to_u32() {
+        return Err(fail("header checksum mismatch".into(), alternate));
+    }
+    if h.revision.major() != 1 {
+        return Err(fail(
+            format!("unknown revision {:#x}", h.revision.0.to_u32()),
+            alternate,
+        ));
+    }
+    if h.my_lba.to_u64() != lba {
+        return Err(fail(
+            format!(
+                "the header at sector {lba} says it is at sector {}",
+                h.my_lba
+            ),
+            alternate,
+        ));
+    }
+    let (lo, hi) = (h.first_usable_lba.to_u64(), h.last_usable_lba.to_u64());
+    if h.alternate_lba.to_u64() >= total || hi >= total {
+        return Err(fail(
+            format!(
+                "the table describes a disk of at least {} sectors, but this one has {total} \
+                 (was the disk resized without its table?)",
+                h.alternate_lba.to_u64().max(hi) + 1
+            ),
+            alternate,
+        ));
+    }
+    if lo > hi {
+        return Err(fail(
+            format!("first usable sector {lo} is past the last, {hi}"),
+            alternate,
+        ));
+    }
+    let count = u64::from(h.number_of_partition_entries.to_u32());
+    let esize = u64::from(h.size_of_partition_entry.to_u32());
+    if esize < 128 || !esize.is_power_of_two() || count == 0 || count * esize > MAX_ENTRY_BYTES {
+        return Err(fail(
+            format!("{count} partition entries of {esize} bytes: not a table this tool reads"),
+            alternate,
+        ));
+    }
+    let start = h.partition_entry_lba.to_u64();
+    let end = start + (count * esize).div_ceil(SECTOR) - 1;
+    let inside = if lba == 1 {
+        start >= 2 && end < lo
+    } else {
+        start > hi && end < lba
+    };
+    if !inside {
+        return Err(fail(
+            format!(
+                "the entry array (sectors {start}-{end}) overlaps the header or the usable sectors"
+            ),
+            alternate,
+        ));
+    }
+    Ok(h)
+}
+
+/// Entry 1 of the table `h` heads, after checking the array's checksum.
+fn first_entry<M: Medium + ?Sized>(
+    m: &M,
+    h: &GptHeader,
+) -> std::result::Result<GptPartitionEntry, String> {
+    let layout = h
+        .get_partition_entry_array_layout()
+        .map_err(|e| format!("partition entries: {e}"))?;
+    let bytes = layout
+        .num_bytes_rounded_to_block_as_usize(BlockSize::BS_512)
+        .ok_or("partition entries: size overflows")?;
+    let mut storage = vec![0u8; bytes];
+    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| e.to_string())?;
+    let array = disk
+        .read_gpt_partition_entry_array(layout, &mut storage)
+        .map_err(|e| format!("reading the partition entries: {e}"))?;
+    if array.calculate_crc32() != h.partition_entry_array_crc32 {
+        return Err("partition entry checksum mismatch".into());
+    }
+    match array.get_partition_entry(0) {
+        Some(e) if e.is_used() => Ok(*e),
+        _ => Err("there is no partition 1 (the table's first entry is empty)".into()),
+    }
+}
+
+fn random_guid() -> Guid {
+    Guid::from_random_bytes(uuid::Uuid::new_v4().into_bytes())
+}
+
+/// Write OpenVZ's layout (protective MBR, primary and backup GPT, one
+/// Linux partition where [`openvz_range`] puts it) and flush. For a new
+/// disk: whatever was in those sectors is overwritten. Returns partition 1.
+pub fn write_openvz<M: Medium + ?Sized>(
+    m: &M,
+    cluster_sectors: u64,
+    name: &str,
+) -> Result<Partition> {
+    let total = m.size() / SECTOR;
+    let (first, last) = openvz_range(total, cluster_sectors).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{name}: a disk of {} bytes is too small for a partition table with {} KiB clusters; \
+             make it without one (-P)",
+            m.size(),
+            cluster_sectors * SECTOR / 1024
+        ))
+    })?;
+    let io_err = |what: &str, e: gpt_disk_io::DiskError<Error>| match e {
+        gpt_disk_io::DiskError::Io(e) => e,
+        other => Error::Invalid(format!("{name}: writing the {what}: {other}")),
+    };
+    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| io_err("table", e))?;
+    let mut block = [0u8; SECTOR as usize];
+
+    // As parted writes it: the protective record covers the whole disk
+    // (up to what 32 bits hold), its end CHS "unknown".
+    let mut mbr = MasterBootRecord::protective_mbr(total);
+    mbr.partitions[0].end_chs = Chs([0xff, 0xff, 0xff]);
+    mbr.partitions[0].size_in_lba = U32Le::from_u32(u32::try_from(total - 1).unwrap_or(u32::MAX));
+    disk.write_mbr(&mbr, &mut block)
+        .map_err(|e| io_err("protective MBR", e))?;
+
+    let entry_size = GptPartitionEntrySize::new(ENTRY_SIZE).expect("128 is a valid entry size");
+    let entry_sectors = u64::from(ENTRIES * ENTRY_SIZE) / SECTOR;
+    let layout = GptPartitionEntryArrayLayout {
+        start_lba: Lba(2),
+        entry_size,
+        num_entries: ENTRIES,
+    };
+    let mut storage = vec![0u8; (ENTRIES * ENTRY_SIZE) as usize];
+    let mut array = GptPartitionEntryArray::new(layout, BlockSize::BS_512, &mut storage)
+        .map_err(|e| Error::Invalid(format!("{name}: partition entries: {e}")))?;
+    let part_guid = random_guid();
+    *array
+        .get_partition_entry_mut(0)
+        .expect("the array has 128 entries") = GptPartitionEntry {
+        partition_type_guid: GptPartitionType(LINUX_FS),
+        unique_partition_guid: part_guid,
+        starting_lba: LbaLe::from_u64(first),
+        ending_lba: LbaLe::from_u64(last),
+        attributes: GptPartitionAttributes::default(),
+        name: GptPartitionName::default(),
+    };
+    let mut header = GptHeader {
+        signature: GptHeaderSignature::EFI_COMPATIBLE_PARTITION_TABLE_HEADER,
+        revision: GptHeaderRevision::VERSION_1_0,
+        my_lba: LbaLe::from_u64(1),
+        alternate_lba: LbaLe::from_u64(total - 1),
+        first_usable_lba: LbaLe::from_u64(2 + entry_sectors),
+        last_usable_lba: LbaLe::from_u64(total - 2 - entry_sectors),
+        disk_guid: random_guid(),
+        partition_entry_lba: LbaLe::from_u64(2),
+        number_of_partition_entries: U32Le::from_u32(ENTRIES),
+        size_of_partition_entry: U32Le::from_u32(ENTRY_SIZE),
+        partition_entry_array_crc32: array.calculate_crc32(),
+        ..GptHeader::default()
+    };
+    header.update_header_crc32();
+    disk.write_gpt_partition_entry_array(&array)
+        .map_err(|e| io_err("partition entries", e))?;
+    disk.write_primary_gpt_header(&header, &mut block)
+        .map_err(|e| io_err("GPT header", e))?;
+
+    // The backup: entries just before the last sector, header in it.
+    array.set_start_lba(Lba(total - 1 - entry_sectors));
+    let mut backup = header;
+    backup.my_lba = LbaLe::from_u64(total - 1);
+    backup.alternate_lba = LbaLe::from_u64(1);
+    backup.partition_entry_lba = LbaLe::from_u64(total - 1 - entry_sectors);
+    backup.update_header_crc32();
+    disk.write_gpt_partition_entry_array(&array)
+        .map_err(|e| io_err("backup partition entries", e))?;
+    disk.write_secondary_gpt_header(&backup, &mut block)
+        .map_err(|e| io_err("backup GPT header", e))?;
+    disk.flush().map_err(|e| io_err("table", e))?;
+    Ok(Partition {
+        number: 1,
+        start: first * SECTOR,
+        len: (last - first + 1) * SECTOR,
+        type_guid: LINUX_FS.to_string(),
+        guid: part_guid.to_string(),
+        from_backup: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Mem(Mutex<Vec<u8>>);
+
+    impl Medium for Mem {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let v = self.0.lock().unwrap();
+            buf.copy_from_slice(&v[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            let mut v = self.0.lock().unwrap();
+            v[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn made(size: u64) -> (Mem, Partition) {
+        let m = Mem(Mutex::new(vec![0; size as usize]));
+        let p = write_openvz(&m, 2048, "d").unwrap();
+        (m, p)
+    }
+
+    /// OpenVZ's own figures for a 10 GiB disk with 1 MiB clusters (parted
+    /// mklabel + sgdisk -n 1:2048:20969471, as its create_gpt_partition
+    /// runs them).
+    #[test]
+    fn openvz_places_partition_one_like_openvz() {
+        assert_eq!(openvz_range(20971520, 2048), Some((2048, 20969471)));
+        // Odd sizes: the end is rounded to the cluster, then to 4 KiB.
+        assert_eq!(openvz_range(204800 + 17, 2048), Some((2048, 202751)));
+        assert_eq!(openvz_range(2048 * 2, 2048), None);
+        // Clusters smaller than the table: start past the table, on the grid.
+        assert_eq!(openvz_range(1 << 20, 8).map(|r| r.0), Some(40));
+    }
+
+    #[test]
+    fn a_written_table_reads_back() {
+        let (m, p) = made(64 * MIB);
+        assert_eq!(p.start, MIB);
+        assert_eq!(p.len, 64 * MIB - 2 * MIB);
+        assert_eq!(probe(&m, "d").unwrap(), Layout::Gpt(p.clone()));
+        // Damage the primary header: the backup is used.
+        m.0.lock().unwrap()[512 + 40] ^= 1;
+        match probe(&m, "d").unwrap() {
+            Layout::Gpt(q) => {
+                assert!(q.from_backup);
+                assert_eq!((q.start, q.len), (p.start, p.len));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Both damaged: refused, naming the primary's fault.
+        let end = m.size() as usize - 512;
+        m.0.lock().unwrap()[end + 40] ^= 1;
+        let e = probe(&m, "d").unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+    }
+
+    fn refused(m: &Mem, needle: &str) {
+        let e = probe(m, "disk").unwrap_err().to_string();
+        assert!(e.contains(needle), "{e:?} should say {needle:?}");
+        assert!(e.starts_with("disk (partition table)"), "{e}");
+    }
+
+    /// Rewrite partition 1 (and the checksums over it) in both tables.
+    fn set_partition(m: &Mem, first: u64, last: u64) {
+        let total = m.size() / SECTOR;
+        for (hdr_lba, arr_lba) in [(1, 2), (total - 1, total - 33)] {
+            let mut v = m.0.lock().unwrap();
+            let e = (arr_lba * SECTOR) as usize;
+            v[e + 32..e + 40].copy_from_slice(&first.to_le_bytes());
+            v[e + 40..e + 48].copy_from_slice(&last.to_le_bytes());
+            let crc = gpt_disk_types::crc::Crc::<u32>::new(&Crc32::ALGORITHM);
+            let arr = crc.checksum(&v[e..e + 16384]);
+            let h = (hdr_lba * SECTOR) as usize;
+            v[h + 88..h + 92].copy_from_slice(&arr.to_le_bytes());
+            v[h + 16..h + 20].fill(0);
+            let hc = crc.checksum(&v[h..h + 92]);
+            v[h + 16..h + 20].copy_from_slice(&hc.to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn bad_and_foreign_tables_are_refused() {
+        let (m, _) = made(16 * MIB);
+        let total = m.size() / SECTOR;
+        set_partition(&m, 2048, total + 10);
+        refused(&m, "past the end");
+        set_partition(&m, 2048, total - 20);
+        refused(&m, "usable sectors");
+        set_partition(&m, 0, 0);
+        // Type GUID still set: clear it too for an empty entry.
+        {
+            let mut v = m.0.lock().unwrap();
+            for base in [1024usize, ((total - 33) * SECTOR) as usize] {
+                v[base..base + 16].fill(0);
+            }
+        }
+        set_partition(&m, 0, 0);
+        refused(&m, "no partition 1");
+
+        // A protective MBR alone.
+        let (m, _) = made(16 * MIB);
+        m.0.lock().unwrap()[512..1024].fill(0);
+        refused(&m, "protective MBR but no GPT");
+
+        // A DOS table: one Linux partition from sector 2048.
+        let m = Mem(Mutex::new(vec![0; 16 * MIB as usize]));
+        {
+            let mut v = m.0.lock().unwrap();
+            v[446 + 4] = 0x83;
+            v[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+            v[446 + 12..446 + 16].copy_from_slice(&30000u32.to_le_bytes());
+            v[510] = 0x55;
+            v[511] = 0xaa;
+        }
+        refused(&m, "MBR (DOS)");
+
+        // A disk shrunk under its table.
+        let (m, _) = made(16 * MIB);
+        m.0.lock().unwrap().truncate(8 * MIB as usize);
+        refused(&m, "was the disk resized");
+    }
+
+    #[test]
+    fn blank_and_whole_disk_filesystems_are_whole() {
+        let m = Mem(Mutex::new(vec![0; MIB as usize]));
+        assert_eq!(probe(&m, "d").unwrap(), Layout::Whole);
+        // An ext4 superblock, with a boot-sector signature beside it.
+        {
+            let mut v = m.0.lock().unwrap();
+            v[1080] = 0x53;
+            v[1081] = 0xef;
+            v[510] = 0x55;
+            v[511] = 0xaa;
+            v[446 + 4] = 0x83;
+        }
+        assert_eq!(probe(&m, "d").unwrap(), Layout::Whole);
+    }
+}
