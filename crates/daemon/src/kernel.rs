@@ -270,6 +270,52 @@ pub fn thaw(dir: &Path) -> Result<()> {
     run("fsfreeze", &["-u", s(dir)]).map(|_| ())
 }
 
+/// Check a filesystem before it is mounted (`mount -F`): `e2fsck -p`
+/// (what it can fix unattended) for ext2/3/4, `xfs_repair` for XFS (which
+/// refuses a dirty log rather than zero it); `-n` for both on a read-only
+/// device. Problems left unfixed are an error.
+pub fn fsck(dev: &Path, read_only: bool) -> Result<()> {
+    let fstype = fs_type(dev).unwrap_or_default();
+    let (tool, mut args): (&str, Vec<&str>) = match fstype.as_str() {
+        "ext2" | "ext3" | "ext4" => ("e2fsck", vec![if read_only { "-n" } else { "-p" }]),
+        "xfs" => ("xfs_repair", if read_only { vec!["-n"] } else { vec![] }),
+        "" => {
+            return Err(Error::Refused(format!(
+                "{}: no filesystem found to check",
+                dev.display()
+            )))
+        }
+        other => {
+            return Err(Error::Refused(format!(
+                "{}: cannot check a {other} filesystem",
+                dev.display()
+            )))
+        }
+    };
+    args.push(s(dev));
+    let out = command(tool)?
+        .args(&args)
+        .output()
+        .map_err(|err| Error::Spawn {
+            tool: tool.to_string(),
+            err,
+        })?;
+    // e2fsck: 1 and 2 mean errors were fixed; 4 and up, left or failed.
+    let code = out.status.code().unwrap_or(8);
+    let fixed_only = tool == "e2fsck" && code < 4;
+    if out.status.success() || fixed_only {
+        return Ok(());
+    }
+    Err(Error::Tool {
+        tool: tool.to_string(),
+        args: args.join(" "),
+        stderr: format!(
+            "exit code {code}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+    })
+}
+
 /// How [`mkfs`] makes a filesystem.
 #[derive(Clone, Debug, Default)]
 pub struct MkfsOptions {

@@ -44,6 +44,8 @@ pub struct MountOptions {
     /// Export through the kernel's NBD client (/dev/nbdN) instead of FUSE
     /// and a loop device.
     pub nbd: bool,
+    /// Check (and fix what is safe to fix) the filesystem before mounting.
+    pub fsck: bool,
 }
 
 /// What the device is made of.
@@ -334,6 +336,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         }
         None => dev.clone(),
     };
+    if opts.fsck {
+        kernel::fsck(&fs_dev, opts.read_only)?;
+    }
     if let Some(m) = &opts.mountpoint {
         let mp = kernel::MountPoint::open(m)?;
         kernel::mount(&fs_dev, &mp, &opts.fs_options, opts.read_only)?;

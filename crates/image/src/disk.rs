@@ -197,7 +197,11 @@ impl Disk {
                 ),
             });
         }
-        let temporary = descriptor.shot(guid).is_some_and(|s| s.temporary);
+        // A merge under way marks its target temporary, and a merge target
+        // has exactly one child; one marked with more (a snapshot-delete
+        // that had to keep it) holds what it always held.
+        let temporary = descriptor.shot(guid).is_some_and(|s| s.temporary)
+            && descriptor.children(guid).len() == 1;
         if temporary && !opts.merge_target {
             let child = descriptor.children(guid);
             let how = match child.as_slice() {

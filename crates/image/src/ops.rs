@@ -948,3 +948,73 @@ fn check_disk_inner(dd: &Path, lock: Option<&DescriptorLock>) -> Result<Vec<Delt
     }
     Ok(out)
 }
+
+/// The file name `new` gets in a descriptor, if it may be used as a new
+/// delta: beside the descriptor (as every delta lives) and not there yet.
+pub fn check_new_delta(dd: &Path, new: &Path) -> Result<String> {
+    let name = new
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| desc_err(dd, format!("{}: not a file name", new.display())))?
+        .to_string();
+    let dir = dd_dir(dd);
+    let wanted = ploop_format::descriptor::resolve_image_path(
+        &dir,
+        &new.display().to_string(),
+        &dd.display().to_string(),
+    )?;
+    if ploop_io::fsys::exists(&wanted) {
+        return Err(desc_err(
+            dd,
+            format!(
+                "can't merge to new image {}: the file exists",
+                wanted.display()
+            ),
+        ));
+    }
+    Ok(name)
+}
+
+/// Give snapshot `guid`'s delta the new name `new` (OpenVZ's
+/// `snapshot-merge -n`): a second link first, then the descriptor, then
+/// the old name goes, so a crash leaves a descriptor naming a file that
+/// exists.
+pub fn move_delta(dd: &Path, guid: Uuid, new: &Path) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let name = check_new_delta(dd, new)?;
+    let entry = d
+        .images
+        .iter_mut()
+        .find(|i| i.guid == guid)
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
+    let old = image_path(dd, &entry.file)?;
+    let target = dd_dir(dd).join(&name);
+    std::fs::hard_link(&old, &target)
+        .map_err(|e| Error::io(target.display().to_string(), "linking the new delta", 0, e))?;
+    entry.file = name;
+    d.save(dd)?;
+    ploop_io::fsys::remove(&old)
+        .map_err(|e| Error::io(old.display().to_string(), "removing the old name", 0, e))
+}
+
+/// Mark snapshot `guid` temporary (OpenVZ's `<Temporary/>`): merged away
+/// into its child once it has one. Returns false if it already was.
+pub fn mark_temporary(dd: &Path, guid: Uuid) -> Result<bool> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    if guid == d.top_guid {
+        return Err(desc_err(dd, "the top delta cannot be temporary".into()));
+    }
+    let shot = d
+        .snapshots
+        .iter_mut()
+        .find(|s| s.guid == guid)
+        .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
+    if shot.temporary {
+        return Ok(false);
+    }
+    shot.temporary = true;
+    d.save(dd)?;
+    Ok(true)
+}

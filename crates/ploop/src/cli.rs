@@ -36,13 +36,12 @@ enum Cmd {
     /// Create an image and the DiskDescriptor.xml beside it.
     Init(InitArgs),
     /// Show a disk's size, format and deltas.
-    Info {
-        #[arg(long)]
-        json: bool,
-        descriptor: PathBuf,
-    },
+    Info(InfoArgs),
     /// Check a disk or one delta file and repair it (unless -r).
     Check(CheckArgs),
+    /// OpenVZ's old name of `check`.
+    #[command(hide = true)]
+    Fsck(CheckArgs),
     /// Take a snapshot: freeze the top delta and start a new one.
     Snapshot {
         /// GUID for the snapshot (default: random).
@@ -50,6 +49,10 @@ enum Cmd {
         uuid: Option<String>,
         descriptor: PathBuf,
     },
+    /// Take a temporary snapshot and mount it read-only (e.g. for a
+    /// backup); it is merged away once its mount is gone, at the next
+    /// mount, snapshot or snapshot-delete of the disk.
+    Tsnapshot(TsnapshotArgs),
     /// List snapshots.
     #[command(name = "snapshot-list")]
     SnapshotList(ListArgs),
@@ -63,8 +66,15 @@ enum Cmd {
     /// Merge a snapshot (default: the top delta) into its parent.
     #[command(name = "snapshot-merge")]
     SnapshotMerge {
-        #[arg(short = 'u', long = "uuid")]
+        #[arg(short = 'u', long = "uuid", conflicts_with = "all")]
         uuid: Option<String>,
+        /// Merge every snapshot, down to one image.
+        #[arg(short = 'A', long = "all")]
+        all: bool,
+        /// Write the merged image to this new file (beside the descriptor;
+        /// it must not exist) instead of the parent's; offline only.
+        #[arg(short = 'n', long = "new-delta", value_name = "DELTA")]
+        new_delta: Option<PathBuf>,
         descriptor: PathBuf,
     },
     /// Drop the current top delta and continue from a snapshot.
@@ -177,6 +187,36 @@ struct InitArgs {
 }
 
 #[derive(Args)]
+struct TsnapshotArgs {
+    /// GUID for the snapshot.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: String,
+    /// The name of whoever holds the snapshot (OpenVZ's component name;
+    /// recorded in the log only).
+    #[arg(short = 'c', long = "component")]
+    component: String,
+    /// Mount the snapshot's filesystem here (without: only the device).
+    #[arg(short = 'm', long = "mount-point")]
+    mountpoint: Option<PathBuf>,
+    descriptor: PathBuf,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// The disk's layout only (size, blocksize, format, deltas), without
+    /// the filesystem's figures (OpenVZ's -s).
+    #[arg(short = 's', long = "spec")]
+    spec: bool,
+    /// The devices of a mounted disk (OpenVZ's -d).
+    #[arg(short = 'd', long = "device")]
+    device: bool,
+    #[arg(long)]
+    json: bool,
+    /// DiskDescriptor.xml, its folder, or one image file.
+    target: PathBuf,
+}
+
+#[derive(Args)]
 struct MountArgs {
     /// Read-only.
     #[arg(short = 'r', long = "read-only")]
@@ -187,9 +227,14 @@ struct MountArgs {
     /// Filesystem mount options.
     #[arg(short = 'o', long = "options", default_value = "")]
     options: String,
-    /// Serve this snapshot (read-only) instead of the top.
+    /// Serve this snapshot (read-only, as it has children) instead of the
+    /// top; `base` names the base image.
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
+    /// Check the filesystem before mounting it (e2fsck -p, or xfs_repair):
+    /// errors it cannot fix stop the mount.
+    #[arg(short = 'F', long = "fsck")]
+    fsck: bool,
     /// Stay in the foreground and log to stderr.
     #[arg(long)]
     foreground: bool,
@@ -310,7 +355,8 @@ struct UmountTarget {
     /// The device.
     #[arg(short = 'd', long = "device")]
     device: Option<PathBuf>,
-    /// DiskDescriptor.xml (every view of it that is mounted).
+    /// DiskDescriptor.xml (every view of it that is mounted), or the
+    /// base image file of a mounted disk.
     descriptor: Option<PathBuf>,
 }
 
@@ -407,8 +453,12 @@ pub fn run() -> Res<ExitCode> {
     };
     match cli.cmd {
         Cmd::Init(a) => init(a),
-        Cmd::Info { json, descriptor } => info(&descriptor, json),
+        Cmd::Info(a) => info(a),
         Cmd::Check(a) => check(a),
+        Cmd::Fsck(a) => {
+            eprintln!("WARNING: ploop fsck command is obsoleted, please use ploop check");
+            check(a)
+        }
         Cmd::Snapshot { uuid, descriptor } => {
             let uuid = uuid.as_deref().map(guid_arg).transpose()?;
             let snap = match crate::mount::served_rw(&descriptor) {
@@ -419,11 +469,23 @@ pub fn run() -> Res<ExitCode> {
                 "ploop snapshot {} has been successfully created",
                 guid_string(&snap)
             );
+            merge_temporary(&descriptor);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::SnapshotList(a) => snapshot_list(a),
         Cmd::SnapshotDelete { uuid, descriptor } => {
             let g = guid_arg(&uuid)?;
+            let d = Descriptor::load(&descriptor)?;
+            let children = d.children(g).len();
+            if d.shot(g).is_some() && children > 1 {
+                // As OpenVZ: kept, and merged away once one child is left.
+                ops::mark_temporary(&descriptor, g)?;
+                println!(
+                    "Warning: Unable to delete snapshot {} as there are {children} references to it; marking it as temporary instead",
+                    guid_string(&g)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             match crate::mount::served_rw(&descriptor) {
                 Some(rec) => with_progress("merging", |p| {
                     let req = Request::Delete {
@@ -438,19 +500,48 @@ pub fn run() -> Res<ExitCode> {
                 "ploop snapshot {} has been successfully deleted",
                 guid_string(&g)
             );
+            merge_temporary(&descriptor);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::SnapshotMerge { uuid, descriptor } => {
+        Cmd::Tsnapshot(a) => tsnapshot(a),
+        Cmd::SnapshotMerge {
+            uuid,
+            all,
+            new_delta,
+            descriptor,
+        } => {
             let g = uuid.as_deref().map(guid_arg).transpose()?;
-            match crate::mount::served_rw(&descriptor) {
-                Some(rec) => with_progress("merging", |p| {
-                    let req = Request::Merge {
-                        guid: g.map(|g| guid_string(&g)),
-                    };
-                    crate::mount::online_call_with_progress(&rec, &req, p)
-                })
-                .map(|_| ())?,
-                None => with_progress("merging", |p| ops::merge(&descriptor, g, p))?,
+            let online = crate::mount::served_rw(&descriptor);
+            if new_delta.is_some() && online.is_some() {
+                return Err("-n works on an unmounted disk only: umount it first".into());
+            }
+            if let Some(n) = &new_delta {
+                if all {
+                    return Err("-n and -A cannot be used together".into());
+                }
+                ops::check_new_delta(&descriptor, n)?;
+            }
+            loop {
+                let d = Descriptor::load(&descriptor)?;
+                if all && d.images.len() == 1 {
+                    break;
+                }
+                match &online {
+                    Some(rec) => with_progress("merging", |p| {
+                        let req = Request::Merge {
+                            guid: g.map(|g| guid_string(&g)),
+                        };
+                        crate::mount::online_call_with_progress(rec, &req, p)
+                    })
+                    .map(|_| ())?,
+                    None => with_progress("merging", |p| ops::merge(&descriptor, g, p))?,
+                };
+                if let Some(n) = &new_delta {
+                    ops::move_delta(&descriptor, g.unwrap_or(TOP_GUID), n)?;
+                }
+                if !all {
+                    break;
+                }
             }
             println!("ploop snapshot has been successfully merged");
             Ok(ExitCode::SUCCESS)
@@ -496,12 +587,36 @@ pub fn run() -> Res<ExitCode> {
             println!("{}", dd.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Mount(a) => crate::mount::mount(a.into()),
-        Cmd::Umount(a) => crate::mount::umount(
-            a.target.mountpoint.as_deref(),
-            a.target.device.as_deref(),
-            a.target.descriptor.as_deref(),
-        ),
+        Cmd::Mount(mut a) => {
+            if a.uuid.as_deref() == Some("base") {
+                // OpenVZ's man page: the base (lowest) image.
+                let d = Descriptor::load(&a.descriptor)?;
+                let base = d
+                    .snapshots
+                    .iter()
+                    .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
+                    .ok_or("the descriptor has no base image")?;
+                a.uuid = Some(guid_string(&base.guid));
+            }
+            let dd = a.descriptor.clone();
+            let top_rw = a.uuid.is_none() && !a.read_only && !a.foreground;
+            let r = crate::mount::mount(a.into())?;
+            if top_rw {
+                merge_temporary(&dd);
+            }
+            Ok(r)
+        }
+        Cmd::Umount(a) => {
+            let dd = match a.target.descriptor {
+                Some(t) if !is_descriptor(&t)? => Some(crate::mount::descriptor_of_image(&t)?),
+                other => other,
+            };
+            crate::mount::umount(
+                a.target.mountpoint.as_deref(),
+                a.target.device.as_deref(),
+                dd.as_deref(),
+            )
+        }
         Cmd::List { json } => crate::mount::list(json),
         Cmd::Serve(a) => {
             ploop_uring::busy_poll::set_limit(std::time::Duration::from_micros(a.poll.busy_poll));
@@ -641,7 +756,233 @@ fn init(a: InitArgs) -> Res<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
+/// OpenVZ's merge_temporary_snapshots: every temporary snapshot left
+/// with one child is merged into it (none: dropped), online where the
+/// disk is mounted. One still in use (a tsnapshot's mount) is skipped:
+/// merging into it needs its file, which that mount holds.
+fn merge_temporary(dd: &Path) {
+    let mut skipped = std::collections::HashSet::new();
+    for _ in 0..ploop_format::descriptor::MAX_IMAGES {
+        let Ok(d) = Descriptor::load(dd) else { return };
+        let Some(shot) = d.snapshots.iter().find(|s| {
+            s.temporary
+                && s.guid != d.top_guid
+                && d.children(s.guid).len() <= 1
+                && !skipped.contains(&s.guid)
+        }) else {
+            return;
+        };
+        let guid = shot.guid;
+        let online = crate::mount::served_rw(dd);
+        let done: Res<()> = match d.children(guid).as_slice() {
+            [child] => match &online {
+                Some(rec) => crate::mount::online_call(
+                    rec,
+                    &Request::Merge {
+                        guid: Some(guid_string(child)),
+                    },
+                )
+                .map(|_| ()),
+                None => ops::merge(dd, Some(*child), &|_, _| {}).map_err(Into::into),
+            },
+            _ => match &online {
+                Some(rec) => crate::mount::online_call(
+                    rec,
+                    &Request::Delete {
+                        guid: guid_string(&guid),
+                    },
+                )
+                .map(|_| ()),
+                None => ops::delete(dd, guid, &|_, _| {}).map_err(Into::into),
+            },
+        };
+        match done {
+            Ok(()) => println!(
+                "temporary snapshot {} has been merged away",
+                guid_string(&guid)
+            ),
+            Err(e) => {
+                tracing::info!("temporary snapshot {} kept: {e}", guid_string(&guid));
+                skipped.insert(guid);
+            }
+        }
+    }
+}
+
+/// `tsnapshot`: a snapshot, mounted read-only, then marked temporary (so
+/// that it is merged away once that mount is gone). Marked after the
+/// mount opened it: a temporary snapshot is otherwise not opened on its
+/// own (it may be the target of a merge under way).
+fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
+    let g = guid_arg(&a.uuid)?;
+    let dd = &a.descriptor;
+    let snap = match crate::mount::served_rw(dd) {
+        Some(rec) => crate::mount::online_snapshot(&rec, Some(g))?,
+        None => ops::snapshot(dd, Some(g))?,
+    };
+    let req = crate::mount::MountRequest {
+        descriptor: dd.clone(),
+        read_only: true,
+        mountpoint: a.mountpoint.clone(),
+        options: String::new(),
+        uuid: Some(guid_string(&snap)),
+        foreground: false,
+        threads: 4,
+        uring: false,
+        fuse_queues: "auto".into(),
+        busy_poll_us: 0,
+        nbd: false,
+        fsck: false,
+    };
+    if let Some(m) = &a.mountpoint {
+        ploop_daemon::kernel::MountPoint::open(m)?;
+    }
+    let dev = match crate::mount::start_daemon(&req) {
+        Ok(dev) => dev,
+        Err(e) => {
+            // As OpenVZ: a snapshot that cannot be mounted is merged back.
+            let back: Res<()> = match crate::mount::served_rw(dd) {
+                Some(rec) => crate::mount::online_call(
+                    &rec,
+                    &Request::Delete {
+                        guid: guid_string(&snap),
+                    },
+                )
+                .map(|_| ()),
+                None => ops::delete(dd, snap, &|_, _| {}).map_err(Into::into),
+            };
+            if let Err(b) = back {
+                eprintln!("ploop: merging the snapshot back failed too: {b}");
+            }
+            return Err(e);
+        }
+    };
+    ops::mark_temporary(dd, snap)?;
+    tracing::info!("temporary snapshot for {}", a.component);
+    println!(
+        "ploop temporary snapshot {} has been successfully created",
+        guid_string(&snap)
+    );
+    println!("{dev}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `path` is a DiskDescriptor.xml rather than an image file.
+fn is_descriptor(path: &Path) -> Res<bool> {
+    if path.extension().is_some_and(|e| e == "xml") {
+        return Ok(true);
+    }
+    let first =
+        ploop_io::FileIo::read_head(path, 16).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(!has_signature(&first) && first.starts_with(b"<"))
+}
+
+fn info(a: InfoArgs) -> Res<ExitCode> {
+    let target = if a.target.is_dir() {
+        a.target.join(ploop_format::descriptor::FILE_NAME)
+    } else {
+        a.target.clone()
+    };
+    if !is_descriptor(&target)? {
+        return image_info(&target, a.json);
+    }
+    if a.device {
+        return device_info(&target);
+    }
+    disk_info(&target, a.json, !a.spec)
+}
+
+/// `info -d`: the devices of a mounted disk, as OpenVZ prints them.
+fn device_info(dd: &Path) -> Res<ExitCode> {
+    let canonical = ploop_io::resolve_folder(dd).ok();
+    let rec = ploop_daemon::registry::all()
+        .into_iter()
+        .find(|r| Some(&r.descriptor) == canonical.as_ref() && r.daemon_alive())
+        .ok_or_else(|| format!("{}: not mounted", dd.display()))?;
+    let show = |d: Option<&Path>| d.map_or("-".to_string(), |d| d.display().to_string());
+    println!("device:\t\t{}", show(rec.device.as_deref()));
+    println!("partition:\t{}", show(rec.fs_device()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The features of a delta's format extension, in words.
+fn extension_features(p: &ploop_format::ploop::PloopDelta, file_size: u64) -> Vec<String> {
+    use ploop_format::ploop::ext::{self, Feature, State};
+    match ext::read(p.io(), p.header(), &p.bat_snapshot(), file_size) {
+        Ok(State::None) => Vec::new(),
+        Ok(State::Live(e)) => e
+            .features
+            .iter()
+            .map(|f| match f {
+                Feature::DirtyBitmap {
+                    id, granularity, ..
+                } => format!(
+                    "dirty bitmap {} ({} KiB per bit)",
+                    guid_string(id),
+                    u64::from(*granularity) * SECTOR / 1024
+                ),
+                Feature::Unknown { magic, flags, .. } => {
+                    format!("unknown feature {magic:#018x} (flags {flags:#x})")
+                }
+            })
+            .collect(),
+        Ok(State::Dangling(why)) => vec![format!("format extension unusable: {why}")],
+        Err(e) => vec![format!("format extension unreadable: {e}")],
+    }
+}
+
+/// `info IMAGE`: one delta file on its own.
+fn image_info(path: &Path, as_json: bool) -> Res<ExitCode> {
+    let meta =
+        std::fs::symlink_metadata(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    let io = ploop_image::disk::open_file(
+        path,
+        ploop_io::OpenMode {
+            lock: ploop_io::LockMode::None,
+            ..ploop_io::OpenMode::read_only()
+        },
+    )?;
+    let head =
+        ploop_io::FileIo::read_head(path, 16).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !has_signature(&head) {
+        return Err(format!(
+            "{}: not a ploop image (no signature) nor a DiskDescriptor.xml; a raw image has no header to show",
+            path.display()
+        )
+        .into());
+    }
+    let p = ploop_format::ploop::PloopDelta::open(io, Default::default())?;
+    let h = p.header();
+    let features = extension_features(&p, meta.len());
+    let v = json!({
+        "file": path.display().to_string(),
+        "format": "ploop1",
+        "version": h.version.number(),
+        "size": p.virtual_size(),
+        "size_sectors": p.virtual_size() / SECTOR,
+        "cluster_size": p.cluster_size(),
+        "blocksize": p.cluster_size() / SECTOR,
+        "allocated_clusters": p.allocated_clusters(),
+        "in_use": h.in_use,
+        "file_size": meta.len(),
+        "features": features,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("size:\t\t{}", p.virtual_size() / SECTOR);
+        println!("blocksize:\t{}", p.cluster_size() / SECTOR);
+        println!("fmt_version:\t{}", h.version.number());
+        println!("allocated:\t{} clusters", p.allocated_clusters());
+        println!("in_use:\t\t{}", if h.in_use { "yes" } else { "no" });
+        for f in &features {
+            println!("feature:\t{f}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn disk_info(dd: &Path, as_json: bool, with_fs: bool) -> Res<ExitCode> {
     let d = Descriptor::load(dd)?;
     let name = dd.display().to_string();
     let mut deltas = Vec::new();
@@ -650,7 +991,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         // Not through a link: the folder may be a container owner's.
         let meta =
             std::fs::symlink_metadata(&path).map_err(|err| format!("{}: {err}", path.display()))?;
-        let (version, allocated) = if e.kind == ImageType::Compressed {
+        let (version, allocated, features) = if e.kind == ImageType::Compressed {
             // A peek without a lock, so info works on a mounted disk too
             // (the on-disk BAT may then lag the daemon's by one flush).
             let io = ploop_image::disk::open_file(
@@ -664,9 +1005,10 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             (
                 Some(p.header().version.number()),
                 Some(p.allocated_clusters()),
+                extension_features(&p, meta.len()),
             )
         } else {
-            (None, None)
+            (None, None, Vec::new())
         };
         use std::os::unix::fs::MetadataExt;
         deltas.push(json!({
@@ -677,6 +1019,7 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             "allocated_clusters": allocated,
             "file_size": meta.len(),
             "disk_usage": meta.blocks() * 512,
+            "features": features,
         }));
     }
     let size = d.size_sectors * SECTOR;
@@ -693,6 +1036,11 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
         .map(|r| crate::mount::record_json(&r))
         .collect();
     let partition = disk_partition(dd);
+    let fs = if with_fs {
+        crate::mount::fs_stats(dd)
+    } else {
+        None
+    };
     if as_json {
         let v = json!({
             "partition": partition.as_ref().map(|p| json!({
@@ -711,6 +1059,14 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
             "format": format,
             "snapshots": d.snapshots.len(),
             "deltas": deltas,
+            "filesystem": fs.as_ref().map(|f| json!({
+                "block_size": f.block_size,
+                "blocks": f.blocks,
+                "blocks_free": f.blocks_free,
+                "blocks_available": f.blocks_available,
+                "inodes": f.inodes,
+                "inodes_free": f.inodes_free,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -756,6 +1112,26 @@ fn info(dd: &Path, as_json: bool) -> Res<ExitCode> {
                     .as_u64()
                     .map_or("-".to_string(), |c| format!("{c} clusters")),
                 x["file_size"]
+            );
+            for f in x["features"].as_array().into_iter().flatten() {
+                println!("    feature: {}", f.as_str().unwrap_or(""));
+            }
+        }
+        if let Some(f) = &fs {
+            // OpenVZ's own table (its tools/ploop.c print_info).
+            let kib = |blocks: u64| blocks * f.block_size / 1024;
+            println!("{:>11} {:>14} {:>14}", "resource", "Size", "Used");
+            println!(
+                "{:>11} {:>14} {:>14}",
+                "1k-blocks",
+                kib(f.blocks),
+                kib(f.blocks - f.blocks_free)
+            );
+            println!(
+                "{:>11} {:>14} {:>14}",
+                "inodes",
+                f.inodes,
+                f.inodes - f.inodes_free
             );
         }
     }
@@ -1048,6 +1424,7 @@ impl From<MountArgs> for crate::mount::MountRequest {
             fuse_queues: a.fuse_queues,
             busy_poll_us: a.poll.busy_poll,
             nbd: a.nbd,
+            fsck: a.fsck,
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct MountRequest {
     pub busy_poll_us: u64,
     /// The kernel's NBD client as the device, instead of FUSE + loop.
     pub nbd: bool,
+    /// Check the filesystem before mounting it.
+    pub fsck: bool,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -41,7 +43,7 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Start a daemon in the background; returns the device once it is up.
-fn start_daemon(r: &MountRequest) -> Res<String> {
+pub fn start_daemon(r: &MountRequest) -> Res<String> {
     let dd = ploop_io::resolve_folder(&r.descriptor)
         .map_err(|e| format!("{}: {e}", r.descriptor.display()))?;
     let guid = match &r.uuid {
@@ -62,6 +64,9 @@ fn start_daemon(r: &MountRequest) -> Res<String> {
     }
     if r.nbd {
         cmd.arg("--nbd");
+    }
+    if r.fsck {
+        cmd.arg("-F");
     }
     if let Some(m) = &r.mountpoint {
         cmd.arg("-m").arg(m);
@@ -131,6 +136,7 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
             _ => session::FuseQueues::Auto,
         },
         nbd: r.nbd,
+        fsck: r.fsck,
     };
     session::serve(opts, |rec| {
         if let Some(d) = rec.fs_device() {
@@ -360,6 +366,7 @@ pub fn make_filesystem(dd: &Path, fstype: &str, o: &kernel::MkfsOptions) -> Res<
         fuse_queues: "dev".into(),
         busy_poll_us: 0,
         nbd: false,
+        fsck: false,
     };
     let dev = start_daemon(&req)?;
     let dev = Path::new(&dev);
@@ -403,4 +410,129 @@ fn create_balloon(dev: &Path) -> Res<()> {
         });
     let _ = std::fs::remove_dir(&dir);
     result
+}
+
+/// A filesystem's size and use, as statfs gives them.
+pub struct FsStats {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_available: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+}
+
+fn statvfs(dir: &Path) -> Option<FsStats> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(FsStats {
+        block_size: s.f_frsize,
+        blocks: s.f_blocks,
+        blocks_free: s.f_bfree,
+        blocks_available: s.f_bavail,
+        inodes: s.f_files,
+        inodes_free: s.f_ffree,
+    })
+}
+
+/// The figures of a disk's filesystem, as OpenVZ's `info` gets them: from
+/// where it is mounted, or (not mounted at all, and as root) from a
+/// read-only mount made for the purpose and undone. None where neither
+/// works (no filesystem, mounted without a mount point, not root).
+pub fn fs_stats(dd: &Path) -> Option<FsStats> {
+    let canonical = canonical(dd);
+    let recs: Vec<MountRecord> = registry::all()
+        .into_iter()
+        .filter(|r| r.descriptor == canonical && r.daemon_alive())
+        .collect();
+    for r in &recs {
+        if let (Some(m), Some(dev)) = (&r.mountpoint, r.fs_device()) {
+            if kernel::mounted_from(m).as_deref() == Some(dev) {
+                return statvfs(m);
+            }
+        }
+    }
+    if !recs.is_empty() || !rustix::process::geteuid().is_root() || !has_filesystem(dd) {
+        return None;
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    let run = registry::run_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&run)
+        .ok()?;
+    let dir = run.join(format!("info.{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
+    let req = MountRequest {
+        descriptor: dd.to_path_buf(),
+        read_only: true,
+        mountpoint: Some(dir.clone()),
+        options: String::new(),
+        uuid: None,
+        foreground: false,
+        threads: 2,
+        uring: false,
+        fuse_queues: "dev".into(),
+        busy_poll_us: 0,
+        nbd: false,
+        fsck: false,
+    };
+    let stats = match start_daemon(&req) {
+        Ok(_) => {
+            let s = statvfs(&dir);
+            if let Err(e) = umount(None, None, Some(dd)) {
+                eprintln!("ploop: unmounting the disk mounted for its figures: {e}");
+            }
+            s
+        }
+        Err(_) => None,
+    };
+    let _ = std::fs::remove_dir(&dir);
+    stats
+}
+
+/// Whether a disk holds an ext2/3/4 or XFS filesystem where it would be
+/// mounted (partition 1, or the whole disk), by its magic numbers.
+fn has_filesystem(dd: &Path) -> bool {
+    use ploop_image::gpt::{self, Layout};
+    let Ok(disk) = ploop_image::Disk::open(dd, ploop_image::OpenOptions::default()) else {
+        return false;
+    };
+    let start = match gpt::probe(&disk.chain, &dd.display().to_string()) {
+        Ok(Layout::Gpt(p)) => Some(p.start),
+        Ok(Layout::Whole) => Some(0),
+        Err(_) => None,
+    };
+    let mut head = vec![0u8; 2048];
+    let found = start.is_some_and(|at| {
+        disk.chain.read_at(&mut head, at).is_ok()
+            && (head[1080..1082] == [0x53, 0xef] || head.starts_with(b"XFSB"))
+    });
+    let _ = disk.close();
+    found
+}
+
+/// The descriptor of the mounted disk whose base image is `image`
+/// (OpenVZ's `umount DELTA`).
+pub fn descriptor_of_image(image: &Path) -> Res<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    for rec in registry::all() {
+        let Ok(d) = ploop_format::descriptor::Descriptor::load(&rec.descriptor) else {
+            continue;
+        };
+        let base = d
+            .snapshots
+            .iter()
+            .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
+            .and_then(|s| d.image(s.guid));
+        let Some(base) = base else { continue };
+        let Ok(path) = ploop_image::disk::image_path(&rec.descriptor, &base.file) else {
+            continue;
+        };
+        if std::fs::metadata(&path).is_ok_and(|m| m.dev() == want.dev() && m.ino() == want.ino()) {
+            return Ok(rec.descriptor);
+        }
+    }
+    Err(format!("image {} is not mounted", image.display()).into())
 }

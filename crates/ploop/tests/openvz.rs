@@ -655,3 +655,168 @@ fn openvz_locks_exclude_both_ways() {
     let _m = Mounted(dd_s.clone());
     ok(ploop(&["umount", &dd_s]), "umount");
 }
+
+fn snap(dd: &str) -> String {
+    let out = ok(ploop(&["snapshot", dd]), "snapshot");
+    out.split_whitespace().nth(2).unwrap().to_string()
+}
+
+fn shots(dd: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(ploop(&["snapshot-list", "--json", dd]), "list")).unwrap()
+}
+
+/// OpenVZ's commands and options: snapshot-delete of a snapshot with two
+/// children marks it temporary, and it is merged away once one child is
+/// left; tsnapshot mounts a temporary snapshot that goes after its
+/// umount; snapshot-merge -A and -n; mount -u base and -F; umount IMAGE;
+/// info on an image file, -s, -d and OpenVZ's figures; fsck.
+#[test]
+fn openvz_commands_and_options() {
+    let _s = serial();
+    let dir = tempdir();
+    let img = dir.path().join("root.hdd");
+    ok(
+        ploop(&["init", "-s", "256M", img.to_str().unwrap()]),
+        "init",
+    );
+    let dd = dir.path().join("DiskDescriptor.xml");
+    let dd_s = dd.to_str().unwrap().to_string();
+    let dd = dd_s.as_str();
+    let mnt = dir.path().join("mnt");
+    let bak = dir.path().join("bak");
+    fs::create_dir(&mnt).unwrap();
+    fs::create_dir(&bak).unwrap();
+
+    // Two children of S1: S2 over it, and the top after a switch to S1.
+    let s1 = snap(dd);
+    let s2 = snap(dd);
+    ok(ploop(&["snapshot-switch", "-u", &s1, dd]), "switch");
+    let out = ok(ploop(&["snapshot-delete", "-u", &s1, dd]), "delete");
+    assert!(out.contains("marking it as temporary"), "{out}");
+    assert!(fs::read_to_string(dd).unwrap().contains("<Temporary/>"));
+    assert_eq!(shots(dd).len(), 3, "kept");
+    // Its data is whole: it can still be read on its own.
+    ok(ploop(&["read", "--length", "1M", "-u", &s1, dd]), "read S1");
+    // One child left: the next snapshot-delete merges it away.
+    let out = ok(ploop(&["snapshot-delete", "-u", &s2, dd]), "delete S2");
+    assert!(
+        out.contains(&format!("temporary snapshot {s1} has been merged away")),
+        "{out}"
+    );
+    assert_eq!(shots(dd).len(), 1, "{:?}", shots(dd));
+    assert!(!fs::read_to_string(dd).unwrap().contains("Temporary"));
+
+    // tsnapshot of a mounted disk, for a backup.
+    ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), dd]), "mount");
+    let m = Mounted(dd_s.clone());
+    fs::write(mnt.join("at-backup"), b"before").unwrap();
+    let t = "{11111111-2222-3333-4444-555555555555}";
+    let out = ok(
+        ploop(&[
+            "tsnapshot",
+            "-u",
+            t,
+            "-c",
+            "backup",
+            "-m",
+            bak.to_str().unwrap(),
+            dd,
+        ]),
+        "tsnapshot",
+    );
+    assert!(out.contains("temporary snapshot"), "{out}");
+    fs::write(mnt.join("at-backup"), b"after").unwrap();
+    assert_eq!(fs::read(bak.join("at-backup")).unwrap(), b"before");
+    assert!(fs::read_to_string(dd).unwrap().contains("<Temporary/>"));
+    // In use by its mount: a snapshot now keeps it.
+    let out = ok(ploop(&["snapshot", dd]), "snapshot");
+    assert!(!out.contains("merged away"), "{out}");
+    ok(
+        ploop(&["umount", "-m", bak.to_str().unwrap()]),
+        "umount tsnapshot",
+    );
+    let out = ok(ploop(&["snapshot", dd]), "snapshot");
+    assert!(
+        out.contains(&format!("temporary snapshot {t} has been merged away")),
+        "{out}"
+    );
+    // snapshot-merge -A: everything, online, down to one image.
+    ok(ploop(&["snapshot-merge", "-A", dd]), "merge -A");
+    assert_eq!(shots(dd).len(), 1);
+    assert_eq!(fs::read(mnt.join("at-backup")).unwrap(), b"after");
+
+    // info: ours, OpenVZ's figures beside them (as df sees them), -d, -s.
+    let info = ok(ploop(&["info", dd]), "info");
+    let df = ok(
+        run("df", &["-k", "--output=size,used", mnt.to_str().unwrap()]),
+        "df",
+    );
+    let df: Vec<&str> = df.lines().nth(1).unwrap().split_whitespace().collect();
+    let row = info
+        .lines()
+        .find(|l| l.trim_start().starts_with("1k-blocks"))
+        .unwrap_or_else(|| panic!("{info}"));
+    let row: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&row[1..], &df[..], "{info}");
+    assert!(info.contains("inodes"), "{info}");
+    let spec = ok(ploop(&["info", "-s", dd]), "info -s");
+    assert!(
+        spec.contains("blocksize:\t2048") && !spec.contains("1k-blocks"),
+        "{spec}"
+    );
+    let devs = ok(ploop(&["info", "-d", dd]), "info -d");
+    assert!(
+        devs.starts_with("device:\t\t/dev/loop") && devs.contains("partition:\t/dev/loop"),
+        "{devs}"
+    );
+    // umount by the base image file.
+    ok(ploop(&["umount", img.to_str().unwrap()]), "umount IMAGE");
+    drop(m);
+    assert!(!ok(ploop(&["list"]), "list").contains(dd));
+    let out = ploop(&["umount", img.to_str().unwrap()]);
+    assert!(!out.ok() && out.stderr.contains("is not mounted"), "{out}");
+
+    // info on the image file itself.
+    let out = ok(ploop(&["info", img.to_str().unwrap()]), "info IMAGE");
+    assert!(
+        out.contains("size:\t\t524288") && out.contains("in_use:\t\tno"),
+        "{out}"
+    );
+
+    // snapshot-merge -n: the merged image under a new name.
+    snap(dd);
+    ok(
+        ploop(&["snapshot-merge", "-n", "merged.hdd", dd]),
+        "merge -n",
+    );
+    let list = shots(dd);
+    assert_eq!(list.len(), 1);
+    assert!(
+        list[0]["fname"].as_str().unwrap().ends_with("/merged.hdd"),
+        "{list:?}"
+    );
+    assert!(!img.exists(), "the old name is gone");
+    let out = ploop(&["snapshot-merge", "-n", "merged.hdd", dd]);
+    assert!(!out.ok(), "{out}");
+
+    // mount -u base (read-only, as the base has a child) and -F.
+    snap(dd);
+    ok(
+        ploop(&["mount", "-r", "-u", "base", "-m", mnt.to_str().unwrap(), dd]),
+        "mount base",
+    );
+    let m = Mounted(dd_s.clone());
+    assert_eq!(fs::read(mnt.join("at-backup")).unwrap(), b"after");
+    ok(ploop(&["umount", dd]), "umount");
+    drop(m);
+    ok(
+        ploop(&["mount", "-F", "-m", mnt.to_str().unwrap(), dd]),
+        "mount -F",
+    );
+    let m = Mounted(dd_s.clone());
+    ok(ploop(&["umount", dd]), "umount");
+    drop(m);
+    // fsck: OpenVZ's old name of check, with its warning.
+    let out = ploop(&["fsck", dd]).success();
+    assert!(out.stderr.contains("obsoleted"), "{out}");
+}
