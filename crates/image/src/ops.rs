@@ -1018,3 +1018,155 @@ pub fn mark_temporary(dd: &Path, guid: Uuid) -> Result<bool> {
     d.save(dd)?;
     Ok(true)
 }
+
+/// OpenVZ's `check -S` for one ploop delta: every byte the image uses
+/// (header and BAT, each cluster the BAT maps, a live format extension)
+/// is backed by written blocks, and nothing else is. Holes (and
+/// unwritten extents) inside used clusters are what OpenVZ's own check
+/// calls a sparse image and refuses, and a discard or a copy by another
+/// tool leaves them: they are filled with written zeros. Data in clusters
+/// nothing references (a discarded cluster whose punch failed, leaked
+/// space) is punched out. Unless `read_only`, which only reports.
+pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
+    use ploop_format::ploop::ext::{self, State};
+    let name = path.display().to_string();
+    let mode = if read_only {
+        OpenMode::read_only()
+    } else {
+        OpenMode::read_write()
+    };
+    let io = open_file(path, mode)?;
+    let p = PloopDelta::open(
+        io.clone(),
+        ploop_format::ploop::OpenFlags {
+            writable: false,
+            ..Default::default()
+        },
+    )?;
+    let h = p.header().clone();
+    let cs = h.cluster_size;
+    let file_size = io.size().map_err(|e| Error::io(&name, "sizing", 0, e))?;
+    let mut used: Vec<(u64, u64)> = vec![(0, h.data_offset.min(file_size))];
+    let bat = p.bat_snapshot();
+    for &e in &bat {
+        if e != 0 {
+            let off = ploop_format::ploop::entry_to_offset(&h, e);
+            if off < file_size {
+                used.push((off, (off + cs).min(file_size)));
+            }
+        }
+    }
+    if let Ok(State::Live(x)) = ext::read(&io, &h, &bat, file_size) {
+        for c in x.clusters {
+            used.push((c, (c + cs).min(file_size)));
+        }
+    }
+    drop(p);
+    used.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in used {
+        match merged.last_mut() {
+            Some((_, end)) if s <= *end => *end = (*end).max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let mut report = CheckReport::default();
+    // What is written: FIEMAP's extents less the unwritten ones (which
+    // read as zeros, and which OpenVZ's check calls uninitialized), after
+    // a sync so that delayed allocations are placed.
+    let file = ploop_io::Folder::of(path)
+        .and_then(|(dir, f)| dir.open_read(f))
+        .map_err(|e| Error::io(&name, "opening", 0, e))?;
+    let mut written: Vec<(u64, u64)> = Vec::new();
+    for extent in fiemap::Fiemap::with_flags(&file, fiemap::FiemapFlags::SYNC) {
+        let extent = match extent {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("{name}: the filesystem cannot map its extents ({e}): -S skipped");
+                eprintln!("ploop: {name}: the filesystem holding it cannot map its extents ({e}): -S skipped");
+                return Ok(report);
+            }
+        };
+        if !extent
+            .fe_flags
+            .contains(fiemap::FiemapExtentFlags::UNWRITTEN)
+        {
+            let (a, b) = (extent.fe_logical, extent.fe_logical + extent.fe_length);
+            match written.last_mut() {
+                Some((_, end)) if a <= *end => *end = (*end).max(b),
+                _ => written.push((a, b)),
+            }
+        }
+    }
+    // Holes: used bytes outside every written extent.
+    let zeros = vec![0u8; 1 << 20];
+    let mut holes = 0u64;
+    for &(us, ue) in &merged {
+        let mut pos = us;
+        for &(ws, we) in written.iter().chain([(ue, ue)].iter()) {
+            if we <= pos {
+                continue;
+            }
+            let gap_end = ws.min(ue);
+            if pos < gap_end {
+                holes += gap_end - pos;
+                if !read_only {
+                    let mut at = pos;
+                    while at < gap_end {
+                        let k = (gap_end - at).min(zeros.len() as u64) as usize;
+                        io.write_at(&zeros[..k], at)
+                            .map_err(|e| Error::io(&name, "filling a hole", at, e))?;
+                        at += k as u64;
+                    }
+                }
+            }
+            pos = pos.max(we);
+            if pos >= ue {
+                break;
+            }
+        }
+    }
+    // Strays: whole clusters written that nothing uses.
+    let mut stray = Vec::new();
+    for &(ws, we) in &written {
+        let mut pos = ws;
+        for &(us, ue) in merged.iter().chain([(u64::MAX, u64::MAX)].iter()) {
+            if ue <= pos {
+                continue;
+            }
+            let free_end = us.min(we);
+            if pos < free_end {
+                let (a, b) = (pos.div_ceil(cs) * cs, free_end / cs * cs);
+                if a < b {
+                    stray.push((a, b - a));
+                }
+            }
+            pos = pos.max(ue);
+            if pos >= we {
+                break;
+            }
+        }
+    }
+    if holes > 0 {
+        report.problems.push(format!(
+            "the image is sparse: {holes} bytes of the clusters it uses are holes (fix: fill them with zeros)"
+        ));
+    }
+    let stray_bytes: u64 = stray.iter().map(|(_, n)| n).sum();
+    if stray_bytes > 0 {
+        report.problems.push(format!(
+            "{stray_bytes} bytes of data in clusters nothing references (fix: punch them out)"
+        ));
+        if !read_only {
+            for (a, n) in stray {
+                io.punch_hole(a, n)
+                    .map_err(|e| Error::io(&name, "punching a stray cluster", a, e))?;
+            }
+        }
+    }
+    if !report.is_clean() && !read_only {
+        io.flush().map_err(|e| Error::io(&name, "flushing", 0, e))?;
+        report.repaired = true;
+    }
+    Ok(report)
+}

@@ -371,6 +371,34 @@ struct CheckArgs {
     /// Check even if the image was closed cleanly.
     #[arg(short = 'f', long = "force")]
     force: bool,
+    /// Fix even what OpenVZ calls fatal (BAT entries past the end of the
+    /// file or into metadata): always done here, kept for OpenVZ.
+    #[arg(short = 'F', long = "hard-force")]
+    hard_force: bool,
+    /// Drop the image's in-use flag: always done by a repair, kept for
+    /// OpenVZ.
+    #[arg(short = 'd', long = "drop-inuse")]
+    drop_inuse: bool,
+    /// Report problems only (no "clean" lines).
+    #[arg(short = 's', long = "silent")]
+    silent: bool,
+    /// Repair a sparse image: fill holes inside the clusters the image
+    /// uses with written zeros (OpenVZ's check refuses sparse images, as a
+    /// discard or a copy by another tool leaves them) and punch out data
+    /// nothing references.
+    #[arg(short = 'S', long = "repair-sparse")]
+    repair_sparse: bool,
+    /// Defragmentation (OpenVZ's -D): not built yet.
+    #[arg(short = 'D', long = "defrag", hide = true)]
+    defrag: bool,
+    /// A raw image (OpenVZ's -R, -b): nothing to check in one.
+    #[arg(short = 'R', long = "raw", hide = true)]
+    raw: bool,
+    #[arg(short = 'b', long = "blocksize", hide = true)]
+    blocksize: Option<String>,
+    /// Check the chain up to a snapshot (OpenVZ's -u): not built.
+    #[arg(short = 'u', long = "uuid", hide = true)]
+    uuid: Option<String>,
     /// Detailed check (duplicates); always done here, kept for OpenVZ.
     #[arg(short = 'c', long = "check")]
     check: bool,
@@ -1151,17 +1179,39 @@ fn disk_partition(dd: &Path) -> Option<ploop_image::gpt::Partition> {
 }
 
 fn check(a: CheckArgs) -> Res<ExitCode> {
-    let _ = (a.force, a.check);
+    let _ = (a.force, a.check, a.hard_force, a.drop_inuse);
+    if a.defrag {
+        return Err("check -D (defragmentation) is not built yet".into());
+    }
+    if a.raw || a.blocksize.is_some() {
+        return Err("check -R/-b: a raw image has no metadata to check".into());
+    }
+    if a.uuid.is_some() {
+        return Err("check -u is not built: the whole chain is checked".into());
+    }
     let is_dd = a.target.extension().is_some_and(|e| e == "xml") || {
         let first = ploop_io::FileIo::read_head(&a.target, 16)
             .map_err(|e| format!("{}: {e}", a.target.display()))?;
         !has_signature(&first) && first.starts_with(b"<")
     };
-    let results = if is_dd {
+    let mut results = if is_dd {
         ops::check_disk(&a.target, a.read_only)?
     } else {
         vec![ops::check_file(&a.target, a.read_only)?]
     };
+    if a.repair_sparse {
+        // After the repair above, on every ploop delta checked: the top
+        // repaired, the others (read-only snapshots) too, as OpenVZ's -S.
+        let files: Vec<PathBuf> = results
+            .iter()
+            .map(|r| r.path.clone())
+            .filter(|p| !is_descriptor(p).unwrap_or(true))
+            .collect();
+        for f in files {
+            let report = ops::repair_sparse(&f, a.read_only)?;
+            results.push(ops::DeltaCheck { path: f, report });
+        }
+    }
     let unrepaired = results
         .iter()
         .any(|r| !r.report.is_clean() && !r.report.repaired);
@@ -1180,7 +1230,9 @@ fn check(a: CheckArgs) -> Res<ExitCode> {
     } else {
         for r in &results {
             if r.report.is_clean() {
-                println!("{}: clean", r.path.display());
+                if !a.silent {
+                    println!("{}: clean", r.path.display());
+                }
                 continue;
             }
             for p in &r.report.problems {

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::{data, ok, ploop, qemu_check, run, tempdir};
+use common::{data, ok, openvz_check, ploop, qemu_check, run, tempdir};
 
 /// Mounts and loop devices: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -67,6 +67,12 @@ fn md5(path: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
+}
+
+/// The MD5 of everything a disk holds, as `ploop read` gives it.
+fn disk_md5(dd: &str) -> String {
+    let cmd = format!("set -o pipefail; '{}' read '{dd}' | md5sum", common::bin());
+    ok(run("bash", &["-c", &cmd]), "ploop read | md5sum")
 }
 
 /// OpenVZ's DiskDescriptor.xml for one base image, as its lib/xml.c
@@ -230,9 +236,25 @@ fn a_disk_laid_out_by_openvz_tools_mounts_and_reads_back() {
     ok(ploop(&["umount", &dd_s]), "umount");
     let x = fs::read_to_string(&dd).unwrap();
     assert!(x.contains("<Virtuozzo_disk_image>"), "{x}");
-    // (OpenVZ's own check refuses this file as qemu-img wrote it: the
-    // rest of its header cluster is a hole.)
     qemu_check(&image);
+    // OpenVZ's own check refuses this file as qemu-img wrote it (the rest
+    // of its header cluster is a hole, "sparse"); check -S fills it, and
+    // changes nothing the disk holds.
+    let sparse = run(
+        common::OPENVZ_PLOOP,
+        &["check", "-f", "-c", "-r", image.to_str().unwrap()],
+    );
+    assert!(!sparse.ok() && sparse.stderr.contains("sparse"), "{sparse}");
+    let before = disk_md5(&dd_s);
+    let out = ok(ploop(&["check", "-S", image.to_str().unwrap()]), "check -S");
+    assert!(out.contains("sparse") && out.contains("repaired"), "{out}");
+    openvz_check(&image);
+    assert_eq!(disk_md5(&dd_s), before);
+    let again = ok(
+        ploop(&["check", "-S", image.to_str().unwrap()]),
+        "check -S again",
+    );
+    assert!(!again.contains("sparse"), "{again}");
     // And the filesystem is clean, seen through qemu's reading of it.
     let back = dir.path().join("back.raw");
     ok(
