@@ -1043,7 +1043,7 @@ pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
             ..Default::default()
         },
     )?;
-    let h = p.header().clone();
+    let h = *p.header();
     let cs = h.cluster_size;
     let file_size = io.size().map_err(|e| Error::io(&name, "sizing", 0, e))?;
     let mut used: Vec<(u64, u64)> = vec![(0, h.data_offset.min(file_size))];
