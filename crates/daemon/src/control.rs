@@ -24,6 +24,13 @@ pub enum Request {
     Delete {
         guid: String,
     },
+    /// Swap a read-only delta for an identical copy.
+    Replace {
+        /// `guid:GUID`, `level:N` or `file:PATH`.
+        target: String,
+        new: std::path::PathBuf,
+        keep_name: bool,
+    },
     Stop,
 }
 

@@ -158,7 +158,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     }
     let disk = open_disk(&dd, opts.read_only, opts.guid)?;
     // Held for the daemon's life: OpenVZ 9's tools see the disk in use.
-    let openvz_lock = match ploop_image::disk::hold_openvz_lock(&dd) {
+    let mut openvz_lock = match ploop_image::disk::hold_openvz_lock(&dd) {
         Ok(l) => l,
         Err(e) => {
             let _ = disk.close();
@@ -395,6 +395,23 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                     .map(|_| None)
                     .map_err(|e| e.to_string()),
             },
+            Request::Replace {
+                target,
+                new,
+                keep_name,
+            } => match parse_replace_target(&target) {
+                None => Err(format!("bad replace target {target:?}")),
+                Some(t) => online::replace(&served, &t, &new, keep_name, progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+                    .inspect(|_| {
+                        // The base may be another file now: lock that one.
+                        match ploop_image::disk::hold_openvz_lock(&dd) {
+                            Ok(l) => openvz_lock = l,
+                            Err(e) => warn!("OpenVZ's lock on the new base delta: {e}"),
+                        }
+                    }),
+            },
             Request::Stop => {
                 let r = served
                     .chain()
@@ -425,6 +442,17 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     let stopped = session.finish();
     info!("stopped serving {}", dd.display());
     stopped
+}
+
+/// A replace target as the control socket carries it.
+fn parse_replace_target(t: &str) -> Option<ops::ReplaceTarget> {
+    let (kind, value) = t.split_once(':')?;
+    match kind {
+        "guid" => parse_guid(value).map(ops::ReplaceTarget::Guid),
+        "level" => value.parse().ok().map(ops::ReplaceTarget::Level),
+        "file" => Some(ops::ReplaceTarget::File(PathBuf::from(value))),
+        _ => None,
+    }
 }
 
 /// What `serve` has set up. Dropped before `finish` — any step of the

@@ -81,7 +81,7 @@ impl Delta {
         }
     }
 
-    fn read(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+    pub(crate) fn read(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
         match self {
             Delta::Raw(r) => r.read(buf, file_offset),
             Delta::Ploop(p) => p.read_data(buf, file_offset),

@@ -1170,3 +1170,193 @@ pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
     }
     Ok(report)
 }
+
+/// Which delta `replace` swaps.
+#[derive(Clone, Debug)]
+pub enum ReplaceTarget {
+    Guid(Uuid),
+    /// Level in the top's chain, 0 being the base.
+    Level(usize),
+    /// The delta's current file.
+    File(PathBuf),
+}
+
+/// The GUID of the delta `target` names: a snapshot (never the top, which
+/// is written to and has no identical copy).
+pub fn replace_target(dd: &Path, d: &Descriptor, target: &ReplaceTarget) -> Result<Uuid> {
+    let name = dd.display().to_string();
+    let guid = match target {
+        ReplaceTarget::Guid(g) => {
+            d.image(*g).ok_or_else(|| {
+                desc_err(dd, format!("can't find image by guid {}", guid_string(g)))
+            })?;
+            *g
+        }
+        ReplaceTarget::Level(l) => {
+            let chain = d.chain(d.top_guid, &name)?;
+            chain.get(*l).map(|e| e.guid).ok_or_else(|| {
+                desc_err(dd, format!("invalid level {l}: 0 to {}", chain.len() - 1))
+            })?
+        }
+        ReplaceTarget::File(f) => {
+            use std::os::unix::fs::MetadataExt;
+            let want = std::fs::metadata(f)
+                .map_err(|e| Error::io(f.display().to_string(), "looking up", 0, e))?;
+            d.images
+                .iter()
+                .find(|i| {
+                    image_path(dd, &i.file)
+                        .ok()
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .is_some_and(|m| m.dev() == want.dev() && m.ino() == want.ino())
+                })
+                .map(|i| i.guid)
+                .ok_or_else(|| {
+                    desc_err(
+                        dd,
+                        format!("can't find image {} in the descriptor", f.display()),
+                    )
+                })?
+        }
+    };
+    if guid == d.top_guid {
+        return Err(desc_err(
+            dd,
+            "only a read-only delta (a snapshot) can be replaced, not the top".into(),
+        ));
+    }
+    Ok(guid)
+}
+
+/// Check that `new` holds what `old` holds: the same clusters allocated,
+/// with the same bytes, within a disk of `size` bytes.
+pub fn same_content(
+    old: &Delta,
+    new: &Delta,
+    size: u64,
+    cs: u64,
+    progress: Progress,
+) -> Result<()> {
+    let clusters = size.div_ceil(cs);
+    let mut a = vec![0u8; cs as usize];
+    let mut b = vec![0u8; cs as usize];
+    for c in 0..clusters {
+        let len = (size - c * cs).min(cs) as usize;
+        match (old.map(c, cs), new.map(c, cs)) {
+            (None, None) => {}
+            (Some(x), Some(y)) => {
+                old.read(&mut a[..len], x)?;
+                new.read(&mut b[..len], y)?;
+                if a[..len] != b[..len] {
+                    return Err(Error::Invalid(format!(
+                        "{} differs from {} in cluster {c}: not an identical copy",
+                        new.path(),
+                        old.path()
+                    )));
+                }
+            }
+            (x, _) => {
+                return Err(Error::Invalid(format!(
+                    "{} {} cluster {c}, {} {}: not an identical copy",
+                    old.path(),
+                    if x.is_some() { "holds" } else { "lacks" },
+                    new.path(),
+                    if x.is_some() { "lacks it" } else { "holds it" }
+                )))
+            }
+        }
+        progress(c + 1, clusters);
+    }
+    Ok(())
+}
+
+/// The descriptor's name for `new`, a delta beside it, after checking it
+/// is one (a ploop image, structurally clean) of the kind `old` is.
+pub fn replacement_name(dd: &Path, new: &Path, kind: ImageType) -> Result<String> {
+    let name = new
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| desc_err(dd, format!("{}: not a file name", new.display())))?
+        .to_string();
+    let here = ploop_format::descriptor::resolve_image_path(
+        &dd_dir(dd),
+        &new.display().to_string(),
+        &dd.display().to_string(),
+    )?;
+    if !ploop_io::fsys::exists(&here) {
+        return Err(desc_err(dd, format!("{} does not exist", here.display())));
+    }
+    if kind == ImageType::Compressed {
+        let r = check_file(&here, true)?;
+        if !r.report.is_clean() {
+            return Err(desc_err(
+                dd,
+                format!(
+                    "{} is not clean: {}",
+                    here.display(),
+                    r.report.problems.join("; ")
+                ),
+            ));
+        }
+    }
+    Ok(name)
+}
+
+/// Offline `replace`: swap snapshot `guid`'s delta for `new`, an
+/// identical copy beside the descriptor. The descriptor names the new
+/// file, or with `keep_name` the new file takes the old one's name.
+pub fn replace(
+    dd: &Path,
+    target: &ReplaceTarget,
+    new: &Path,
+    keep_name: bool,
+    progress: Progress,
+) -> Result<()> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let guid = replace_target(dd, &d, target)?;
+    let entry = d.image(guid).cloned().expect("found above");
+    let name = replacement_name(dd, new, entry.kind)?;
+    let old_path = image_path(dd, &entry.file)?;
+    let new_path = dd_dir(dd).join(&name);
+    if new_path == old_path {
+        return Err(desc_err(dd, "the new image is the current one".into()));
+    }
+    let old = open_delta(&old_path, entry.kind, &OpenOptions::default())?;
+    let newd = open_delta(&new_path, entry.kind, &OpenOptions::default())?;
+    let size = d.size_sectors * SECTOR;
+    same_content(&old, &newd, size, u64::from(d.blocksize) * SECTOR, progress)?;
+    drop((old, newd));
+    finish_replace(dd, &mut d, guid, &name, keep_name)
+}
+
+/// The descriptor (or with `keep_name`, the file name) side of a replace
+/// whose content was checked.
+pub fn finish_replace(
+    dd: &Path,
+    d: &mut Descriptor,
+    guid: Uuid,
+    name: &str,
+    keep_name: bool,
+) -> Result<()> {
+    let entry = d
+        .images
+        .iter_mut()
+        .find(|i| i.guid == guid)
+        .expect("checked by the caller");
+    if keep_name {
+        let old = image_path(dd, &entry.file)?;
+        let new = dd_dir(dd).join(name);
+        ploop_io::fsys::rename(&new, &old).map_err(|e| {
+            Error::io(
+                new.display().to_string(),
+                "renaming over the old delta",
+                0,
+                e,
+            )
+        })?;
+        return Ok(());
+    }
+    entry.file = name.to_string();
+    d.save(dd)
+}

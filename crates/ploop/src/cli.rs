@@ -47,8 +47,14 @@ enum Cmd {
         /// GUID for the snapshot (default: random).
         #[arg(short = 'u', long = "uuid")]
         uuid: Option<String>,
+        /// OpenVZ's -b (a changed-block bitmap): not built yet.
+        #[arg(short = 'b', hide = true)]
+        cbt: Option<String>,
         descriptor: PathBuf,
     },
+    /// Swap a read-only delta (a snapshot) for an identical copy, on a
+    /// mounted disk too: the copy is compared cluster by cluster first.
+    Replace(ReplaceArgs),
     /// Take a temporary snapshot and mount it read-only (e.g. for a
     /// backup); it is merged away once its mount is gone, at the next
     /// mount, snapshot or snapshot-delete of the disk.
@@ -187,6 +193,29 @@ struct InitArgs {
 }
 
 #[derive(Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(false).args(["uuid", "level", "old"])))]
+struct ReplaceArgs {
+    /// The snapshot whose delta is replaced.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+    /// Its level in the top's chain (0: the base).
+    #[arg(short = 'l', long = "level")]
+    level: Option<usize>,
+    /// Its current file.
+    #[arg(short = 'o', long = "old")]
+    old: Option<PathBuf>,
+    /// The copy, beside the descriptor.
+    #[arg(short = 'i', long = "image")]
+    image: PathBuf,
+    /// Rename the copy over the old file instead of naming it in the
+    /// descriptor.
+    #[arg(short = 'k', long = "keep-name")]
+    keep_name: bool,
+    descriptor: PathBuf,
+}
+
+#[derive(Args)]
 struct TsnapshotArgs {
     /// GUID for the snapshot.
     #[arg(short = 'u', long = "uuid")]
@@ -231,6 +260,18 @@ struct MountArgs {
     /// top; `base` names the base image.
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
+    /// OpenVZ's options this mount does not build (component names, a
+    /// given device, an image list's format, no partprobe): refused.
+    #[arg(short = 'c', hide = true)]
+    component: Option<String>,
+    #[arg(short = 'd', hide = true)]
+    device: Option<String>,
+    #[arg(short = 't', hide = true)]
+    fstype: Option<String>,
+    #[arg(short = 'b', hide = true)]
+    blocksize: Option<String>,
+    #[arg(short = 'f', hide = true)]
+    format: Option<String>,
     /// Check the filesystem before mounting it (e2fsck -p, or xfs_repair):
     /// errors it cannot fix stop the mount.
     #[arg(short = 'F', long = "fsck")]
@@ -487,7 +528,14 @@ pub fn run() -> Res<ExitCode> {
             eprintln!("WARNING: ploop fsck command is obsoleted, please use ploop check");
             check(a)
         }
-        Cmd::Snapshot { uuid, descriptor } => {
+        Cmd::Snapshot {
+            uuid,
+            cbt,
+            descriptor,
+        } => {
+            if cbt.is_some() {
+                return Err("snapshot -b (changed-block tracking) is not built yet".into());
+            }
             let uuid = uuid.as_deref().map(guid_arg).transpose()?;
             let snap = match crate::mount::served_rw(&descriptor) {
                 Some(rec) => crate::mount::online_snapshot(&rec, uuid)?,
@@ -532,6 +580,7 @@ pub fn run() -> Res<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Tsnapshot(a) => tsnapshot(a),
+        Cmd::Replace(a) => replace(a),
         Cmd::SnapshotMerge {
             uuid,
             all,
@@ -616,6 +665,20 @@ pub fn run() -> Res<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(mut a) => {
+            let unbuilt = [
+                ("-c (component names)", a.component.is_some()),
+                ("-d (a given device: one is chosen)", a.device.is_some()),
+                ("-t (the filesystem type is detected)", a.fstype.is_some()),
+                (
+                    "-b and -f (mounting a list of images)",
+                    a.blocksize.is_some() || a.format.is_some(),
+                ),
+            ];
+            if let Some((what, _)) = unbuilt.iter().find(|(_, used)| *used) {
+                return Err(
+                    format!("mount {what} is not supported: mount a DiskDescriptor.xml").into(),
+                );
+            }
             if a.uuid.as_deref() == Some("base") {
                 // OpenVZ's man page: the base (lowest) image.
                 let d = Descriptor::load(&a.descriptor)?;
@@ -892,6 +955,56 @@ fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
         guid_string(&snap)
     );
     println!("{dev}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replace(a: ReplaceArgs) -> Res<ExitCode> {
+    let (target, wire) = match (&a.uuid, a.level, &a.old) {
+        (Some(u), _, _) => {
+            let g = guid_arg(u)?;
+            (
+                ops::ReplaceTarget::Guid(g),
+                format!("guid:{}", guid_string(&g)),
+            )
+        }
+        (_, Some(l), _) => (ops::ReplaceTarget::Level(l), format!("level:{l}")),
+        (_, _, Some(o)) => {
+            let o = std::fs::canonicalize(o).map_err(|e| format!("{}: {e}", o.display()))?;
+            (
+                ops::ReplaceTarget::File(o.clone()),
+                format!("file:{}", o.display()),
+            )
+        }
+        _ => unreachable!("clap requires one"),
+    };
+    let new = std::path::absolute(&a.image)?;
+    let online = crate::mount::served_rw(&a.descriptor);
+    match &online {
+        Some(rec) => with_progress("comparing", |p| {
+            crate::mount::online_call_with_progress(
+                rec,
+                &Request::Replace {
+                    target: wire,
+                    new: new.clone(),
+                    keep_name: a.keep_name,
+                },
+                p,
+            )
+        })
+        .map(|_| ())?,
+        None => with_progress("comparing", |p| {
+            ops::replace(&a.descriptor, &target, &new, a.keep_name, p)
+        })?,
+    }
+    println!(
+        "ploop delta {} has been replaced ({})",
+        a.image.display(),
+        if online.is_some() {
+            "online"
+        } else {
+            "offline"
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

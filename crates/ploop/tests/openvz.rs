@@ -838,6 +838,74 @@ fn openvz_commands_and_options() {
     let m = Mounted(dd_s.clone());
     ok(ploop(&["umount", dd]), "umount");
     drop(m);
+    // replace, online: an identical copy of the base takes its place (and
+    // OpenVZ's lock moves to it); a copy that differs, and the top, are
+    // refused.
+    ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), dd]), "mount");
+    let m = Mounted(dd_s.clone());
+    let base = dir.path().join("merged.hdd");
+    let copy = dir.path().join("copy.hdd");
+    let bad = dir.path().join("bad.hdd");
+    ok(
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                base.to_str().unwrap(),
+                copy.to_str().unwrap(),
+            ],
+        ),
+        "cp",
+    );
+    fs::copy(&base, &bad).unwrap();
+    // A byte of data changed (the filesystem's clusters start at 1 MiB).
+    let mut f = fs::OpenOptions::new().write(true).open(&bad).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((2 << 20) + 4096 + 7)).unwrap();
+    f.write_all(b"X").unwrap();
+    drop(f);
+    let out = ploop(&["replace", "-l", "0", "-i", bad.to_str().unwrap(), dd]);
+    assert!(
+        !out.ok() && out.stderr.contains("not an identical copy"),
+        "{out}"
+    );
+    let out = ploop(&[
+        "replace",
+        "-u",
+        common::TOP_GUID,
+        "-i",
+        copy.to_str().unwrap(),
+        dd,
+    ]);
+    assert!(!out.ok() && out.stderr.contains("not the top"), "{out}");
+    let pid = openvz_probe(&base);
+    let out = ok(
+        ploop(&[
+            "replace",
+            "-o",
+            base.to_str().unwrap(),
+            "-i",
+            copy.to_str().unwrap(),
+            dd,
+        ]),
+        "replace",
+    );
+    assert!(out.contains("online"), "{out}");
+    assert!(shots(dd)[0]["fname"]
+        .as_str()
+        .unwrap()
+        .ends_with("/copy.hdd"));
+    assert_eq!(openvz_probe(&copy), pid, "the lock moved to the new base");
+    assert_eq!(fs::read(mnt.join("at-backup")).unwrap(), b"after");
+    ok(ploop(&["umount", dd]), "umount");
+    drop(m);
+    ok(
+        ploop(&["mount", "-r", "-m", mnt.to_str().unwrap(), dd]),
+        "mount again",
+    );
+    let m = Mounted(dd_s.clone());
+    assert_eq!(fs::read(mnt.join("at-backup")).unwrap(), b"after");
+    ok(ploop(&["umount", dd]), "umount");
+    drop(m);
     // fsck: OpenVZ's old name of check, with its warning.
     let out = ploop(&["fsck", dd]).success();
     assert!(out.stderr.contains("obsoleted"), "{out}");
