@@ -390,6 +390,80 @@ pub fn delete(served: &ServedDisk, guid: Uuid, progress: &dyn Fn(u64, u64)) -> R
     }
 }
 
+/// `replace` on a served disk: the read-only delta `target` names is
+/// swapped in the running chain for `new`, after `new` is found to hold
+/// exactly what it holds (checked while I/O goes on: a read-only delta
+/// does not change). A delta outside the served chain is replaced
+/// offline.
+pub fn replace(
+    served: &ServedDisk,
+    target: &ops::ReplaceTarget,
+    new: &std::path::Path,
+    keep_name: bool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<()> {
+    let dd = served.dd_path.as_path();
+    let lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let guid = ops::replace_target(dd, &d, target)?;
+    let entries: Vec<ImageEntry> = d
+        .chain(served.guid, &dd.display().to_string())?
+        .into_iter()
+        .cloned()
+        .collect();
+    let Some(level) = entries.iter().position(|e| e.guid == guid) else {
+        drop(lock);
+        return ops::replace(dd, target, new, keep_name, progress);
+    };
+    if level + 1 == entries.len() && !served.read_only {
+        return Err(desc_err(
+            served,
+            "only a read-only delta (a snapshot) can be replaced, not the top".into(),
+        ));
+    }
+    let entry = entries[level].clone();
+    let name = ops::replacement_name(dd, new, entry.kind)?;
+    let new_path = crate::disk::dd_dir(dd).join(&name);
+    let chain = served.current();
+    if chain.layers().len() != entries.len() {
+        return Err(desc_err(
+            served,
+            "the served chain and the descriptor disagree: try again".into(),
+        ));
+    }
+    let old = chain.layers()[level].clone();
+    let newd = open_delta(
+        &new_path,
+        entry.kind,
+        &OpenOptions {
+            direct: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    ops::same_content(
+        &old,
+        &newd,
+        chain.virtual_size(),
+        chain.cluster_size(),
+        progress,
+    )?;
+    drop(chain);
+    let newd = Arc::new(newd);
+    served.exclusive(|chain| {
+        if !Arc::ptr_eq(&chain.layers()[level], &old) {
+            return Err(desc_err(
+                served,
+                "the served chain changed meanwhile: try again".into(),
+            ));
+        }
+        let mut layers = chain.layers().to_vec();
+        layers[level] = newd.clone();
+        let new_chain = Chain::new(layers, chain.cluster_size(), chain.virtual_size())?;
+        ops::finish_replace(dd, &mut d, guid, &name, keep_name)?;
+        Ok((Some(new_chain), ()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,78 +539,4 @@ mod tests {
             "a dropped cluster reads as zeros"
         );
     }
-}
-
-/// `replace` on a served disk: the read-only delta `target` names is
-/// swapped in the running chain for `new`, after `new` is found to hold
-/// exactly what it holds (checked while I/O goes on: a read-only delta
-/// does not change). A delta outside the served chain is replaced
-/// offline.
-pub fn replace(
-    served: &ServedDisk,
-    target: &ops::ReplaceTarget,
-    new: &std::path::Path,
-    keep_name: bool,
-    progress: &dyn Fn(u64, u64),
-) -> Result<()> {
-    let dd = served.dd_path.as_path();
-    let lock = DescriptorLock::acquire(dd)?;
-    let mut d = Descriptor::load(dd)?;
-    let guid = ops::replace_target(dd, &d, target)?;
-    let entries: Vec<ImageEntry> = d
-        .chain(served.guid, &dd.display().to_string())?
-        .into_iter()
-        .cloned()
-        .collect();
-    let Some(level) = entries.iter().position(|e| e.guid == guid) else {
-        drop(lock);
-        return ops::replace(dd, target, new, keep_name, progress);
-    };
-    if level + 1 == entries.len() && !served.read_only {
-        return Err(desc_err(
-            served,
-            "only a read-only delta (a snapshot) can be replaced, not the top".into(),
-        ));
-    }
-    let entry = entries[level].clone();
-    let name = ops::replacement_name(dd, new, entry.kind)?;
-    let new_path = crate::disk::dd_dir(dd).join(&name);
-    let chain = served.current();
-    if chain.layers().len() != entries.len() {
-        return Err(desc_err(
-            served,
-            "the served chain and the descriptor disagree: try again".into(),
-        ));
-    }
-    let old = chain.layers()[level].clone();
-    let newd = open_delta(
-        &new_path,
-        entry.kind,
-        &OpenOptions {
-            direct: true,
-            ..OpenOptions::default()
-        },
-    )?;
-    ops::same_content(
-        &old,
-        &newd,
-        chain.virtual_size(),
-        chain.cluster_size(),
-        progress,
-    )?;
-    drop(chain);
-    let newd = Arc::new(newd);
-    served.exclusive(|chain| {
-        if !Arc::ptr_eq(&chain.layers()[level], &old) {
-            return Err(desc_err(
-                served,
-                "the served chain changed meanwhile: try again".into(),
-            ));
-        }
-        let mut layers = chain.layers().to_vec();
-        layers[level] = newd.clone();
-        let new_chain = Chain::new(layers, chain.cluster_size(), chain.virtual_size())?;
-        ops::finish_replace(dd, &mut d, guid, &name, keep_name)?;
-        Ok((Some(new_chain), ()))
-    })
 }
