@@ -352,12 +352,18 @@ fn open_base(dd_path: &Path) -> Result<Option<(PathBuf, std::fs::File)>> {
     else {
         return Ok(None);
     };
-    let path = image_path(dd_path, &base.file)?;
-    let name = path.display().to_string();
-    let file = ploop_io::Folder::of(&path)
-        .and_then(|(dir, file)| dir.open_read(file))
-        .map_err(|e| Error::io(&name, "opening for its lock", 0, e))?;
-    Ok(Some((path, file)))
+    let Ok(path) = image_path(dd_path, &base.file) else {
+        return Ok(None);
+    };
+    // A base that cannot be opened (missing, mid-conversion) has no lock
+    // to probe: the command that needs it says what is wrong with it.
+    match ploop_io::Folder::of(&path).and_then(|(dir, file)| dir.open_read(file)) {
+        Ok(file) => Ok(Some((path, file))),
+        Err(e) => {
+            tracing::debug!("{}: not probed for OpenVZ's lock: {e}", path.display());
+            Ok(None)
+        }
+    }
 }
 
 /// Whether process `pid` runs this very program (a daemon or command of
