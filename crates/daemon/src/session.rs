@@ -158,6 +158,8 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     }
     let disk = open_disk(&dd, opts.read_only, opts.guid)?;
     // Held for the daemon's life: OpenVZ 9's tools see the disk in use.
+    // (Not atomic with open_disk's probe: both sides take the lock first
+    // and probe after, so this probe catches a tool that came between.)
     let mut openvz_lock = match ploop_image::disk::hold_openvz_lock(&dd) {
         Ok(l) => l,
         Err(e) => {
@@ -424,13 +426,6 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 };
             }
         };
-        // A merge or delete may have closed a descriptor of the base
-        // file, which drops a POSIX lock: take it again.
-        if let Some(l) = &openvz_lock {
-            if let Err(e) = l.reassert() {
-                warn!("retaking OpenVZ's lock on the base delta: {e}");
-            }
-        }
         match result {
             Ok(v) => (Response::ok(v), false),
             Err(e) => {
@@ -504,6 +499,13 @@ impl Session {
         if let Some(p) = record.partition.as_mut() {
             if let Some(d) = &p.device {
                 kernel::loop_detach(d)?;
+                // It lets go of what it is over (the FUSE file or the NBD
+                // device) asynchronously: wait, or their teardown fails.
+                let under = match backend {
+                    Some(Backend::Nbd(device)) => device.path().to_path_buf(),
+                    _ => record.fuse_file.clone(),
+                };
+                kernel::wait_loop_released(d, &under, Duration::from_secs(10));
                 p.device = None;
             }
         }

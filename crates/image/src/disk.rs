@@ -294,16 +294,21 @@ pub fn refuse_encrypted(dd_path: &Path, descriptor: &Descriptor) -> Result<()> {
 }
 
 /// Serialises changes to one descriptor between processes: an exclusive
-/// lock on `DiskDescriptor.xml.lck`, as libploop does.
+/// lock on `DiskDescriptor.xml.lck`, as OpenVZ 7's libploop takes it, and
+/// OpenVZ 9's lock on the base delta, both held until dropped.
 pub struct DescriptorLock {
     _file: Option<std::fs::File>,
+    _openvz: Option<ploop_io::locks::OfdReadLock>,
 }
 
 impl DescriptorLock {
     pub fn acquire(dd_path: &Path) -> Result<Self> {
         if ploop_io::fsys::is_replaced() {
             // A test's in-memory filesystem: one thread, nothing to lock.
-            return Ok(Self { _file: None });
+            return Ok(Self {
+                _file: None,
+                _openvz: None,
+            });
         }
         let mut lck = dd_path.as_os_str().to_owned();
         lck.push(".lck");
@@ -317,7 +322,10 @@ impl DescriptorLock {
             // On a read-only filesystem nothing can change the descriptor:
             // there is no one to serialise with.
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
-                return Ok(Self { _file: None });
+                return Ok(Self {
+                    _file: None,
+                    _openvz: None,
+                });
             }
             Err(e) => return Err(Error::io(&name, "opening lock file", 0, e)),
         };
@@ -332,8 +340,11 @@ impl DescriptorLock {
                 what: format!("another ploop command is changing this disk ({name} is locked{by})"),
             });
         }
-        check_openvz_lock(dd_path)?;
-        Ok(Self { _file: Some(file) })
+        let openvz = hold_openvz_lock(dd_path)?;
+        Ok(Self {
+            _file: Some(file),
+            _openvz: openvz,
+        })
     }
 }
 
@@ -368,7 +379,7 @@ fn open_base(dd_path: &Path) -> Result<Option<(PathBuf, std::fs::File)>> {
 
 /// Whether process `pid` runs this very program (a daemon or command of
 /// ours: they exclude each other with their own file locks).
-fn runs_this_program(pid: i32) -> bool {
+fn runs_this_program(pid: u32) -> bool {
     let exe = |p: &str| {
         std::fs::read_link(format!("/proc/{p}/exe")).ok().map(|l| {
             let s = l.to_string_lossy().into_owned();
@@ -380,47 +391,59 @@ fn runs_this_program(pid: i32) -> bool {
     pid > 0 && exe(&pid.to_string()).is_some_and(|e| Some(e) == exe("self"))
 }
 
-/// Refuse a disk that one of OpenVZ 9's tools holds: a record lock on
-/// bytes 200..205 (every operation, and every disk it has set up) or
-/// 300..305 (long operations) of the base delta, as its lib/lock.c takes.
-pub fn check_openvz_lock(dd_path: &Path) -> Result<()> {
+/// Take OpenVZ 9's lock on a disk's base delta (a read lock on bytes
+/// 200..205, as its lib/lock.c takes for every operation), then refuse
+/// the disk if anyone else holds a conflicting one: an OpenVZ 9 command
+/// or a disk it set up (a POSIX lock, with its pid), or a program
+/// locking the image as QEMU does (an open file description lock, no
+/// pid). Taken first and probed after, so two tools starting at once
+/// cannot both miss each other. Our own processes hold it too; theirs is
+/// told apart by the image lock (`flock`) one of them holds on the base.
+/// None where the disk has no base to lock.
+pub fn hold_openvz_lock(dd_path: &Path) -> Result<Option<ploop_io::locks::OfdReadLock>> {
     if ploop_io::fsys::is_replaced() {
-        return Ok(());
+        return Ok(None);
     }
     let Some((base, file)) = open_base(dd_path)? else {
-        return Ok(());
+        return Ok(None);
     };
-    let holder = ploop_io::locks::openvz_holder(&file)
-        .map_err(|e| Error::io(base.display().to_string(), "probing its lock", 200, e))?;
+    hold_openvz_lock_on(&dd_path.display().to_string(), &base, file).map(Some)
+}
+
+/// [`hold_openvz_lock`] on one image file, opened for reading; `what`
+/// names the disk in errors.
+pub fn hold_openvz_lock_on(
+    what: &str,
+    base: &Path,
+    file: std::fs::File,
+) -> Result<ploop_io::locks::OfdReadLock> {
+    let name = base.display().to_string();
+    let lock = ploop_io::locks::OfdReadLock::take(file)
+        .map_err(|e| Error::io(&name, "taking OpenVZ's lock", 200, e))?;
+    let holder = lock
+        .others()
+        .map_err(|e| Error::io(&name, "probing OpenVZ's lock", 200, e))?;
+    let ours = |pid: i32| match u32::try_from(pid) {
+        Ok(pid) => runs_this_program(pid),
+        // An open file description lock: ours if a process of ours holds
+        // the image itself.
+        Err(_) => ploop_io::locks::flock_holders(lock.file())
+            .into_iter()
+            .any(runs_this_program),
+    };
     match holder {
-        Some(pid) if !runs_this_program(pid) => Err(Error::Descriptor {
-            path: dd_path.display().to_string(),
+        Some(pid) if !ours(pid) => Err(Error::Descriptor {
+            path: what.to_string(),
             what: format!(
-                "the disk is in use by another program: {} holds OpenVZ's lock on {} \
-                 (an OpenVZ ploop command, or a disk it serves)",
+                "the disk is in use by another program: {} holds OpenVZ's lock on {name} \
+                 (an OpenVZ ploop command or a disk it serves, or an image locked as QEMU locks it)",
                 if pid > 0 {
                     format!("process {pid}")
                 } else {
                     "an open file description (no process known)".to_string()
-                },
-                base.display()
+                }
             ),
         }),
-        _ => Ok(()),
+        _ => Ok(lock),
     }
-}
-
-/// OpenVZ 9's lock on a disk's base delta, held while a daemon of ours
-/// serves it, so that OpenVZ's tools see the disk as in use and name our
-/// process. None where the disk has no base to lock.
-pub fn hold_openvz_lock(dd_path: &Path) -> Result<Option<ploop_io::locks::RangeReadLock>> {
-    if ploop_io::fsys::is_replaced() {
-        return Ok(None);
-    }
-    let Some((base, file)) = open_base(dd_path)? else {
-        return Ok(None);
-    };
-    ploop_io::locks::RangeReadLock::take(file)
-        .map(Some)
-        .map_err(|e| Error::io(base.display().to_string(), "locking", 200, e))
 }

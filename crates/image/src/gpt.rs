@@ -228,21 +228,40 @@ fn read_gpt<M: Medium + ?Sized>(
     m: &M,
     total: u64,
 ) -> std::result::Result<(GptPartitionEntry, bool), String> {
-    let primary = read_header(m, 1, total);
-    let (header, from_backup) = match primary {
-        Ok(h) => (h, false),
-        Err(HeaderError { what, alternate }) => {
-            let backup_at = alternate.filter(|&a| a < total).unwrap_or(total - 1);
-            match read_header(m, backup_at, total) {
-                Ok(h) => {
+    // The primary table whole (header and entries), or failing that the
+    // backup: at the disk's last sector, or where the primary's header
+    // says (not trusted first: its checksum may be what failed). A table
+    // that checks out but has no partition 1 is final, not a failure.
+    let primary = match read_header(m, 1, total) {
+        Err(e) => Err((e.what, e.alternate)),
+        Ok(h) => match first_entry(m, &h) {
+            Ok(e) => Ok((h, e)),
+            // A sound table with no partition 1: final.
+            Err(EntryError::Final(what)) => return Err(what),
+            Err(EntryError::Damaged(what)) => Err((what, Some(h.alternate_lba.to_u64()))),
+        },
+    };
+    let (header, entry, from_backup) = match primary {
+        Ok((h, e)) => (h, e, false),
+        Err((what, alternate)) => {
+            let mut places = vec![total - 1];
+            if let Some(a) = alternate.filter(|&a| a < total && a != total - 1 && a > 1) {
+                places.push(a);
+            }
+            let backup = places.into_iter().find_map(|at| {
+                let h = read_header(m, at, total).ok()?;
+                let e = first_entry(m, &h).ok()?;
+                Some((h, e))
+            });
+            match backup {
+                Some((h, e)) => {
                     tracing::warn!("primary GPT unusable ({what}); using the backup");
-                    (h, true)
+                    (h, e, true)
                 }
-                Err(_) => return Err(format!("primary GPT: {what}; no usable backup either")),
+                None => return Err(format!("primary GPT: {what}; no usable backup either")),
             }
         }
     };
-    let entry = first_entry(m, &header)?;
     let (first, last) = (entry.starting_lba.to_u64(), entry.ending_lba.to_u64());
     let (usable_lo, usable_hi) = (
         header.first_usable_lba.to_u64(),
@@ -326,7 +345,7 @@ fn read_header<M: Medium + ?Sized>(
             format!(
                 "the table describes a disk of at least {} sectors, but this one has {total} \
                  (was the disk resized without its table?)",
-                h.alternate_lba.to_u64().max(hi) + 1
+                h.alternate_lba.to_u64().max(hi).saturating_add(1)
             ),
             alternate,
         ));
@@ -346,7 +365,13 @@ fn read_header<M: Medium + ?Sized>(
         ));
     }
     let start = h.partition_entry_lba.to_u64();
-    let end = start + (count * esize).div_ceil(SECTOR) - 1;
+    // count * esize is at most MAX_ENTRY_BYTES (checked above).
+    let Some(end) = start.checked_add((count * esize).div_ceil(SECTOR) - 1) else {
+        return Err(fail(
+            format!("the entry array's start, sector {start}, is past any disk"),
+            alternate,
+        ));
+    };
     let inside = if lba == 1 {
         start >= 2 && end < lo
     } else {
@@ -363,28 +388,38 @@ fn read_header<M: Medium + ?Sized>(
     Ok(h)
 }
 
+/// Why entry 1 could not be had: a table that is damaged (the backup may
+/// serve), or one that is sound and says no.
+enum EntryError {
+    Damaged(String),
+    Final(String),
+}
+
 /// Entry 1 of the table `h` heads, after checking the array's checksum.
 fn first_entry<M: Medium + ?Sized>(
     m: &M,
     h: &GptHeader,
-) -> std::result::Result<GptPartitionEntry, String> {
+) -> std::result::Result<GptPartitionEntry, EntryError> {
+    let damaged = EntryError::Damaged;
     let layout = h
         .get_partition_entry_array_layout()
-        .map_err(|e| format!("partition entries: {e}"))?;
+        .map_err(|e| damaged(format!("partition entries: {e}")))?;
     let bytes = layout
         .num_bytes_rounded_to_block_as_usize(BlockSize::BS_512)
-        .ok_or("partition entries: size overflows")?;
+        .ok_or_else(|| damaged("partition entries: size overflows".into()))?;
     let mut storage = vec![0u8; bytes];
-    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| e.to_string())?;
+    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| damaged(e.to_string()))?;
     let array = disk
         .read_gpt_partition_entry_array(layout, &mut storage)
-        .map_err(|e| format!("reading the partition entries: {e}"))?;
+        .map_err(|e| damaged(format!("reading the partition entries: {e}")))?;
     if array.calculate_crc32() != h.partition_entry_array_crc32 {
-        return Err("partition entry checksum mismatch".into());
+        return Err(damaged("partition entry checksum mismatch".into()));
     }
     match array.get_partition_entry(0) {
         Some(e) if e.is_used() => Ok(*e),
-        _ => Err("there is no partition 1 (the table's first entry is empty)".into()),
+        _ => Err(EntryError::Final(
+            "there is no partition 1 (the table's first entry is empty)".into(),
+        )),
     }
 }
 
@@ -620,6 +655,50 @@ mod tests {
         let (m, _) = made(16 * MIB);
         m.0.lock().unwrap().truncate(8 * MIB as usize);
         refused(&m, "was the disk resized");
+    }
+
+    /// Rewrite a field of the header at `lba` and fix its checksum, as a
+    /// hostile owner of the disk could.
+    fn set_header_u64(m: &Mem, lba: u64, at: usize, v: u64) {
+        let mut b = m.0.lock().unwrap();
+        let h = (lba * SECTOR) as usize;
+        b[h + at..h + at + 8].copy_from_slice(&v.to_le_bytes());
+        b[h + 16..h + 20].fill(0);
+        let crc = gpt_disk_types::crc::Crc::<u32>::new(&Crc32::ALGORITHM).checksum(&b[h..h + 92]);
+        b[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn the_backup_serves_a_damaged_entry_array_or_alternate() {
+        // Entries damaged, header sound: the backup's entries are used.
+        let (m, p) = made(16 * MIB);
+        m.0.lock().unwrap()[1024 + 100] ^= 1;
+        match probe(&m, "d").unwrap() {
+            Layout::Gpt(q) => assert!(q.from_backup && q.start == p.start),
+            other => panic!("{other:?}"),
+        }
+        // The primary's pointer to its twin flipped (its checksum then
+        // fails): the backup is still found at the last sector.
+        let (m, _) = made(16 * MIB);
+        m.0.lock().unwrap()[512 + 32] ^= 0x40;
+        assert!(matches!(probe(&m, "d").unwrap(), Layout::Gpt(q) if q.from_backup));
+    }
+
+    #[test]
+    fn hostile_header_values_are_refused_without_panics() {
+        for (at, v) in [
+            (72usize, u64::MAX),
+            (72, u64::MAX - 3),
+            (32, u64::MAX),
+            (48, u64::MAX),
+        ] {
+            let (m, _) = made(16 * MIB);
+            set_header_u64(&m, 1, at, v);
+            let total = m.size() / SECTOR;
+            set_header_u64(&m, total - 1, at, v);
+            let e = probe(&m, "d").unwrap_err().to_string();
+            assert!(e.contains("no usable backup"), "{at}={v:#x}: {e}");
+        }
     }
 
     #[test]

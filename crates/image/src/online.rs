@@ -422,7 +422,7 @@ pub fn replace(
         ));
     }
     let entry = entries[level].clone();
-    let name = ops::replacement_name(dd, new, entry.kind)?;
+    let name = ops::replacement_name(dd, &d, new, entry.kind)?;
     let new_path = crate::disk::dd_dir(dd).join(&name);
     let chain = served.current();
     if chain.layers().len() != entries.len() {

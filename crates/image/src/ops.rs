@@ -893,6 +893,12 @@ fn check_disk_inner(dd: &Path, lock: Option<&DescriptorLock>) -> Result<Vec<Delt
         }
     }
     let d = Descriptor::load(dd)?;
+    if let Some(report) = drop_second_names(dd, &d, read_only)? {
+        out.push(DeltaCheck {
+            path: dd.to_path_buf(),
+            report,
+        });
+    }
     let mut checked = std::collections::HashSet::new();
     let mut check_entry = |entry: &ImageEntry, out: &mut Vec<DeltaCheck>| -> Result<()> {
         let path = image_path(dd, &entry.file)?;
@@ -949,6 +955,20 @@ fn check_disk_inner(dd: &Path, lock: Option<&DescriptorLock>) -> Result<Vec<Delt
     Ok(out)
 }
 
+/// Where `new` is, if it is beside the descriptor (as every delta
+/// lives): a name relative to the descriptor's folder, or a path in it.
+fn beside_descriptor(dd: &Path, new: &Path) -> Result<PathBuf> {
+    let dir = dd_dir(dd);
+    if new.is_absolute() && new.parent() == Some(dir.as_path()) {
+        return Ok(new.to_path_buf());
+    }
+    ploop_format::descriptor::resolve_image_path(
+        &dir,
+        &new.display().to_string(),
+        &dd.display().to_string(),
+    )
+}
+
 /// The file name `new` gets in a descriptor, if it may be used as a new
 /// delta: beside the descriptor (as every delta lives) and not there yet.
 pub fn check_new_delta(dd: &Path, new: &Path) -> Result<String> {
@@ -957,12 +977,7 @@ pub fn check_new_delta(dd: &Path, new: &Path) -> Result<String> {
         .and_then(|n| n.to_str())
         .ok_or_else(|| desc_err(dd, format!("{}: not a file name", new.display())))?
         .to_string();
-    let dir = dd_dir(dd);
-    let wanted = ploop_format::descriptor::resolve_image_path(
-        &dir,
-        &new.display().to_string(),
-        &dd.display().to_string(),
-    )?;
+    let wanted = beside_descriptor(dd, new)?;
     if ploop_io::fsys::exists(&wanted) {
         return Err(desc_err(
             dd,
@@ -990,8 +1005,10 @@ pub fn move_delta(dd: &Path, guid: Uuid, new: &Path) -> Result<()> {
         .ok_or_else(|| desc_err(dd, format!("no snapshot {}", guid_string(&guid))))?;
     let old = image_path(dd, &entry.file)?;
     let target = dd_dir(dd).join(&name);
-    std::fs::hard_link(&old, &target)
+    ploop_io::fsys::link(&old, &target)
         .map_err(|e| Error::io(target.display().to_string(), "linking the new delta", 0, e))?;
+    // The new name is durable before the descriptor names it.
+    let _ = ploop_io::fsys::sync_dir(&dd_dir(dd));
     entry.file = name;
     d.save(dd)?;
     ploop_io::fsys::remove(&old)
@@ -1036,6 +1053,15 @@ pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
         OpenMode::read_write()
     };
     let io = open_file(path, mode)?;
+    // OpenVZ 9 takes no flock: its lock is what keeps it off the file.
+    let _openvz = if ploop_io::fsys::is_replaced() {
+        None
+    } else {
+        let f = ploop_io::Folder::of(path)
+            .and_then(|(dir, f)| dir.open_read(f))
+            .map_err(|e| Error::io(&name, "opening", 0, e))?;
+        Some(crate::disk::hold_openvz_lock_on(&name, path, f)?)
+    };
     let p = PloopDelta::open(
         io.clone(),
         ploop_format::ploop::OpenFlags {
@@ -1056,10 +1082,17 @@ pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
             }
         }
     }
-    if let Ok(State::Live(x)) = ext::read(&io, &h, &bat, file_size) {
-        for c in x.clusters {
-            used.push((c, (c + cs).min(file_size)));
+    // A live extension's clusters are used; one that cannot be read
+    // stops the repair (its clusters must not be taken for strays).
+    match ext::read(&io, &h, &bat, file_size)
+        .map_err(|e| Error::io(&name, "reading the format extension", 0, e))?
+    {
+        State::Live(x) => {
+            for c in x.clusters {
+                used.push((c, (c + cs).min(file_size)));
+            }
         }
+        State::None | State::Dangling(_) => {}
     }
     drop(p);
     used.sort_unstable();
@@ -1272,19 +1305,39 @@ pub fn same_content(
 
 /// The descriptor's name for `new`, a delta beside it, after checking it
 /// is one (a ploop image, structurally clean) of the kind `old` is.
-pub fn replacement_name(dd: &Path, new: &Path, kind: ImageType) -> Result<String> {
+pub fn replacement_name(dd: &Path, d: &Descriptor, new: &Path, kind: ImageType) -> Result<String> {
     let name = new
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| desc_err(dd, format!("{}: not a file name", new.display())))?
         .to_string();
-    let here = ploop_format::descriptor::resolve_image_path(
-        &dd_dir(dd),
-        &new.display().to_string(),
-        &dd.display().to_string(),
-    )?;
+    let here = beside_descriptor(dd, new)?;
     if !ploop_io::fsys::exists(&here) {
         return Err(desc_err(dd, format!("{} does not exist", here.display())));
+    }
+    // Not a delta of this disk already (under its name or another): two
+    // entries on one file would let a merge into one destroy the other.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        };
+        let new_id = id(&here);
+        for i in &d.images {
+            let p = image_path(dd, &i.file)?;
+            if p == here || (new_id.is_some() && id(&p) == new_id) {
+                return Err(desc_err(
+                    dd,
+                    format!(
+                        "{} is already a delta of this disk ({})",
+                        here.display(),
+                        guid_string(&i.guid)
+                    ),
+                ));
+            }
+        }
     }
     if kind == ImageType::Compressed {
         let r = check_file(&here, true)?;
@@ -1316,12 +1369,9 @@ pub fn replace(
     let mut d = Descriptor::load(dd)?;
     let guid = replace_target(dd, &d, target)?;
     let entry = d.image(guid).cloned().expect("found above");
-    let name = replacement_name(dd, new, entry.kind)?;
+    let name = replacement_name(dd, &d, new, entry.kind)?;
     let old_path = image_path(dd, &entry.file)?;
     let new_path = dd_dir(dd).join(&name);
-    if new_path == old_path {
-        return Err(desc_err(dd, "the new image is the current one".into()));
-    }
     let old = open_delta(&old_path, entry.kind, &OpenOptions::default())?;
     let newd = open_delta(&new_path, entry.kind, &OpenOptions::default())?;
     let size = d.size_sectors * SECTOR;
@@ -1344,9 +1394,17 @@ pub fn finish_replace(
         .iter_mut()
         .find(|i| i.guid == guid)
         .expect("checked by the caller");
+    // The copy is durable before anything names it in place of the old
+    // delta (cp may have just written it, its blocks not yet placed).
+    let new = dd_dir(dd).join(name);
+    if !ploop_io::fsys::is_replaced() {
+        ploop_io::Folder::of(&new)
+            .and_then(|(dir, f)| dir.open_read(f))
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(new.display().to_string(), "syncing the copy", 0, e))?;
+    }
     if keep_name {
         let old = image_path(dd, &entry.file)?;
-        let new = dd_dir(dd).join(name);
         ploop_io::fsys::rename(&new, &old).map_err(|e| {
             Error::io(
                 new.display().to_string(),
@@ -1355,8 +1413,64 @@ pub fn finish_replace(
                 e,
             )
         })?;
-        return Ok(());
+        return ploop_io::fsys::sync_dir(&dd_dir(dd))
+            .map_err(|e| Error::io(dd.display().to_string(), "syncing the folder", 0, e));
     }
     entry.file = name.to_string();
     d.save(dd)
+}
+
+/// A delta with a second name in its folder that the descriptor does not
+/// use is what `snapshot-merge -n` leaves when stopped between its link
+/// and its removal of the old name; such a delta cannot be opened for
+/// writing (a file with two names is refused). The unused name goes.
+fn drop_second_names(dd: &Path, d: &Descriptor, read_only: bool) -> Result<Option<CheckReport>> {
+    use std::os::unix::fs::MetadataExt;
+    if ploop_io::fsys::is_replaced() {
+        return Ok(None);
+    }
+    let dir = dd_dir(dd);
+    let mut named = std::collections::HashMap::new();
+    for i in &d.images {
+        let p = image_path(dd, &i.file)?;
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            if m.is_file() && m.nlink() > 1 {
+                named.insert((m.dev(), m.ino()), p);
+            }
+        }
+    }
+    if named.is_empty() {
+        return Ok(None);
+    }
+    let used: std::collections::HashSet<PathBuf> = d
+        .images
+        .iter()
+        .filter_map(|i| image_path(dd, &i.file).ok())
+        .collect();
+    let mut report = CheckReport::default();
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(dir.display().to_string(), "listing", 0, e))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let Some(delta) = named.get(&(m.dev(), m.ino())) else {
+            continue;
+        };
+        if used.contains(&p) {
+            continue;
+        }
+        report.problems.push(format!(
+            "{} is a second name of delta {} (an interrupted merge -n) (fix: remove it)",
+            p.display(),
+            delta.display()
+        ));
+        if !read_only {
+            ploop_io::fsys::remove(&p)
+                .map_err(|e| Error::io(p.display().to_string(), "removing a second name", 0, e))?;
+            report.repaired = true;
+        }
+    }
+    Ok((!report.is_clean()).then_some(report))
 }

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use ploop_format::descriptor::{Descriptor, TOP_GUID};
 use ploop_format::ploop::Version;
 use ploop_image::ops::{self, DiskFormat, InitOptions};
 use ploop_image::{Disk, OpenOptions};
@@ -182,6 +183,61 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         ops::switch(&dd, back).expect("switch");
         model = saved[&back].clone();
         record(&mut steps, "snapshot-switch", from, &model);
+        // snapshot-merge -n: the merged delta gets a new name (link, then
+        // descriptor, then the old name goes).
+        let mut take = |steps: &mut Vec<Step>, model: &Vec<u8>| {
+            let from = j.len();
+            let g = ops::snapshot(&dd, None).expect("snapshot");
+            saved.insert(g, model.clone());
+            record(steps, "snapshot", from, model);
+            g
+        };
+        take(&mut steps, &model);
+        write(&mut steps, &mut model, &mut rng);
+        let from = j.len();
+        ops::merge(&dd, None, &|_, _| {}).expect("merge");
+        record(&mut steps, "merge", from, &model);
+        let from = j.len();
+        ops::move_delta(&dd, TOP_GUID, &dir.join("moved.hdd")).expect("merge -n");
+        record(&mut steps, "merge -n", from, &model);
+        // A snapshot marked temporary (snapshot-delete with children).
+        let marked = take(&mut steps, &model);
+        write(&mut steps, &mut model, &mut rng);
+        let from = j.len();
+        ops::mark_temporary(&dd, marked).expect("mark temporary");
+        record(&mut steps, "mark temporary", from, &model);
+        ops::merge(&dd, None, &|_, _| {}).expect("merge the marked one away");
+        // replace: the base swapped for an identical copy.
+        let base = {
+            let d = Descriptor::load(&dd).expect("descriptor");
+            let b = d
+                .snapshots
+                .iter()
+                .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
+                .expect("a base")
+                .guid;
+            dir.join(&d.image(b).expect("base image").file)
+        };
+        take(&mut steps, &model);
+        let copy = dir.join("copy.hdd");
+        {
+            let bytes = ploop_io::fsys::read(&base).expect("read base");
+            let f = ploop_io::fsys::open(
+                &copy,
+                ploop_io::OpenMode {
+                    create_new: true,
+                    ..ploop_io::OpenMode::read_write()
+                },
+            )
+            .expect("create copy");
+            f.write_at(&bytes, 0).expect("write copy");
+            f.flush().expect("flush copy");
+        }
+        let from = j.len();
+        ops::replace(&dd, &ops::ReplaceTarget::Level(0), &copy, false, &|_, _| {})
+            .expect("replace");
+        record(&mut steps, "replace", from, &model);
+        write(&mut steps, &mut model, &mut rng);
         let from = j.len();
         ops::convert_version(&dd, Version::V1).expect("convert");
         record(&mut steps, "convert -v 1", from, &model);

@@ -222,6 +222,20 @@ impl Folder {
         Ok(rustix::fs::renameat(&self.dir, from, &self.dir, to)?)
     }
 
+    /// A second name for the regular file `from`, in this folder (never
+    /// following a link named `from`; `to` must not exist).
+    pub fn link(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        Ok(rustix::fs::linkat(
+            &self.dir,
+            from,
+            &self.dir,
+            to,
+            rustix::fs::AtFlags::empty(),
+        )?)
+    }
+
     /// Whether something of that name is there (a link counts).
     pub fn exists(&self, name: &OsStr) -> bool {
         check_name(name).is_ok()

@@ -18,6 +18,8 @@ pub trait Fs {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// A second name for a file, in its folder.
+    fn link(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     /// Make the folder's entries (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
@@ -93,6 +95,23 @@ pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
             }
             let to_name = to.file_name().unwrap_or_default();
             dir.rename(from_name, to_name)
+        }
+    }
+}
+
+/// A second name for the file `from`, in the same folder.
+pub fn link(from: &Path, to: &Path) -> io::Result<()> {
+    match replaced() {
+        Some(fs) => fs.link(from, to),
+        None => {
+            let (dir, from_name) = Folder::of(from)?;
+            if to.parent() != from.parent() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: a link leaves its folder", to.display()),
+                ));
+            }
+            dir.link(from_name, to.file_name().unwrap_or_default())
         }
     }
 }

@@ -28,6 +28,7 @@ enum Change {
     /// Folder changes (recorded under [`FOLDER`]).
     Create(PathBuf, usize),
     Rename(PathBuf, PathBuf),
+    Link(PathBuf, PathBuf),
     Remove(PathBuf),
     SyncDir,
 }
@@ -95,6 +96,10 @@ impl Journal {
         self.push(FOLDER, Change::Rename(from.to_path_buf(), to.to_path_buf()));
     }
 
+    pub(crate) fn dir_link(&self, from: &Path, to: &Path) {
+        self.push(FOLDER, Change::Link(from.to_path_buf(), to.to_path_buf()));
+    }
+
     pub(crate) fn dir_remove(&self, path: &Path) {
         self.push(FOLDER, Change::Remove(path.to_path_buf()));
     }
@@ -129,6 +134,11 @@ impl Journal {
                 }
                 Change::Rename(from, to) => {
                     if let Some(id) = names.remove(from) {
+                        names.insert(to.clone(), id);
+                    }
+                }
+                Change::Link(from, to) => {
+                    if let Some(&id) = names.get(from) {
                         names.insert(to.clone(), id);
                     }
                 }
@@ -388,6 +398,17 @@ impl Fs for JournaledFs {
         let f = names.remove(from).ok_or_else(|| not_found(from))?;
         names.insert(to.to_path_buf(), f);
         self.journal.dir_rename(from, to);
+        Ok(())
+    }
+
+    fn link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut names = self.names.lock().expect("names lock");
+        let f = names.get(from).ok_or_else(|| not_found(from))?.clone();
+        if names.contains_key(to) {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        names.insert(to.to_path_buf(), f);
+        self.journal.dir_link(from, to);
         Ok(())
     }
 

@@ -6,9 +6,10 @@
 //! 8.0.59) takes POSIX record locks on the base delta instead: a read
 //! lock on bytes 200..205 for every operation, and on 300..305 for long
 //! ones, and finds holders with F_GETLK for a write lock over them. We
-//! probe those ranges before changing or serving a disk, and a daemon of
-//! ours holds the read lock on 200..205 while it serves one, so that
-//! OpenVZ 9 sees the disk as in use ("Already locked by pid N").
+//! hold the read lock on 200..205 for every operation and for as long as
+//! a daemon serves the disk, and probe both ranges after taking it, so
+//! each side sees the other ("Already locked by pid -1" on OpenVZ's side:
+//! ours is an open file description lock; see [`OfdReadLock`]).
 
 use std::fs::File;
 use std::io;
@@ -32,49 +33,41 @@ fn flock_struct(kind: libc::c_short, (start, len): (i64, i64)) -> libc::flock {
     }
 }
 
-/// The process holding a lock that conflicts with a write lock over
-/// `range` of `file` (a POSIX or OFD record lock; OFD locks have no
-/// process: -1). Locks this process holds itself through POSIX calls are
-/// not seen (the kernel's rule).
-pub fn range_holder(file: &File, range: (i64, i64)) -> io::Result<Option<i32>> {
-    let mut fl = flock_struct(libc::F_WRLCK as libc::c_short, range);
-    fcntl(file.as_fd(), FcntlArg::F_GETLK(&mut fl)).map_err(io::Error::from)?;
-    Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
-}
-
-/// Who holds OpenVZ 9's locks on this base delta, if anyone: the first
-/// holder of the operation lock or the long-operation lock.
-pub fn openvz_holder(base: &File) -> io::Result<Option<i32>> {
-    for range in [OPENVZ_LONG_LOCK, OPENVZ_LOCK] {
-        if let Some(pid) = range_holder(base, range)? {
-            return Ok(Some(pid));
-        }
-    }
-    Ok(None)
-}
-
 /// OpenVZ 9's read lock on bytes 200..205 of a base delta, held as long
-/// as this lives. A POSIX lock, as OpenVZ takes it, so that its F_GETLK
-/// names our process; the kernel drops such a lock when the process
-/// closes any descriptor of the file, so a holder that may have done so
-/// calls [`RangeReadLock::reassert`].
-pub struct RangeReadLock {
+/// as this lives, as an open file description lock: unlike a POSIX lock
+/// (what OpenVZ takes), it is not dropped when this process closes some
+/// other descriptor of the file, which the daemon's merges and our own
+/// probes do. OpenVZ's F_GETLK still sees it (as pid -1).
+pub struct OfdReadLock {
     file: File,
 }
 
-impl RangeReadLock {
+impl OfdReadLock {
+    /// Take the lock on `file` (opened for reading).
     pub fn take(file: File) -> io::Result<Self> {
-        let lock = Self { file };
-        lock.reassert()?;
-        Ok(lock)
+        let fl = flock_struct(libc::F_RDLCK as libc::c_short, OPENVZ_LOCK);
+        fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&fl)).map_err(io::Error::from)?;
+        Ok(Self { file })
     }
 
-    /// Take the lock again (a no-op while it is still held).
-    pub fn reassert(&self) -> io::Result<()> {
-        let fl = flock_struct(libc::F_RDLCK as libc::c_short, OPENVZ_LOCK);
-        fcntl(self.file.as_fd(), FcntlArg::F_SETLK(&fl))
-            .map(|_| ())
-            .map_err(io::Error::from)
+    /// Who else holds OpenVZ's locks: a conflict with a write lock over
+    /// the operation or long-operation range, from any other process or
+    /// open file description (not this lock itself). The pid is -1 for
+    /// an open file description lock.
+    pub fn others(&self) -> io::Result<Option<i32>> {
+        for range in [OPENVZ_LONG_LOCK, OPENVZ_LOCK] {
+            let mut fl = flock_struct(libc::F_WRLCK as libc::c_short, range);
+            fcntl(self.file.as_fd(), FcntlArg::F_OFD_GETLK(&mut fl)).map_err(io::Error::from)?;
+            if fl.l_type != libc::F_UNLCK as libc::c_short {
+                return Ok(Some(fl.l_pid));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The locked file.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 
@@ -114,32 +107,52 @@ mod tests {
     use std::io::Write;
 
     #[test]
-    fn a_range_read_lock_is_seen_by_a_write_probe() {
+    fn an_ofd_read_lock_is_seen_by_openvz_probe_and_kept_across_closes() {
         let path = std::env::temp_dir().join(format!("ploop-locks-{}", std::process::id()));
         std::fs::File::create(&path)
             .unwrap()
             .write_all(&[0; 4096])
             .unwrap();
-        // The same process does not see its own POSIX locks: probe from a
-        // child, as OpenVZ's tool would.
-        let held = RangeReadLock::take(File::open(&path).unwrap()).unwrap();
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import fcntl,struct,sys\n\
-                 f=open(sys.argv[1],'rb')\n\
-                 r=fcntl.fcntl(f.fileno(),fcntl.F_GETLK,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,200,5,0))\n\
-                 print(struct.unpack('hhqqi4x',r)[4])",
-                path.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let held = OfdReadLock::take(File::open(&path).unwrap()).unwrap();
+        // Closing another descriptor of the file keeps it (a POSIX lock
+        // would be gone now).
+        drop(File::open(&path).unwrap());
+        let probe = |start: u64| {
+            std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import fcntl,struct,sys\n\
+                     f=open(sys.argv[1],'rb')\n\
+                     r=struct.unpack('hhqqi4x',fcntl.fcntl(f.fileno(),fcntl.F_GETLK,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,int(sys.argv[2]),5,0)))\n\
+                     print(r[0]!=fcntl.F_UNLCK, r[4])",
+                    path.to_str().unwrap(),
+                    &start.to_string(),
+                ])
+                .output()
+                .unwrap()
+        };
+        let out = probe(200);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            std::process::id().to_string(),
-            "the holder is named: {out:?}"
+            "True -1",
+            "{out:?}"
         );
+        assert_eq!(
+            held.others().unwrap(),
+            None,
+            "its own lock is not another's"
+        );
+        // A second holder in this process is seen, as a lock of its own.
+        let second = OfdReadLock::take(File::open(&path).unwrap()).unwrap();
+        assert_eq!(held.others().unwrap(), Some(-1));
+        drop(second);
         drop(held);
+        let out = probe(200);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "False 0",
+            "{out:?}"
+        );
         // A flock shows up in /proc/locks with its process.
         let f = File::open(&path).unwrap();
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();

@@ -907,6 +907,10 @@ fn merge_temporary(dd: &Path) {
 fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
     let g = guid_arg(&a.uuid)?;
     let dd = &a.descriptor;
+    if let Some(m) = &a.mountpoint {
+        // Before the snapshot: a bad mount point must not leave one.
+        ploop_daemon::kernel::MountPoint::open(m)?;
+    }
     let snap = match crate::mount::served_rw(dd) {
         Some(rec) => crate::mount::online_snapshot(&rec, Some(g))?,
         None => ops::snapshot(dd, Some(g))?,
@@ -925,9 +929,6 @@ fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
         nbd: false,
         fsck: false,
     };
-    if let Some(m) = &a.mountpoint {
-        ploop_daemon::kernel::MountPoint::open(m)?;
-    }
     let dev = match crate::mount::start_daemon(&req) {
         Ok(dev) => dev,
         Err(e) => {
@@ -1266,13 +1267,13 @@ fn disk_info(dd: &Path, as_json: bool, with_fs: bool) -> Res<ExitCode> {
                 "{:>11} {:>14} {:>14}",
                 "1k-blocks",
                 kib(f.blocks),
-                kib(f.blocks - f.blocks_free)
+                kib(f.blocks.saturating_sub(f.blocks_free))
             );
             println!(
                 "{:>11} {:>14} {:>14}",
                 "inodes",
                 f.inodes,
-                f.inodes - f.inodes_free
+                f.inodes.saturating_sub(f.inodes_free)
             );
         }
     }

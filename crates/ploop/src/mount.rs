@@ -480,7 +480,9 @@ pub fn fs_stats(dd: &Path) -> Option<FsStats> {
     let stats = match start_daemon(&req) {
         Ok(_) => {
             let s = statvfs(&dir);
-            if let Err(e) = umount(None, None, Some(dd)) {
+            // By its mount point: a view someone else mounted meanwhile
+            // stays.
+            if let Err(e) = umount(Some(&dir), None, None) {
                 eprintln!("ploop: unmounting the disk mounted for its figures: {e}");
             }
             s
