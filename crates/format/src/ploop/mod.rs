@@ -6,6 +6,7 @@ pub mod check;
 pub mod convert;
 mod delta;
 pub mod ext;
+pub mod resize;
 mod free;
 pub mod header;
 
