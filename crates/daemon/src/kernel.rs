@@ -316,6 +316,63 @@ pub fn fsck(dev: &Path, read_only: bool) -> Result<()> {
     })
 }
 
+/// Grow a mounted XFS filesystem to fill its device.
+pub fn grow_xfs(mountpoint: &Path) -> Result<()> {
+    run("xfs_growfs", &[s(mountpoint)]).map(|_| ())
+}
+
+/// The smallest an unmounted ext2/3/4 filesystem can be shrunk to, in
+/// bytes (`resize2fs -P`'s estimate, in its own blocks).
+pub fn ext_min_size(dev: &Path) -> Result<u64> {
+    let out = run("resize2fs", &["-P", s(dev)])?;
+    let blocks: u64 = out
+        .lines()
+        .find_map(|l| l.split("minimum size of the filesystem:").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Error::Tool {
+            tool: "resize2fs".into(),
+            args: format!("-P {}", dev.display()),
+            stderr: format!("no estimate in: {out}"),
+        })?;
+    let info = run("dumpe2fs", &["-h", s(dev)])?;
+    let block: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Error::Tool {
+            tool: "dumpe2fs".into(),
+            args: format!("-h {}", dev.display()),
+            stderr: "no block size".into(),
+        })?;
+    Ok(blocks * block)
+}
+
+/// Resize an unmounted ext2/3/4 filesystem to `bytes` (None: to fill its
+/// device): checked first (`e2fsck -f -p`, which resize2fs requires),
+/// then `resize2fs`. Offline because growing a mounted ext4 needs
+/// CAP_SYS_RESOURCE, which containers (and these test machines) drop.
+pub fn resize_ext(dev: &Path, bytes: Option<u64>) -> Result<()> {
+    let out = command("e2fsck")?
+        .args(["-f", "-p", s(dev)])
+        .output()
+        .map_err(|err| Error::Spawn {
+            tool: "e2fsck".into(),
+            err,
+        })?;
+    if out.status.code().unwrap_or(8) >= 4 {
+        return Err(Error::Tool {
+            tool: "e2fsck".into(),
+            args: format!("-f -p {}", dev.display()),
+            stderr: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        });
+    }
+    match bytes {
+        Some(b) => run("resize2fs", &[s(dev), &format!("{}K", b / 1024)]),
+        None => run("resize2fs", &[s(dev)]),
+    }
+    .map(|_| ())
+}
+
 /// How [`mkfs`] makes a filesystem.
 #[derive(Clone, Debug, Default)]
 pub struct MkfsOptions {

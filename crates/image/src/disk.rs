@@ -245,7 +245,12 @@ impl Disk {
         }
         let cluster = u64::from(descriptor.blocksize) * SECTOR;
         let size = descriptor.size_sectors * SECTOR;
-        for l in &layers {
+        // The top must cover the disk (it takes every write, and a resize
+        // grows it before the descriptor); a snapshot may be smaller
+        // (OpenVZ grows only the top): past its end it holds nothing, and
+        // reads fall through to zeros.
+        let is_top = guid == descriptor.top_guid;
+        if let Some(l) = layers.last().filter(|_| opts.writable || is_top) {
             if let Delta::Ploop(p) = &**l {
                 if p.virtual_size() < size {
                     return Err(Error::corrupt(

@@ -180,7 +180,9 @@ pub fn probe<M: Medium + ?Sized>(m: &M, name: &str) -> Result<Layout> {
     m.read_at(&mut head, 0)?;
     let sig = |at: usize| head.get(at..at + 8) == Some(&b"EFI PART"[..]);
     if sig(512) {
-        let (entry, from_backup) = read_gpt(m, total).map_err(bad)?;
+        let Table {
+            entry, from_backup, ..
+        } = read_gpt(m, total).map_err(bad)?;
         let first = entry.starting_lba.to_u64();
         let last = entry.ending_lba.to_u64();
         return Ok(Layout::Gpt(Partition {
@@ -224,10 +226,16 @@ pub fn probe<M: Medium + ?Sized>(m: &M, name: &str) -> Result<Layout> {
 
 /// Partition 1 of the GPT on a disk of `total` sectors, and whether it
 /// came from the backup table.
-fn read_gpt<M: Medium + ?Sized>(
-    m: &M,
-    total: u64,
-) -> std::result::Result<(GptPartitionEntry, bool), String> {
+/// A table read and checked: its header, its entry array as stored, and
+/// partition 1.
+struct Table {
+    header: GptHeader,
+    entries: Vec<u8>,
+    entry: GptPartitionEntry,
+    from_backup: bool,
+}
+
+fn read_gpt<M: Medium + ?Sized>(m: &M, total: u64) -> std::result::Result<Table, String> {
     // The primary table whole (header and entries), or failing that the
     // backup: at the disk's last sector, or where the primary's header
     // says (not trusted first: its checksum may be what failed). A table
@@ -235,14 +243,14 @@ fn read_gpt<M: Medium + ?Sized>(
     let primary = match read_header(m, 1, total) {
         Err(e) => Err((e.what, e.alternate)),
         Ok(h) => match first_entry(m, &h) {
-            Ok(e) => Ok((h, e)),
+            Ok((e, a)) => Ok((h, e, a)),
             // A sound table with no partition 1: final.
             Err(EntryError::Final(what)) => return Err(what),
             Err(EntryError::Damaged(what)) => Err((what, Some(h.alternate_lba.to_u64()))),
         },
     };
-    let (header, entry, from_backup) = match primary {
-        Ok((h, e)) => (h, e, false),
+    let (header, entry, entries, from_backup) = match primary {
+        Ok((h, e, a)) => (h, e, a, false),
         Err((what, alternate)) => {
             let mut places = vec![total - 1];
             if let Some(a) = alternate.filter(|&a| a < total && a != total - 1 && a > 1) {
@@ -250,13 +258,13 @@ fn read_gpt<M: Medium + ?Sized>(
             }
             let backup = places.into_iter().find_map(|at| {
                 let h = read_header(m, at, total).ok()?;
-                let e = first_entry(m, &h).ok()?;
-                Some((h, e))
+                let (e, a) = first_entry(m, &h).ok()?;
+                Some((h, e, a))
             });
             match backup {
-                Some((h, e)) => {
+                Some((h, e, a)) => {
                     tracing::warn!("primary GPT unusable ({what}); using the backup");
-                    (h, e, true)
+                    (h, e, a, true)
                 }
                 None => return Err(format!("primary GPT: {what}; no usable backup either")),
             }
@@ -283,7 +291,12 @@ fn read_gpt<M: Medium + ?Sized>(
              {usable_lo}-{usable_hi}"
         ));
     }
-    Ok((entry, from_backup))
+    Ok(Table {
+        header,
+        entries,
+        entry,
+        from_backup,
+    })
 }
 
 struct HeaderError {
@@ -395,11 +408,12 @@ enum EntryError {
     Final(String),
 }
 
-/// Entry 1 of the table `h` heads, after checking the array's checksum.
+/// Entry 1 of the table `h` heads, after checking the array's checksum,
+/// and the array as stored.
 fn first_entry<M: Medium + ?Sized>(
     m: &M,
     h: &GptHeader,
-) -> std::result::Result<GptPartitionEntry, EntryError> {
+) -> std::result::Result<(GptPartitionEntry, Vec<u8>), EntryError> {
     let damaged = EntryError::Damaged;
     let layout = h
         .get_partition_entry_array_layout()
@@ -415,8 +429,8 @@ fn first_entry<M: Medium + ?Sized>(
     if array.calculate_crc32() != h.partition_entry_array_crc32 {
         return Err(damaged("partition entry checksum mismatch".into()));
     }
-    match array.get_partition_entry(0) {
-        Some(e) if e.is_used() => Ok(*e),
+    match array.get_partition_entry(0).copied() {
+        Some(e) if e.is_used() => Ok((e, storage)),
         _ => Err(EntryError::Final(
             "there is no partition 1 (the table's first entry is empty)".into(),
         )),
@@ -518,6 +532,117 @@ pub fn write_openvz<M: Medium + ?Sized>(
         len: (last - first + 1) * SECTOR,
         type_guid: LINUX_FS.to_string(),
         guid: part_guid.to_string(),
+        from_backup: false,
+    })
+}
+
+/// Fit the table on a disk to `new_total` sectors (OpenVZ's
+/// resize_gpt_partition): partition 1 keeps its start and ends where
+/// OpenVZ's layout ends it on a disk of that size; the backup table goes
+/// to the new last sectors, then the primary is rewritten, then the
+/// protective MBR. Growing, the medium is already `new_total` long;
+/// shrinking, it is still longer (its filesystem already shrunk), and the
+/// table describes the smaller disk before the image itself shrinks. Each
+/// step leaves a table [`probe`] accepts. Refused before anything is
+/// written: no table, another partition in the way, a partition 1 that
+/// would not fit. Returns partition 1 as it is now.
+pub fn resize<M: Medium + ?Sized>(
+    m: &M,
+    new_total: u64,
+    cluster_sectors: u64,
+    name: &str,
+) -> Result<Partition> {
+    let bad = |what: String| corrupt(name, what);
+    let total = m.size() / SECTOR;
+    if new_total > total {
+        return Err(Error::Invalid(format!(
+            "{name}: the disk is {total} sectors, the table cannot describe {new_total}"
+        )));
+    }
+    let t = read_gpt(m, total).map_err(bad)?;
+    let h = t.header;
+    let layout = h
+        .get_partition_entry_array_layout()
+        .map_err(|e| bad(format!("partition entries: {e}")))?;
+    let array_sectors = (t.entries.len() as u64) / SECTOR;
+    let first = t.entry.starting_lba.to_u64();
+    let (_, openvz_last) = openvz_range(new_total, cluster_sectors).unwrap_or((0, 0));
+    let last_usable = new_total
+        .checked_sub(2 + array_sectors)
+        .ok_or_else(|| Error::Invalid(format!("{name}: {new_total} sectors hold no table")))?;
+    let last = openvz_last.min(last_usable);
+    if last < first {
+        return Err(Error::Invalid(format!(
+            "{name}: partition 1 starts at sector {first}; a disk of {new_total} sectors has no room for it"
+        )));
+    }
+    let mut entries = t.entries.clone();
+    let mut array = GptPartitionEntryArray::new(layout, BlockSize::BS_512, &mut entries)
+        .map_err(|e| bad(format!("partition entries: {e}")))?;
+    for i in 1..layout.num_entries {
+        if let Some(e) = array.get_partition_entry(i) {
+            if e.is_used() && e.ending_lba.to_u64() > last_usable {
+                return Err(Error::Invalid(format!(
+                    "{name}: partition {} ends at sector {}, past a disk of {new_total} sectors",
+                    i + 1,
+                    e.ending_lba.to_u64()
+                )));
+            }
+        }
+    }
+    array
+        .get_partition_entry_mut(0)
+        .expect("entry 1 was read")
+        .ending_lba = LbaLe::from_u64(last);
+    let crc = array.calculate_crc32();
+    let io_err = |what: &str, e: gpt_disk_io::DiskError<Error>| match e {
+        gpt_disk_io::DiskError::Io(e) => e,
+        other => Error::Invalid(format!("{name}: writing the {what}: {other}")),
+    };
+    let mut disk = GptDisk::new(Blocks(m)).map_err(|e| io_err("table", e))?;
+    let mut block = [0u8; SECTOR as usize];
+    let backup_array = new_total - 1 - array_sectors;
+    let mut backup = h;
+    backup.my_lba = LbaLe::from_u64(new_total - 1);
+    backup.alternate_lba = LbaLe::from_u64(1);
+    backup.partition_entry_lba = LbaLe::from_u64(backup_array);
+    backup.last_usable_lba = LbaLe::from_u64(last_usable);
+    backup.partition_entry_array_crc32 = crc;
+    backup.update_header_crc32();
+    array.set_start_lba(Lba(backup_array));
+    disk.write_gpt_partition_entry_array(&array)
+        .map_err(|e| io_err("backup partition entries", e))?;
+    disk.write_gpt_header(Lba(new_total - 1), &backup, &mut block)
+        .map_err(|e| io_err("backup GPT header", e))?;
+    disk.flush().map_err(|e| io_err("backup table", e))?;
+    let mut primary = h;
+    primary.my_lba = LbaLe::from_u64(1);
+    primary.alternate_lba = LbaLe::from_u64(new_total - 1);
+    primary.partition_entry_lba = LbaLe::from_u64(2);
+    primary.last_usable_lba = LbaLe::from_u64(last_usable);
+    primary.partition_entry_array_crc32 = crc;
+    primary.update_header_crc32();
+    array.set_start_lba(Lba(2));
+    disk.write_gpt_partition_entry_array(&array)
+        .map_err(|e| io_err("partition entries", e))?;
+    disk.write_primary_gpt_header(&primary, &mut block)
+        .map_err(|e| io_err("GPT header", e))?;
+    disk.flush().map_err(|e| io_err("table", e))?;
+    // The protective record's size, as parted keeps it.
+    let mut mbr = [0u8; SECTOR as usize];
+    m.read_at(&mut mbr, 0)?;
+    if mbr[446 + 4] == 0xee {
+        let n = u32::try_from(new_total - 1).unwrap_or(u32::MAX);
+        mbr[446 + 12..446 + 16].copy_from_slice(&n.to_le_bytes());
+        m.write_at(&mbr, 0)?;
+        m.flush()?;
+    }
+    Ok(Partition {
+        number: 1,
+        start: first * SECTOR,
+        len: (last - first + 1) * SECTOR,
+        type_guid: { t.entry.partition_type_guid }.0.to_string(),
+        guid: { t.entry.unique_partition_guid }.to_string(),
         from_backup: false,
     })
 }
@@ -699,6 +824,35 @@ mod tests {
             let e = probe(&m, "d").unwrap_err().to_string();
             assert!(e.contains("no usable backup"), "{at}={v:#x}: {e}");
         }
+    }
+
+    #[test]
+    fn the_table_follows_the_disk_up_and_down() {
+        let (m, p) = made(16 * MIB);
+        // Grown: the medium first, then the table.
+        m.0.lock().unwrap().resize(32 * MIB as usize, 0);
+        let total = m.size() / SECTOR;
+        let q = resize(&m, total, 2048, "d").unwrap();
+        assert_eq!(q.start, p.start);
+        let (_, last) = openvz_range(total, 2048).unwrap();
+        assert_eq!(q.last_sector(), last);
+        assert_eq!(
+            probe(&m, "d").unwrap(),
+            Layout::Gpt(Partition {
+                guid: p.guid.clone(),
+                ..q.clone()
+            })
+        );
+        // Shrunk: the table first (the medium still large), then the medium.
+        let small = 24 * MIB / SECTOR;
+        let r = resize(&m, small, 2048, "d").unwrap();
+        assert!(matches!(probe(&m, "d").unwrap(), Layout::Gpt(x) if x == r));
+        m.0.lock().unwrap().truncate(24 * MIB as usize);
+        assert!(matches!(probe(&m, "d").unwrap(), Layout::Gpt(x) if x == r && !x.from_backup));
+        assert_eq!(r.last_sector(), openvz_range(small, 2048).unwrap().1);
+        // Not below partition 1's start.
+        let e = resize(&m, 2048, 2048, "d").unwrap_err().to_string();
+        assert!(e.contains("no room"), "{e}");
     }
 
     #[test]

@@ -1474,3 +1474,84 @@ fn drop_second_names(dd: &Path, d: &Descriptor, read_only: bool) -> Result<Optio
     }
     Ok((!report.is_clean()).then_some(report))
 }
+
+/// Resize a disk's image, offline: its top delta (a ploop delta's BAT and
+/// header, a raw image's length) and the descriptor. Growing, the image
+/// grows first and the descriptor follows (a descriptor smaller than its
+/// top is valid: the disk is the descriptor's size); shrinking, the other
+/// way round. Growing, the snapshots grow too (they read the same: their
+/// new clusters are unmapped, a raw one's are sparse zeros), so that any
+/// can take a merge; shrinking, they keep their size (a delta larger than
+/// the disk is valid). What the disk holds past a smaller end is gone. Returns the new size in bytes (whole clusters).
+pub fn resize_image(dd: &Path, new_size: u64) -> Result<u64> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let name = dd.display().to_string();
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let new_size = new_size
+        .checked_next_multiple_of(cs)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| desc_err(dd, format!("invalid size {new_size}")))?;
+    let old_size = d.size_sectors * SECTOR;
+    if new_size == old_size {
+        return Ok(new_size);
+    }
+    let chain: Vec<ImageEntry> = d.chain(d.top_guid, &name)?.into_iter().cloned().collect();
+    let top = chain.last().expect("a chain has a top").clone();
+    let preallocated = d.preallocated;
+    let resize_top = |new_size: u64| -> Result<()> {
+        let path = image_path(dd, &top.file)?;
+        let io = open_file(&path, OpenMode::read_write())?;
+        match top.kind {
+            ImageType::Compressed => {
+                ploop_format::ploop::resize::resize(&io, new_size, preallocated)?;
+            }
+            ImageType::Plain => io
+                .set_len(new_size)
+                .and_then(|()| io.flush())
+                .map_err(|e| Error::io(path.display().to_string(), "resizing", new_size, e))?,
+        }
+        Ok(())
+    };
+    let save = |d: &mut Descriptor| -> Result<()> {
+        let chs = ploop_format::ploop::header::Chs::from_sectors(new_size / SECTOR);
+        d.size_sectors = new_size / SECTOR;
+        d.cylinders = chs.cylinders;
+        d.heads = chs.heads;
+        d.save(dd)
+    };
+    if new_size > old_size {
+        // Every other delta grows too (a snapshot's view does not change:
+        // its new clusters are unmapped), so that any of them can later
+        // take a merge of a child that is as large as the disk.
+        for e in d.images.iter().filter(|e| e.guid != top.guid) {
+            let path = image_path(dd, &e.file)?;
+            let io = open_file(&path, OpenMode::read_write())?;
+            let what = path.display().to_string();
+            match e.kind {
+                ImageType::Plain => {
+                    let len = io
+                        .size()
+                        .map_err(|err| Error::io(&what, "sizing", 0, err))?;
+                    if len < new_size {
+                        io.set_len(new_size)
+                            .and_then(|()| io.flush())
+                            .map_err(|err| Error::io(&what, "extending", len, err))?;
+                    }
+                }
+                ImageType::Compressed => {
+                    let size = PloopDelta::open(io.clone(), Default::default())?.virtual_size();
+                    if size < new_size {
+                        ploop_format::ploop::resize::resize(&io, new_size, false)?;
+                    }
+                }
+            }
+        }
+        resize_top(new_size)?;
+        save(&mut d)?;
+    } else {
+        save(&mut d)?;
+        resize_top(new_size)?;
+    }
+    Ok(new_size)
+}

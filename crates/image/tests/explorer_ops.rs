@@ -58,7 +58,8 @@ impl Step {
 /// The disk's content through the real code (on whatever fs is in place).
 fn content(dd: &Path) -> Vec<u8> {
     let disk = Disk::open(dd, OpenOptions::default()).expect("open");
-    let mut buf = vec![0u8; SIZE as usize];
+    // The disk's own size: resize changes it.
+    let mut buf = vec![0u8; disk.chain.virtual_size() as usize];
     disk.chain.read_at(&mut buf, 0).expect("read");
     disk.close().expect("close");
     buf
@@ -242,6 +243,16 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         ops::convert_version(&dd, Version::V1).expect("convert");
         record(&mut steps, "convert -v 1", from, &model);
         write(&mut steps, &mut model, &mut rng);
+        // resize, last (the writes above know the first size only): grown,
+        // the new clusters read as zeros; shrunk, the tail is gone.
+        let from = j.len();
+        ops::resize_image(&dd, SIZE + 4 * CS).expect("grow");
+        model.resize((SIZE + 4 * CS) as usize, 0);
+        record(&mut steps, "resize (grow)", from, &model);
+        let from = j.len();
+        ops::resize_image(&dd, SIZE - 2 * CS).expect("shrink");
+        model.truncate((SIZE - 2 * CS) as usize);
+        record(&mut steps, "resize (shrink)", from, &model);
         (steps, saved)
     })
 }
@@ -271,12 +282,16 @@ fn check_views(dir: &Path, views: &Views) -> Result<(), String> {
             },
         )
         .map_err(|e| format!("opening snapshot {}: {e}", s.guid))?;
-        let mut back = vec![0u8; SIZE as usize];
+        // A snapshot shows the disk at its size now (a resize changes it
+        // for every view): what was taken, cut or extended with zeros.
+        let mut back = vec![0u8; disk.chain.virtual_size() as usize];
         disk.chain
             .read_at(&mut back, 0)
             .map_err(|e| format!("reading snapshot {}: {e}", s.guid))?;
         let _ = disk.close();
-        if &back != want {
+        let mut want = want.clone();
+        want.resize(back.len(), 0);
+        if back != want {
             return Err(format!("snapshot {} does not read as taken", s.guid));
         }
     }
@@ -329,7 +344,7 @@ fn repair_and_read(dir: &Path) -> Result<Vec<u8>, String> {
     let dd = dir.join("DiskDescriptor.xml");
     ops::check_disk(&dd, false).map_err(|e| format!("check: {e}"))?;
     let disk = Disk::open(&dd, OpenOptions::default()).map_err(|e| format!("open: {e}"))?;
-    let mut back = vec![0u8; SIZE as usize];
+    let mut back = vec![0u8; disk.chain.virtual_size() as usize];
     disk.chain
         .read_at(&mut back, 0)
         .map_err(|e| format!("read: {e}"))?;

@@ -52,6 +52,14 @@ enum Cmd {
         cbt: Option<String>,
         descriptor: PathBuf,
     },
+    /// Grow or shrink a disk: its image, partition table and filesystem
+    /// (ext4 shrinks, offline; XFS only grows). The disk must be unmounted.
+    Resize {
+        /// New size: a number of 512-byte sectors, or with a K/M/G/T suffix.
+        #[arg(short = 's', long = "size")]
+        size: String,
+        descriptor: PathBuf,
+    },
     /// Swap a read-only delta (a snapshot) for an identical copy, on a
     /// mounted disk too: the copy is compared cluster by cluster first.
     Replace(ReplaceArgs),
@@ -581,6 +589,9 @@ pub fn run() -> Res<ExitCode> {
         }
         Cmd::Tsnapshot(a) => tsnapshot(a),
         Cmd::Replace(a) => replace(a),
+        Cmd::Resize { size, descriptor } => {
+            crate::resize::resize(&descriptor, parse_size(&size, SECTOR)?)
+        }
         Cmd::SnapshotMerge {
             uuid,
             all,

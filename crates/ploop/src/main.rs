@@ -4,12 +4,29 @@
 
 mod cli;
 mod mount;
+mod resize;
 mod serve;
 mod size;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A reader that goes away (`ploop info | head`) makes println! fail
+    // with a broken pipe, which it reports by panicking: end quietly
+    // instead, as a program killed by SIGPIPE would (status 141).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.contains("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PLOOP_LOG")

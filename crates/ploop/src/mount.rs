@@ -495,7 +495,7 @@ pub fn fs_stats(dd: &Path) -> Option<FsStats> {
 
 /// Whether a disk holds an ext2/3/4 or XFS filesystem where it would be
 /// mounted (partition 1, or the whole disk), by its magic numbers.
-fn has_filesystem(dd: &Path) -> bool {
+pub fn has_filesystem(dd: &Path) -> bool {
     use ploop_image::gpt::{self, Layout};
     let Ok(disk) = ploop_image::Disk::open(dd, ploop_image::OpenOptions::default()) else {
         return false;

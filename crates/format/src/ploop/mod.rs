@@ -6,9 +6,9 @@ pub mod check;
 pub mod convert;
 mod delta;
 pub mod ext;
-pub mod resize;
 mod free;
 pub mod header;
+pub mod resize;
 
 pub use bat::{scan_bat, BatProblem};
 pub use delta::{CreateOptions, FillFn, MappingPin, OpenFlags, PloopDelta, META_PAGE};

@@ -34,9 +34,8 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
         return Err(Error::corrupt(&path, p.to_string()));
     }
     let cs = header.cluster_size;
-    let target = Header::new(new_size, cs, header.version).map_err(|e| {
-        Error::Invalid(format!("{path}: a {new_size}-byte disk: {e}"))
-    })?;
+    let target = Header::new(new_size, cs, header.version)
+        .map_err(|e| Error::Invalid(format!("{path}: a {new_size}-byte disk: {e}")))?;
     let ioerr = |op: &'static str, off: u64| {
         let p = path.clone();
         move |e| Error::io(p, op, off, e)
@@ -57,16 +56,18 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
         tracing::warn!("{path}: dropping its format extension: the disk changes size");
         raw.format_extension_offset = 0;
     }
-    raw.first_block_offset = u32::try_from(new_do / crate::SECTOR)
-        .map_err(|_| Error::Invalid(format!("{path}: the BAT for {new_size} bytes is too large")))?;
-    let write_pages = |pages: std::ops::Range<u64>, raw: &super::RawHeader, bat: &[u32]| -> Result<()> {
-        for page in pages {
-            let b = metadata_page(page, raw, bat);
-            io.write_at(b.as_slice(), page * META_PAGE)
-                .map_err(ioerr("writing BAT", page * META_PAGE))?;
-        }
-        Ok(())
-    };
+    raw.first_block_offset = u32::try_from(new_do / crate::SECTOR).map_err(|_| {
+        Error::Invalid(format!("{path}: the BAT for {new_size} bytes is too large"))
+    })?;
+    let write_pages =
+        |pages: std::ops::Range<u64>, raw: &super::RawHeader, bat: &[u32]| -> Result<()> {
+            for page in pages {
+                let b = metadata_page(page, raw, bat);
+                io.write_at(b.as_slice(), page * META_PAGE)
+                    .map_err(ioerr("writing BAT", page * META_PAGE))?;
+            }
+            Ok(())
+        };
     let sync = |op: &'static str| io.flush().map_err(ioerr(op, 0));
 
     if new_entries < old_entries {
@@ -84,7 +85,8 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
             .unwrap_or(0)
             .max(new_do);
         if end < size {
-            io.set_len(end).map_err(ioerr("truncating the freed tail", end))?;
+            io.set_len(end)
+                .map_err(ioerr("truncating the freed tail", end))?;
             sync("syncing the truncated file")?;
         }
         return Ok(target.virtual_size);
@@ -96,8 +98,8 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
     let mut moved = false;
     if new_do > header.data_offset {
         // Data clusters where the larger BAT goes move to the end.
-        for i in 0..old_entries {
-            let e = bat[i];
+        for slot in bat.iter_mut().take(old_entries) {
+            let e = *slot;
             if e == 0 {
                 continue;
             }
@@ -109,7 +111,7 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
                 .map_err(ioerr("reading a cluster to move", off))?;
             io.write_at(buf.as_slice(), end)
                 .map_err(ioerr("writing a moved cluster", end))?;
-            bat[i] = offset_to_entry(&target, end).ok_or_else(|| {
+            *slot = offset_to_entry(&target, end).ok_or_else(|| {
                 Error::Invalid(format!("{path}: the file grows too large for its version"))
             })?;
             end += cs;
@@ -161,7 +163,9 @@ mod tests {
     const CS: u64 = 32 << 10;
 
     fn pattern(cluster: u64) -> Vec<u8> {
-        (0..CS).map(|i| (i as u8) ^ (cluster as u8) ^ 0x5a).collect()
+        (0..CS)
+            .map(|i| (i as u8) ^ (cluster as u8) ^ 0x5a)
+            .collect()
     }
 
     /// A delta of `clusters` clusters with every third one written.
@@ -218,7 +222,10 @@ mod tests {
             let got = resize(&io, 30_000 * CS, false).unwrap();
             assert_eq!(got, 30_000 * CS);
             let (h, bat, size) = read_metadata(&io).unwrap();
-            assert!(h.data_offset > before.data_offset, "the BAT grew past its cluster");
+            assert!(
+                h.data_offset > before.data_offset,
+                "the BAT grew past its cluster"
+            );
             assert_eq!(h.bat_entries, 30_000);
             assert!(scan_bat(&h, &bat, size).is_empty());
             let d = read_back(&io, 8000);

@@ -1,0 +1,47 @@
+#!/bin/bash
+# Time of `ploop resize` growing a disk, for the same disk holding little
+# data and holding 1 GiB: the goal is a time independent of the data
+# (under 1 s without BAT relocation). Each round grows a fresh 4 GiB ext4
+# disk to 8 GiB; prints every round and the medians, side by side, and
+# the image-only part (offline BAT and table growth, no filesystem step)
+# beside the whole command.
+# Usage (root): bench/resize.sh [PLOOP] [ROUNDS]
+set -u
+P=${1:-target/release/ploop}
+ROUNDS=${2:-3}
+D=${BENCH_DIR:-/var/tmp/pbench-resize}
+now() { date +%s.%N; }
+one() { # $1 MiB of data; prints "WHOLE_SECONDS IMAGE_ONLY_SECONDS"
+  local mib=$1 t0 t1 t2
+  rm -rf "$D"; mkdir -p "$D/m"
+  "$P" init -s 4G "$D/root.hdd" >/dev/null || exit 1
+  "$P" mount -m "$D/m" "$D/DiskDescriptor.xml" >/dev/null || exit 1
+  [ "$mib" -gt 0 ] && dd if=/dev/urandom of="$D/m/data" bs=1M count="$mib" status=none
+  "$P" umount "$D/DiskDescriptor.xml" || exit 1
+  sync
+  t0=$(now)
+  "$P" resize -s 8G "$D/DiskDescriptor.xml" >/dev/null || exit 1
+  t1=$(now)
+  # The same growth once more, with no filesystem step: -t none disk.
+  rm -rf "$D"; mkdir -p "$D"
+  "$P" init -s 4G -t none "$D/root.hdd" >/dev/null || exit 1
+  "$P" write "$D/DiskDescriptor.xml" /dev/stdin < <(head -c "${mib}M" /dev/urandom) >/dev/null 2>&1
+  t2=$(now)
+  "$P" resize -s 8G "$D/DiskDescriptor.xml" >/dev/null || exit 1
+  echo "$(echo "$t1 - $t0" | bc) $(echo "$(now) - $t2" | bc)"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+small=""; big=""
+for r in $(seq "$ROUNDS"); do
+  s=$(one 16); b=$(one 1024)
+  echo "round $r: 16 MiB data: whole ${s% *} s, image ${s#* } s | 1 GiB data: whole ${b% *} s, image ${b#* } s"
+  small="$small
+$s"; big="$big
+$b"
+done
+ws=$(echo "$small" | awk 'NF{print $1}' | median); is=$(echo "$small" | awk 'NF{print $2}' | median)
+wb=$(echo "$big" | awk 'NF{print $1}' | median); ib=$(echo "$big" | awk 'NF{print $2}' | median)
+echo "median grow 4G->8G  | 16 MiB data | 1 GiB data | ratio"
+echo "whole command (s)   | $ws | $wb | $(echo "scale=2; $wb / $ws" | bc)"
+echo "image + table (s)   | $is | $ib | $(echo "scale=2; $ib / $is" | bc)"
+rm -rf "$D"

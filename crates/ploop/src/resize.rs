@@ -1,0 +1,185 @@
+//! `ploop resize`: the disk, its partition table and its filesystem
+//! together, as OpenVZ's ploop_resize_image does them.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use ploop_daemon::kernel;
+use ploop_format::descriptor::Descriptor;
+use ploop_format::SECTOR;
+use ploop_image::gpt::{self, Layout};
+use ploop_image::{ops, Disk, OpenOptions};
+
+use crate::mount::{self, MountRequest};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn request(dd: &Path, mountpoint: Option<&Path>) -> MountRequest {
+    MountRequest {
+        descriptor: dd.to_path_buf(),
+        read_only: false,
+        mountpoint: mountpoint.map(Path::to_path_buf),
+        options: String::new(),
+        uuid: None,
+        foreground: false,
+        threads: 4,
+        uring: false,
+        fuse_queues: "dev".into(),
+        busy_poll_us: 0,
+        nbd: false,
+        fsck: false,
+    }
+}
+
+/// Serve the disk (its filesystem mounted on a private folder, or only
+/// its device) for `f`, and stop serving it whatever `f` returns.
+fn served<T>(
+    dd: &Path,
+    with_mount: bool,
+    f: impl FnOnce(&Path, Option<&Path>) -> Res<T>,
+) -> Res<T> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = ploop_daemon::registry::run_dir().join(format!("resize.{}", std::process::id()));
+    if with_mount {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mp = with_mount.then_some(dir.as_path());
+    let started = mount::start_daemon(&request(dd, mp));
+    let result = started.and_then(|dev| f(Path::new(&dev), mp));
+    let stopped = mount::umount(None, None, Some(dd));
+    if with_mount {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let r = result?;
+    stopped?;
+    Ok(r)
+}
+
+/// The table's partition 1 and cluster size, or None for a bare disk.
+fn layout(dd: &Path) -> Res<Layout> {
+    let disk = Disk::open(dd, OpenOptions::default())?;
+    let l = gpt::probe(&disk.chain, &dd.display().to_string());
+    disk.close()?;
+    Ok(l?)
+}
+
+/// Fit the table to a disk of `sectors`, on the image as it is now.
+fn fit_table(dd: &Path, sectors: u64, cluster_sectors: u64) -> Res<()> {
+    let disk = Disk::open(
+        dd,
+        OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    let done = gpt::resize(
+        &disk.chain,
+        sectors,
+        cluster_sectors,
+        &dd.display().to_string(),
+    );
+    disk.close()?;
+    done?;
+    Ok(())
+}
+
+pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
+    if let Some(rec) = ploop_daemon::registry::all()
+        .into_iter()
+        .find(|r| Some(&r.descriptor) == ploop_io::resolve_folder(dd).ok().as_ref())
+    {
+        return Err(format!(
+            "{} is mounted (daemon pid {}): online resize is not built yet; umount it first",
+            dd.display(),
+            rec.pid
+        )
+        .into());
+    }
+    let d = Descriptor::load(dd)?;
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let new_size = new_size
+        .checked_next_multiple_of(cs)
+        .filter(|&n| n > 0)
+        .ok_or("invalid size")?;
+    let old_size = d.size_sectors * SECTOR;
+    let layout = layout(dd)?;
+    let cluster_sectors = cs / SECTOR;
+    // Where the filesystem would be on the resized disk.
+    let fs_bytes = match &layout {
+        Layout::Whole => new_size,
+        Layout::Gpt(p) => {
+            let (first, last) = gpt::openvz_range(new_size / SECTOR, cluster_sectors)
+                .ok_or_else(|| format!("{new_size} bytes leave no room for partition 1"))?;
+            if first * SECTOR > p.start {
+                return Err(format!(
+                    "partition 1 starts at byte {}, before OpenVZ's layout would: resize it with sgdisk",
+                    p.start
+                )
+                .into());
+            }
+            (last + 1) * SECTOR - p.start
+        }
+    };
+    if new_size < old_size {
+        // The filesystem first, checked against what it holds before
+        // anything changes; then the table; then the image.
+        served(dd, false, |dev, _| {
+            let dev = dev.to_path_buf();
+            match kernel::fs_type(&dev).as_deref() {
+                None => Ok(()),
+                Some("xfs") => {
+                    Err("an XFS filesystem cannot shrink: the disk keeps its size".into())
+                }
+                Some("ext2" | "ext3" | "ext4") => {
+                    let min = kernel::ext_min_size(&dev)?;
+                    if min > fs_bytes {
+                        return Err(format!(
+                            "the filesystem needs at least {min} bytes, more than the {fs_bytes} the resized disk leaves it: nothing was changed"
+                        )
+                        .into());
+                    }
+                    Ok(kernel::resize_ext(&dev, Some(fs_bytes))?)
+                }
+                Some(other) => Err(format!("cannot shrink a {other} filesystem").into()),
+            }
+        })?;
+        if matches!(layout, Layout::Gpt(_)) {
+            fit_table(dd, new_size / SECTOR, cluster_sectors)?;
+        }
+        ops::resize_image(dd, new_size)?;
+    } else {
+        // The image first, then the table, then the filesystem (online,
+        // on a private mount). Run again, each step is a no-op if done.
+        ops::resize_image(dd, new_size)?;
+        if matches!(layout, Layout::Gpt(_)) {
+            fit_table(dd, new_size / SECTOR, cluster_sectors)?;
+        }
+        if mount::has_filesystem(dd) {
+            let xfs = served(dd, false, |dev, _| match kernel::fs_type(dev).as_deref() {
+                Some("ext2" | "ext3" | "ext4") => {
+                    kernel::resize_ext(dev, None)?;
+                    Ok(false)
+                }
+                Some("xfs") => Ok(true),
+                other => {
+                    Err(format!("cannot grow a {} filesystem", other.unwrap_or("missing")).into())
+                }
+            })?;
+            if xfs {
+                // XFS grows only mounted.
+                served(dd, true, |_, mp| {
+                    Ok(kernel::grow_xfs(mp.expect("mounted"))?)
+                })?;
+            }
+        }
+    }
+    println!(
+        "ploop image has been successfully resized to {} sectors",
+        new_size / SECTOR
+    );
+    Ok(ExitCode::SUCCESS)
+}

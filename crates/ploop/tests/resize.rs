@@ -1,0 +1,218 @@
+//! `ploop resize` for real: image, partition table and filesystem grow
+//! and shrink together, offline; what cannot be done is refused before
+//! anything changes. Needs root, loop devices and /dev/fuse.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{data, ok, openvz_check, ploop, qemu_check, run, tempdir};
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Mounted(String);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = ploop(&["umount", &self.0]);
+    }
+}
+
+fn md5(path: &Path) -> String {
+    ok(run("md5sum", &[path]), "md5sum")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Mount, run `f` on the mount point, unmount.
+fn mounted(dd: &str, mnt: &Path, f: impl FnOnce(&Path)) {
+    ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), dd]), "mount");
+    let _m = Mounted(dd.to_string());
+    f(mnt);
+    ok(ploop(&["umount", dd]), "umount");
+}
+
+/// The filesystem's size in KiB, as df sees it.
+fn df_kib(mnt: &Path) -> u64 {
+    let out = ok(
+        run("df", &["-k", "--output=size", mnt.to_str().unwrap()]),
+        "df",
+    );
+    out.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// sgdisk finds the table of the disk's raw form sound, partition 1 where
+/// OpenVZ's layout puts it for this size, and the filesystem is clean.
+fn table_and_fs_sound(dir: &Path, img: &Path, fstype: &str, cs: u64) {
+    let raw = dir.join("check.raw");
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "parallels",
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        ),
+        "convert",
+    );
+    let v = ok(run("sgdisk", &["-v", raw.to_str().unwrap()]), "sgdisk -v");
+    assert!(v.contains("No problems found"), "{v}");
+    let sectors = fs::metadata(&raw).unwrap().len() / 512;
+    let end = (sectors - cs) / cs * cs / 8 * 8;
+    let info = ok(
+        run("sgdisk", &["-i", "1", raw.to_str().unwrap()]),
+        "sgdisk -i",
+    );
+    assert!(
+        info.contains(&format!("Last sector: {} ", end - 1)),
+        "{info}"
+    );
+    let part = ok(
+        run(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "-o",
+                &(cs * 512).to_string(),
+                "--sizelimit",
+                &((end - cs) * 512).to_string(),
+                raw.to_str().unwrap(),
+            ],
+        ),
+        "losetup",
+    );
+    let checked = match fstype {
+        "xfs" => run("xfs_repair", &["-n", &part]),
+        _ => run("e2fsck", &["-fn", &part]),
+    };
+    let _ = run("losetup", &["-d", &part]);
+    ok(checked, "fsck");
+    fs::remove_file(&raw).unwrap();
+}
+
+#[test]
+fn ext4_grows_and_shrinks_with_its_table_and_data() {
+    let _s = serial();
+    let dir = tempdir();
+    let img = dir.path().join("root.hdd");
+    ok(ploop(&["init", "-s", "1G", img.to_str().unwrap()]), "init");
+    let dd = dir.path().join("DiskDescriptor.xml");
+    let dd = dd.to_str().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let big = data(3, 60 << 20);
+    let mut before = 0;
+    mounted(dd, &mnt, |m| {
+        fs::write(m.join("big"), &big).unwrap();
+        before = df_kib(m);
+    });
+    // Mounted: refused, with a reason.
+    ok(ploop(&["mount", "-m", mnt.to_str().unwrap(), dd]), "mount");
+    let m = Mounted(dd.to_string());
+    let out = ploop(&["resize", "-s", "2G", dd]);
+    assert!(!out.ok() && out.stderr.contains("umount it first"), "{out}");
+    drop(m);
+
+    ok(ploop(&["resize", "-s", "3G", dd]), "grow");
+    mounted(dd, &mnt, |m| {
+        let after = df_kib(m);
+        assert!(after > before * 29 / 10, "{before} KiB grew to {after}");
+        assert!(fs::read(m.join("big")).unwrap() == big);
+    });
+    table_and_fs_sound(dir.path(), &img, "ext4", 2048);
+    qemu_check(&img);
+    openvz_check(&img);
+
+    ok(ploop(&["resize", "-s", "512M", dd]), "shrink");
+    mounted(dd, &mnt, |m| {
+        let after = df_kib(m);
+        assert!(after < 512 << 10 && after > 400 << 10, "{after} KiB");
+        assert!(fs::read(m.join("big")).unwrap() == big);
+    });
+    table_and_fs_sound(dir.path(), &img, "ext4", 2048);
+    openvz_check(&img);
+
+    // Below what the filesystem holds: refused, nothing written.
+    let sum = md5(&img);
+    let out = ploop(&["resize", "-s", "40M", dd]);
+    assert!(
+        !out.ok() && out.stderr.contains("nothing was changed"),
+        "{out}"
+    );
+    assert_eq!(md5(&img), sum);
+    let info = ok(ploop(&["info", "-s", dd]), "info");
+    assert!(info.contains("size:\t\t1048576"), "{info}");
+}
+
+#[test]
+fn xfs_grows_and_refuses_to_shrink() {
+    let _s = serial();
+    let dir = tempdir();
+    let img = dir.path().join("root.hdd");
+    ok(
+        ploop(&["init", "-t", "xfs", "-s", "1G", img.to_str().unwrap()]),
+        "init",
+    );
+    let dd = dir.path().join("DiskDescriptor.xml");
+    let dd = dd.to_str().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let file = data(5, 5 << 20);
+    mounted(dd, &mnt, |m| fs::write(m.join("f"), &file).unwrap());
+    ok(ploop(&["resize", "-s", "2G", dd]), "grow");
+    mounted(dd, &mnt, |m| {
+        assert!(df_kib(m) > 1900 << 10, "{}", df_kib(m));
+        assert!(fs::read(m.join("f")).unwrap() == file);
+    });
+    table_and_fs_sound(dir.path(), &img, "xfs", 2048);
+    let sum = md5(&img);
+    let out = ploop(&["resize", "-s", "1G", dd]);
+    assert!(
+        !out.ok() && out.stderr.contains("XFS filesystem cannot shrink"),
+        "{out}"
+    );
+    assert_eq!(md5(&img), sum, "nothing written");
+}
+
+/// 32 KiB clusters: the BAT of a 200 MiB disk fits its first cluster, that
+/// of a 1 GiB disk does not, so growing moves data clusters out of its way.
+#[test]
+fn growth_past_the_first_bat_cluster_moves_data() {
+    let _s = serial();
+    let dir = tempdir();
+    let img = dir.path().join("root.hdd");
+    ok(
+        ploop(&["init", "-b", "64", "-s", "200M", img.to_str().unwrap()]),
+        "init",
+    );
+    let dd = dir.path().join("DiskDescriptor.xml");
+    let dd = dd.to_str().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let file = data(9, 20 << 20);
+    mounted(dd, &mnt, |m| fs::write(m.join("f"), &file).unwrap());
+    let first_block = |p: &Path| common::read_u32(p, 48);
+    let before = first_block(&img);
+    ok(ploop(&["resize", "-s", "1G", dd]), "grow");
+    assert!(first_block(&img) > before, "the data area moved");
+    mounted(dd, &mnt, |m| {
+        assert!(fs::read(m.join("f")).unwrap() == file)
+    });
+    ok(ploop(&["check", "-r", dd]), "check");
+    qemu_check(&img);
+    openvz_check(&img);
+    table_and_fs_sound(dir.path(), &img, "ext4", 64);
+}
