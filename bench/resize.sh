@@ -3,7 +3,7 @@
 # data and holding 1 GiB: the goal is a time independent of the data
 # (under 1 s without BAT relocation). Each round grows a fresh 4 GiB ext4
 # disk to 8 GiB; prints every round and the medians, side by side, and
-# the image-only part (offline BAT and table growth, no filesystem step)
+# the image-only part (BAT growth of a -t none disk, no table or filesystem)
 # beside the whole command.
 # Usage (root): bench/resize.sh [PLOOP] [ROUNDS]
 set -u
@@ -43,5 +43,5 @@ ws=$(echo "$small" | awk 'NF{print $1}' | median); is=$(echo "$small" | awk 'NF{
 wb=$(echo "$big" | awk 'NF{print $1}' | median); ib=$(echo "$big" | awk 'NF{print $2}' | median)
 echo "median grow 4G->8G  | 16 MiB data | 1 GiB data | ratio"
 echo "whole command (s)   | $ws | $wb | $(echo "scale=2; $wb / $ws" | bc)"
-echo "image + table (s)   | $is | $ib | $(echo "scale=2; $ib / $is" | bc)"
+echo "image only (s)      | $is | $ib | $(echo "scale=2; $ib / $is" | bc)"
 rm -rf "$D"
