@@ -316,6 +316,12 @@ pub fn fsck(dev: &Path, read_only: bool) -> Result<()> {
     })
 }
 
+/// Discard a mounted filesystem's free blocks (the disk gives them back);
+/// returns fstrim's report.
+pub fn fstrim(mountpoint: &Path) -> Result<String> {
+    run("fstrim", &["-v", s(mountpoint)])
+}
+
 /// Grow a mounted XFS filesystem to fill its device.
 pub fn grow_xfs(mountpoint: &Path) -> Result<()> {
     run("xfs_growfs", &[s(mountpoint)]).map(|_| ())

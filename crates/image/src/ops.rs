@@ -1555,3 +1555,65 @@ pub fn resize_image(dd: &Path, new_size: u64) -> Result<u64> {
     }
     Ok(new_size)
 }
+
+/// What `compact` finds in a disk's top delta: its file's size, the
+/// bytes its clusters hold, and the disk's size (OpenVZ's rule compacts
+/// when (file - data) / disk passes a threshold).
+#[derive(Clone, Copy, Debug)]
+pub struct CompactFigures {
+    pub file: u64,
+    pub data: u64,
+    pub disk: u64,
+}
+
+/// The figures of a disk's top delta; None for a raw top (nothing to
+/// compact: its size is the disk's).
+pub fn compact_figures(dd: &Path) -> Result<Option<CompactFigures>> {
+    let d = Descriptor::load(dd)?;
+    let top = d.image(d.top_guid).cloned().expect("validated");
+    if top.kind != ImageType::Compressed {
+        return Ok(None);
+    }
+    let path = image_path(dd, &top.file)?;
+    let io = open_file(
+        &path,
+        OpenMode {
+            lock: ploop_io::LockMode::None,
+            ..OpenMode::read_only()
+        },
+    )?;
+    let p = PloopDelta::open(io.clone(), Default::default())?;
+    let file = io
+        .size()
+        .map_err(|e| Error::io(path.display().to_string(), "sizing", 0, e))?;
+    Ok(Some(CompactFigures {
+        file,
+        data: p.allocated_clusters() * p.cluster_size() + p.header().data_offset,
+        disk: d.size_sectors * SECTOR,
+    }))
+}
+
+/// Compact a disk's top delta offline (see
+/// `ploop_format::ploop::compact`): clusters move down into free ones,
+/// the file is cut. `stop` is asked between batches.
+pub fn compact(
+    dd: &Path,
+    dry: bool,
+    progress: Progress,
+    stop: &dyn Fn() -> bool,
+) -> Result<ploop_format::ploop::compact::Compacted> {
+    let _lock = DescriptorLock::acquire(dd)?;
+    let d = Descriptor::load(dd)?;
+    let top = d.image(d.top_guid).cloned().expect("validated");
+    let path = image_path(dd, &top.file)?;
+    if top.kind != ImageType::Compressed {
+        return Err(desc_err(dd, "a raw image has nothing to compact".into()));
+    }
+    let mode = if dry {
+        OpenMode::read_only()
+    } else {
+        OpenMode::read_write()
+    };
+    let io = open_file(&path, mode)?;
+    ploop_format::ploop::compact::compact(&io, dry, progress, stop)
+}

@@ -243,6 +243,25 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         ops::convert_version(&dd, Version::V1).expect("convert");
         record(&mut steps, "convert -v 1", from, &model);
         write(&mut steps, &mut model, &mut rng);
+        // compact: the first clusters discarded (holes low in the top),
+        // then clusters move down into them and the file is cut.
+        {
+            let disk = Disk::open(
+                &dd,
+                OpenOptions {
+                    writable: true,
+                    ..OpenOptions::default()
+                },
+            )
+            .expect("open");
+            disk.chain.discard(0, 2 * CS).expect("discard");
+            disk.close().expect("close");
+            model[..(2 * CS) as usize].fill(0);
+            record(&mut steps, "discard", j.len(), &model);
+        }
+        let from = j.len();
+        ops::compact(&dd, false, &|_, _| {}, &|| false).expect("compact");
+        record(&mut steps, "compact", from, &model);
         // resize, last (the writes above know the first size only): grown,
         // the new clusters read as zeros; shrunk, the tail is gone.
         let from = j.len();

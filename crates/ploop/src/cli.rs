@@ -60,6 +60,19 @@ enum Cmd {
         size: String,
         descriptor: PathBuf,
     },
+    /// Give free space back: discard the filesystem's free blocks, move
+    /// the top delta's clusters down into the holes and cut the file
+    /// (offline; on a mounted disk only the discard).
+    Compact {
+        /// Print the figures and what would be done; change nothing.
+        #[arg(short = 'n', long = "dry-run")]
+        dry_run: bool,
+        /// Compact only when (file - data) / disk is at least this many
+        /// percent (OpenVZ's rule).
+        #[arg(long, default_value_t = 10.0)]
+        threshold: f64,
+        descriptor: PathBuf,
+    },
     /// Swap a read-only delta (a snapshot) for an identical copy, on a
     /// mounted disk too: the copy is compared cluster by cluster first.
     Replace(ReplaceArgs),
@@ -499,7 +512,7 @@ fn progress_bar(what: &str) -> Option<ProgressBar> {
     Some(pb)
 }
 
-fn with_progress<T>(what: &str, f: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
+pub fn with_progress<T>(what: &str, f: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
     let pb = progress_bar(what);
     let cb = |done: u64, total: u64| {
         if let Some(pb) = &pb {
@@ -589,6 +602,11 @@ pub fn run() -> Res<ExitCode> {
         }
         Cmd::Tsnapshot(a) => tsnapshot(a),
         Cmd::Replace(a) => replace(a),
+        Cmd::Compact {
+            dry_run,
+            threshold,
+            descriptor,
+        } => crate::resize::compact(&descriptor, dry_run, threshold),
         Cmd::Resize { size, descriptor } => {
             crate::resize::resize(&descriptor, parse_size(&size, SECTOR)?)
         }

@@ -183,3 +183,106 @@ pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+}
+
+fn print_figures(what: &str, f: &ops::CompactFigures) {
+    let waste = f.file.saturating_sub(f.data);
+    println!(
+        "{what}: image file {}, data {}, disk {}: {} ({:.1}% of the disk) could be given back",
+        mib(f.file),
+        mib(f.data),
+        mib(f.disk),
+        mib(waste),
+        100.0 * waste as f64 / f.disk.max(1) as f64
+    );
+}
+
+/// `ploop compact`: the filesystem's free blocks are discarded (fstrim on
+/// a private mount), then the top delta's clusters move down into the
+/// freed ones and the file is cut, offline. As OpenVZ, only when the
+/// space to win, (file - data) / disk, passes `threshold` percent.
+/// Ctrl-C stops it between batches, the image consistent.
+pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
+    let Some(mut before) = ops::compact_figures(dd)? else {
+        println!("{}: a raw image: nothing to compact", dd.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    // The data is what the filesystem uses, where it can be measured (its
+    // deleted files still hold clusters until a discard); else what the
+    // image holds.
+    if let Some(fs) = mount::fs_stats(dd) {
+        let used = fs.blocks.saturating_sub(fs.blocks_free) * fs.block_size;
+        before.data = before.data.min(used);
+    }
+    print_figures("before", &before);
+    if let Some(rec) = ploop_daemon::registry::all()
+        .into_iter()
+        .find(|r| Some(&r.descriptor) == ploop_io::resolve_folder(dd).ok().as_ref())
+    {
+        // Mounted: what can be given back online is what the filesystem
+        // has freed; moving clusters needs the disk unmounted.
+        if let (false, Some(m)) = (dry, &rec.mountpoint) {
+            println!("{}", kernel::fstrim(m)?);
+        }
+        return Err(format!(
+            "{} is mounted (daemon pid {}): its free blocks were discarded; moving clusters down is done offline (umount, then compact)",
+            dd.display(),
+            rec.pid
+        )
+        .into());
+    }
+    let waste = 100.0 * before.file.saturating_sub(before.data) as f64 / before.disk.max(1) as f64;
+    if dry {
+        println!(
+            "dry run: {} ({waste:.1}%) {} the {threshold}% threshold: compact would {}",
+            mib(before.file.saturating_sub(before.data)),
+            if waste < threshold {
+                "is under"
+            } else {
+                "passes"
+            },
+            if waste < threshold {
+                "do nothing"
+            } else {
+                "discard the filesystem's free blocks, move clusters down and cut the file"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if waste < threshold {
+        println!("{waste:.1}% is under the {threshold}% threshold: nothing done");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if mount::has_filesystem(dd) {
+        served(dd, true, |_, mp| {
+            println!("{}", kernel::fstrim(mp.expect("mounted"))?);
+            Ok(())
+        })?;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
+    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
+    let done = crate::cli::with_progress("compacting", |p| {
+        ops::compact(dd, false, p, &|| {
+            stop.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    })?;
+    if let Some(after) = ops::compact_figures(dd)? {
+        print_figures("after", &after);
+    }
+    println!(
+        "moved {} clusters; the image file went from {} to {}{}",
+        done.moved,
+        mib(done.size_before),
+        mib(done.size_after),
+        if done.stopped {
+            " (stopped: run compact again to finish)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -3,6 +3,7 @@
 
 mod bat;
 pub mod check;
+pub mod compact;
 pub mod convert;
 mod delta;
 pub mod ext;

@@ -1,0 +1,244 @@
+//! Give a closed delta's free space back: data clusters from the end of
+//! the file move into the unreferenced clusters below them (a discard, a
+//! merge, a crash leaves those), and the file is cut after the last one
+//! still used.
+//!
+//! Each batch of moves is crash-safe on its own: the data goes into
+//! clusters nothing references and is synced, then the BAT entries are
+//! pointed at it and synced; until then the old copies are what the BAT
+//! names, after it the new ones are, and the places left behind are as
+//! unreferenced as the ones filled were. The file is cut last. So a
+//! compaction stopped anywhere (a crash, a signal between batches) leaves
+//! a delta that opens with the same content.
+
+use std::collections::BTreeMap;
+
+use ploop_io::{AlignedBuf, SharedIo};
+
+use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::ext::{self, State};
+use super::header::{entry_to_offset, offset_to_entry, HEADER_SIZE};
+use super::scan_bat;
+use crate::{Error, Result};
+
+/// Clusters moved per synced batch.
+const BATCH: usize = 64;
+
+/// What a compaction did (or, dry, would do).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// File size before and after, in bytes.
+    pub size_before: u64,
+    pub size_after: u64,
+    /// Data clusters moved down.
+    pub moved: u64,
+    /// Whether it stopped early (asked to) with clusters left to move.
+    pub stopped: bool,
+}
+
+/// Compact a closed delta (its file locked by the caller). `progress`
+/// gets (moved, to move); `stop` is asked between batches. With `dry`,
+/// nothing is written: the figures say what would happen.
+pub fn compact(
+    io: &SharedIo,
+    dry: bool,
+    progress: &dyn Fn(u64, u64),
+    stop: &dyn Fn() -> bool,
+) -> Result<Compacted> {
+    let path = io.describe();
+    let (header, mut bat, size) = read_metadata(io)?;
+    if header.in_use {
+        return Err(Error::Dirty { path });
+    }
+    if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
+        return Err(Error::corrupt(&path, p.to_string()));
+    }
+    let cs = header.cluster_size;
+    let first = header.data_offset / cs;
+    // File cluster -> BAT index, for every data cluster in use; a live
+    // format extension's clusters stay where they are.
+    let mut owner: BTreeMap<u64, Option<usize>> = BTreeMap::new();
+    for (i, &e) in bat.iter().enumerate() {
+        if e != 0 {
+            owner.insert(entry_to_offset(&header, e) / cs, Some(i));
+        }
+    }
+    let ext_state = ext::read(io, &header, &bat, size)
+        .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
+    if let State::Live(x) = &ext_state {
+        for &c in &x.clusters {
+            owner.insert(c / cs, None);
+        }
+    }
+    let end = |owner: &BTreeMap<u64, Option<usize>>| {
+        owner
+            .keys()
+            .next_back()
+            .map_or(first, |&c| c + 1)
+            .max(first)
+    };
+    let used: Vec<u64> = owner.keys().copied().collect();
+    let mut free = super::free::FreeClusters::gaps(first, end(&owner), used);
+    // Plan: the highest movable cluster into the lowest free one, while
+    // that is a move down.
+    let mut plan: Vec<(usize, u64, u64)> = Vec::new();
+    let mut owners = owner.clone();
+    while let Some(slot) = free.pop_first() {
+        let Some((&from, &who)) = owners.iter().next_back() else {
+            break;
+        };
+        if from <= slot {
+            break;
+        }
+        let Some(i) = who else {
+            // The extension's cluster at the end: nothing above it moves.
+            break;
+        };
+        owners.remove(&from);
+        owners.insert(slot, Some(i));
+        plan.push((i, from, slot));
+    }
+    let total = plan.len() as u64;
+    let size_after = (end(&owners) * cs).min(size);
+    let mut done = Compacted {
+        size_before: size,
+        size_after: if dry { size_after } else { size },
+        moved: 0,
+        stopped: false,
+    };
+    if dry || plan.is_empty() {
+        if !dry && size_after < size {
+            io.set_len(size_after)
+                .map_err(|e| Error::io(&path, "cutting the file", size_after, e))?;
+            io.flush().map_err(|e| Error::io(&path, "syncing", 0, e))?;
+            done.size_after = size_after;
+        }
+        return Ok(done);
+    }
+    let mut buf = AlignedBuf::zeroed(cs as usize);
+    let raw = header.raw;
+    for batch in plan.chunks(BATCH) {
+        if stop() {
+            done.stopped = true;
+            break;
+        }
+        for &(_, from, to) in batch {
+            io.read_at(buf.as_mut_slice(), from * cs)
+                .map_err(|e| Error::io(&path, "reading a cluster to move", from * cs, e))?;
+            io.write_at(buf.as_slice(), to * cs)
+                .map_err(|e| Error::io(&path, "writing a moved cluster", to * cs, e))?;
+        }
+        io.flush()
+            .map_err(|e| Error::io(&path, "syncing moved clusters", 0, e))?;
+        let mut pages = std::collections::BTreeSet::new();
+        for &(i, _, to) in batch {
+            bat[i] = offset_to_entry(&header, to * cs).expect("a lower offset fits");
+            pages.insert((HEADER_SIZE as u64 + 4 * i as u64) / META_PAGE);
+        }
+        for page in pages {
+            let b = metadata_page(page, &raw, &bat);
+            io.write_at(b.as_slice(), page * META_PAGE)
+                .map_err(|e| Error::io(&path, "writing BAT", page * META_PAGE, e))?;
+        }
+        io.flush()
+            .map_err(|e| Error::io(&path, "syncing the BAT", 0, e))?;
+        done.moved += batch.len() as u64;
+        progress(done.moved, total);
+    }
+    // Cut after the last cluster still used (all moves done, or as far
+    // as they went).
+    let mut owner_now: BTreeMap<u64, ()> = BTreeMap::new();
+    for &e in &bat {
+        if e != 0 {
+            owner_now.insert(entry_to_offset(&header, e) / cs, ());
+        }
+    }
+    if let State::Live(x) = &ext_state {
+        for &c in &x.clusters {
+            owner_now.insert(c / cs, ());
+        }
+    }
+    let cut = (owner_now
+        .keys()
+        .next_back()
+        .map_or(first, |&c| c + 1)
+        .max(first)
+        * cs)
+        .min(size);
+    if cut < size {
+        io.set_len(cut)
+            .map_err(|e| Error::io(&path, "cutting the file", cut, e))?;
+        io.flush().map_err(|e| Error::io(&path, "syncing", 0, e))?;
+    }
+    done.size_after = cut;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
+    use ploop_io::MemIo;
+    use std::sync::Arc;
+
+    const CS: u64 = 32 << 10;
+
+    fn pattern(c: u64) -> Vec<u8> {
+        (0..CS)
+            .map(|i| (i as u8) ^ (c as u8).wrapping_mul(3))
+            .collect()
+    }
+
+    #[test]
+    fn clusters_move_down_and_the_file_shrinks() {
+        let io: SharedIo = Arc::new(MemIo::new("img"));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: 100 * CS,
+                cluster_size: CS,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        let rw = OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        };
+        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        for c in 0..60 {
+            d.write_cluster(c, 0, &pattern(c), None).unwrap();
+        }
+        // Every other one of the first 40 goes: holes low in the file.
+        for c in (0..40).step_by(2) {
+            d.discard(c, 0, CS, true).unwrap();
+        }
+        d.close().unwrap();
+        let before = io.size().unwrap();
+        let dry = compact(&io, true, &|_, _| {}, &|| false).unwrap();
+        assert_eq!(io.size().unwrap(), before, "dry writes nothing");
+        let done = compact(&io, false, &|_, _| {}, &|| false).unwrap();
+        assert_eq!(done.size_after, dry.size_after);
+        assert_eq!(done.moved, 20);
+        assert!(done.size_after < before, "{} < {before}", done.size_after);
+        assert_eq!(io.size().unwrap(), done.size_after);
+        let d = PloopDelta::open(io.clone(), OpenFlags::default()).unwrap();
+        let mut buf = vec![0u8; CS as usize];
+        for c in 0..60 {
+            match d.map(c) {
+                Some(off) => {
+                    assert!(off < done.size_after);
+                    d.read_data(&mut buf, off).unwrap();
+                    assert!(buf == pattern(c), "cluster {c}");
+                }
+                None => assert!(c < 40 && c % 2 == 0, "cluster {c} lost"),
+            }
+        }
+        drop(d);
+        assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
+        // Stopped before the first batch: nothing moves, all still reads.
+        let again = compact(&io, false, &|_, _| {}, &|| true).unwrap();
+        assert_eq!(again.moved, 0);
+    }
+}
