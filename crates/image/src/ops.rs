@@ -1617,3 +1617,38 @@ pub fn compact(
     let io = open_file(&path, mode)?;
     ploop_format::ploop::compact::compact(&io, dry, progress, stop)
 }
+
+/// Defragment a disk's top delta (or, given one, a delta file), offline:
+/// see `ploop_format::ploop::compact::defrag`. Returns clusters moved.
+pub fn defrag(
+    target: &Path,
+    is_disk: bool,
+    progress: Progress,
+    stop: &dyn Fn() -> bool,
+) -> Result<u64> {
+    let (path, _lock) = if is_disk {
+        let lock = DescriptorLock::acquire(target)?;
+        let d = Descriptor::load(target)?;
+        let top = d.image(d.top_guid).cloned().expect("validated");
+        if top.kind != ImageType::Compressed {
+            return Err(desc_err(
+                target,
+                "a raw image has nothing to defragment".into(),
+            ));
+        }
+        (image_path(target, &top.file)?, Some(lock))
+    } else {
+        (target.to_path_buf(), None)
+    };
+    let io = open_file(&path, OpenMode::read_write())?;
+    let _openvz = if ploop_io::fsys::is_replaced() {
+        None
+    } else {
+        let name = path.display().to_string();
+        let f = ploop_io::Folder::of(&path)
+            .and_then(|(dir, f)| dir.open_read(f))
+            .map_err(|e| Error::io(&name, "opening", 0, e))?;
+        Some(crate::disk::hold_openvz_lock_on(&name, &path, f)?)
+    };
+    ploop_format::ploop::compact::defrag(&io, progress, stop)
+}

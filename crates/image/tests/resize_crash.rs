@@ -136,8 +136,7 @@ fn a_compaction_survives_a_crash_anywhere() {
     }
     d.close().unwrap();
     let start = j.len();
-    let done =
-        ploop_format::ploop::compact::compact(&io, false, &|_, _| {}, &|| false).unwrap();
+    let done = ploop_format::ploop::compact::compact(&io, false, &|_, _| {}, &|| false).unwrap();
     assert_eq!(done.moved, N / 2);
     let end = j.len();
     let mut states = 0;
@@ -164,4 +163,58 @@ fn a_compaction_survives_a_crash_anywhere() {
         }
     }
     println!("compaction crash states: {states}");
+}
+
+/// Defragmentation crashed at every write and flush: every cluster still
+/// reads what was written to it.
+#[test]
+fn a_defragmentation_survives_a_crash_anywhere() {
+    let j = Journal::new();
+    let io: SharedIo = Arc::new(j.create("img"));
+    PloopDelta::create(
+        io.clone(),
+        CreateOptions {
+            virtual_size: 64 * CS,
+            cluster_size: CS,
+            version: Version::V2,
+            preallocate: false,
+        },
+    )
+    .unwrap();
+    let d = PloopDelta::open(
+        io.clone(),
+        OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        },
+    )
+    .unwrap();
+    // Backwards: every cluster is out of place.
+    let written: Vec<u64> = (0..8).rev().collect();
+    for &c in &written {
+        d.write_cluster(c, 0, &pattern(c), None).unwrap();
+    }
+    d.close().unwrap();
+    let start = j.len();
+    let moved = ploop_format::ploop::compact::defrag(&io, &|_, _| {}, &|| false).unwrap();
+    assert!(moved >= 8);
+    let end = j.len();
+    for point in start..=end {
+        for keep in [false, true] {
+            let files = j.crash(point, &mut All(keep));
+            let img: SharedIo = Arc::new(MemIo::new("crashed"));
+            img.write_at(&files[0], 0).unwrap();
+            check(&img, true).unwrap_or_else(|e| panic!("point {point}: check: {e}"));
+            let d = PloopDelta::open(img.clone(), OpenFlags::default())
+                .unwrap_or_else(|e| panic!("point {point} keep={keep}: open: {e}"));
+            let mut buf = vec![0u8; CS as usize];
+            for &c in &written {
+                let off = d
+                    .map(c)
+                    .unwrap_or_else(|| panic!("point {point}: cluster {c} lost"));
+                d.read_data(&mut buf, off).unwrap();
+                assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
+            }
+        }
+    }
 }

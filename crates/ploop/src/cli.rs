@@ -450,8 +450,10 @@ struct CheckArgs {
     /// nothing references.
     #[arg(short = 'S', long = "repair-sparse")]
     repair_sparse: bool,
-    /// Defragmentation (OpenVZ's -D): not built yet.
-    #[arg(short = 'D', long = "defrag", hide = true)]
+    /// Defragment (after the check): the top delta's clusters in the
+    /// disk's order, offline, so that reading the disk in order reads the
+    /// file in order.
+    #[arg(short = 'D', long = "defrag")]
     defrag: bool,
     /// A raw image (OpenVZ's -R, -b): nothing to check in one.
     #[arg(short = 'R', long = "raw", hide = true)]
@@ -1323,9 +1325,6 @@ fn disk_partition(dd: &Path) -> Option<ploop_image::gpt::Partition> {
 
 fn check(a: CheckArgs) -> Res<ExitCode> {
     let _ = (a.force, a.check, a.hard_force, a.drop_inuse);
-    if a.defrag {
-        return Err("check -D (defragmentation) is not built yet".into());
-    }
     if a.raw || a.blocksize.is_some() {
         return Err("check -R/-b: a raw image has no metadata to check".into());
     }
@@ -1354,6 +1353,15 @@ fn check(a: CheckArgs) -> Res<ExitCode> {
             let report = ops::repair_sparse(&f, a.read_only)?;
             results.push(ops::DeltaCheck { path: f, report });
         }
+    }
+    if a.defrag && !a.read_only {
+        let moved = with_progress("defragmenting", |p| {
+            ops::defrag(&a.target, is_dd, p, &|| false)
+        })?;
+        println!(
+            "{}: defragmented ({moved} clusters moved)",
+            a.target.display()
+        );
     }
     let unrepaired = results
         .iter()

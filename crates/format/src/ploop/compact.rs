@@ -174,6 +174,97 @@ pub fn compact(
     Ok(done)
 }
 
+/// Defragment a closed delta (OpenVZ's `check -D`): its data clusters
+/// are put in virtual order from the start of the data area, so that
+/// reading the disk in order reads the file in order; the file is then
+/// cut after them. A cluster in the way of another first moves to the end
+/// of the file; every move is a copy into a cluster nothing references,
+/// synced, then its BAT entry, synced, so a stop anywhere leaves the same
+/// content. Returns the clusters moved.
+pub fn defrag(io: &SharedIo, progress: &dyn Fn(u64, u64), stop: &dyn Fn() -> bool) -> Result<u64> {
+    let path = io.describe();
+    let (header, mut bat, size) = read_metadata(io)?;
+    if header.in_use {
+        return Err(Error::Dirty { path });
+    }
+    if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
+        return Err(Error::corrupt(&path, p.to_string()));
+    }
+    let ext_state = ext::read(io, &header, &bat, size)
+        .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
+    if !matches!(ext_state, State::None) {
+        return Err(Error::Invalid(format!(
+            "{path}: it carries a format extension; defragmentation would move its clusters: drop it first (a read-write open does)"
+        )));
+    }
+    let cs = header.cluster_size;
+    let first = header.data_offset / cs;
+    // File cluster -> BAT index.
+    let mut at: BTreeMap<u64, usize> = BTreeMap::new();
+    for (i, &e) in bat.iter().enumerate() {
+        if e != 0 {
+            at.insert(entry_to_offset(&header, e) / cs, i);
+        }
+    }
+    let order: Vec<usize> = (0..bat.len()).filter(|&i| bat[i] != 0).collect();
+    let total = order.len() as u64;
+    let mut end = at.keys().next_back().map_or(first, |&c| c + 1).max(first);
+    let mut buf = AlignedBuf::zeroed(cs as usize);
+    let raw = header.raw;
+    let mut moved = 0;
+    // One synced move of BAT entry `i` from file cluster `from` to `to`
+    // (unreferenced).
+    let mut move_one = |bat: &mut Vec<u32>, i: usize, from: u64, to: u64| -> Result<()> {
+        io.read_at(buf.as_mut_slice(), from * cs)
+            .map_err(|e| Error::io(&path, "reading a cluster to move", from * cs, e))?;
+        io.write_at(buf.as_slice(), to * cs)
+            .map_err(|e| Error::io(&path, "writing a moved cluster", to * cs, e))?;
+        io.flush()
+            .map_err(|e| Error::io(&path, "syncing a moved cluster", 0, e))?;
+        bat[i] = offset_to_entry(&header, to * cs).ok_or_else(|| {
+            Error::Invalid(format!("{path}: the file grows too large for its version"))
+        })?;
+        let page = (HEADER_SIZE as u64 + 4 * i as u64) / META_PAGE;
+        let b = metadata_page(page, &raw, bat);
+        io.write_at(b.as_slice(), page * META_PAGE)
+            .map_err(|e| Error::io(&path, "writing BAT", page * META_PAGE, e))?;
+        io.flush()
+            .map_err(|e| Error::io(&path, "syncing the BAT", 0, e))
+    };
+    for (rank, &i) in order.iter().enumerate() {
+        if stop() {
+            break;
+        }
+        let target = first + rank as u64;
+        let here = entry_to_offset(&header, bat[i]) / cs;
+        if here != target {
+            if let Some(&other) = at.get(&target) {
+                // Out of the way, to the end.
+                move_one(&mut bat, other, target, end)?;
+                at.remove(&target);
+                at.insert(end, other);
+                end += 1;
+                moved += 1;
+            }
+            move_one(&mut bat, i, here, target)?;
+            at.remove(&here);
+            at.insert(target, i);
+            moved += 1;
+        }
+        progress(rank as u64 + 1, total);
+    }
+    let cut = at.keys().next_back().map_or(first, |&c| c + 1).max(first) * cs;
+    // The file may have grown past its first size (clusters moved out of
+    // the way went to its end).
+    let now = io.size().map_err(|e| Error::io(&path, "sizing", 0, e))?;
+    if cut < now.max(size) {
+        io.set_len(cut)
+            .map_err(|e| Error::io(&path, "cutting the file", cut, e))?;
+        io.flush().map_err(|e| Error::io(&path, "syncing", 0, e))?;
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +331,51 @@ mod tests {
         // Stopped before the first batch: nothing moves, all still reads.
         let again = compact(&io, false, &|_, _| {}, &|| true).unwrap();
         assert_eq!(again.moved, 0);
+    }
+
+    #[test]
+    fn defragmentation_puts_clusters_in_virtual_order() {
+        let io: SharedIo = Arc::new(MemIo::new("img"));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: 64 * CS,
+                cluster_size: CS,
+                version: Version::V1,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        let rw = OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        };
+        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        // Written backwards, with gaps: file order is the reverse.
+        let written: Vec<u64> = (0..40).rev().filter(|c| c % 3 != 1).collect();
+        for &c in &written {
+            d.write_cluster(c, 0, &pattern(c), None).unwrap();
+        }
+        d.close().unwrap();
+        let moved = defrag(&io, &|_, _| {}, &|| false).unwrap();
+        assert!(moved > 0);
+        let d = PloopDelta::open(io.clone(), OpenFlags::default()).unwrap();
+        let first = d.header().data_offset / CS;
+        let mut buf = vec![0u8; CS as usize];
+        let mut rank = 0;
+        for c in 0..64 {
+            match d.map(c) {
+                Some(off) => {
+                    assert_eq!(off / CS, first + rank, "cluster {c} in order");
+                    rank += 1;
+                    d.read_data(&mut buf, off).unwrap();
+                    assert!(buf == pattern(c), "cluster {c}");
+                }
+                None => assert!(!written.contains(&c), "cluster {c} lost"),
+            }
+        }
+        assert_eq!(io.size().unwrap(), (first + rank) * CS);
+        drop(d);
+        assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
     }
 }
