@@ -536,6 +536,70 @@ pub fn write_openvz<M: Medium + ?Sized>(
     })
 }
 
+/// Where partition 1 would be on the disk resized to `new_total`
+/// sectors (first and last sector, as [`resize`] puts it), read from the
+/// table now and checked: nothing else in the way, room for it. Only
+/// reads.
+pub fn plan_partition<M: Medium + ?Sized>(
+    m: &M,
+    new_total: u64,
+    cluster_sectors: u64,
+    name: &str,
+) -> Result<(u64, u64)> {
+    plan(m, new_total, cluster_sectors, name).map(|(_, first, last, _)| (first, last))
+}
+
+/// The table, partition 1's new first and last sector, and the new last
+/// usable sector.
+fn plan<M: Medium + ?Sized>(
+    m: &M,
+    new_total: u64,
+    cluster_sectors: u64,
+    name: &str,
+) -> Result<(Table, u64, u64, u64)> {
+    let bad = |what: String| corrupt(name, what);
+    let total = m.size() / SECTOR;
+    let t = read_gpt(m, total).map_err(bad)?;
+    let h = t.header;
+    if h.header_size.to_u32() != 92 {
+        // Its checksum covers bytes this tool does not rewrite.
+        return Err(Error::Invalid(format!(
+            "{name}: a GPT header of {} bytes: only 92-byte headers are resized",
+            h.header_size.to_u32()
+        )));
+    }
+    let layout = h
+        .get_partition_entry_array_layout()
+        .map_err(|e| bad(format!("partition entries: {e}")))?;
+    let array_sectors = (t.entries.len() as u64) / SECTOR;
+    let first = t.entry.starting_lba.to_u64();
+    let (_, openvz_last) = openvz_range(new_total, cluster_sectors).unwrap_or((0, 0));
+    let last_usable = new_total
+        .checked_sub(2 + array_sectors)
+        .ok_or_else(|| Error::Invalid(format!("{name}: {new_total} sectors hold no table")))?;
+    let last = openvz_last.min(last_usable);
+    if last < first {
+        return Err(Error::Invalid(format!(
+            "{name}: partition 1 starts at sector {first}; a disk of {new_total} sectors has no room for it"
+        )));
+    }
+    let mut entries = t.entries.clone();
+    let array = GptPartitionEntryArray::new(layout, BlockSize::BS_512, &mut entries)
+        .map_err(|e| bad(format!("partition entries: {e}")))?;
+    for i in 1..layout.num_entries {
+        if let Some(e) = array.get_partition_entry(i) {
+            let (a, b) = (e.starting_lba.to_u64(), e.ending_lba.to_u64());
+            if e.is_used() && (b > last_usable || (a <= last && b >= first)) {
+                return Err(Error::Invalid(format!(
+                    "{name}: partition {} (sectors {a}-{b}) is in the way of partition 1 on a disk of {new_total} sectors",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok((t, first, last, last_usable))
+}
+
 /// Fit the table on a disk to `new_total` sectors (OpenVZ's
 /// resize_gpt_partition): partition 1 keeps its start and ends where
 /// OpenVZ's layout ends it on a disk of that size; the backup table goes
@@ -559,37 +623,15 @@ pub fn resize<M: Medium + ?Sized>(
             "{name}: the disk is {total} sectors, the table cannot describe {new_total}"
         )));
     }
-    let t = read_gpt(m, total).map_err(bad)?;
+    let (t, first, last, last_usable) = plan(m, new_total, cluster_sectors, name)?;
     let h = t.header;
     let layout = h
         .get_partition_entry_array_layout()
         .map_err(|e| bad(format!("partition entries: {e}")))?;
     let array_sectors = (t.entries.len() as u64) / SECTOR;
-    let first = t.entry.starting_lba.to_u64();
-    let (_, openvz_last) = openvz_range(new_total, cluster_sectors).unwrap_or((0, 0));
-    let last_usable = new_total
-        .checked_sub(2 + array_sectors)
-        .ok_or_else(|| Error::Invalid(format!("{name}: {new_total} sectors hold no table")))?;
-    let last = openvz_last.min(last_usable);
-    if last < first {
-        return Err(Error::Invalid(format!(
-            "{name}: partition 1 starts at sector {first}; a disk of {new_total} sectors has no room for it"
-        )));
-    }
     let mut entries = t.entries.clone();
     let mut array = GptPartitionEntryArray::new(layout, BlockSize::BS_512, &mut entries)
         .map_err(|e| bad(format!("partition entries: {e}")))?;
-    for i in 1..layout.num_entries {
-        if let Some(e) = array.get_partition_entry(i) {
-            if e.is_used() && e.ending_lba.to_u64() > last_usable {
-                return Err(Error::Invalid(format!(
-                    "{name}: partition {} ends at sector {}, past a disk of {new_total} sectors",
-                    i + 1,
-                    e.ending_lba.to_u64()
-                )));
-            }
-        }
-    }
     array
         .get_partition_entry_mut(0)
         .expect("entry 1 was read")

@@ -1088,8 +1088,9 @@ pub fn repair_sparse(path: &Path, read_only: bool) -> Result<CheckReport> {
         .map_err(|e| Error::io(&name, "reading the format extension", 0, e))?
     {
         State::Live(x) => {
+            // Cluster indexes, not offsets.
             for c in x.clusters {
-                used.push((c, (c + cs).min(file_size)));
+                used.push((c * cs, (c * cs + cs).min(file_size)));
             }
         }
         State::None | State::Dangling(_) => {}
@@ -1475,6 +1476,19 @@ fn drop_second_names(dd: &Path, d: &Descriptor, read_only: bool) -> Result<Optio
     Ok((!report.is_clean()).then_some(report))
 }
 
+/// Whether a disk's image can be resized to `new_size` bytes (its top is
+/// clean, sound, and the size fits its version): checked by `resize`
+/// before it changes the filesystem or the table.
+pub fn resize_plan(dd: &Path, new_size: u64) -> Result<()> {
+    let d = Descriptor::load(dd)?;
+    let top = d.image(d.top_guid).cloned().expect("validated");
+    if top.kind == ImageType::Compressed {
+        let io = open_file(&image_path(dd, &top.file)?, OpenMode::read_only())?;
+        ploop_format::ploop::resize::plan(&io, new_size)?;
+    }
+    Ok(())
+}
+
 /// Resize a disk's image, offline: its top delta (a ploop delta's BAT and
 /// header, a raw image's length) and the descriptor. Growing, the image
 /// grows first and the descriptor follows (a descriptor smaller than its
@@ -1493,12 +1507,28 @@ pub fn resize_image(dd: &Path, new_size: u64) -> Result<u64> {
         .filter(|&n| n > 0)
         .ok_or_else(|| desc_err(dd, format!("invalid size {new_size}")))?;
     let old_size = d.size_sectors * SECTOR;
-    if new_size == old_size {
-        return Ok(new_size);
-    }
     let chain: Vec<ImageEntry> = d.chain(d.top_guid, &name)?.into_iter().cloned().collect();
     let top = chain.last().expect("a chain has a top").clone();
     let preallocated = d.preallocated;
+    let top_path = image_path(dd, &top.file)?;
+    // Whatever the top refuses is refused before anything changes.
+    let top_size = match top.kind {
+        ImageType::Compressed => {
+            let io = open_file(&top_path, OpenMode::read_write())?;
+            ploop_format::ploop::resize::plan(&io, new_size)?
+                .0
+                .virtual_size
+        }
+        ImageType::Plain => old_size,
+    };
+    if new_size == old_size {
+        // A shrink stopped after the descriptor: finish the top.
+        if top.kind == ImageType::Compressed && top_size > new_size {
+            let io = open_file(&top_path, OpenMode::read_write())?;
+            ploop_format::ploop::resize::resize(&io, new_size, preallocated)?;
+        }
+        return Ok(new_size);
+    }
     let resize_top = |new_size: u64| -> Result<()> {
         let path = image_path(dd, &top.file)?;
         let io = open_file(&path, OpenMode::read_write())?;
@@ -1548,6 +1578,7 @@ pub fn resize_image(dd: &Path, new_size: u64) -> Result<u64> {
             }
         }
         resize_top(new_size)?;
+        mask_old_data(dd, &chain, old_size, new_size, cs)?;
         save(&mut d)?;
     } else {
         save(&mut d)?;
@@ -1651,4 +1682,56 @@ pub fn defrag(
         Some(crate::disk::hold_openvz_lock_on(&name, &path, f)?)
     };
     ploop_format::ploop::compact::defrag(&io, progress, stop)
+}
+
+/// After a shrink, a snapshot below the top still holds what lay past the
+/// smaller end; grown again, the disk must read zeros there, not that. So
+/// the top gets zeroed clusters wherever a delta below maps one in
+/// `old_size..new_size`.
+fn mask_old_data(
+    dd: &Path,
+    chain: &[ImageEntry],
+    old_size: u64,
+    new_size: u64,
+    cs: u64,
+) -> Result<()> {
+    let (top, below) = chain.split_last().expect("a chain has a top");
+    if top.kind != ImageType::Compressed || below.is_empty() {
+        return Ok(());
+    }
+    let (first, end) = (old_size.div_ceil(cs), new_size.div_ceil(cs));
+    let mut masked = std::collections::BTreeSet::new();
+    for e in below {
+        let delta = open_delta(&image_path(dd, &e.file)?, e.kind, &OpenOptions::default())?;
+        let limit = match &delta {
+            Delta::Ploop(p) => p.clusters(),
+            Delta::Raw(r) => r
+                .io()
+                .size()
+                .map_err(|err| Error::io(r.path(), "sizing", 0, err))?
+                .div_ceil(cs),
+        };
+        for c in first..end.min(limit) {
+            if delta.map(c, cs).is_some() {
+                masked.insert(c);
+            }
+        }
+    }
+    if masked.is_empty() {
+        return Ok(());
+    }
+    let path = image_path(dd, &top.file)?;
+    let io = open_file(&path, OpenMode::read_write())?;
+    let p = PloopDelta::open(
+        io,
+        ploop_format::ploop::OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        },
+    )?;
+    let zeros = vec![0u8; cs as usize];
+    for c in masked {
+        p.write_cluster(c, 0, &zeros, None)?;
+    }
+    p.close()
 }

@@ -108,29 +108,39 @@ pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
     let old_size = d.size_sectors * SECTOR;
     let layout = layout(dd)?;
     let cluster_sectors = cs / SECTOR;
+    ops::resize_plan(dd, new_size)?;
     // Where the filesystem would be on the resized disk.
+    // (The table says, by the same rule it will be rewritten with.)
     let fs_bytes = match &layout {
         Layout::Whole => new_size,
-        Layout::Gpt(p) => {
-            let (first, last) = gpt::openvz_range(new_size / SECTOR, cluster_sectors)
-                .ok_or_else(|| format!("{new_size} bytes leave no room for partition 1"))?;
-            if first * SECTOR > p.start {
-                return Err(format!(
-                    "partition 1 starts at byte {}, before OpenVZ's layout would: resize it with sgdisk",
-                    p.start
-                )
-                .into());
-            }
-            (last + 1) * SECTOR - p.start
+        Layout::Gpt(_) => {
+            let disk = Disk::open(dd, OpenOptions::default())?;
+            let planned = gpt::plan_partition(
+                &disk.chain,
+                new_size / SECTOR,
+                cluster_sectors,
+                &dd.display().to_string(),
+            );
+            disk.close()?;
+            let (first, last) = planned?;
+            (last - first + 1) * SECTOR
         }
     };
     if new_size < old_size {
+        // Looked at before the daemon holds the image.
+        let known_fs = mount::has_filesystem(dd);
         // The filesystem first, checked against what it holds before
         // anything changes; then the table; then the image.
         served(dd, false, |dev, _| {
             let dev = dev.to_path_buf();
             match kernel::fs_type(&dev).as_deref() {
-                None => Ok(()),
+                // Nothing blkid knows: shrunk as a bare disk only if no
+                // filesystem we know is there either (blkid may be
+                // missing or fail).
+                None if !known_fs => Ok(()),
+                None => {
+                    Err("the filesystem's type cannot be found (blkid): nothing was changed".into())
+                }
                 Some("xfs") => {
                     Err("an XFS filesystem cannot shrink: the disk keeps its size".into())
                 }

@@ -66,8 +66,9 @@ pub fn compact(
     let ext_state = ext::read(io, &header, &bat, size)
         .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
     if let State::Live(x) = &ext_state {
+        // Cluster indexes, not offsets.
         for &c in &x.clusters {
-            owner.insert(c / cs, None);
+            owner.insert(c, None);
         }
     }
     let end = |owner: &BTreeMap<u64, Option<usize>>| {
@@ -155,7 +156,7 @@ pub fn compact(
     }
     if let State::Live(x) = &ext_state {
         for &c in &x.clusters {
-            owner_now.insert(c / cs, ());
+            owner_now.insert(c, ());
         }
     }
     let cut = (owner_now

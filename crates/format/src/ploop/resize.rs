@@ -16,9 +16,38 @@
 use ploop_io::{AlignedBuf, SharedIo};
 
 use super::delta::{metadata_page, read_metadata, META_PAGE};
-use super::header::{entry_to_offset, offset_to_entry, Header, FLAG_EMPTY};
+use super::header::{entry_to_offset, offset_to_entry, Header, FLAG_EMPTY, HEADER_SIZE};
 use super::scan_bat;
 use crate::{Error, Result};
+
+/// Check that a closed delta can be resized to `new_size` bytes, writing
+/// nothing: it is clean, its BAT sound, the size fits its version, and a
+/// format extension it carries may be dropped. Returns its header, BAT,
+/// file size and the header a fresh delta of that size would have.
+pub fn plan(io: &SharedIo, new_size: u64) -> Result<(Header, Vec<u32>, u64, Header)> {
+    let path = io.describe();
+    let (header, bat, size) = read_metadata(io)?;
+    if header.in_use {
+        return Err(Error::Dirty { path });
+    }
+    if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
+        return Err(Error::corrupt(&path, p.to_string()));
+    }
+    if header.raw.format_extension_offset != 0 {
+        if let super::ext::State::Live(x) = super::ext::read(io, &header, &bat, size)
+            .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?
+        {
+            if let Some(f) = x.features.iter().find(|f| f.forbids_dropping()) {
+                return Err(Error::Invalid(format!(
+                    "{path}: its format extension holds a feature this tool does not know and must keep ({f:?}): it cannot be resized"
+                )));
+            }
+        }
+    }
+    let target = Header::new(new_size, header.cluster_size, header.version)
+        .map_err(|e| Error::Invalid(format!("{path}: a {new_size}-byte disk: {e}")))?;
+    Ok((header, bat, size, target))
+}
 
 /// Resize a closed delta (its file locked by the caller) to hold a disk of
 /// `new_size` bytes, rounded up to whole clusters; with `preallocate`,
@@ -26,22 +55,17 @@ use crate::{Error, Result};
 /// Returns the size it now has.
 pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
     let path = io.describe();
-    let (header, mut bat, size) = read_metadata(io)?;
-    if header.in_use {
-        return Err(Error::Dirty { path });
-    }
-    if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
-        return Err(Error::corrupt(&path, p.to_string()));
-    }
+    let (header, mut bat, size, target) = plan(io, new_size)?;
     let cs = header.cluster_size;
-    let target = Header::new(new_size, cs, header.version)
-        .map_err(|e| Error::Invalid(format!("{path}: a {new_size}-byte disk: {e}")))?;
     let ioerr = |op: &'static str, off: u64| {
         let p = path.clone();
         move |e| Error::io(p, op, off, e)
     };
     let old_entries = bat.len();
     let new_entries = target.bat_entries as usize;
+    if new_entries == old_entries && target.virtual_size == header.virtual_size {
+        return Ok(target.virtual_size);
+    }
     // The data area never starts earlier than it did: clusters already
     // there stay where they are.
     let new_do = header.data_offset.max(target.data_offset);
@@ -50,10 +74,17 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
     raw.size_in_sectors = target.raw.size_in_sectors;
     raw.heads = target.raw.heads;
     raw.cylinders = target.raw.cylinders;
-    // A changed-block bitmap covers the old size: it goes (in the header
-    // written last), and its clusters with the tail or to the next check.
+    // A changed-block bitmap covers the old size: it goes, in a synced
+    // header write of its own before any of its clusters can be reused
+    // (plan refused one that may not be dropped).
     if raw.format_extension_offset != 0 {
         tracing::warn!("{path}: dropping its format extension: the disk changes size");
+        let mut dropped = header.raw;
+        dropped.format_extension_offset = 0;
+        let b = metadata_page(0, &dropped, &bat);
+        io.write_at(b.as_slice(), 0)
+            .map_err(ioerr("dropping the format extension", 0))?;
+        io.flush().map_err(ioerr("syncing the header", 0))?;
         raw.format_extension_offset = 0;
     }
     raw.first_block_offset = u32::try_from(new_do / crate::SECTOR).map_err(|_| {
@@ -72,7 +103,21 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
 
     if new_entries < old_entries {
         // Shrink: header and BAT in one go (page 0 last), then the tail.
+        // The data area stays where it is, so the BAT keeps enough
+        // entries to reach it (zeros past the disk's end: OpenVZ and qemu
+        // accept a table longer than the disk).
         bat.truncate(new_entries);
+        let reach = (header
+            .data_offset
+            .saturating_sub(cs)
+            .saturating_sub(HEADER_SIZE as u64)
+            / 4
+            + 1) as usize;
+        if header.data_offset > cs && bat.len() < reach {
+            bat.resize(reach, 0);
+        }
+        raw.bat_entries = u32::try_from(bat.len()).expect("no more than it had");
+        Header::validate(raw, &path)?;
         let pages = header.data_offset.div_ceil(META_PAGE);
         write_pages(1..pages, &raw, &bat)?;
         write_pages(0..1, &raw, &bat)?;
@@ -92,7 +137,13 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
         return Ok(target.virtual_size);
     }
 
+    bat.try_reserve(new_entries - old_entries).map_err(|_| {
+        Error::Invalid(format!(
+            "{path}: a BAT of {new_entries} entries does not fit in memory"
+        ))
+    })?;
     bat.resize(new_entries, 0);
+    Header::validate(raw, &path)?;
     let mut end = size.div_ceil(cs).max(new_do.div_ceil(cs)) * cs;
     let mut buf = AlignedBuf::zeroed(cs as usize);
     let mut moved = false;
@@ -261,5 +312,26 @@ mod tests {
             d.read_data(&mut buf, d.map(c).expect("allocated")).unwrap();
             assert!(buf.iter().all(|&b| b == 0));
         }
+    }
+
+    /// Shrinking below what the first BAT cluster holds keeps the data
+    /// area where it is: the BAT keeps entries (zeros) up to it, so the
+    /// header stays valid.
+    #[test]
+    fn a_shrink_across_a_bat_cluster_keeps_a_valid_header() {
+        let io = delta(9000, Version::V2);
+        let (h, _, _) = read_metadata(&io).unwrap();
+        assert!(h.data_offset > CS, "the BAT spans two clusters");
+        resize(&io, 100 * CS, false).unwrap();
+        let (h2, bat, size) = read_metadata(&io).unwrap();
+        assert_eq!(h2.virtual_size, 100 * CS);
+        assert_eq!(h2.data_offset, h.data_offset);
+        assert!(bat[100..].iter().all(|&e| e == 0));
+        assert!(scan_bat(&h2, &bat, size).is_empty());
+        read_back(&io, 100);
+        assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
+        // And grown again from there.
+        resize(&io, 9000 * CS, false).unwrap();
+        read_back(&io, 100);
     }
 }
