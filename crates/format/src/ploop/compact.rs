@@ -379,4 +379,53 @@ mod tests {
         drop(d);
         assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
     }
+
+    /// Writes and discards with no flush between them (a trim-heavy
+    /// guest): the file never grows past the disk's size plus metadata,
+    /// and what was last written reads back.
+    #[test]
+    fn churn_keeps_the_file_within_the_disk() {
+        const N: u64 = 24;
+        let io: SharedIo = Arc::new(MemIo::new("img"));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: N * CS,
+                cluster_size: CS,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        let rw = OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        };
+        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        let limit = d.header().data_offset + N * CS;
+        for round in 0..10u64 {
+            for c in 0..N {
+                d.write_cluster(c, 0, &pattern(c + round), None).unwrap();
+                assert!(
+                    io.size().unwrap() <= limit,
+                    "round {round}: {} > {limit}",
+                    io.size().unwrap()
+                );
+            }
+            for c in 0..N {
+                d.discard(c, 0, CS, true).unwrap();
+            }
+        }
+        for c in 0..N {
+            d.write_cluster(c, 0, &pattern(c), None).unwrap();
+        }
+        let mut buf = vec![0u8; CS as usize];
+        for c in 0..N {
+            d.read_data(&mut buf, d.map(c).unwrap()).unwrap();
+            assert!(buf == pattern(c));
+        }
+        assert!(io.size().unwrap() <= limit);
+        d.close().unwrap();
+        assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
+    }
 }

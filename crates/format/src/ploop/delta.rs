@@ -137,6 +137,9 @@ pub struct PloopDelta {
     meta: Mutex<()>,
     /// Number of mapped BAT entries.
     mapped: AtomicU64,
+    /// Freed clusters a flush has taken and not yet quarantined (while it
+    /// writes the BAT): pending like those still in `dirty.freed`.
+    freeing: AtomicU64,
     /// Virtual clusters changed while tracking is on (an online merge
     /// copies them again at the end).
     tracking: AtomicBool,
@@ -312,6 +315,7 @@ impl PloopDelta {
         let mapped = bat.iter().filter(|&&e| e != 0).count() as u64;
         let delta = Self {
             mapped: AtomicU64::new(mapped),
+            freeing: AtomicU64::new(0),
             tracking: AtomicBool::new(false),
             changed: Mutex::new(BTreeSet::new()),
             raw: Mutex::new(header.raw),
@@ -462,7 +466,18 @@ impl PloopDelta {
                 return self.write_data(data, off + offset);
             }
         }
-        let mut alloc = self.alloc.lock().expect("alloc lock");
+        let mut tries = 0;
+        let mut alloc = loop {
+            let alloc = self.alloc.lock().expect("alloc lock");
+            // Checked under the lock that allocates: another writer may
+            // have taken the free cluster make_room saw.
+            if tries == 100 || !self.must_make_room(&alloc) {
+                break alloc;
+            }
+            drop(alloc);
+            tries += 1;
+            self.make_room(tries > 1)?;
+        };
         // Pinned before the lookup and held through the write, which runs
         // after the lock is gone: otherwise a discard and a flush could free
         // the cluster and an allocation hand it to another virtual cluster
@@ -480,6 +495,31 @@ impl PloopDelta {
     }
 
     /// Allocate `cluster` (unmapped, allocation lock held) and write it.
+    /// Whether an allocation now would grow the file past the disk's size
+    /// plus metadata (no free cluster, the end at the most a disk this
+    /// size can use) while clusters freed since the last flush wait: for
+    /// their BAT change to be durable, or for reads of their time to end.
+    /// A trim-heavy writer with few flushes otherwise grows the image past
+    /// the disk.
+    fn must_make_room(&self, alloc: &Alloc) -> bool {
+        let limit = self.header.data_offset / self.header.cluster_size + self.clusters();
+        alloc.free.is_empty()
+            && alloc.end >= limit
+            && (!alloc.quarantine.is_empty()
+                || self.freeing.load(Ordering::SeqCst) != 0
+                || !self.dirty.lock().expect("dirty lock").freed.is_empty())
+    }
+
+    /// Make the clusters [`must_make_room`] waits for reusable: a flush
+    /// (after a pause for reads of their time, when `wait`). Called with
+    /// no pin and no lock held.
+    fn make_room(&self, wait: bool) -> Result<()> {
+        if wait {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.flush()
+    }
+
     fn allocate_locked(
         &self,
         alloc: &mut Alloc,
@@ -610,8 +650,12 @@ impl PloopDelta {
                 .into_iter()
                 .map(|p| (p, metadata_page(p, &raw, &bat)))
                 .collect();
-            (pages, std::mem::take(&mut dirty.freed))
+            let freed = std::mem::take(&mut dirty.freed);
+            self.freeing
+                .fetch_add(freed.len() as u64, Ordering::SeqCst);
+            (pages, freed)
         };
+        let taken = freed.len() as u64;
         let written = self.sync("syncing data").and_then(|()| {
             if pages.is_empty() && freed.is_empty() {
                 return Ok(());
@@ -629,9 +673,11 @@ impl PloopDelta {
             let mut dirty = self.dirty.lock().expect("dirty lock");
             dirty.pages.extend(pages.iter().map(|(p, _)| *p));
             dirty.freed.extend(freed);
+            self.freeing.fetch_sub(taken, Ordering::SeqCst);
             return Err(e);
         }
         let mut alloc = self.alloc.lock().expect("alloc lock");
+        self.freeing.fetch_sub(taken, Ordering::SeqCst);
         if pages.is_empty() && freed.is_empty() && alloc.quarantine.is_empty() {
             return Ok(());
         }
