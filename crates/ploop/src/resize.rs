@@ -275,17 +275,23 @@ pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
+    let started = std::time::Instant::now();
     let done = crate::cli::with_progress("compacting", |p| {
         ops::compact(dd, false, p, &|| {
             stop.load(std::sync::atomic::Ordering::Relaxed)
         })
     })?;
+    let secs = started.elapsed().as_secs_f64();
+    let cluster = Descriptor::load(dd).map_or(0, |d| u64::from(d.blocksize) * SECTOR);
+    let bytes = done.moved * cluster;
     if let Some(after) = ops::compact_figures(dd)? {
         print_figures("after", &after);
     }
     println!(
-        "moved {} clusters; the image file went from {} to {}{}",
+        "moved {} clusters ({} in {secs:.2} s, {:.0} MiB/s); the image file went from {} to {}{}",
         done.moved,
+        mib(bytes),
+        bytes as f64 / f64::from(1 << 20) / secs.max(1e-9),
         mib(done.size_before),
         mib(done.size_after),
         if done.stopped {

@@ -22,7 +22,7 @@ use super::scan_bat;
 use crate::{Error, Result};
 
 /// Clusters moved per synced batch.
-const BATCH: usize = 64;
+const BATCH: usize = 256;
 
 /// What a compaction did (or, dry, would do).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -468,15 +468,23 @@ impl PloopDelta {
         }
         let mut tries = 0;
         let mut alloc = loop {
-            let alloc = self.alloc.lock().expect("alloc lock");
+            let mut alloc = self.alloc.lock().expect("alloc lock");
             // Checked under the lock that allocates: another writer may
-            // have taken the free cluster make_room saw.
-            if tries == 100 || !self.must_make_room(&alloc) {
+            // have taken a free cluster meanwhile. Bounded: a pin held for
+            // long (a stuck request) makes the file grow rather than stall.
+            if tries == 100 || !self.must_make_room(&mut alloc) {
                 break alloc;
             }
             drop(alloc);
             tries += 1;
-            self.make_room(tries > 1)?;
+            if self.frees_unflushed() {
+                // Their BAT change made durable (another writer's flush
+                // may have done it meanwhile: then this one is cheap).
+                self.flush()?;
+            } else {
+                // Only reads of their time hold them.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         };
         // Pinned before the lookup and held through the write, which runs
         // after the lock is gone: otherwise a discard and a flush could free
@@ -494,32 +502,37 @@ impl PloopDelta {
         self.allocate_locked(&mut alloc, cluster, offset, data, fill)
     }
 
-    /// Allocate `cluster` (unmapped, allocation lock held) and write it.
     /// Whether an allocation now would grow the file past the disk's size
     /// plus metadata (no free cluster, the end at the most a disk this
     /// size can use) while clusters freed since the last flush wait: for
     /// their BAT change to be durable, or for reads of their time to end.
     /// A trim-heavy writer with few flushes otherwise grows the image past
-    /// the disk.
-    fn must_make_room(&self, alloc: &Alloc) -> bool {
+    /// the disk. Releases what quarantine may release first.
+    fn must_make_room(&self, alloc: &mut Alloc) -> bool {
         let limit = self.header.data_offset / self.header.cluster_size + self.clusters();
-        alloc.free.is_empty()
-            && alloc.end >= limit
-            && (!alloc.quarantine.is_empty()
-                || self.freeing.load(Ordering::SeqCst) != 0
-                || !self.dirty.lock().expect("dirty lock").freed.is_empty())
-    }
-
-    /// Make the clusters [`must_make_room`] waits for reusable: a flush
-    /// (after a pause for reads of their time, when `wait`). Called with
-    /// no pin and no lock held.
-    fn make_room(&self, wait: bool) -> Result<()> {
-        if wait {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        if !alloc.free.is_empty() || alloc.end < limit {
+            return false;
         }
-        self.flush()
+        self.release_quarantined(alloc);
+        if !alloc.free.is_empty() {
+            return false;
+        }
+        // Read under the dirty lock, under which a flush takes the freed
+        // clusters and counts them (or puts them back on an error).
+        let dirty = self.dirty.lock().expect("dirty lock");
+        !alloc.quarantine.is_empty()
+            || !dirty.freed.is_empty()
+            || self.freeing.load(Ordering::SeqCst) != 0
     }
 
+    /// Whether freed clusters wait for a flush (rather than only for pins
+    /// of their time).
+    fn frees_unflushed(&self) -> bool {
+        let dirty = self.dirty.lock().expect("dirty lock");
+        !dirty.freed.is_empty() || self.freeing.load(Ordering::SeqCst) != 0
+    }
+
+    /// Allocate `cluster` (unmapped, allocation lock held) and write it.
     fn allocate_locked(
         &self,
         alloc: &mut Alloc,
