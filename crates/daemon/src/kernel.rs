@@ -318,8 +318,14 @@ pub fn fsck(dev: &Path, read_only: bool) -> Result<()> {
 
 /// Discard a mounted filesystem's free blocks (the disk gives them back);
 /// returns fstrim's report.
-pub fn fstrim(mountpoint: &Path) -> Result<String> {
-    run("fstrim", &["-v", s(mountpoint)])
+pub fn fstrim(mountpoint: &Path, minimum: Option<u64>) -> Result<String> {
+    match minimum {
+        Some(m) => run(
+            "fstrim",
+            &["-v", "--minimum", &m.to_string(), s(mountpoint)],
+        ),
+        None => run("fstrim", &["-v", s(mountpoint)]),
+    }
 }
 
 /// Grow a mounted XFS filesystem to fill its device.

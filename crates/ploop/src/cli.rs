@@ -73,6 +73,10 @@ enum Cmd {
         threshold: f64,
         descriptor: PathBuf,
     },
+    /// OpenVZ's ploop-balloon: `discard` gives free space back (what
+    /// `compact` does, with OpenVZ's options).
+    #[command(subcommand)]
+    Balloon(BalloonCmd),
     /// Swap a read-only delta (a snapshot) for an identical copy, on a
     /// mounted disk too: the copy is compared cluster by cluster first.
     Replace(ReplaceArgs),
@@ -249,6 +253,76 @@ struct TsnapshotArgs {
     #[arg(short = 'm', long = "mount-point")]
     mountpoint: Option<PathBuf>,
     descriptor: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BalloonCmd {
+    /// Discard the filesystem's free blocks and give the space back:
+    /// clusters move down and the image file is cut (offline; on a
+    /// mounted disk, only the discard).
+    Discard(DiscardArgs),
+}
+
+#[derive(Args)]
+struct DiscardArgs {
+    /// Print the balloon, data, disk and image sizes only.
+    #[arg(long)]
+    stat: bool,
+    /// Give back at most about this much (K/M/G/T suffixes).
+    #[arg(long = "to-free", value_name = "SIZE")]
+    to_free: Option<String>,
+    /// Discard only free ranges at least this long.
+    #[arg(long = "min-block", value_name = "SIZE")]
+    min_block: Option<String>,
+    /// Defragment the image afterwards.
+    #[arg(long)]
+    defrag: bool,
+    /// Only defragment.
+    #[arg(long = "defrag-only", conflicts_with = "defrag")]
+    defrag_only: bool,
+    /// Mount the disk if it is not (done anyway, privately): kept for
+    /// OpenVZ.
+    #[arg(long)]
+    automount: bool,
+    /// The device or mount point forms (OpenVZ's -d, -m): not built.
+    #[arg(short = 'd', hide = true)]
+    device: Option<String>,
+    #[arg(short = 'm', hide = true)]
+    mountpoint: Option<String>,
+    descriptor: PathBuf,
+}
+
+fn balloon_discard(a: DiscardArgs) -> Res<ExitCode> {
+    let _ = a.automount;
+    if a.device.is_some() || a.mountpoint.is_some() {
+        return Err("balloon discard -d/-m is not supported: give the DiskDescriptor.xml".into());
+    }
+    if a.stat {
+        return crate::resize::discard_stat(&a.descriptor);
+    }
+    if !a.defrag_only {
+        let opts = crate::resize::CompactOptions {
+            dry: false,
+            threshold: 0.0,
+            to_free: a.to_free.as_deref().map(|s| parse_size(s, 1)).transpose()?,
+            min_block: a
+                .min_block
+                .as_deref()
+                .map(|s| parse_size(s, 1))
+                .transpose()?,
+        };
+        crate::resize::compact(&a.descriptor, &opts)?;
+    }
+    if a.defrag || a.defrag_only {
+        let moved = with_progress("defragmenting", |p| {
+            ops::defrag(&a.descriptor, true, p, &|| false)
+        })?;
+        println!(
+            "{}: defragmented ({moved} clusters moved)",
+            a.descriptor.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -608,7 +682,15 @@ pub fn run() -> Res<ExitCode> {
             dry_run,
             threshold,
             descriptor,
-        } => crate::resize::compact(&descriptor, dry_run, threshold),
+        } => crate::resize::compact(
+            &descriptor,
+            &crate::resize::CompactOptions {
+                dry: dry_run,
+                threshold,
+                ..Default::default()
+            },
+        ),
+        Cmd::Balloon(BalloonCmd::Discard(a)) => balloon_discard(a),
         Cmd::Resize { size, descriptor } => {
             crate::resize::resize(&descriptor, parse_size(&size, SECTOR)?)
         }

@@ -215,7 +215,20 @@ fn print_figures(what: &str, f: &ops::CompactFigures) {
 /// freed ones and the file is cut, offline. As OpenVZ, only when the
 /// space to win, (file - data) / disk, passes `threshold` percent.
 /// Ctrl-C stops it between batches, the image consistent.
-pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
+/// How `compact` (and OpenVZ's `balloon discard`) runs.
+#[derive(Clone, Debug, Default)]
+pub struct CompactOptions {
+    pub dry: bool,
+    /// Percent of the disk the space to win must reach.
+    pub threshold: f64,
+    /// Stop once about this many bytes are moved (OpenVZ's --to-free).
+    pub to_free: Option<u64>,
+    /// Discard only free ranges at least this long (fstrim --minimum).
+    pub min_block: Option<u64>,
+}
+
+pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
+    let (dry, threshold) = (o.dry, o.threshold);
     let Some(mut before) = ops::compact_figures(dd)? else {
         println!("{}: a raw image: nothing to compact", dd.display());
         return Ok(ExitCode::SUCCESS);
@@ -235,7 +248,7 @@ pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
         // Mounted: what can be given back online is what the filesystem
         // has freed; moving clusters needs the disk unmounted.
         if let (false, Some(m)) = (dry, &rec.mountpoint) {
-            println!("{}", kernel::fstrim(m)?);
+            println!("{}", kernel::fstrim(m, o.min_block)?);
         }
         return Err(format!(
             "{} is mounted (daemon pid {}): its free blocks were discarded; moving clusters down is done offline (umount, then compact)",
@@ -268,7 +281,7 @@ pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
     }
     if mount::has_filesystem(dd) {
         served(dd, true, |_, mp| {
-            println!("{}", kernel::fstrim(mp.expect("mounted"))?);
+            println!("{}", kernel::fstrim(mp.expect("mounted"), o.min_block)?);
             Ok(())
         })?;
     }
@@ -276,9 +289,17 @@ pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
     let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
     let started = std::time::Instant::now();
+    let cs = Descriptor::load(dd).map_or(1, |d| u64::from(d.blocksize) * SECTOR);
+    let moved_now = std::sync::atomic::AtomicU64::new(0);
     let done = crate::cli::with_progress("compacting", |p| {
-        ops::compact(dd, false, p, &|| {
+        let progress = |done: u64, total: u64| {
+            moved_now.store(done, std::sync::atomic::Ordering::Relaxed);
+            p(done, total)
+        };
+        ops::compact(dd, false, &progress, &|| {
             stop.load(std::sync::atomic::Ordering::Relaxed)
+                || o.to_free
+                    .is_some_and(|t| moved_now.load(std::sync::atomic::Ordering::Relaxed) * cs >= t)
         })
     })?;
     let secs = started.elapsed().as_secs_f64();
@@ -300,5 +321,24 @@ pub fn compact(dd: &Path, dry: bool, threshold: f64) -> Res<ExitCode> {
             ""
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `balloon discard --stat`, as OpenVZ prints it.
+pub fn discard_stat(dd: &Path) -> Res<ExitCode> {
+    let f = ops::compact_figures(dd)?.ok_or("a raw image: nothing to report")?;
+    let data = mount::fs_stats(dd).map_or(f.data, |fs| {
+        fs.blocks.saturating_sub(fs.blocks_free) * fs.block_size
+    });
+    let balloon = ploop_daemon::registry::all()
+        .into_iter()
+        .find(|r| Some(&r.descriptor) == ploop_io::resolve_folder(dd).ok().as_ref())
+        .and_then(|r| r.mountpoint)
+        .and_then(|m| std::fs::metadata(m.join(mount::BALLOON_FILE)).ok())
+        .map_or(0, |m| m.len());
+    println!("Balloon size: {:8}MB", balloon >> 20);
+    println!("Data size:    {:8}MB", data >> 20);
+    println!("Ploop size:   {:8}MB", f.disk >> 20);
+    println!("Image size:   {:8}MB", f.file >> 20);
     Ok(ExitCode::SUCCESS)
 }

@@ -248,6 +248,21 @@ fn compaction_gives_the_space_of_deleted_files_back() {
         used = out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap();
     });
     let before = fs::metadata(&img).unwrap().len();
+    // OpenVZ's figures: the image holds the deleted files, the data not.
+    let stat = ok(
+        ploop(&["balloon", "discard", "--stat", dd]),
+        "balloon discard --stat",
+    );
+    let mb = |what: &str| -> u64 {
+        stat.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .and_then(|v| v.trim().strip_suffix("MB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{what} in {stat}"))
+    };
+    assert_eq!(mb("Image size:"), before >> 20, "{stat}");
+    assert!(mb("Data size:") < mb("Image size:") * 6 / 10, "{stat}");
+    assert_eq!(mb("Ploop size:"), 1024, "{stat}");
     let dry = ok(ploop(&["compact", "-n", dd]), "compact -n");
     assert!(dry.contains("passes the 10% threshold"), "{dry}");
     assert_eq!(
@@ -270,10 +285,19 @@ fn compaction_gives_the_space_of_deleted_files_back() {
     });
     qemu_check(&img);
     openvz_check(&img);
-    // check -D: the clusters in the disk's order; the files still read,
-    // the checks still pass.
+    // check -D (and OpenVZ's balloon discard --defrag-only): the
+    // clusters in the disk's order; the files still read, the checks
+    // still pass.
     let out = ok(ploop(&["check", "-D", dd]), "check -D");
     assert!(out.contains("defragmented"), "{out}");
+    let out = ok(
+        ploop(&["balloon", "discard", "--defrag-only", dd]),
+        "balloon discard --defrag-only",
+    );
+    assert!(
+        out.contains("(0 clusters moved)"),
+        "already in order: {out}"
+    );
     mounted(dd, &mnt, |m| {
         for (i, f) in files.iter().enumerate().skip(8) {
             assert!(&fs::read(m.join(format!("f{i}"))).unwrap() == f, "f{i}");

@@ -664,8 +664,7 @@ impl PloopDelta {
                 .map(|p| (p, metadata_page(p, &raw, &bat)))
                 .collect();
             let freed = std::mem::take(&mut dirty.freed);
-            self.freeing
-                .fetch_add(freed.len() as u64, Ordering::SeqCst);
+            self.freeing.fetch_add(freed.len() as u64, Ordering::SeqCst);
             (pages, freed)
         };
         let taken = freed.len() as u64;
