@@ -766,14 +766,26 @@ mod tests {
 
     /// Rewrite partition 1 (and the checksums over it) in both tables.
     fn set_partition(m: &Mem, first: u64, last: u64) {
+        set_entry(m, 0, first, last);
+    }
+
+    /// Rewrite entry `index` (type: Linux, if it was empty) in both
+    /// tables, and the checksums over it.
+    fn set_entry(m: &Mem, index: usize, first: u64, last: u64) {
         let total = m.size() / SECTOR;
         for (hdr_lba, arr_lba) in [(1, 2), (total - 1, total - 33)] {
             let mut v = m.0.lock().unwrap();
-            let e = (arr_lba * SECTOR) as usize;
+            let base = (arr_lba * SECTOR) as usize;
+            let e = base + 128 * index;
+            if v[e..e + 16].iter().all(|&b| b == 0) {
+                let type_guid = v[base..base + 16].to_vec();
+                v[e..e + 16].copy_from_slice(&type_guid);
+                v[e + 16] = 1 + index as u8;
+            }
             v[e + 32..e + 40].copy_from_slice(&first.to_le_bytes());
             v[e + 40..e + 48].copy_from_slice(&last.to_le_bytes());
             let crc = gpt_disk_types::crc::Crc::<u32>::new(&Crc32::ALGORITHM);
-            let arr = crc.checksum(&v[e..e + 16384]);
+            let arr = crc.checksum(&v[base..base + 16384]);
             let h = (hdr_lba * SECTOR) as usize;
             v[h + 88..h + 92].copy_from_slice(&arr.to_le_bytes());
             v[h + 16..h + 20].fill(0);
@@ -866,6 +878,22 @@ mod tests {
             let e = probe(&m, "d").unwrap_err().to_string();
             assert!(e.contains("no usable backup"), "{at}={v:#x}: {e}");
         }
+    }
+
+    /// A second partition after partition 1: growing would stretch
+    /// partition 1 over it; refused, the table untouched.
+    #[test]
+    fn a_partition_in_the_way_stops_a_resize() {
+        let (m, _) = made(16 * MIB);
+        set_partition(&m, 2048, 16383);
+        set_entry(&m, 1, 16384, 24575);
+        assert!(matches!(probe(&m, "d").unwrap(), Layout::Gpt(_)));
+        m.0.lock().unwrap().resize(32 * MIB as usize, 0);
+        let before = m.0.lock().unwrap().clone();
+        let total = m.size() / SECTOR;
+        let e = resize(&m, total, 2048, "d").unwrap_err().to_string();
+        assert!(e.contains("partition 2") && e.contains("in the way"), "{e}");
+        assert!(*m.0.lock().unwrap() == before, "nothing written");
     }
 
     #[test]
