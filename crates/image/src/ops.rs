@@ -1630,6 +1630,7 @@ pub fn compact_figures(dd: &Path) -> Result<Option<CompactFigures>> {
 pub fn compact(
     dd: &Path,
     dry: bool,
+    limit: Option<u64>,
     progress: Progress,
     stop: &dyn Fn() -> bool,
 ) -> Result<ploop_format::ploop::compact::Compacted> {
@@ -1646,7 +1647,7 @@ pub fn compact(
         OpenMode::read_write()
     };
     let io = open_file(&path, mode)?;
-    ploop_format::ploop::compact::compact(&io, dry, progress, stop)
+    ploop_format::ploop::compact::compact_at_most(&io, dry, limit, progress, stop)
 }
 
 /// Defragment a disk's top delta (or, given one, a delta file), offline:

@@ -260,7 +260,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
             record(&mut steps, "discard", j.len(), &model);
         }
         let from = j.len();
-        ops::compact(&dd, false, &|_, _| {}, &|| false).expect("compact");
+        ops::compact(&dd, false, None, &|_, _| {}, &|| false).expect("compact");
         record(&mut steps, "compact", from, &model);
         // resize, last (the writes above know the first size only): grown,
         // the new clusters read as zeros; shrunk, the tail is gone.

@@ -221,7 +221,7 @@ pub struct CompactOptions {
     pub dry: bool,
     /// Percent of the disk the space to win must reach.
     pub threshold: f64,
-    /// Stop once about this many bytes are moved (OpenVZ's --to-free).
+    /// Move at most this many bytes (OpenVZ's --to-free).
     pub to_free: Option<u64>,
     /// Discard only free ranges at least this long (fstrim --minimum).
     pub min_block: Option<u64>,
@@ -290,16 +290,10 @@ pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
     let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
     let started = std::time::Instant::now();
     let cs = Descriptor::load(dd).map_or(1, |d| u64::from(d.blocksize) * SECTOR);
-    let moved_now = std::sync::atomic::AtomicU64::new(0);
+    let limit = o.to_free.map(|b| b.div_ceil(cs));
     let done = crate::cli::with_progress("compacting", |p| {
-        let progress = |done: u64, total: u64| {
-            moved_now.store(done, std::sync::atomic::Ordering::Relaxed);
-            p(done, total)
-        };
-        ops::compact(dd, false, &progress, &|| {
+        ops::compact(dd, false, limit, p, &|| {
             stop.load(std::sync::atomic::Ordering::Relaxed)
-                || o.to_free
-                    .is_some_and(|t| moved_now.load(std::sync::atomic::Ordering::Relaxed) * cs >= t)
         })
     })?;
     let secs = started.elapsed().as_secs_f64();

@@ -45,6 +45,18 @@ pub fn compact(
     progress: &dyn Fn(u64, u64),
     stop: &dyn Fn() -> bool,
 ) -> Result<Compacted> {
+    compact_at_most(io, dry, None, progress, stop)
+}
+
+/// [`compact`], moving at most `limit` clusters (OpenVZ's `--to-free`):
+/// the highest first, so the file is cut by as much.
+pub fn compact_at_most(
+    io: &SharedIo,
+    dry: bool,
+    limit: Option<u64>,
+    progress: &dyn Fn(u64, u64),
+    stop: &dyn Fn() -> bool,
+) -> Result<Compacted> {
     let path = io.describe();
     let (header, mut bat, size) = read_metadata(io)?;
     if header.in_use {
@@ -98,6 +110,9 @@ pub fn compact(
         owners.remove(&from);
         owners.insert(slot, Some(i));
         plan.push((i, from, slot));
+    }
+    if let Some(limit) = limit.filter(|_| !dry) {
+        plan.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     let total = plan.len() as u64;
     let size_after = (end(&owners) * cs).min(size);
@@ -427,5 +442,46 @@ mod tests {
         assert!(io.size().unwrap() <= limit);
         d.close().unwrap();
         assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
+    }
+
+    #[test]
+    fn a_limit_moves_the_highest_clusters_only() {
+        let io: SharedIo = Arc::new(MemIo::new("img"));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: 40 * CS,
+                cluster_size: CS,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        let rw = OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        };
+        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        for c in 0..20 {
+            d.write_cluster(c, 0, &pattern(c), None).unwrap();
+        }
+        for c in 0..10 {
+            d.discard(c, 0, CS, true).unwrap();
+        }
+        d.close().unwrap();
+        let before = io.size().unwrap();
+        let done = compact_at_most(&io, false, Some(3), &|_, _| {}, &|| false).unwrap();
+        assert_eq!(done.moved, 3);
+        assert_eq!(
+            io.size().unwrap(),
+            before - 3 * CS,
+            "cut by the three moved"
+        );
+        let d = PloopDelta::open(io.clone(), OpenFlags::default()).unwrap();
+        let mut buf = vec![0u8; CS as usize];
+        for c in 10..20 {
+            d.read_data(&mut buf, d.map(c).unwrap()).unwrap();
+            assert!(buf == pattern(c), "cluster {c}");
+        }
     }
 }
