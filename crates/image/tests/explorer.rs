@@ -1,6 +1,7 @@
 //! Crash explorer: runs a disk's life (writes that allocate, partial
 //! writes, discards, flushes, a snapshot with copy-on-write into the new
-//! delta, a merge back down, clean closes) on journaled in-memory files,
+//! delta, a merge back down, clean closes, compaction and
+//! defragmentation of the closed delta) on journaled in-memory files,
 //! then rebuilds the files as a power cut at every recorded write and
 //! flush would leave them, several times per point with different
 //! survivors (any subset of the unflushed writes, in any order, some
@@ -171,9 +172,16 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     m.views.push((j.len(), vec![0]));
     m.checkpoints.push((j.len(), m.live.clone()));
 
-    let chain = Chain::new(vec![open(d0, true)], CS, SIZE).unwrap();
+    let chain = Chain::new(vec![open(d0.clone(), true)], CS, SIZE).unwrap();
     work(&chain, &j, &mut m, &mut rng, 10);
     chain.close().unwrap();
+    m.checkpoints.push((j.len(), m.live.clone()));
+
+    // Compaction and defragmentation of the closed delta: clusters move,
+    // the content stays, at every crash in them too.
+    ploop_format::ploop::compact::compact(&d0, false, &|_, _| {}, &|| false).unwrap();
+    m.checkpoints.push((j.len(), m.live.clone()));
+    ploop_format::ploop::compact::defrag(&d0, &|_, _| {}, &|| false).unwrap();
     m.checkpoints.push((j.len(), m.live.clone()));
     (j, vec!["root.hdd".into(), "root.hdd.snap".into()], m)
 }
