@@ -614,6 +614,14 @@ impl Descriptor {
         self.snapshots.iter().find(|s| s.guid == guid)
     }
 
+    /// The base image: the one whose snapshot has no parent.
+    pub fn base(&self) -> Option<&ImageEntry> {
+        self.snapshots
+            .iter()
+            .find(|s| s.parent == NONE_GUID)
+            .and_then(|s| self.image(s.guid))
+    }
+
     pub fn image(&self, guid: Uuid) -> Option<&ImageEntry> {
         self.images.iter().find(|i| i.guid == guid)
     }

@@ -360,12 +360,7 @@ fn open_base(dd_path: &Path) -> Result<Option<(PathBuf, std::fs::File)>> {
     let Ok(d) = Descriptor::load(dd_path) else {
         return Ok(None);
     };
-    let Some(base) = d
-        .snapshots
-        .iter()
-        .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
-        .and_then(|s| d.image(s.guid))
-    else {
+    let Some(base) = d.base() else {
         return Ok(None);
     };
     let Ok(path) = image_path(dd_path, &base.file) else {

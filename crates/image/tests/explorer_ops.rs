@@ -211,13 +211,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         // replace: the base swapped for an identical copy.
         let base = {
             let d = Descriptor::load(&dd).expect("descriptor");
-            let b = d
-                .snapshots
-                .iter()
-                .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
-                .expect("a base")
-                .guid;
-            dir.join(&d.image(b).expect("base image").file)
+            dir.join(&d.base().expect("a base").file)
         };
         take(&mut steps, &model);
         let copy = dir.join("copy.hdd");

@@ -36,14 +36,13 @@ impl Survivors for All {
     }
 }
 
-#[test]
-fn a_resize_that_moves_clusters_survives_a_crash_anywhere() {
-    let j = Journal::new();
+/// A delta of `clusters` clusters in a journaled file, open for writing.
+fn new_delta(j: &Journal, clusters: u64) -> (SharedIo, PloopDelta) {
     let io: SharedIo = Arc::new(j.create("img"));
     PloopDelta::create(
         io.clone(),
         CreateOptions {
-            virtual_size: OLD * CS,
+            virtual_size: clusters * CS,
             cluster_size: CS,
             version: Version::V2,
             preallocate: false,
@@ -58,6 +57,38 @@ fn a_resize_that_moves_clusters_survives_a_crash_anywhere() {
         },
     )
     .unwrap();
+    (io, d)
+}
+
+/// Crash at every point from `start` to `end`, the unflushed writes all
+/// lost and all kept; each state is repaired by `check`, opened and
+/// handed to `verify` (point, keep). Returns the states explored.
+fn crash_everywhere(
+    j: &Journal,
+    start: usize,
+    end: usize,
+    verify: impl Fn(usize, bool, &PloopDelta),
+) -> usize {
+    let mut states = 0;
+    for point in start..=end {
+        for keep in [false, true] {
+            let files = j.crash(point, &mut All(keep));
+            let img: SharedIo = Arc::new(MemIo::new("crashed"));
+            img.write_at(&files[0], 0).unwrap();
+            check(&img, true).unwrap_or_else(|e| panic!("point {point}: check: {e}"));
+            let d = PloopDelta::open(img.clone(), OpenFlags::default())
+                .unwrap_or_else(|e| panic!("point {point} keep={keep}: open: {e}"));
+            verify(point, keep, &d);
+            states += 1;
+        }
+    }
+    states
+}
+
+#[test]
+fn a_resize_that_moves_clusters_survives_a_crash_anywhere() {
+    let j = Journal::new();
+    let (io, d) = new_delta(&j, OLD);
     // Clusters 0.. land in the file right after the header cluster: in
     // the way of the larger BAT.
     for c in 0..WRITTEN {
@@ -72,32 +103,22 @@ fn a_resize_that_moves_clusters_survives_a_crash_anywhere() {
         "the resize moved clusters ({} operations)",
         end - start
     );
-    let mut states = 0;
-    for point in start..=end {
-        for keep in [false, true] {
-            let files = j.crash(point, &mut All(keep));
-            let img: SharedIo = Arc::new(MemIo::new("crashed"));
-            img.write_at(&files[0], 0).unwrap();
-            check(&img, true).unwrap_or_else(|e| panic!("point {point}: check: {e}"));
-            let d = PloopDelta::open(img.clone(), OpenFlags::default())
-                .unwrap_or_else(|e| panic!("point {point} keep={keep}: open: {e}"));
-            let size = d.virtual_size();
-            assert!(
-                size == OLD * CS || size == NEW * CS,
-                "point {point}: size {size}"
-            );
-            let mut buf = vec![0u8; CS as usize];
-            for c in 0..WRITTEN {
-                let off = d
-                    .map(c)
-                    .unwrap_or_else(|| panic!("point {point}: cluster {c} lost"));
-                d.read_data(&mut buf, off).unwrap();
-                assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
-            }
-            assert!((WRITTEN..size / CS).all(|c| d.map(c).is_none()));
-            states += 1;
+    let states = crash_everywhere(&j, start, end, |point, keep, d| {
+        let size = d.virtual_size();
+        assert!(
+            size == OLD * CS || size == NEW * CS,
+            "point {point}: size {size}"
+        );
+        let mut buf = vec![0u8; CS as usize];
+        for c in 0..WRITTEN {
+            let off = d
+                .map(c)
+                .unwrap_or_else(|| panic!("point {point}: cluster {c} lost"));
+            d.read_data(&mut buf, off).unwrap();
+            assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
         }
-    }
+        assert!((WRITTEN..size / CS).all(|c| d.map(c).is_none()));
+    });
     println!("resize crash states: {states}");
 }
 
@@ -108,25 +129,7 @@ fn a_resize_that_moves_clusters_survives_a_crash_anywhere() {
 fn a_compaction_survives_a_crash_anywhere() {
     const N: u64 = 12;
     let j = Journal::new();
-    let io: SharedIo = Arc::new(j.create("img"));
-    PloopDelta::create(
-        io.clone(),
-        CreateOptions {
-            virtual_size: 64 * CS,
-            cluster_size: CS,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
-    let d = PloopDelta::open(
-        io.clone(),
-        OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        },
-    )
-    .unwrap();
+    let (io, d) = new_delta(&j, 64);
     for c in 0..N {
         d.write_cluster(c, 0, &pattern(c), None).unwrap();
     }
@@ -139,29 +142,19 @@ fn a_compaction_survives_a_crash_anywhere() {
     let done = ploop_format::ploop::compact::compact(&io, false, &|_, _| {}, &|| false).unwrap();
     assert_eq!(done.moved, N / 2);
     let end = j.len();
-    let mut states = 0;
-    for point in start..=end {
-        for keep in [false, true] {
-            let files = j.crash(point, &mut All(keep));
-            let img: SharedIo = Arc::new(MemIo::new("crashed"));
-            img.write_at(&files[0], 0).unwrap();
-            check(&img, true).unwrap_or_else(|e| panic!("point {point}: check: {e}"));
-            let d = PloopDelta::open(img.clone(), OpenFlags::default())
-                .unwrap_or_else(|e| panic!("point {point} keep={keep}: open: {e}"));
-            let mut buf = vec![0u8; CS as usize];
-            for c in 0..N {
-                match d.map(c) {
-                    Some(off) => {
-                        assert!(c >= N / 2, "point {point}: discarded cluster {c} is back");
-                        d.read_data(&mut buf, off).unwrap();
-                        assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
-                    }
-                    None => assert!(c < N / 2, "point {point}: cluster {c} lost"),
+    let states = crash_everywhere(&j, start, end, |point, keep, d| {
+        let mut buf = vec![0u8; CS as usize];
+        for c in 0..N {
+            match d.map(c) {
+                Some(off) => {
+                    assert!(c >= N / 2, "point {point}: discarded cluster {c} is back");
+                    d.read_data(&mut buf, off).unwrap();
+                    assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
                 }
+                None => assert!(c < N / 2, "point {point}: cluster {c} lost"),
             }
-            states += 1;
         }
-    }
+    });
     println!("compaction crash states: {states}");
 }
 
@@ -170,25 +163,7 @@ fn a_compaction_survives_a_crash_anywhere() {
 #[test]
 fn a_defragmentation_survives_a_crash_anywhere() {
     let j = Journal::new();
-    let io: SharedIo = Arc::new(j.create("img"));
-    PloopDelta::create(
-        io.clone(),
-        CreateOptions {
-            virtual_size: 64 * CS,
-            cluster_size: CS,
-            version: Version::V2,
-            preallocate: false,
-        },
-    )
-    .unwrap();
-    let d = PloopDelta::open(
-        io.clone(),
-        OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        },
-    )
-    .unwrap();
+    let (io, d) = new_delta(&j, 64);
     // Backwards: every cluster is out of place.
     let written: Vec<u64> = (0..8).rev().collect();
     for &c in &written {
@@ -199,22 +174,14 @@ fn a_defragmentation_survives_a_crash_anywhere() {
     let moved = ploop_format::ploop::compact::defrag(&io, &|_, _| {}, &|| false).unwrap();
     assert!(moved >= 8);
     let end = j.len();
-    for point in start..=end {
-        for keep in [false, true] {
-            let files = j.crash(point, &mut All(keep));
-            let img: SharedIo = Arc::new(MemIo::new("crashed"));
-            img.write_at(&files[0], 0).unwrap();
-            check(&img, true).unwrap_or_else(|e| panic!("point {point}: check: {e}"));
-            let d = PloopDelta::open(img.clone(), OpenFlags::default())
-                .unwrap_or_else(|e| panic!("point {point} keep={keep}: open: {e}"));
-            let mut buf = vec![0u8; CS as usize];
-            for &c in &written {
-                let off = d
-                    .map(c)
-                    .unwrap_or_else(|| panic!("point {point}: cluster {c} lost"));
-                d.read_data(&mut buf, off).unwrap();
-                assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
-            }
+    crash_everywhere(&j, start, end, |point, keep, d| {
+        let mut buf = vec![0u8; CS as usize];
+        for &c in &written {
+            let off = d
+                .map(c)
+                .unwrap_or_else(|| panic!("point {point}: cluster {c} lost"));
+            d.read_data(&mut buf, off).unwrap();
+            assert!(buf == pattern(c), "point {point} keep={keep}: cluster {c}");
         }
-    }
+    });
 }

@@ -795,11 +795,7 @@ pub fn run() -> Res<ExitCode> {
             if a.uuid.as_deref() == Some("base") {
                 // OpenVZ's man page: the base (lowest) image.
                 let d = Descriptor::load(&a.descriptor)?;
-                let base = d
-                    .snapshots
-                    .iter()
-                    .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
-                    .ok_or("the descriptor has no base image")?;
+                let base = d.base().ok_or("the descriptor has no base image")?;
                 a.uuid = Some(guid_string(&base.guid));
             }
             let dd = a.descriptor.clone();
@@ -1029,18 +1025,9 @@ fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
         None => ops::snapshot(dd, Some(g))?,
     };
     let req = crate::mount::MountRequest {
-        descriptor: dd.clone(),
-        read_only: true,
-        mountpoint: a.mountpoint.clone(),
-        options: String::new(),
         uuid: Some(guid_string(&snap)),
-        foreground: false,
-        threads: 4,
-        uring: false,
         fuse_queues: "auto".into(),
-        busy_poll_us: 0,
-        nbd: false,
-        fsck: false,
+        ..crate::mount::MountRequest::internal(dd, true, a.mountpoint.as_deref())
     };
     let dev = match crate::mount::start_daemon(&req) {
         Ok(dev) => dev,

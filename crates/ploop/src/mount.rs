@@ -36,6 +36,27 @@ pub struct MountRequest {
     pub fsck: bool,
 }
 
+impl MountRequest {
+    /// A view this tool serves for its own work (mkfs, figures, resize,
+    /// a temporary snapshot): a few /dev/fuse workers, no busy polling.
+    pub fn internal(dd: &Path, read_only: bool, mountpoint: Option<&Path>) -> Self {
+        Self {
+            descriptor: dd.to_path_buf(),
+            read_only,
+            mountpoint: mountpoint.map(Path::to_path_buf),
+            options: String::new(),
+            uuid: None,
+            foreground: false,
+            threads: 4,
+            uring: false,
+            fuse_queues: "dev".into(),
+            busy_poll_us: 0,
+            nbd: false,
+            fsck: false,
+        }
+    }
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -354,21 +375,7 @@ pub const BALLOON_FILE: &str = ".balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8";
 /// (on partition 1 where the disk has a partition table), and put the
 /// balloon file in its root as OpenVZ's `ploop init` does.
 pub fn make_filesystem(dd: &Path, fstype: &str, o: &kernel::MkfsOptions) -> Res<()> {
-    let req = MountRequest {
-        descriptor: dd.to_path_buf(),
-        read_only: false,
-        mountpoint: None,
-        options: String::new(),
-        uuid: None,
-        foreground: false,
-        threads: 4,
-        uring: false,
-        fuse_queues: "dev".into(),
-        busy_poll_us: 0,
-        nbd: false,
-        fsck: false,
-    };
-    let dev = start_daemon(&req)?;
+    let dev = start_daemon(&MountRequest::internal(dd, false, None))?;
     let dev = Path::new(&dev);
     let made = kernel::mkfs(dev, fstype, o)
         .map_err(|e| e.into())
@@ -464,18 +471,8 @@ pub fn fs_stats(dd: &Path) -> Option<FsStats> {
     let dir = run.join(format!("info.{}", std::process::id()));
     std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
     let req = MountRequest {
-        descriptor: dd.to_path_buf(),
-        read_only: true,
-        mountpoint: Some(dir.clone()),
-        options: String::new(),
-        uuid: None,
-        foreground: false,
         threads: 2,
-        uring: false,
-        fuse_queues: "dev".into(),
-        busy_poll_us: 0,
-        nbd: false,
-        fsck: false,
+        ..MountRequest::internal(dd, true, Some(&dir))
     };
     let stats = match start_daemon(&req) {
         Ok(_) => {
@@ -523,12 +520,7 @@ pub fn descriptor_of_image(image: &Path) -> Res<PathBuf> {
         let Ok(d) = ploop_format::descriptor::Descriptor::load(&rec.descriptor) else {
             continue;
         };
-        let base = d
-            .snapshots
-            .iter()
-            .find(|s| s.parent == ploop_format::descriptor::NONE_GUID)
-            .and_then(|s| d.image(s.guid));
-        let Some(base) = base else { continue };
+        let Some(base) = d.base() else { continue };
         let Ok(path) = ploop_image::disk::image_path(&rec.descriptor, &base.file) else {
             continue;
         };

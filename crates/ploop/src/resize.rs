@@ -14,23 +14,6 @@ use crate::mount::{self, MountRequest};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn request(dd: &Path, mountpoint: Option<&Path>) -> MountRequest {
-    MountRequest {
-        descriptor: dd.to_path_buf(),
-        read_only: false,
-        mountpoint: mountpoint.map(Path::to_path_buf),
-        options: String::new(),
-        uuid: None,
-        foreground: false,
-        threads: 4,
-        uring: false,
-        fuse_queues: "dev".into(),
-        busy_poll_us: 0,
-        nbd: false,
-        fsck: false,
-    }
-}
-
 /// Serve the disk (its filesystem mounted on a private folder, or only
 /// its device) for `f`, and stop serving it whatever `f` returns.
 fn served<T>(
@@ -48,7 +31,7 @@ fn served<T>(
             .map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let mp = with_mount.then_some(dir.as_path());
-    let started = mount::start_daemon(&request(dd, mp));
+    let started = mount::start_daemon(&MountRequest::internal(dd, false, mp));
     let result = started.and_then(|dev| f(Path::new(&dev), mp));
     let stopped = mount::umount(None, None, Some(dd));
     if with_mount {

@@ -11,7 +11,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::{data, ok, openvz_check, ploop, qemu_check, run, tempdir};
+use common::{
+    data, md5, ok, openvz_check, ploop, qemu_check, qemu_convert, run, tempdir, Loop, Mounted,
+};
 
 /// Mounts and loop devices: one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -22,52 +24,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const SECTOR: u64 = 512;
 const BALLOON: &str = ".balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8";
-
-/// Unmounts the disk however the test ends.
-struct Mounted(String);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = ploop(&["umount", &self.0]);
-    }
-}
-
-/// A loop device over `len` bytes of `file` from `offset`, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path, offset: u64, len: u64) -> Self {
-        Self(ok(
-            run(
-                "losetup",
-                &[
-                    "-f",
-                    "--show",
-                    "-o",
-                    &offset.to_string(),
-                    "--sizelimit",
-                    &len.to_string(),
-                    file.to_str().unwrap(),
-                ],
-            ),
-            "losetup",
-        ))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run("losetup", &["-d", &self.0]);
-    }
-}
-
-fn md5(path: &Path) -> String {
-    ok(run("md5sum", &[path]), "md5sum")
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// The MD5 of everything a disk holds, as `ploop read` gives it.
 fn disk_md5(dd: &str) -> String {
@@ -182,21 +138,7 @@ fn a_disk_laid_out_by_openvz_tools_mounts_and_reads_back() {
         ok(run("umount", &[&mnt]), "umount");
     }
     let image = dir.path().join("root.hds");
-    ok(
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "parallels",
-                raw.to_str().unwrap(),
-                image.to_str().unwrap(),
-            ],
-        ),
-        "qemu-img convert",
-    );
+    qemu_convert("raw", "parallels", &raw, &image);
     fs::remove_file(&raw).unwrap();
     let dd = dir.path().join("DiskDescriptor.xml");
     fs::write(&dd, openvz_descriptor(sectors, "root.hds", "")).unwrap();
@@ -257,21 +199,7 @@ fn a_disk_laid_out_by_openvz_tools_mounts_and_reads_back() {
     assert!(!again.contains("sparse"), "{again}");
     // And the filesystem is clean, seen through qemu's reading of it.
     let back = dir.path().join("back.raw");
-    ok(
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "parallels",
-                "-O",
-                "raw",
-                image.to_str().unwrap(),
-                back.to_str().unwrap(),
-            ],
-        ),
-        "qemu-img convert back",
-    );
+    qemu_convert("parallels", "raw", &image, &back);
     let part = Loop::attach(&back, start, len);
     ok(run("e2fsck", &["-fn", &part.0]), "e2fsck");
 }
@@ -291,21 +219,7 @@ fn our_init_lays_the_disk_out_as_openvz_does() {
             "init",
         );
         let raw = dir.path().join("disk.raw");
-        ok(
-            run(
-                "qemu-img",
-                &[
-                    "convert",
-                    "-f",
-                    "parallels",
-                    "-O",
-                    "raw",
-                    img.to_str().unwrap(),
-                    raw.to_str().unwrap(),
-                ],
-            ),
-            "qemu-img convert",
-        );
+        qemu_convert("parallels", "raw", &img, &raw);
         let verify = ok(run("sgdisk", &["-v", raw.to_str().unwrap()]), "sgdisk -v");
         assert!(verify.contains("No problems found"), "{verify}");
         let part = ok(
@@ -348,21 +262,7 @@ fn our_init_lays_the_disk_out_as_openvz_does() {
         "init -P",
     );
     let raw = dir.path().join("disk.raw");
-    ok(
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "parallels",
-                "-O",
-                "raw",
-                img.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        ),
-        "qemu-img convert",
-    );
+    qemu_convert("parallels", "raw", &img, &raw);
     ok(
         run("e2fsck", &["-fn", raw.to_str().unwrap()]),
         "e2fsck whole",

@@ -7,28 +7,14 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{data, ok, openvz_check, ploop, qemu_check, run, tempdir};
+use common::{
+    data, md5, ok, openvz_check, ploop, qemu_check, qemu_convert, run, tempdir, Loop, Mounted,
+};
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-struct Mounted(String);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = ploop(&["umount", &self.0]);
-    }
-}
-
-fn md5(path: &Path) -> String {
-    ok(run("md5sum", &[path]), "md5sum")
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Mount, run `f` on the mount point, unmount.
@@ -52,21 +38,7 @@ fn df_kib(mnt: &Path) -> u64 {
 /// OpenVZ's layout puts it for this size, and the filesystem is clean.
 fn table_and_fs_sound(dir: &Path, img: &Path, fstype: &str, cs: u64) {
     let raw = dir.join("check.raw");
-    ok(
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "parallels",
-                "-O",
-                "raw",
-                img.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        ),
-        "convert",
-    );
+    qemu_convert("parallels", "raw", img, &raw);
     let v = ok(run("sgdisk", &["-v", raw.to_str().unwrap()]), "sgdisk -v");
     assert!(v.contains("No problems found"), "{v}");
     let sectors = fs::metadata(&raw).unwrap().len() / 512;
@@ -79,26 +51,12 @@ fn table_and_fs_sound(dir: &Path, img: &Path, fstype: &str, cs: u64) {
         info.contains(&format!("Last sector: {} ", end - 1)),
         "{info}"
     );
-    let part = ok(
-        run(
-            "losetup",
-            &[
-                "-f",
-                "--show",
-                "-o",
-                &(cs * 512).to_string(),
-                "--sizelimit",
-                &((end - cs) * 512).to_string(),
-                raw.to_str().unwrap(),
-            ],
-        ),
-        "losetup",
-    );
+    let part = Loop::attach(&raw, cs * 512, (end - cs) * 512);
     let checked = match fstype {
-        "xfs" => run("xfs_repair", &["-n", &part]),
-        _ => run("e2fsck", &["-fn", &part]),
+        "xfs" => run("xfs_repair", &["-n", &part.0]),
+        _ => run("e2fsck", &["-fn", &part.0]),
     };
-    let _ = run("losetup", &["-d", &part]);
+    drop(part);
     ok(checked, "fsck");
     fs::remove_file(&raw).unwrap();
 }

@@ -4,7 +4,7 @@
 use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::{scan_bat, BatProblem};
-use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::delta::{read_metadata, write_metadata_pages, META_PAGE};
 use super::header::{entry_to_offset, offset_to_entry};
 use super::header::{Header, RawHeader, FLAG_CONVERTING, FLAG_EMPTY, HEADER_SIZE};
 use crate::{Error, Result};
@@ -251,12 +251,7 @@ pub fn check_with_backup(
             .map_err(ioerr("copying duplicated cluster", to))?;
     }
     io.flush().map_err(ioerr("syncing data", 0))?;
-    let pages = header.data_offset.div_ceil(META_PAGE);
-    for page in 0..pages {
-        let b = metadata_page(page, &raw, &bat);
-        io.write_at(b.as_slice(), page * META_PAGE)
-            .map_err(ioerr("writing BAT", page * META_PAGE))?;
-    }
+    write_metadata_pages(io, 0..header.data_offset.div_ceil(META_PAGE), &raw, &bat)?;
     io.flush().map_err(ioerr("syncing BAT", 0))?;
     if end < size {
         io.set_len(end).map_err(ioerr("resizing file", end))?;

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use ploop_io::{AlignedBuf, SharedIo};
 
-use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::delta::{page_of, read_metadata, write_metadata_pages};
 use super::ext::{self, State};
-use super::header::{entry_to_offset, offset_to_entry, HEADER_SIZE};
+use super::header::{entry_to_offset, offset_to_entry, Header};
 use super::scan_bat;
 use crate::{Error, Result};
 
@@ -34,6 +34,24 @@ pub struct Compacted {
     pub moved: u64,
     /// Whether it stopped early (asked to) with clusters left to move.
     pub stopped: bool,
+}
+
+/// The file clusters in use: each data cluster with its BAT index, and a
+/// live format extension's clusters (cluster indexes, not offsets) with
+/// none: they stay where they are.
+fn used_clusters(header: &Header, bat: &[u32], ext_state: &State) -> BTreeMap<u64, Option<usize>> {
+    let mut owner: BTreeMap<u64, Option<usize>> = BTreeMap::new();
+    for (i, &e) in bat.iter().enumerate() {
+        if e != 0 {
+            owner.insert(entry_to_offset(header, e) / header.cluster_size, Some(i));
+        }
+    }
+    if let State::Live(x) = ext_state {
+        for &c in &x.clusters {
+            owner.insert(c, None);
+        }
+    }
+    owner
 }
 
 /// Compact a closed delta (its file locked by the caller). `progress`
@@ -67,22 +85,9 @@ pub fn compact_at_most(
     }
     let cs = header.cluster_size;
     let first = header.data_offset / cs;
-    // File cluster -> BAT index, for every data cluster in use; a live
-    // format extension's clusters stay where they are.
-    let mut owner: BTreeMap<u64, Option<usize>> = BTreeMap::new();
-    for (i, &e) in bat.iter().enumerate() {
-        if e != 0 {
-            owner.insert(entry_to_offset(&header, e) / cs, Some(i));
-        }
-    }
     let ext_state = ext::read(io, &header, &bat, size)
         .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
-    if let State::Live(x) = &ext_state {
-        // Cluster indexes, not offsets.
-        for &c in &x.clusters {
-            owner.insert(c, None);
-        }
-    }
+    let owner = used_clusters(&header, &bat, &ext_state);
     let end = |owner: &BTreeMap<u64, Option<usize>>| {
         owner
             .keys()
@@ -149,13 +154,9 @@ pub fn compact_at_most(
         let mut pages = std::collections::BTreeSet::new();
         for &(i, _, to) in batch {
             bat[i] = offset_to_entry(&header, to * cs).expect("a lower offset fits");
-            pages.insert((HEADER_SIZE as u64 + 4 * i as u64) / META_PAGE);
+            pages.insert(page_of(i as u64));
         }
-        for page in pages {
-            let b = metadata_page(page, &raw, &bat);
-            io.write_at(b.as_slice(), page * META_PAGE)
-                .map_err(|e| Error::io(&path, "writing BAT", page * META_PAGE, e))?;
-        }
+        write_metadata_pages(io, pages, &raw, &bat)?;
         io.flush()
             .map_err(|e| Error::io(&path, "syncing the BAT", 0, e))?;
         done.moved += batch.len() as u64;
@@ -163,24 +164,7 @@ pub fn compact_at_most(
     }
     // Cut after the last cluster still used (all moves done, or as far
     // as they went).
-    let mut owner_now: BTreeMap<u64, ()> = BTreeMap::new();
-    for &e in &bat {
-        if e != 0 {
-            owner_now.insert(entry_to_offset(&header, e) / cs, ());
-        }
-    }
-    if let State::Live(x) = &ext_state {
-        for &c in &x.clusters {
-            owner_now.insert(c, ());
-        }
-    }
-    let cut = (owner_now
-        .keys()
-        .next_back()
-        .map_or(first, |&c| c + 1)
-        .max(first)
-        * cs)
-        .min(size);
+    let cut = (end(&used_clusters(&header, &bat, &ext_state)) * cs).min(size);
     if cut < size {
         io.set_len(cut)
             .map_err(|e| Error::io(&path, "cutting the file", cut, e))?;
@@ -215,13 +199,11 @@ pub fn defrag(io: &SharedIo, progress: &dyn Fn(u64, u64), stop: &dyn Fn() -> boo
     }
     let cs = header.cluster_size;
     let first = header.data_offset / cs;
-    // File cluster -> BAT index.
-    let mut at: BTreeMap<u64, usize> = BTreeMap::new();
-    for (i, &e) in bat.iter().enumerate() {
-        if e != 0 {
-            at.insert(entry_to_offset(&header, e) / cs, i);
-        }
-    }
+    // File cluster -> BAT index (no extension here).
+    let mut at: BTreeMap<u64, usize> = used_clusters(&header, &bat, &ext_state)
+        .into_iter()
+        .filter_map(|(c, i)| Some((c, i?)))
+        .collect();
     let order: Vec<usize> = (0..bat.len()).filter(|&i| bat[i] != 0).collect();
     let total = order.len() as u64;
     let mut end = at.keys().next_back().map_or(first, |&c| c + 1).max(first);
@@ -240,10 +222,7 @@ pub fn defrag(io: &SharedIo, progress: &dyn Fn(u64, u64), stop: &dyn Fn() -> boo
         bat[i] = offset_to_entry(&header, to * cs).ok_or_else(|| {
             Error::Invalid(format!("{path}: the file grows too large for its version"))
         })?;
-        let page = (HEADER_SIZE as u64 + 4 * i as u64) / META_PAGE;
-        let b = metadata_page(page, &raw, bat);
-        io.write_at(b.as_slice(), page * META_PAGE)
-            .map_err(|e| Error::io(&path, "writing BAT", page * META_PAGE, e))?;
+        write_metadata_pages(io, [page_of(i as u64)], &raw, bat)?;
         io.flush()
             .map_err(|e| Error::io(&path, "syncing the BAT", 0, e))
     };
@@ -290,21 +269,15 @@ mod tests {
 
     const CS: u64 = 32 << 10;
 
-    fn pattern(c: u64) -> Vec<u8> {
-        (0..CS)
-            .map(|i| (i as u8) ^ (c as u8).wrapping_mul(3))
-            .collect()
-    }
-
-    #[test]
-    fn clusters_move_down_and_the_file_shrinks() {
+    /// A new delta of `clusters` clusters in memory, open for writing.
+    fn fresh(clusters: u64, version: Version) -> (SharedIo, PloopDelta) {
         let io: SharedIo = Arc::new(MemIo::new("img"));
         PloopDelta::create(
             io.clone(),
             CreateOptions {
-                virtual_size: 100 * CS,
+                virtual_size: clusters * CS,
                 cluster_size: CS,
-                version: Version::V2,
+                version,
                 preallocate: false,
             },
         )
@@ -314,6 +287,18 @@ mod tests {
             allow_dirty: false,
         };
         let d = PloopDelta::open(io.clone(), rw).unwrap();
+        (io, d)
+    }
+
+    fn pattern(c: u64) -> Vec<u8> {
+        (0..CS)
+            .map(|i| (i as u8) ^ (c as u8).wrapping_mul(3))
+            .collect()
+    }
+
+    #[test]
+    fn clusters_move_down_and_the_file_shrinks() {
+        let (io, d) = fresh(100, Version::V2);
         for c in 0..60 {
             d.write_cluster(c, 0, &pattern(c), None).unwrap();
         }
@@ -351,22 +336,7 @@ mod tests {
 
     #[test]
     fn defragmentation_puts_clusters_in_virtual_order() {
-        let io: SharedIo = Arc::new(MemIo::new("img"));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: 64 * CS,
-                cluster_size: CS,
-                version: Version::V1,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        let rw = OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        };
-        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        let (io, d) = fresh(64, Version::V1);
         // Written backwards, with gaps: file order is the reverse.
         let written: Vec<u64> = (0..40).rev().filter(|c| c % 3 != 1).collect();
         for &c in &written {
@@ -401,22 +371,7 @@ mod tests {
     #[test]
     fn churn_keeps_the_file_within_the_disk() {
         const N: u64 = 24;
-        let io: SharedIo = Arc::new(MemIo::new("img"));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: N * CS,
-                cluster_size: CS,
-                version: Version::V2,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        let rw = OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        };
-        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        let (io, d) = fresh(N, Version::V2);
         let limit = d.header().data_offset + N * CS;
         for round in 0..10u64 {
             for c in 0..N {
@@ -446,22 +401,7 @@ mod tests {
 
     #[test]
     fn a_limit_moves_the_highest_clusters_only() {
-        let io: SharedIo = Arc::new(MemIo::new("img"));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: 40 * CS,
-                cluster_size: CS,
-                version: Version::V2,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        let rw = OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        };
-        let d = PloopDelta::open(io.clone(), rw).unwrap();
+        let (io, d) = fresh(40, Version::V2);
         for c in 0..20 {
             d.write_cluster(c, 0, &pattern(c), None).unwrap();
         }

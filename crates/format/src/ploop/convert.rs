@@ -2,7 +2,7 @@
 
 use ploop_io::SharedIo;
 
-use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::delta::{read_metadata, write_metadata_pages, META_PAGE};
 use super::header::{entry_to_offset, offset_to_entry};
 use super::header::{Header, Version, FLAG_CONVERTING, IN_USE_MAGIC};
 use super::scan_bat;
@@ -52,11 +52,7 @@ pub fn convert_version(io: &SharedIo, to: Version) -> Result<()> {
     raw.disk_in_use = IN_USE_MAGIC;
     let pages = header.data_offset.div_ceil(META_PAGE);
     let write_all = |raw: &super::RawHeader, bat: &[u32]| -> Result<()> {
-        for page in 0..pages {
-            let b = metadata_page(page, raw, bat);
-            io.write_at(b.as_slice(), page * META_PAGE)
-                .map_err(ioerr("writing BAT"))?;
-        }
+        write_metadata_pages(io, 0..pages, raw, bat)?;
         io.flush().map_err(ioerr("syncing BAT"))
     };
     // 1: mark; 2: new BAT under the mark; 3: new signature, mark cleared.

@@ -232,8 +232,23 @@ pub(crate) fn metadata_page(page: u64, raw: &RawHeader, bat: &[u32]) -> AlignedB
     buf
 }
 
+/// Write metadata pages (header + BAT) `pages` from in-memory state.
+pub(crate) fn write_metadata_pages(
+    io: &SharedIo,
+    pages: impl IntoIterator<Item = u64>,
+    raw: &RawHeader,
+    bat: &[u32],
+) -> Result<()> {
+    for page in pages {
+        let b = metadata_page(page, raw, bat);
+        io.write_at(b.as_slice(), page * META_PAGE)
+            .map_err(|e| Error::io(io.describe(), "writing BAT", page * META_PAGE, e))?;
+    }
+    Ok(())
+}
+
 /// Metadata page that holds BAT entry `cluster`.
-fn page_of(cluster: u64) -> u64 {
+pub(crate) fn page_of(cluster: u64) -> u64 {
     (HEADER_SIZE as u64 + 4 * cluster) / META_PAGE
 }
 

@@ -15,7 +15,7 @@
 
 use ploop_io::{AlignedBuf, SharedIo};
 
-use super::delta::{metadata_page, read_metadata, META_PAGE};
+use super::delta::{read_metadata, write_metadata_pages, META_PAGE};
 use super::header::{entry_to_offset, offset_to_entry, Header, FLAG_EMPTY, HEADER_SIZE};
 use super::scan_bat;
 use crate::{Error, Result};
@@ -81,24 +81,16 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
         tracing::warn!("{path}: dropping its format extension: the disk changes size");
         let mut dropped = header.raw;
         dropped.format_extension_offset = 0;
-        let b = metadata_page(0, &dropped, &bat);
-        io.write_at(b.as_slice(), 0)
-            .map_err(ioerr("dropping the format extension", 0))?;
+        write_metadata_pages(io, 0..1, &dropped, &bat)?;
         io.flush().map_err(ioerr("syncing the header", 0))?;
         raw.format_extension_offset = 0;
     }
     raw.first_block_offset = u32::try_from(new_do / crate::SECTOR).map_err(|_| {
         Error::Invalid(format!("{path}: the BAT for {new_size} bytes is too large"))
     })?;
-    let write_pages =
-        |pages: std::ops::Range<u64>, raw: &super::RawHeader, bat: &[u32]| -> Result<()> {
-            for page in pages {
-                let b = metadata_page(page, raw, bat);
-                io.write_at(b.as_slice(), page * META_PAGE)
-                    .map_err(ioerr("writing BAT", page * META_PAGE))?;
-            }
-            Ok(())
-        };
+    let write_pages = |pages: std::ops::Range<u64>, raw: &super::RawHeader, bat: &[u32]| {
+        write_metadata_pages(io, pages, raw, bat)
+    };
     let sync = |op: &'static str| io.flush().map_err(ioerr(op, 0));
 
     if new_entries < old_entries {

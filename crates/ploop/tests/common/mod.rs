@@ -553,3 +553,72 @@ pub fn sample_image(dir: &Path, name: &str) -> PathBuf {
     std::fs::write(&path, &out.stdout).unwrap();
     path
 }
+
+/// Unmounts a disk (by its DiskDescriptor.xml) however the test ends.
+pub struct Mounted(pub String);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = ploop(&["umount", &self.0]);
+    }
+}
+
+/// A loop device over `len` bytes of `file` from `offset`, detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    #[track_caller]
+    pub fn attach(file: &Path, offset: u64, len: u64) -> Self {
+        Self(ok(
+            run(
+                "losetup",
+                &[
+                    "-f",
+                    "--show",
+                    "-o",
+                    &offset.to_string(),
+                    "--sizelimit",
+                    &len.to_string(),
+                    file.to_str().unwrap(),
+                ],
+            ),
+            "losetup",
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run("losetup", &["-d", &self.0]);
+    }
+}
+
+/// A file's MD5, as md5sum prints it.
+#[track_caller]
+pub fn md5(path: &Path) -> String {
+    ok(run("md5sum", &[path]), "md5sum")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `qemu-img convert -f FROM -O TO SRC DST`, which must succeed.
+#[track_caller]
+pub fn qemu_convert(from: &str, to: &str, src: &Path, dst: &Path) {
+    ok(
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                from,
+                "-O",
+                to,
+                src.to_str().unwrap(),
+                dst.to_str().unwrap(),
+            ],
+        ),
+        "qemu-img convert",
+    );
+}
