@@ -31,6 +31,14 @@ pub enum Request {
         new: std::path::PathBuf,
         keep_name: bool,
     },
+    /// Move the top delta's clusters: down into free ones, the file cut
+    /// after them (at most `limit` clusters), or into virtual order.
+    Compact {
+        #[serde(default)]
+        limit: Option<u64>,
+        #[serde(default)]
+        defrag: bool,
+    },
     Stop,
 }
 
@@ -149,19 +157,33 @@ fn client_gone(conn: &UnixStream) -> bool {
     poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
 }
 
+/// The caller of one request, as its handler sees it.
+pub struct Caller<'a> {
+    reporter: Reporter<'a>,
+}
+
+impl Caller<'_> {
+    /// Tell the caller how far the work has got.
+    pub fn progress(&self, done: u64, total: u64) {
+        self.reporter.report(done, total)
+    }
+
+    /// Whether the caller has hung up (interrupted): long work that can
+    /// stop cleanly between steps asks this.
+    pub fn gone(&self) -> bool {
+        client_gone(self.reporter.conn)
+    }
+}
+
 /// Answer requests until the handler says to stop (its second result).
-/// The handler may report progress through its second argument.
-pub fn serve(
-    listener: &UnixListener,
-    handle: impl FnMut(Request, &dyn Fn(u64, u64)) -> (Response, bool),
-) {
+pub fn serve(listener: &UnixListener, handle: impl FnMut(Request, &Caller) -> (Response, bool)) {
     serve_with(listener, REQUEST_TIMEOUT, handle)
 }
 
 fn serve_with(
     listener: &UnixListener,
     timeout: Duration,
-    mut handle: impl FnMut(Request, &dyn Fn(u64, u64)) -> (Response, bool),
+    mut handle: impl FnMut(Request, &Caller) -> (Response, bool),
 ) {
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
@@ -187,11 +209,13 @@ fn serve_with(
                 continue;
             }
             Ok(req) => {
-                let reporter = Reporter {
-                    conn: &conn,
-                    last: std::cell::Cell::new(None),
+                let caller = Caller {
+                    reporter: Reporter {
+                        conn: &conn,
+                        last: std::cell::Cell::new(None),
+                    },
                 };
-                handle(req, &|done, total| reporter.report(done, total))
+                handle(req, &caller)
             }
             Err(e) => (Response::err(e), false),
         };
@@ -218,13 +242,13 @@ mod tests {
         let listener = UnixListener::bind(&sock).unwrap();
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            serve(&listener, |req, progress| {
+            serve(&listener, |req, caller| {
                 let stop = matches!(req, Request::Stop);
                 seen.push(format!("{req:?}"));
                 match req {
                     Request::Merge { .. } => {
                         for done in 0..=400 {
-                            progress(done, 400);
+                            caller.progress(done, 400);
                         }
                         (Response::ok(None), false)
                     }

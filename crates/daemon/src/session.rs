@@ -22,8 +22,8 @@ use crate::registry::{self, MountRecord, PartitionRecord};
 use crate::{Error, Result};
 use ploop_fuse::file::{DiskFile, OneFileFs, MAX_REQUEST};
 use ploop_fuse::ring::Queues;
-use ploop_image::online;
 use ploop_image::served::ServedDisk;
+use ploop_image::{moves, online};
 use ploop_nbd::kernel_client::NbdDevice;
 use ploop_nbd::Export;
 
@@ -358,7 +358,8 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     ready(&session.record);
     watch_signals(&socket);
 
-    control::serve(&listener, |req, progress| {
+    control::serve(&listener, |req, caller| {
+        let progress = &|done, total| caller.progress(done, total);
         let result = match req {
             Request::Status => Ok(Some(json!({
                 "record": &session.record,
@@ -414,6 +415,23 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                         }
                     }),
             },
+            Request::Compact { limit, defrag } => {
+                let goal = if defrag {
+                    moves::Goal::Defrag
+                } else {
+                    moves::Goal::Compact { limit }
+                };
+                moves::relocate(&served, goal, progress, &|| caller.gone())
+                    .map(|done| {
+                        Some(json!({
+                            "moved": done.moved,
+                            "size_before": done.size_before,
+                            "size_after": done.size_after,
+                            "stopped": done.stopped,
+                        }))
+                    })
+                    .map_err(|e| e.to_string())
+            }
             Request::Stop => {
                 let r = served
                     .chain()

@@ -6,6 +6,7 @@
 pub mod chain;
 pub mod disk;
 pub mod gpt;
+pub mod moves;
 pub mod online;
 pub mod ops;
 pub mod served;

@@ -292,6 +292,21 @@ struct DiscardArgs {
     descriptor: PathBuf,
 }
 
+/// Defragment a disk's top delta (online through its daemon when it is
+/// mounted) or one delta file; the clusters moved.
+fn defrag(target: &Path, is_disk: bool) -> Res<u64> {
+    if let Some(rec) = is_disk.then(|| crate::mount::served_rw(target)).flatten() {
+        let req = Request::Compact {
+            limit: None,
+            defrag: true,
+        };
+        return Ok(crate::resize::relocate_online(&rec, "defragmenting", req)?.moved);
+    }
+    Ok(with_progress("defragmenting", |p| {
+        ops::defrag(target, is_disk, p, &|| false)
+    })?)
+}
+
 fn balloon_discard(a: DiscardArgs) -> Res<ExitCode> {
     let _ = a.automount;
     if a.device.is_some() || a.mountpoint.is_some() {
@@ -314,9 +329,7 @@ fn balloon_discard(a: DiscardArgs) -> Res<ExitCode> {
         crate::resize::compact(&a.descriptor, &opts)?;
     }
     if a.defrag || a.defrag_only {
-        let moved = with_progress("defragmenting", |p| {
-            ops::defrag(&a.descriptor, true, p, &|| false)
-        })?;
+        let moved = defrag(&a.descriptor, true)?;
         println!(
             "{}: defragmented ({moved} clusters moved)",
             a.descriptor.display()
@@ -1424,9 +1437,7 @@ fn check(a: CheckArgs) -> Res<ExitCode> {
         }
     }
     if a.defrag && !a.read_only {
-        let moved = with_progress("defragmenting", |p| {
-            ops::defrag(&a.target, is_dd, p, &|| false)
-        })?;
+        let moved = defrag(&a.target, is_dd)?;
         println!(
             "{}: defragmented ({moved} clusters moved)",
             a.target.display()

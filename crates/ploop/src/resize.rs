@@ -1,10 +1,12 @@
 //! `ploop resize`: the disk, its partition table and its filesystem
 //! together, as OpenVZ's ploop_resize_image does them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use ploop_daemon::control::Request;
 use ploop_daemon::kernel;
+use ploop_daemon::registry::MountRecord;
 use ploop_format::descriptor::Descriptor;
 use ploop_format::SECTOR;
 use ploop_image::gpt::{self, Layout};
@@ -224,22 +226,7 @@ pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
         before.data = before.data.min(used);
     }
     print_figures("before", &before);
-    if let Some(rec) = ploop_daemon::registry::all()
-        .into_iter()
-        .find(|r| Some(&r.descriptor) == ploop_io::resolve_folder(dd).ok().as_ref())
-    {
-        // Mounted: what can be given back online is what the filesystem
-        // has freed; moving clusters needs the disk unmounted.
-        if let (false, Some(m)) = (dry, &rec.mountpoint) {
-            println!("{}", kernel::fstrim(m, o.min_block)?);
-        }
-        return Err(format!(
-            "{} is mounted (daemon pid {}): its free blocks were discarded; moving clusters down is done offline (umount, then compact)",
-            dd.display(),
-            rec.pid
-        )
-        .into());
-    }
+    let online = mount::served_rw(dd);
     let waste = 100.0 * before.file.saturating_sub(before.data) as f64 / before.disk.max(1) as f64;
     if dry {
         println!(
@@ -262,26 +249,30 @@ pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
         println!("{waste:.1}% is under the {threshold}% threshold: nothing done");
         return Ok(ExitCode::SUCCESS);
     }
-    if mount::has_filesystem(dd) {
-        served(dd, true, |_, mp| {
-            println!("{}", kernel::fstrim(mp.expect("mounted"), o.min_block)?);
-            Ok(())
-        })?;
-    }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
-    let started = std::time::Instant::now();
     let cs = Descriptor::load(dd).map_or(1, |d| u64::from(d.blocksize) * SECTOR);
     let limit = o.to_free.map(|b| b.div_ceil(cs));
-    let done = crate::cli::with_progress("compacting", |p| {
-        ops::compact(dd, false, limit, p, &|| {
-            stop.load(std::sync::atomic::Ordering::Relaxed)
-        })
-    })?;
+    let started = std::time::Instant::now();
+    let done = match &online {
+        Some(rec) => compact_online(rec, o, limit)?,
+        None => {
+            if mount::has_filesystem(dd) {
+                served(dd, true, |_, mp| {
+                    println!("{}", kernel::fstrim(mp.expect("mounted"), o.min_block)?);
+                    Ok(())
+                })?;
+            }
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let _ = signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone());
+            let _ = signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone());
+            crate::cli::with_progress("compacting", |p| {
+                ops::compact(dd, false, limit, p, &|| {
+                    stop.load(std::sync::atomic::Ordering::Relaxed)
+                })
+            })?
+        }
+    };
     let secs = started.elapsed().as_secs_f64();
-    let cluster = Descriptor::load(dd).map_or(0, |d| u64::from(d.blocksize) * SECTOR);
-    let bytes = done.moved * cluster;
+    let bytes = done.moved * cs;
     if let Some(after) = ops::compact_figures(dd)? {
         print_figures("after", &after);
     }
@@ -299,6 +290,53 @@ pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a served disk's filesystem is mounted, if it is.
+fn fs_mountpoint(rec: &MountRecord) -> Option<PathBuf> {
+    let (m, dev) = (rec.mountpoint.as_ref()?, rec.fs_device()?);
+    (kernel::mounted_from(m).as_deref() == Some(dev)).then(|| m.clone())
+}
+
+/// Compact a mounted disk: its filesystem's free blocks discarded, then
+/// the daemon moves clusters with the container's I/O going on. Ctrl-C
+/// (the caller hanging up) stops the daemon after the batch it is in.
+fn compact_online(
+    rec: &MountRecord,
+    o: &CompactOptions,
+    limit: Option<u64>,
+) -> Res<ploop_format::ploop::compact::Compacted> {
+    match fs_mountpoint(rec) {
+        Some(m) => println!("{}", kernel::fstrim(&m, o.min_block)?),
+        None => println!(
+            "the disk's filesystem is not mounted by ploop: compacting what it has discarded already"
+        ),
+    }
+    relocate_online(
+        rec,
+        "compacting",
+        Request::Compact {
+            limit,
+            defrag: false,
+        },
+    )
+}
+
+/// Ask the daemon serving `rec` to move clusters (compact or defrag).
+pub fn relocate_online(
+    rec: &MountRecord,
+    what: &str,
+    req: Request,
+) -> Res<ploop_format::ploop::compact::Compacted> {
+    let v = crate::cli::with_progress(what, |p| mount::online_call_with_progress(rec, &req, p))?
+        .ok_or("the daemon sent no figures")?;
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Ok(ploop_format::ploop::compact::Compacted {
+        size_before: n("size_before"),
+        size_after: n("size_after"),
+        moved: n("moved"),
+        stopped: v.get("stopped").and_then(serde_json::Value::as_bool) == Some(true),
+    })
 }
 
 /// `balloon discard --stat`, as OpenVZ prints it.

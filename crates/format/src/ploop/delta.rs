@@ -31,6 +31,9 @@ use super::header::{
 };
 use crate::{Error, Result};
 
+mod relocate;
+pub use relocate::Move;
+
 /// Metadata is written back in pages of this size (O_DIRECT-friendly).
 pub const META_PAGE: u64 = 4096;
 

@@ -61,6 +61,35 @@ impl FreeClusters {
         self.runs.insert(start, end);
     }
 
+    /// The lowest free cluster at or above `at`, taken out.
+    pub fn pop_at_or_above(&mut self, at: u64) -> Option<u64> {
+        let found = match self.runs.range(..=at).next_back() {
+            Some((_, &e)) if at < e => Some(at),
+            _ => self.runs.range(at..).next().map(|(&s, _)| s),
+        };
+        let c = found?;
+        self.remove(c);
+        Some(c)
+    }
+
+    /// Take `c` out if it is free; whether it was.
+    pub fn remove(&mut self, c: u64) -> bool {
+        let Some((&s, &e)) = self.runs.range(..=c).next_back() else {
+            return false;
+        };
+        if c >= e {
+            return false;
+        }
+        self.runs.remove(&s);
+        if s < c {
+            self.runs.insert(s, c);
+        }
+        if c + 1 < e {
+            self.runs.insert(c + 1, e);
+        }
+        true
+    }
+
     /// Drop the runs that end the file at `end`: the new end.
     pub fn trim_back(&mut self, mut end: u64) -> u64 {
         while let Some((&s, &e)) = self.runs.last_key_value() {
@@ -102,5 +131,16 @@ mod tests {
         assert_eq!(f.trim_back(7), 7);
         assert_eq!(FreeClusters::gaps(5, 5, vec![]).pop_first(), None);
         assert_eq!(FreeClusters::gaps(0, 3, vec![]).runs(), vec![(0, 3)]);
+        let mut f = FreeClusters::gaps(0, 10, vec![4]);
+        assert!(f.remove(2));
+        assert!(!f.remove(2));
+        assert!(!f.remove(4));
+        assert!(f.remove(9));
+        assert!(f.remove(0));
+        assert_eq!(f.runs(), vec![(1, 2), (3, 4), (5, 9)]);
+        assert_eq!(f.pop_at_or_above(2), Some(3));
+        assert_eq!(f.pop_at_or_above(6), Some(6));
+        assert_eq!(f.pop_at_or_above(9), None);
+        assert_eq!(f.runs(), vec![(1, 2), (5, 6), (7, 9)]);
     }
 }

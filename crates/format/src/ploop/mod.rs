@@ -12,7 +12,7 @@ pub mod header;
 pub mod resize;
 
 pub use bat::{scan_bat, BatProblem};
-pub use delta::{CreateOptions, FillFn, MappingPin, OpenFlags, PloopDelta, META_PAGE};
+pub use delta::{CreateOptions, FillFn, MappingPin, Move, OpenFlags, PloopDelta, META_PAGE};
 pub use header::{entry_to_offset, offset_to_entry};
 pub use header::{Header, RawHeader, Version, MIN_CLUSTER_SECTORS};
 
