@@ -1,9 +1,9 @@
 //! Crash explorer: runs a disk's life (writes that allocate, partial
 //! writes, discards, flushes, a snapshot with copy-on-write into the new
-//! delta, a merge back down, clean closes, compaction and
-//! defragmentation of the closed delta) on journaled in-memory files,
-//! then rebuilds the files as a power cut at every recorded write and
-//! flush would leave them, several times per point with different
+//! delta, a merge back down, compaction and defragmentation online with
+//! writes under way, clean closes, and both again offline) on journaled
+//! in-memory files, then rebuilds the files as a power cut at every
+//! recorded write and flush would leave them, several times per point with different
 //! survivors (any subset of the unflushed writes, in any order, some
 //! torn at sector boundaries). For every crash state:
 //!   - each delta the disk is made of at that moment passes `check` after
@@ -52,6 +52,8 @@ struct Model {
     touches: Vec<Touch>,
     /// (journal point, files making up the disk from then on).
     views: Vec<(usize, Vec<usize>)>,
+    /// Clusters moved online (with writes between copy and commit).
+    moved_online: u64,
 }
 
 fn create(io: SharedIo) {
@@ -174,6 +176,28 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
 
     let chain = Chain::new(vec![open(d0.clone(), true)], CS, SIZE).unwrap();
     work(&chain, &j, &mut m, &mut rng, 10);
+    // Online compaction and defragmentation: batches copied while the
+    // guest writes and discards, committed after (as a served disk does
+    // with no request in flight).
+    let top = chain.top().as_ploop().expect("ploop");
+    top.start_tracking();
+    let mut buf = ploop_io::AlignedBuf::zeroed(CS as usize);
+    for round in 0..4 {
+        let moves = if round % 2 == 0 {
+            top.plan_compaction(2)
+        } else {
+            top.plan_defrag(2)
+        }
+        .unwrap();
+        top.copy_moves(&moves, &mut buf).unwrap();
+        work(&chain, &j, &mut m, &mut rng, 2);
+        m.moved_online += top
+            .commit_moves(&moves, &top.take_changes(), &mut buf)
+            .unwrap();
+        // A commit flushes: everything before it is durable.
+        m.checkpoints.push((j.len(), m.live.clone()));
+    }
+    top.stop_tracking();
     chain.close().unwrap();
     m.checkpoints.push((j.len(), m.live.clone()));
 
@@ -228,6 +252,7 @@ struct Figures {
     failed_open: u64,
     lost: u64,
     repaired: u64,
+    moved_online: u64,
 }
 
 /// Crash one life at `point` with `rng` choosing survivors.
@@ -348,6 +373,7 @@ fn crash_at_every_write_and_flush_loses_nothing_flushed() {
     for seed in 1..=LIVES {
         let (j, names, m) = life(seed);
         f.lives += 1;
+        f.moved_online += m.moved_online;
         let first = m.checkpoints[0].0;
         let mut rng = Rng(seed | 0x1234_5678_0000);
         for point in first..=j.len() {
@@ -360,13 +386,22 @@ fn crash_at_every_write_and_flush_loses_nothing_flushed() {
     let report = format!(
         "crash explorer: {} disk lives, {} crash points (every write and flush), {} crash states\n  \
          failed to check: {}, failed to open or read: {}, flushed data lost: {}\n  \
-         states that check repaired (in-use flag, leaked clusters, ragged tail): {}\n",
-        f.lives, f.points, f.states, f.failed_check, f.failed_open, f.lost, f.repaired
+         states that check repaired (in-use flag, leaked clusters, ragged tail): {}\n  \
+         clusters moved online (compaction, defragmentation) with writes under way: {}\n",
+        f.lives,
+        f.points,
+        f.states,
+        f.failed_check,
+        f.failed_open,
+        f.lost,
+        f.repaired,
+        f.moved_online
     );
     print!("{report}");
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../crash-explorer.txt");
     let _ = std::fs::write(out, &report);
     assert!(f.states >= 10_000, "{report}");
+    assert!(f.moved_online >= LIVES, "{report}");
     assert_eq!(
         (f.failed_check, f.failed_open, f.lost),
         (0, 0, 0),
