@@ -3,9 +3,9 @@
 //! delta, a merge back down, compaction and defragmentation online with
 //! writes under way, clean closes, and both again offline) on journaled
 //! in-memory files, then rebuilds the files as a power cut at every
-//! recorded write and flush would leave them, several times per point with different
-//! survivors (any subset of the unflushed writes, in any order, some
-//! torn at sector boundaries). For every crash state:
+//! recorded write and flush would leave them, several times per point
+//! with different survivors (any subset of the unflushed writes, in any
+//! order, some torn at sector boundaries). For every crash state:
 //!   - each delta the disk is made of at that moment passes `check` after
 //!     repair, with nothing worse than an in-use flag, leaked clusters or
 //!     a ragged tail;
