@@ -181,7 +181,7 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     // with no request in flight).
     let top = chain.top().as_ploop().expect("ploop");
     top.start_tracking();
-    let mut buf = ploop_io::AlignedBuf::zeroed(CS as usize);
+    let mut buf = top.move_buffers();
     for round in 0..4 {
         let moves = if round % 2 == 0 {
             top.plan_compaction(2)

@@ -24,6 +24,97 @@ use crate::{Error, Result};
 /// Clusters moved per synced batch.
 const BATCH: usize = 256;
 
+/// Bytes read and written at once where moved clusters sit side by side.
+const RUN_BYTES: usize = 8 << 20;
+
+/// Buffers for [`copy_runs`]: two runs of clusters (at least one cluster
+/// each), one read while the other is written.
+pub(crate) fn run_buffers(cluster_size: u64) -> [AlignedBuf; 2] {
+    let cs = cluster_size as usize;
+    let len = cs.max(RUN_BYTES / cs * cs);
+    [AlignedBuf::zeroed(len), AlignedBuf::zeroed(len)]
+}
+
+/// Copy file cluster `from` to file cluster `to` for each pair (indexes
+/// in clusters). Pairs that continue the one before on both sides go in
+/// one read and one write, as long as a buffer holds them (compaction
+/// pairs its highest clusters with its lowest free ones in order, so a
+/// tail usually moves in runs); the next run is read while one is
+/// written, as `cp` overlaps them through the page cache.
+pub(crate) fn copy_runs(
+    io: &SharedIo,
+    cs: u64,
+    pairs: &[(u64, u64)],
+    bufs: &mut [AlignedBuf; 2],
+) -> Result<()> {
+    let path = io.describe();
+    let most = (bufs[0].len() as u64 / cs).max(1) as usize;
+    // (from, to, clusters)
+    let mut runs: Vec<(u64, u64, usize)> = Vec::new();
+    for &(from, to) in pairs {
+        match runs.last_mut() {
+            Some((f, t, n)) if *n < most && from == *f + *n as u64 && to == *t + *n as u64 => {
+                *n += 1
+            }
+            _ => runs.push((from, to, 1)),
+        }
+    }
+    let [a, b] = bufs;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(usize, &mut AlignedBuf)>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<&mut AlignedBuf>(2);
+    let _ = empty_tx.send(a);
+    let _ = empty_tx.send(b);
+    let (runs, path) = (&runs, &path);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<()> {
+            for (k, &(from, _, n)) in runs.iter().enumerate() {
+                let Ok(buf) = empty_rx.recv() else {
+                    return Ok(()); // the writer stopped on an error
+                };
+                let len = n * cs as usize;
+                io.read_at(&mut buf.as_mut_slice()[..len], from * cs)
+                    .map_err(|e| Error::io(path, "reading clusters to move", from * cs, e))?;
+                if full_tx.send((k, buf)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let written = (|| -> Result<()> {
+            for (k, buf) in full_rx.iter() {
+                let (_, to, n) = runs[k];
+                let len = n * cs as usize;
+                io.write_at(&buf.as_slice()[..len], to * cs)
+                    .map_err(|e| Error::io(path, "writing moved clusters", to * cs, e))?;
+                let _ = empty_tx.send(buf);
+            }
+            Ok(())
+        })();
+        drop(full_rx);
+        drop(empty_tx);
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(Error::Invalid(
+                "the thread reading clusters to move panicked".into(),
+            ))
+        });
+        read.and(written)
+    })
+}
+
+/// Pair planned moves in order on both sides (the lowest source with the
+/// lowest target), so that neighbours move together. Every target is
+/// below every source in a compaction batch, so each move still goes
+/// down.
+fn pair_in_order<T: Copy + Ord>(moves: &mut [(T, u64, u64)]) {
+    let mut sources: Vec<(u64, T)> = moves.iter().map(|&(i, from, _)| (from, i)).collect();
+    let mut targets: Vec<u64> = moves.iter().map(|&(_, _, to)| to).collect();
+    sources.sort_unstable();
+    targets.sort_unstable();
+    for (m, ((from, i), to)) in moves.iter_mut().zip(sources.into_iter().zip(targets)) {
+        *m = (i, from, to);
+    }
+}
+
 /// What a compaction did (or, dry, would do).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compacted {
@@ -136,23 +227,20 @@ pub fn compact_at_most(
         }
         return Ok(done);
     }
-    let mut buf = AlignedBuf::zeroed(cs as usize);
+    let mut bufs = run_buffers(cs);
     let raw = header.raw;
-    for batch in plan.chunks(BATCH) {
+    for batch in plan.chunks_mut(BATCH) {
         if stop() {
             done.stopped = true;
             break;
         }
-        for &(_, from, to) in batch {
-            io.read_at(buf.as_mut_slice(), from * cs)
-                .map_err(|e| Error::io(&path, "reading a cluster to move", from * cs, e))?;
-            io.write_at(buf.as_slice(), to * cs)
-                .map_err(|e| Error::io(&path, "writing a moved cluster", to * cs, e))?;
-        }
+        pair_in_order(batch);
+        let pairs: Vec<(u64, u64)> = batch.iter().map(|&(_, from, to)| (from, to)).collect();
+        copy_runs(io, cs, &pairs, &mut bufs)?;
         io.flush()
             .map_err(|e| Error::io(&path, "syncing moved clusters", 0, e))?;
         let mut pages = std::collections::BTreeSet::new();
-        for &(i, _, to) in batch {
+        for &(i, _, to) in batch.iter() {
             bat[i] = offset_to_entry(&header, to * cs).expect("a lower offset fits");
             pages.insert(page_of(i as u64));
         }

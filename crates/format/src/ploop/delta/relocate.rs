@@ -100,7 +100,16 @@ impl PloopDelta {
             }
             moves.push(Move { cluster, from, to });
         }
-        Ok(moves)
+        // In order on both sides, so that neighbours move together.
+        let mut sources: Vec<(u64, u64)> = moves.iter().map(|m| (m.from, m.cluster)).collect();
+        let mut targets: Vec<u64> = moves.iter().map(|m| m.to).collect();
+        sources.sort_unstable();
+        targets.sort_unstable();
+        Ok(sources
+            .into_iter()
+            .zip(targets)
+            .map(|((from, cluster), to)| Move { cluster, from, to })
+            .collect())
     }
 
     /// Up to `max` moves toward virtual order: the k-th data cluster goes
@@ -169,22 +178,29 @@ impl PloopDelta {
         Ok(moves)
     }
 
-    /// Copy each move's cluster to its target, with I/O going on.
-    pub fn copy_moves(&self, moves: &[Move], buf: &mut AlignedBuf) -> Result<()> {
+    /// Buffers for moving clusters: runs of them at once.
+    pub fn move_buffers(&self) -> [AlignedBuf; 2] {
+        crate::ploop::compact::run_buffers(self.header.cluster_size)
+    }
+
+    /// Copy each move's cluster to its target, with I/O going on;
+    /// neighbours together, as far as `bufs` (from [`move_buffers`]) hold.
+    ///
+    /// [`move_buffers`]: Self::move_buffers
+    pub fn copy_moves(&self, moves: &[Move], bufs: &mut [AlignedBuf; 2]) -> Result<()> {
         self.ensure_writable()?;
-        for m in moves {
-            self.copy_cluster(m, buf)?;
-        }
-        Ok(())
+        let pairs: Vec<(u64, u64)> = moves.iter().map(|m| (m.from, m.to)).collect();
+        crate::ploop::compact::copy_runs(&self.io, self.header.cluster_size, &pairs, bufs)
     }
 
     fn copy_cluster(&self, m: &Move, buf: &mut AlignedBuf) -> Result<()> {
         let cs = self.header.cluster_size;
+        let b = &mut buf.as_mut_slice()[..cs as usize];
         self.io
-            .read_at(buf.as_mut_slice(), m.from * cs)
+            .read_at(b, m.from * cs)
             .map_err(|e| Error::io(&self.path, "reading a cluster to move", m.from * cs, e))?;
         self.io
-            .write_at(buf.as_slice(), m.to * cs)
+            .write_at(b, m.to * cs)
             .map_err(|e| Error::io(&self.path, "writing a moved cluster", m.to * cs, e))
     }
 
@@ -205,7 +221,7 @@ impl PloopDelta {
         &self,
         moves: &[Move],
         changed: &BTreeSet<u64>,
-        buf: &mut AlignedBuf,
+        bufs: &mut [AlignedBuf; 2],
     ) -> Result<u64> {
         self.ensure_writable()?;
         let cs = self.header.cluster_size;
@@ -217,7 +233,7 @@ impl PloopDelta {
         let ready = keep
             .iter()
             .filter(|m| changed.contains(&m.cluster))
-            .try_for_each(|m| self.copy_cluster(m, buf))
+            .try_for_each(|m| self.copy_cluster(m, &mut bufs[0]))
             .and_then(|()| {
                 keep.iter()
                     .map(|m| {
@@ -310,7 +326,7 @@ mod tests {
             d.discard(c, 0, CS, true).unwrap();
         }
         d.flush().unwrap();
-        let mut buf = AlignedBuf::zeroed(CS as usize);
+        let mut buf = d.move_buffers();
         d.start_tracking();
         assert_eq!(d.compaction_left(), 20);
         let moves = d.plan_compaction(8).unwrap();
@@ -364,7 +380,7 @@ mod tests {
             d.write_cluster(c, 0, &pattern(c, 0), None).unwrap();
         }
         d.flush().unwrap();
-        let mut buf = AlignedBuf::zeroed(CS as usize);
+        let mut buf = d.move_buffers();
         assert!(d.defrag_left() > 0);
         for _ in 0..200 {
             let moves = d.plan_defrag(5).unwrap();
