@@ -31,6 +31,11 @@ pub enum Request {
         new: std::path::PathBuf,
         keep_name: bool,
     },
+    /// Grow the disk to `size` bytes, its partition table and devices
+    /// with it (the filesystem is the caller's to grow).
+    Grow {
+        size: u64,
+    },
     /// Move the top delta's clusters: down into free ones, the file cut
     /// after them (at most `limit` clusters), or into virtual order.
     Compact {

@@ -415,6 +415,11 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                         }
                     }),
             },
+            Request::Grow { size } => {
+                grow_online(&served, &mut session, &fuse_file, opts.nbd, size)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
             Request::Compact { limit, defrag } => {
                 let goal = if defrag {
                     moves::Goal::Defrag
@@ -472,6 +477,80 @@ fn parse_replace_target(t: &str) -> Option<ops::ReplaceTarget> {
 /// start failed — it undoes all of it in reverse: the kernel side, the
 /// image (closed) and the mount record, so no error path repeats the
 /// cleanup or forgets part of it.
+/// Grow a served disk: the image and the chain, the partition table,
+/// then the devices above (the FUSE file's size, the whole-disk loop
+/// device, the partition's loop device). The filesystem is the caller's.
+fn grow_online(
+    served: &ServedDisk,
+    session: &mut Session,
+    fuse_file: &Path,
+    nbd: bool,
+    size: u64,
+) -> Result<serde_json::Value> {
+    if nbd {
+        return Err(Error::Refused(
+            "a disk on the kernel's NBD client cannot change size while mounted: umount it to resize"
+                .into(),
+        ));
+    }
+    let size = online::grow(served, size)?;
+    let chain = served.current();
+    let name = served.dd_path.display().to_string();
+    let part = match &session.record.partition {
+        Some(_) => Some(gpt::resize(
+            &*chain,
+            size / ploop_format::SECTOR,
+            chain.cluster_size() / ploop_format::SECTOR,
+            &name,
+        )?),
+        None => None,
+    };
+    chain.flush()?;
+    drop(chain);
+    // The kernel takes the FUSE file's new size once its cached
+    // attributes expire (their time to live is 1 s).
+    let started = std::time::Instant::now();
+    loop {
+        let now = std::fs::metadata(fuse_file)
+            .map_err(|e| Error::io(fuse_file.display(), e))?
+            .len();
+        if now == size {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            return Err(Error::io(
+                fuse_file.display(),
+                std::io::Error::other(format!("still {now} bytes, not {size}")),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(dev) = &session.record.device {
+        ploop_loopdev::LoopDevice::open(dev)
+            .and_then(|l| l.set_capacity())
+            .map_err(|e| Error::io(dev.display(), e))?;
+    }
+    if let (Some(p), Some(rec)) = (part, session.record.partition.as_mut()) {
+        if let Some(dev) = &rec.device {
+            if p.start != rec.start {
+                return Err(Error::Refused(format!(
+                    "partition {} moved from byte {} to {}: its device cannot follow",
+                    p.number, rec.start, p.start
+                )));
+            }
+            ploop_loopdev::LoopDevice::open(dev)
+                .and_then(|l| l.set_size_limit(p.len))
+                .map_err(|e| Error::io(dev.display(), e))?;
+        }
+        rec.len = p.len;
+    }
+    session.save()?;
+    Ok(json!({
+        "size": size,
+        "fs_device": session.record.fs_device(),
+    }))
+}
+
 struct Session {
     served: Arc<ServedDisk>,
     record: MountRecord,

@@ -98,8 +98,8 @@ impl DiskFile {
     pub(crate) fn attr(&self) -> FileAttr {
         FileAttr {
             ino: INodeNo::ROOT,
-            size: self.disk.size,
-            blocks: self.disk.size / 512,
+            size: self.disk.size(),
+            blocks: self.disk.size() / 512,
             atime: self.started,
             mtime: self.started,
             ctime: self.started,
@@ -136,7 +136,7 @@ impl DiskFile {
         if self.disk.read_only {
             return Err(Errno::EROFS);
         }
-        if offset.saturating_add(len) > self.disk.size {
+        if offset.saturating_add(len) > self.disk.size() {
             return Err(Errno::ENOSPC);
         }
         Ok(())
@@ -175,16 +175,16 @@ impl DiskFile {
         if !zeroing {
             // Plain preallocation: space is allocated on first write; only
             // a request to grow the disk is refused.
-            if end > self.disk.size && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            if end > self.disk.size() && mode & FALLOC_FL_KEEP_SIZE == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             return Ok(());
         }
-        if mode & FALLOC_FL_KEEP_SIZE == 0 && end > self.disk.size {
+        if mode & FALLOC_FL_KEEP_SIZE == 0 && end > self.disk.size() {
             // Zeroing past the end would grow the disk, which it cannot.
             return Err(Errno::EOPNOTSUPP);
         }
-        let end = end.min(self.disk.size);
+        let end = end.min(self.disk.size());
         if offset >= end {
             return Ok(());
         }
@@ -198,7 +198,7 @@ impl DiskFile {
     }
 
     pub(crate) fn lseek(&self, offset: i64, whence: i32) -> Result<i64, Errno> {
-        let size = self.disk.size as i64;
+        let size = self.disk.size() as i64;
         match whence {
             // Everything counts as data; the only hole is at the end.
             SEEK_DATA if (0..size).contains(&offset) => Ok(offset),
@@ -303,7 +303,7 @@ impl Filesystem for OneFileFs {
         reply: ReplyAttr,
     ) {
         match size {
-            Some(s) if s != self.disk.size => reply.error(Errno::EINVAL),
+            Some(s) if s != self.disk.size() => reply.error(Errno::EINVAL),
             _ => reply.attr(&TTL, &self.file.attr()),
         }
     }
@@ -329,7 +329,7 @@ impl Filesystem for OneFileFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let end = offset.saturating_add(u64::from(size)).min(self.disk.size);
+        let end = offset.saturating_add(u64::from(size)).min(self.disk.size());
         if offset >= end {
             reply.data(&[]);
             return;

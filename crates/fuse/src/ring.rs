@@ -551,7 +551,7 @@ impl Queue {
             FUSE_READ => {
                 let ReadIn { offset, size, .. } = abi::read(op);
                 let size = size as usize;
-                let end = offset.saturating_add(size as u64).min(file.disk.size);
+                let end = offset.saturating_add(size as u64).min(file.disk.size());
                 let len = end.saturating_sub(offset) as usize;
                 if len == 0 {
                     Ok(0)
@@ -606,7 +606,7 @@ impl Queue {
             FUSE_GETATTR => Ok(self.reply_attr(slot, file)),
             FUSE_SETATTR => {
                 let SetattrIn { valid, size, .. } = abi::read(op);
-                if valid & FATTR_SIZE != 0 && size != file.disk.size {
+                if valid & FATTR_SIZE != 0 && size != file.disk.size() {
                     Err(libc::EINVAL)
                 } else {
                     Ok(self.reply_attr(slot, file))

@@ -540,3 +540,114 @@ mod tests {
         );
     }
 }
+
+/// Grow a served disk to `new_size` bytes (rounded up to whole clusters)
+/// with no request in flight: every delta's BAT grows, the descriptor
+/// says the new size, and a chain of that size replaces the served one.
+/// The top may move data out of its BAT's way (it is closed, resized and
+/// opened again); a snapshot below must not need that online, since the
+/// daemon reads it through the BAT it loaded. Returns the new size.
+pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
+    if served.read_only {
+        return Err(Error::Invalid("a read-only mount cannot be resized".into()));
+    }
+    let dd = served.dd_path.as_path();
+    let _lock = DescriptorLock::acquire(dd)?;
+    let mut d = Descriptor::load(dd)?;
+    let cs = u64::from(d.blocksize) * ploop_format::SECTOR;
+    let new_size = new_size
+        .checked_next_multiple_of(cs)
+        .ok_or_else(|| desc_err(served, format!("invalid size {new_size}")))?;
+    let preallocated = d.preallocated;
+    served.exclusive(|chain| {
+        if new_size <= chain.virtual_size() {
+            return Err(Error::Invalid(format!(
+                "online, a disk only grows: it has {} bytes, {new_size} asked (shrink through the balloon, or offline)",
+                chain.virtual_size()
+            )));
+        }
+        let layers = chain.layers();
+        let (top, lower) = layers.split_last().expect("a chain has a top");
+        let Some(top_p) = top.as_ploop() else {
+            return Err(Error::Invalid(
+                "the top delta is raw: a raw disk is resized offline".into(),
+            ));
+        };
+        // Everything refused is refused before anything changes.
+        for l in lower.iter().filter_map(|l| l.as_ploop()) {
+            let (now, ..) = ploop_format::ploop::resize::plan(l.io(), l.virtual_size())?;
+            let grown = ploop_format::ploop::header::Header::new(
+                new_size,
+                now.cluster_size,
+                now.version,
+            )?;
+            if grown.data_offset != now.data_offset {
+                return Err(Error::Invalid(format!(
+                    "{}: the snapshot's BAT would have to move its data to grow to {new_size} bytes: umount and resize offline",
+                    l.path()
+                )));
+            }
+        }
+        ploop_format::ploop::resize::plan(top_p.io(), top_p.virtual_size())
+            .map(drop)
+            .or_else(|e| match e {
+                // Open for writing: its in-use flag is set, as it should.
+                Error::Dirty { .. } => Ok(()),
+                e => Err(e),
+            })?;
+        for l in lower {
+            let Some(p) = l.as_ploop() else { continue };
+            // Written through a second handle, locked exclusively, as a
+            // merge writes a parent: nobody else may read it meanwhile.
+            let io = layer_io(l);
+            let _ = io.set_lock(LockMode::None);
+            let grown = io
+                .reopen(ploop_io::OpenMode {
+                    write: true,
+                    direct: true,
+                    create_new: false,
+                    lock: LockMode::Exclusive,
+                })
+                .map_err(|e| Error::io(p.path(), "opening for writing", 0, e))
+                .and_then(|twin| {
+                    let twin = twin.ok_or_else(|| {
+                        Error::Invalid(format!("{}: cannot be opened a second time", p.path()))
+                    })?;
+                    ploop_format::ploop::resize::resize(&twin, new_size, false)
+                });
+            let _ = io.set_lock(LockMode::Shared);
+            grown?;
+        }
+        // The top: closed (flushed, clean), resized, opened again.
+        top_p.close()?;
+        let io = top_p.io().clone();
+        let resized = ploop_format::ploop::resize::resize(&io, new_size, preallocated);
+        let reopened = PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: true,
+                allow_dirty: false,
+            },
+        )?;
+        // Served again whatever happened: at the new size once the top
+        // has it (the descriptor follows; a failure there is reported and
+        // a second resize finishes), else at the old one.
+        let size = if resized.is_ok() {
+            new_size
+        } else {
+            chain.virtual_size()
+        };
+        let mut new_layers = lower.to_vec();
+        new_layers.push(Arc::new(Delta::Ploop(reopened)));
+        let new_chain = Chain::new(new_layers, cs, size)?;
+        let done = resized.and_then(|_| {
+            let chs =
+                ploop_format::ploop::header::Chs::from_sectors(new_size / ploop_format::SECTOR);
+            d.size_sectors = new_size / ploop_format::SECTOR;
+            d.cylinders = chs.cylinders;
+            d.heads = chs.heads;
+            d.save(dd)
+        });
+        Ok((Some(new_chain), done.map(|()| new_size)))
+    })?
+}

@@ -2,7 +2,7 @@
 //! replace while the export keeps running.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ pub struct ServedDisk {
     /// GUID of the delta the chain ends at (the top GUID for a writable mount).
     pub guid: Uuid,
     pub read_only: bool,
-    pub size: u64,
+    /// The disk's size: it grows when an online resize swaps the chain.
+    size: AtomicU64,
     /// Each request holds the read side for its whole duration; an online
     /// operation takes the write side to drain requests before it swaps.
     chain: RwLock<Arc<Chain>>,
@@ -56,7 +57,7 @@ impl ServedDisk {
             dd_path,
             guid,
             read_only,
-            size: chain.virtual_size(),
+            size: AtomicU64::new(chain.virtual_size()),
             chain: RwLock::new(Arc::new(chain)),
             in_flight: AtomicUsize::new(0),
         }
@@ -129,6 +130,11 @@ impl ServedDisk {
         self.chain.try_read().ok()
     }
 
+    /// The disk's size in bytes, now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
     /// Run `f` with no request in flight; it may return a new chain.
     pub fn exclusive<T>(
         &self,
@@ -141,6 +147,7 @@ impl ServedDisk {
         }
         let (new, out) = f(&guard)?;
         if let Some(new) = new {
+            self.size.store(new.virtual_size(), Ordering::SeqCst);
             *guard = Arc::new(new);
         }
         Ok(out)

@@ -37,7 +37,7 @@ pub struct Export {
 
 impl Export {
     pub fn size(&self) -> u64 {
-        self.disk.size
+        self.disk.size()
     }
 
     /// The empty name asks for the default export, which this is.

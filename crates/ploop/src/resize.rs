@@ -73,12 +73,15 @@ fn fit_table(dd: &Path, sectors: u64, cluster_sectors: u64) -> Res<()> {
 }
 
 pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
+    if let Some(rec) = mount::served_rw(dd) {
+        return resize_online(dd, &rec, new_size);
+    }
     if let Some(rec) = ploop_daemon::registry::all()
         .into_iter()
         .find(|r| Some(&r.descriptor) == ploop_io::resolve_folder(dd).ok().as_ref())
     {
         return Err(format!(
-            "{} is mounted (daemon pid {}): online resize is not built yet; umount it first",
+            "{} is mounted read-only (daemon pid {}): umount it to resize",
             dd.display(),
             rec.pid
         )
@@ -171,6 +174,53 @@ pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
                 })?;
             }
         }
+    }
+    println!(
+        "ploop image has been successfully resized to {} sectors",
+        new_size / SECTOR
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resize a mounted disk. Growing, as OpenVZ: the image and its chain,
+/// the partition table, the devices (the daemon does those), then the
+/// filesystem, online. Shrinking goes through the balloon file.
+fn resize_online(dd: &Path, rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
+    let d = Descriptor::load(dd)?;
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let new_size = new_size
+        .checked_next_multiple_of(cs)
+        .filter(|&n| n > 0)
+        .ok_or("invalid size")?;
+    let old_size = d.size_sectors * SECTOR;
+    if new_size < old_size {
+        return shrink_online(rec, new_size);
+    }
+    if new_size > old_size {
+        mount::online_call(rec, &Request::Grow { size: new_size })?;
+    }
+    // The filesystem (also when an earlier run stopped before it).
+    let dev = rec.fs_device().ok_or("the disk has no device")?;
+    let grown = match (kernel::fs_type(dev).as_deref(), fs_mountpoint(rec)) {
+        (None, _) => Ok(()),
+        (Some("xfs"), Some(m)) => kernel::grow_xfs(&m),
+        (Some("xfs"), None) => Err(ploop_daemon::Error::Refused(
+            "XFS grows only mounted: mount it and resize again".into(),
+        )),
+        (Some("ext2" | "ext3" | "ext4"), Some(_)) => {
+            kernel::run("resize2fs", &[&dev.display().to_string()]).map(drop)
+        }
+        (Some("ext2" | "ext3" | "ext4"), None) => kernel::resize_ext(dev, None),
+        (Some(other), _) => Err(ploop_daemon::Error::Refused(format!(
+            "cannot grow a {other} filesystem"
+        ))),
+    };
+    if let Err(e) = grown {
+        return Err(format!(
+            "the disk grew to {} sectors, its filesystem did not ({e}); growing a mounted ext4 needs CAP_SYS_RESOURCE: without it, umount and run the same resize again",
+            new_size / SECTOR
+        )
+        .into());
     }
     println!(
         "ploop image has been successfully resized to {} sectors",
@@ -337,6 +387,10 @@ pub fn relocate_online(
         moved: n("moved"),
         stopped: v.get("stopped").and_then(serde_json::Value::as_bool) == Some(true),
     })
+}
+
+fn shrink_online(_rec: &MountRecord, _new_size: u64) -> Res<ExitCode> {
+    Err("online shrink is not built yet: umount it first".into())
 }
 
 /// `balloon discard --stat`, as OpenVZ prints it.
