@@ -464,83 +464,6 @@ pub fn replace(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ploop_format::ploop::CreateOptions;
-    use ploop_io::{MemIo, SharedIo};
-
-    const CS: u64 = 32 << 10;
-
-    fn delta(io: &SharedIo, writable: bool) -> Arc<Delta> {
-        Arc::new(Delta::Ploop(
-            PloopDelta::open(
-                io.clone(),
-                OpenFlags {
-                    writable,
-                    allow_dirty: true,
-                },
-            )
-            .unwrap(),
-        ))
-    }
-
-    fn new_io(name: &str) -> SharedIo {
-        let io: SharedIo = Arc::new(MemIo::new(name));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: 4 * CS,
-                cluster_size: CS,
-                version: Version::V2,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        io
-    }
-
-    /// A cluster the child never held (say a guest write to it failed
-    /// during the merge) keeps the parent's data; one the child dropped
-    /// after an earlier pass copied it down reads as zeros.
-    #[test]
-    fn copy_keeps_what_lies_below_the_child() {
-        let parent_io = new_io("parent");
-        let child_io = new_io("child");
-        {
-            let p = delta(&parent_io, true);
-            let c = Chain::new(vec![p.clone()], CS, 4 * CS).unwrap();
-            c.write_at(&vec![7u8; CS as usize], 0).unwrap();
-            c.close().unwrap();
-        }
-        let parent = delta(&parent_io, false);
-        let child = delta(&child_io, true);
-        let served = Chain::new(vec![parent, child.clone()], CS, 4 * CS).unwrap();
-        // The child copies cluster 1 down, then the guest drops it.
-        served.write_at(&vec![9u8; CS as usize], CS).unwrap();
-        let twin = delta(&parent_io, true);
-        let target = Chain::new(vec![twin], CS, 4 * CS).unwrap();
-        let src = child.as_ploop().unwrap();
-        let mut buf = AlignedBuf::zeroed(CS as usize);
-        copy_cluster(src, &served, 1, &target, 1, &mut buf).unwrap();
-        served.discard(CS, CS).unwrap();
-        for cluster in [0, 1] {
-            copy_cluster(src, &served, 1, &target, cluster, &mut buf).unwrap();
-        }
-        let mut back = vec![0u8; CS as usize];
-        target.read_at(&mut back, 0).unwrap();
-        assert!(
-            back.iter().all(|&b| b == 7),
-            "the parent's own cluster survives"
-        );
-        target.read_at(&mut back, CS).unwrap();
-        assert!(
-            back.iter().all(|&b| b == 0),
-            "a dropped cluster reads as zeros"
-        );
-    }
-}
-
 /// Grow a served disk to `new_size` bytes (rounded up to whole clusters)
 /// with no request in flight: every delta's BAT grows, the descriptor
 /// says the new size, and a chain of that size replaces the served one.
@@ -650,4 +573,81 @@ pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
         });
         Ok((Some(new_chain), done.map(|()| new_size)))
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ploop_format::ploop::CreateOptions;
+    use ploop_io::{MemIo, SharedIo};
+
+    const CS: u64 = 32 << 10;
+
+    fn delta(io: &SharedIo, writable: bool) -> Arc<Delta> {
+        Arc::new(Delta::Ploop(
+            PloopDelta::open(
+                io.clone(),
+                OpenFlags {
+                    writable,
+                    allow_dirty: true,
+                },
+            )
+            .unwrap(),
+        ))
+    }
+
+    fn new_io(name: &str) -> SharedIo {
+        let io: SharedIo = Arc::new(MemIo::new(name));
+        PloopDelta::create(
+            io.clone(),
+            CreateOptions {
+                virtual_size: 4 * CS,
+                cluster_size: CS,
+                version: Version::V2,
+                preallocate: false,
+            },
+        )
+        .unwrap();
+        io
+    }
+
+    /// A cluster the child never held (say a guest write to it failed
+    /// during the merge) keeps the parent's data; one the child dropped
+    /// after an earlier pass copied it down reads as zeros.
+    #[test]
+    fn copy_keeps_what_lies_below_the_child() {
+        let parent_io = new_io("parent");
+        let child_io = new_io("child");
+        {
+            let p = delta(&parent_io, true);
+            let c = Chain::new(vec![p.clone()], CS, 4 * CS).unwrap();
+            c.write_at(&vec![7u8; CS as usize], 0).unwrap();
+            c.close().unwrap();
+        }
+        let parent = delta(&parent_io, false);
+        let child = delta(&child_io, true);
+        let served = Chain::new(vec![parent, child.clone()], CS, 4 * CS).unwrap();
+        // The child copies cluster 1 down, then the guest drops it.
+        served.write_at(&vec![9u8; CS as usize], CS).unwrap();
+        let twin = delta(&parent_io, true);
+        let target = Chain::new(vec![twin], CS, 4 * CS).unwrap();
+        let src = child.as_ploop().unwrap();
+        let mut buf = AlignedBuf::zeroed(CS as usize);
+        copy_cluster(src, &served, 1, &target, 1, &mut buf).unwrap();
+        served.discard(CS, CS).unwrap();
+        for cluster in [0, 1] {
+            copy_cluster(src, &served, 1, &target, cluster, &mut buf).unwrap();
+        }
+        let mut back = vec![0u8; CS as usize];
+        target.read_at(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 7),
+            "the parent's own cluster survives"
+        );
+        target.read_at(&mut back, CS).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "a dropped cluster reads as zeros"
+        );
+    }
 }
