@@ -359,6 +359,23 @@ pub fn ext_min_size(dev: &Path) -> Result<u64> {
     Ok(blocks * block)
 }
 
+/// An ext2/3/4 filesystem's size in bytes, from its superblock
+/// (`dumpe2fs -h`; it may be mounted).
+pub fn ext_size(dev: &Path) -> Result<u64> {
+    let info = run("dumpe2fs", &["-h", s(dev)])?;
+    let field = |name: &str| -> Result<u64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| Error::Tool {
+                tool: "dumpe2fs".into(),
+                args: format!("-h {}", dev.display()),
+                stderr: format!("no {name:?}"),
+            })
+    };
+    Ok(field("Block count:")? * field("Block size:")?)
+}
+
 /// Resize an unmounted ext2/3/4 filesystem to `bytes` (None: to fill its
 /// device): checked first (`e2fsck -f -p`, which resize2fs requires),
 /// then `resize2fs`. Offline because growing a mounted ext4 needs

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod balloon;
 mod cli;
 mod mount;
 mod resize;

@@ -12,6 +12,7 @@ use ploop_format::SECTOR;
 use ploop_image::gpt::{self, Layout};
 use ploop_image::{ops, Disk, OpenOptions};
 
+use crate::balloon::Balloon;
 use crate::mount::{self, MountRequest};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -195,6 +196,14 @@ fn resize_online(dd: &Path, rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
     let old_size = d.size_sectors * SECTOR;
     if new_size < old_size {
         return shrink_online(rec, new_size);
+    }
+    // A balloon inflated by an online shrink gives its space back first.
+    if let Some(m) = fs_mountpoint(rec) {
+        let balloon = Balloon::open(&m)?;
+        if balloon.size()? > 0 {
+            println!("deflating the balloon ({})", mib(balloon.size()?));
+            balloon.set_size(0)?;
+        }
     }
     if new_size > old_size {
         mount::online_call(rec, &Request::Grow { size: new_size })?;
@@ -389,8 +398,109 @@ pub fn relocate_online(
     })
 }
 
-fn shrink_online(_rec: &MountRecord, _new_size: u64) -> Res<ExitCode> {
-    Err("online shrink is not built yet: umount it first".into())
+/// Shrink a mounted disk as OpenVZ does: the balloon file grows until
+/// the filesystem holds no more than the new size (scaled by the share of
+/// its size it can use), its reserved blocks become 5% of that, and its
+/// blocks are discarded and compacted away, so the image file gives the
+/// space back. The device and the filesystem keep their size; a later
+/// grow deflates the balloon. Refused before anything changes when the
+/// filesystem has not that much free, or cannot be measured (XFS).
+fn shrink_online(rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
+    let m = fs_mountpoint(rec).ok_or(
+        "the disk's filesystem is not mounted by ploop: shrinking it online needs its mount (or umount and resize offline)",
+    )?;
+    let dev = rec.fs_device().ok_or("the disk has no device")?;
+    match kernel::fs_type(dev).as_deref() {
+        Some("ext2" | "ext3" | "ext4") => {}
+        Some("xfs") => {
+            return Err("an XFS filesystem cannot shrink: the disk keeps its size".into())
+        }
+        other => {
+            return Err(format!("cannot shrink a {} filesystem", other.unwrap_or("missing")).into())
+        }
+    }
+    let d = Descriptor::load(&rec.descriptor)?;
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let fs_size = kernel::ext_size(dev)?;
+    // OpenVZ keeps four clusters for alignment (the table, partition 1's
+    // start).
+    let new_fs = new_size
+        .checked_sub(4 * cs)
+        .filter(|&n| n > 0)
+        .ok_or("the new size leaves no room for a filesystem")?;
+    let st = rustix::fs::statvfs(&m).map_err(|e| format!("{}: {e}", m.display()))?;
+    let balloon = Balloon::open(&m)?;
+    let inflated = balloon.size()?;
+    let usable = (st.f_blocks * st.f_frsize) as f64 / fs_size as f64;
+    let want = if new_fs >= fs_size {
+        0
+    } else {
+        (((fs_size - new_fs) as f64 * usable) as u64).next_multiple_of(st.f_frsize.max(1))
+    };
+    let available = inflated + st.f_bfree * st.f_frsize;
+    if want > available {
+        let least = fs_size.saturating_sub((available as f64 / usable) as u64) + 4 * cs;
+        return Err(format!(
+            "Unable to change image size to {} sectors, minimal size is {} sectors: the filesystem has {} bytes free: nothing was changed",
+            new_size / SECTOR,
+            least.div_ceil(SECTOR),
+            available - inflated
+        )
+        .into());
+    }
+    println!(
+        "changing the balloon from {} to {}",
+        mib(inflated),
+        mib(want)
+    );
+    balloon.set_size(want)?;
+    // Reserved blocks: 5% of what the filesystem may now hold, as
+    // OpenVZ's tune_fs; only advice, so a failure is reported, not fatal.
+    let reserved = new_fs / 20 / st.f_frsize.max(1);
+    if let Err(e) = kernel::run(
+        "tune2fs",
+        &["-r", &reserved.to_string(), &dev.display().to_string()],
+    ) {
+        eprintln!("ploop: setting the reserved blocks to {reserved}: {e}");
+    }
+    if want > inflated {
+        // The balloon's blocks are unwritten (fallocate): discarded below
+        // the filesystem, which never reads them, their clusters leave the
+        // image; compaction then cuts the file.
+        for (at, len) in balloon.extents()? {
+            kernel::run(
+                "blkdiscard",
+                &[
+                    "-f",
+                    "-o",
+                    &at.to_string(),
+                    "-l",
+                    &len.to_string(),
+                    &dev.display().to_string(),
+                ],
+            )?;
+        }
+        let done = compact_online(
+            rec,
+            &CompactOptions {
+                threshold: 0.0,
+                ..CompactOptions::default()
+            },
+            None,
+        )?;
+        println!(
+            "moved {} clusters; the image file went from {} to {}",
+            done.moved,
+            mib(done.size_before),
+            mib(done.size_after)
+        );
+    }
+    println!(
+        "ploop image has been successfully resized to {} sectors (online: the filesystem keeps {} in its balloon)",
+        new_size / SECTOR,
+        mib(want)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `balloon discard --stat`, as OpenVZ prints it.

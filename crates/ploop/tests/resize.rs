@@ -514,6 +514,13 @@ fn online_growth_with_a_writer_running() {
         let bytes: u64 = bytes.trim().parse().unwrap();
         assert!(bytes > 2000 << 20, "{bytes}");
         assert!(list.contains(&format!("\"length\": {bytes}")), "{list}");
+        // XFS cannot shrink, online either.
+        let out = ploop(&["resize", "-s", "1G", dd]);
+        assert!(
+            !out.ok() && out.stderr.contains("XFS filesystem cannot shrink"),
+            "{out}"
+        );
+        assert_eq!(balloon_len(m), 0);
     });
     mounted(dd, &mnt, |m| {
         assert!(df_kib(m) > 1900 << 10, "{}", df_kib(m));
@@ -554,5 +561,77 @@ fn online_growth_with_a_writer_running() {
         assert!(df_kib(m) > 1900 << 10, "{}", df_kib(m));
         assert!(fs::read(m.join("f")).unwrap() == file);
     });
+    table_and_fs_sound(dir.path(), &img, "ext4", 2048);
+}
+
+/// The balloon's size, if the file is there.
+fn balloon_len(mnt: &Path) -> u64 {
+    fs::metadata(mnt.join(".balloon-c3a5ae3d-ce7f-43c4-a1ea-c61e2b4504e8")).map_or(0, |m| m.len())
+}
+
+/// Online shrink through the balloon, as OpenVZ: the filesystem keeps
+/// its size but holds the space given up in the balloon, the image file
+/// gives it back, files read back; a shrink below what the filesystem
+/// uses is refused before anything changes; growing deflates the
+/// balloon; the peers' checks pass after.
+#[test]
+fn online_shrink_through_the_balloon() {
+    let _s = serial();
+    let dir = tempdir();
+    let img = dir.path().join("root.hdd");
+    ok(ploop(&["init", "-s", "2G", img.to_str().unwrap()]), "init");
+    let dd = dir.path().join("DiskDescriptor.xml");
+    let dd = dd.to_str().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let keep = data(21, 200 << 20);
+    mounted(dd, &mnt, |m| {
+        fs::write(m.join("keep"), &keep).unwrap();
+        // Space the filesystem used once: the image holds it.
+        fs::write(m.join("gone"), data(22, 700 << 20)).unwrap();
+        ok(run("sync", &[] as &[&str]), "sync");
+        fs::remove_file(m.join("gone")).unwrap();
+        ok(run("sync", &[] as &[&str]), "sync");
+        let df_before = df_kib(m);
+        assert!(fs::metadata(&img).unwrap().len() > 850 << 20);
+
+        // Too small for what the filesystem holds: refused, nothing done.
+        let out = ploop(&["resize", "-s", "150M", dd]);
+        assert!(!out.ok() && out.stderr.contains("minimal size is"), "{out}");
+        assert_eq!(balloon_len(m), 0, "the balloon is untouched");
+
+        let out = ok(ploop(&["resize", "-s", "1G", dd]), "shrink online");
+        assert!(out.contains("resized to 2097152 sectors"), "{out}");
+        assert_eq!(df_kib(m), df_before, "the filesystem keeps its size");
+        // It may hold 1 GiB at most now: the balloon takes the rest.
+        let avail: u64 = ok(
+            run("df", &["-B1", "--output=avail", m.to_str().unwrap()]),
+            "df",
+        )
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+        assert!(avail < (1 << 30) - (200 << 20), "{avail} bytes available");
+        assert!(balloon_len(m) > 900 << 20, "{}", balloon_len(m));
+        // The image gave back the deleted file's space and the balloon's.
+        let file = fs::metadata(&img).unwrap().len();
+        assert!(file < 260 << 20, "image file {file} bytes");
+        assert!(fs::read(m.join("keep")).unwrap() == keep);
+        // The container goes on writing in what is left.
+        fs::write(m.join("more"), data(23, 100 << 20)).unwrap();
+
+        // Growing back deflates it.
+        ok(ploop(&["resize", "-s", "2G", dd]), "grow online");
+        assert_eq!(balloon_len(m), 0);
+    });
+    mounted(dd, &mnt, |m| {
+        assert!(fs::read(m.join("keep")).unwrap() == keep);
+        assert!(fs::read(m.join("more")).unwrap() == data(23, 100 << 20));
+    });
+    qemu_check(&img);
+    openvz_check(&img);
     table_and_fs_sound(dir.path(), &img, "ext4", 2048);
 }
