@@ -231,6 +231,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         },
         saved: false,
         backend: None,
+        notifier: None,
         late_requests: false,
         finished: false,
     };
@@ -310,6 +311,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 Err(e) => return Err(Error::io("starting the FUSE queues", e)),
             }
         }
+        session.notifier = Some(fuse.notifier());
         let fuse_thread = std::thread::Builder::new()
             .name("fuse".into())
             .spawn(move || fuse.run())
@@ -507,8 +509,13 @@ fn grow_online(
     };
     chain.flush()?;
     drop(chain);
-    // The kernel takes the FUSE file's new size once its cached
-    // attributes expire (their time to live is 1 s).
+    // The kernel drops the FUSE file's cached attributes when told (else
+    // once they expire, after 1 s), and reads the new size.
+    if let Some(n) = &session.notifier {
+        if let Err(e) = n.inval_inode(fuser::INodeNo::ROOT, -1, 0) {
+            warn!("telling the kernel the FUSE file grew: {e}");
+        }
+    }
     let started = std::time::Instant::now();
     loop {
         let now = std::fs::metadata(fuse_file)
@@ -557,6 +564,8 @@ struct Session {
     /// The record is in the registry.
     saved: bool,
     backend: Option<Backend>,
+    /// Tells the kernel that the FUSE file changed (its size, on a grow).
+    notifier: Option<fuser::Notifier>,
     /// FUSE threads outlived the unmount: requests may still land, so the
     /// image is flushed but left marked in use (the next mount checks it).
     late_requests: bool,
