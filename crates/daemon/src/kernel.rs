@@ -479,6 +479,23 @@ pub fn mounted_from(path: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Where device `dev` is mounted (the first mount of it), if anywhere.
+pub fn mount_of(dev: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (fields, fs) = l.split_once(" - ")?;
+        let src = fs.split(' ').nth(1)?;
+        (Path::new(&unescape_mount(src)) == dev)
+            .then(|| {
+                fields
+                    .split(' ')
+                    .nth(4)
+                    .map(|m| PathBuf::from(unescape_mount(m)))
+            })
+            .flatten()
+    })
+}
+
 fn unescape_mount(m: &str) -> String {
     m.replace("\\040", " ")
         .replace("\\011", "\t")

@@ -428,7 +428,8 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 } else {
                     moves::Goal::Compact { limit }
                 };
-                moves::relocate(&served, goal, progress, &|| caller.gone())
+                let stop = || caller.gone() || STOPPING.load(std::sync::atomic::Ordering::SeqCst);
+                moves::relocate(&served, goal, progress, &stop)
                     .map(|done| {
                         Some(json!({
                             "moved": done.moved,
@@ -749,6 +750,9 @@ impl Drop for Frozen {
 /// SIGTERM, SIGINT and SIGHUP ask the daemon to stop the way `ploop umount`
 /// does (unmount, detach, close cleanly); if that fails (a busy mount
 /// point), it keeps serving rather than leave a dead device behind.
+/// Set when a signal asked the daemon to stop.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn watch_signals(socket: &Path) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
@@ -764,6 +768,9 @@ fn watch_signals(socket: &Path) {
         .spawn(move || {
             for sig in signals.forever() {
                 info!("signal {sig}: stopping");
+                // A long operation under way (compaction) stops at its next
+                // step, so the stop request behind it is answered.
+                STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
                 match control::call(&socket, &Request::Stop, Duration::from_secs(600)) {
                     Ok(r) if r.ok => return,
                     Ok(r) => warn!(

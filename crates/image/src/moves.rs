@@ -31,6 +31,12 @@ const BATCH: usize = 16;
 /// idling 0.36x.)
 const YIELD: u32 = 3;
 
+/// Defragmentation plans from a sorted copy of the whole BAT: larger
+/// batches, so that a disk of a million clusters is not sorted a million
+/// times over. (Its copies run with I/O going on; only the re-copies of
+/// what the guest wrote meanwhile wait in the commit.)
+const DEFRAG_BATCH: usize = 128;
+
 /// What to do with the top delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Goal {
@@ -95,10 +101,11 @@ pub fn relocate(
                 done.stopped = left() > 0;
                 break;
             }
-            let max = BATCH.min(usize::try_from(limit - done.moved).unwrap_or(BATCH));
             let moves = match goal {
-                Goal::Compact { .. } => top.plan_compaction(max)?,
-                Goal::Defrag => top.plan_defrag(max)?,
+                Goal::Compact { .. } => top.plan_compaction(
+                    BATCH.min(usize::try_from(limit - done.moved).unwrap_or(BATCH)),
+                )?,
+                Goal::Defrag => top.plan_defrag(DEFRAG_BATCH)?,
             };
             if moves.is_empty() {
                 break;
@@ -130,7 +137,9 @@ fn batch(
     buf: &mut [AlignedBuf; 2],
 ) -> Result<(u64, bool)> {
     if let Err(e) = top.copy_moves(moves, buf) {
-        top.abandon_moves(moves)?;
+        if let Err(a) = top.abandon_moves(moves) {
+            tracing::warn!("{}: giving moves up: {a}", top.path());
+        }
         return Err(e);
     }
     served.exclusive(|now| {

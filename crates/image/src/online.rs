@@ -481,12 +481,33 @@ pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
     let new_size = new_size
         .checked_next_multiple_of(cs)
         .ok_or_else(|| desc_err(served, format!("invalid size {new_size}")))?;
-    let preallocated = d.preallocated;
+    if d.preallocated {
+        // Preallocation writes every new cluster, which would hold the
+        // container's I/O for as long.
+        return Err(desc_err(
+            served,
+            "a preallocated disk grows offline (umount it first)".into(),
+        ));
+    }
+    let save = |d: &mut Descriptor| -> Result<()> {
+        if d.size_sectors * ploop_format::SECTOR == new_size {
+            return Ok(());
+        }
+        let chs = ploop_format::ploop::header::Chs::from_sectors(new_size / ploop_format::SECTOR);
+        d.size_sectors = new_size / ploop_format::SECTOR;
+        d.cylinders = chs.cylinders;
+        d.heads = chs.heads;
+        d.save(dd)
+    };
     served.exclusive(|chain| {
-        if new_size <= chain.virtual_size() {
+        let old_size = chain.virtual_size();
+        if new_size == old_size {
+            // Done before, maybe but for the descriptor: finish.
+            return Ok((None, save(&mut d).map(|()| new_size)));
+        }
+        if new_size < old_size {
             return Err(Error::Invalid(format!(
-                "online, a disk only grows: it has {} bytes, {new_size} asked (shrink through the balloon, or offline)",
-                chain.virtual_size()
+                "online, a disk only grows: it has {old_size} bytes, {new_size} asked (shrink through the balloon, or offline)"
             )));
         }
         let layers = chain.layers();
@@ -497,17 +518,20 @@ pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
             ));
         };
         // Everything refused is refused before anything changes.
-        for l in lower.iter().filter_map(|l| l.as_ploop()) {
-            let (now, ..) = ploop_format::ploop::resize::plan(l.io(), l.virtual_size())?;
-            let grown = ploop_format::ploop::header::Header::new(
-                new_size,
-                now.cluster_size,
-                now.version,
-            )?;
-            if grown.data_offset != now.data_offset {
+        for l in lower {
+            let Some(p) = l.as_ploop() else {
+                return Err(Error::Invalid(format!(
+                    "{}: a raw snapshot grows offline only: umount and resize",
+                    l.path()
+                )));
+            };
+            let (now, ..) = ploop_format::ploop::resize::plan(p.io(), p.virtual_size())?;
+            let grown =
+                ploop_format::ploop::header::Header::new(new_size, now.cluster_size, now.version)?;
+            if grown.data_offset > now.data_offset {
                 return Err(Error::Invalid(format!(
                     "{}: the snapshot's BAT would have to move its data to grow to {new_size} bytes: umount and resize offline",
-                    l.path()
+                    p.path()
                 )));
             }
         }
@@ -518,6 +542,12 @@ pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
                 Error::Dirty { .. } => Ok(()),
                 e => Err(e),
             })?;
+        // Clusters a snapshot still holds past the old end (a shrink
+        // leaves them): the grown range must read zeros, not them.
+        let (first, end) = (old_size.div_ceil(cs), new_size.div_ceil(cs));
+        let masked: Vec<u64> = (first..end)
+            .filter(|&c| lower.iter().any(|l| l.map(c, cs).is_some()))
+            .collect();
         for l in lower {
             let Some(p) = l.as_ploop() else { continue };
             // Written through a second handle, locked exclusively, as a
@@ -538,39 +568,46 @@ pub fn grow(served: &ServedDisk, new_size: u64) -> Result<u64> {
                     })?;
                     ploop_format::ploop::resize::resize(&twin, new_size, false)
                 });
-            let _ = io.set_lock(LockMode::Shared);
+            let relocked = io
+                .set_lock(LockMode::Shared)
+                .map_err(|e| Error::io(p.path(), "taking its shared lock back", 0, e));
             grown?;
+            relocked?;
         }
         // The top: closed (flushed, clean), resized, opened again.
         top_p.close()?;
         let io = top_p.io().clone();
-        let resized = ploop_format::ploop::resize::resize(&io, new_size, preallocated);
-        let reopened = PloopDelta::open(
+        let resized = ploop_format::ploop::resize::resize(&io, new_size, false);
+        let reopened = match PloopDelta::open(
             io,
             OpenFlags {
                 writable: true,
                 allow_dirty: false,
             },
-        )?;
-        // Served again whatever happened: at the new size once the top
-        // has it (the descriptor follows; a failure there is reported and
-        // a second resize finishes), else at the old one.
-        let size = if resized.is_ok() {
-            new_size
-        } else {
-            chain.virtual_size()
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // The closed top takes no more writes (it refuses them
+                // once closed); the disk needs a remount.
+                tracing::error!("{}: cannot be opened again after resizing: {e}", top_p.path());
+                return Err(e);
+            }
         };
+        // Served again whatever happened: at the new size once the top
+        // has it (then the descriptor; a failure there is reported, and
+        // the same resize again finishes), else at the old one.
+        let size = if resized.is_ok() { new_size } else { old_size };
+        let zeros = vec![0u8; cs as usize];
+        let masked = resized.and_then(|_| {
+            for &c in &masked {
+                reopened.write_cluster(c, 0, &zeros, None)?;
+            }
+            reopened.flush()
+        });
         let mut new_layers = lower.to_vec();
         new_layers.push(Arc::new(Delta::Ploop(reopened)));
         let new_chain = Chain::new(new_layers, cs, size)?;
-        let done = resized.and_then(|_| {
-            let chs =
-                ploop_format::ploop::header::Chs::from_sectors(new_size / ploop_format::SECTOR);
-            d.size_sectors = new_size / ploop_format::SECTOR;
-            d.cylinders = chs.cylinders;
-            d.heads = chs.heads;
-            d.save(dd)
-        });
+        let done = masked.and_then(|()| save(&mut d));
         Ok((Some(new_chain), done.map(|()| new_size)))
     })?
 }

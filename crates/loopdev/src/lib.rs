@@ -104,26 +104,33 @@ impl LoopDevice {
     /// Give the device a new size limit (bytes past its offset, 0 for up to
     /// the end of the backing file); the kernel resizes the device at once.
     /// Everything else is kept as it is.
+    ///
+    /// Some kernels answer EAGAIN while the device's page cache could not
+    /// be dropped at once (util-linux retries too): tried for a second.
     pub fn set_size_limit(&self, limit: u64) -> io::Result<()> {
         let mut info = self.status()?;
         info.lo_sizelimit = limit;
-        // SAFETY: LOOP_SET_STATUS64 reads one loop_info64 from the pointer,
-        // a live struct of that type; the descriptor is open.
-        let r = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                LOOP_SET_STATUS64 as _,
-                &info as *const LoopInfo64,
-            )
-        };
-        if r < 0 {
-            return Err(err(
-                &self.path,
-                "LOOP_SET_STATUS64",
-                io::Error::last_os_error(),
-            ));
+        let mut tries = 0;
+        loop {
+            // SAFETY: LOOP_SET_STATUS64 reads one loop_info64 from the
+            // pointer, a live struct of that type; the descriptor is open.
+            let r = unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    LOOP_SET_STATUS64 as _,
+                    &info as *const LoopInfo64,
+                )
+            };
+            if r >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) || tries == 50 {
+                return Err(err(&self.path, "LOOP_SET_STATUS64", e));
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Ok(())
     }
 
     /// Have the device take its backing file's current size (`losetup -c`).

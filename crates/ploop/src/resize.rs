@@ -197,16 +197,16 @@ fn resize_online(dd: &Path, rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
     if new_size < old_size {
         return shrink_online(rec, new_size);
     }
-    // A balloon inflated by an online shrink gives its space back first.
+    // Also at the same size: a grow that stopped after the image (at the
+    // table, at the devices) is finished.
+    mount::online_call(rec, &Request::Grow { size: new_size })?;
+    // A balloon inflated by an online shrink gives its space back.
     if let Some(m) = fs_mountpoint(rec) {
         let balloon = Balloon::open(&m)?;
         if balloon.size()? > 0 {
             println!("deflating the balloon ({})", mib(balloon.size()?));
             balloon.set_size(0)?;
         }
-    }
-    if new_size > old_size {
-        mount::online_call(rec, &Request::Grow { size: new_size })?;
     }
     // The filesystem (also when an earlier run stopped before it).
     let dev = rec.fs_device().ok_or("the disk has no device")?;
@@ -351,10 +351,16 @@ pub fn compact(dd: &Path, o: &CompactOptions) -> Res<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where a served disk's filesystem is mounted, if it is.
+/// Where a served disk's filesystem is mounted, if it is: where ploop
+/// mounted it, or wherever else its device is mounted (by vzctl, by hand).
 fn fs_mountpoint(rec: &MountRecord) -> Option<PathBuf> {
-    let (m, dev) = (rec.mountpoint.as_ref()?, rec.fs_device()?);
-    (kernel::mounted_from(m).as_deref() == Some(dev)).then(|| m.clone())
+    let dev = rec.fs_device()?;
+    if let Some(m) = &rec.mountpoint {
+        if kernel::mounted_from(m).as_deref() == Some(dev) {
+            return Some(m.clone());
+        }
+    }
+    kernel::mount_of(dev)
 }
 
 /// Compact a mounted disk: its filesystem's free blocks discarded, then
@@ -467,19 +473,35 @@ fn shrink_online(rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
         // The balloon's blocks are unwritten (fallocate): discarded below
         // the filesystem, which never reads them, their clusters leave the
         // image; compaction then cuts the file.
-        for (at, len) in balloon.extents()? {
-            kernel::run(
-                "blkdiscard",
-                &[
-                    "-f",
-                    "-o",
-                    &at.to_string(),
-                    "-l",
-                    &len.to_string(),
-                    &dev.display().to_string(),
-                ],
-            )?;
+        if !balloon.is_on(dev)? {
+            return Err(format!(
+                "{}: the balloon is not on the disk's filesystem ({}): its blocks were not given back",
+                m.display(),
+                dev.display()
+            )
+            .into());
         }
+        balloon.frozen(|| {
+            for (at, len) in balloon.extents()? {
+                if at.saturating_add(len) > fs_size {
+                    return Err(
+                        format!("a balloon extent at byte {at} lies past the filesystem").into(),
+                    );
+                }
+                kernel::run(
+                    "blkdiscard",
+                    &[
+                        "-f",
+                        "-o",
+                        &at.to_string(),
+                        "-l",
+                        &len.to_string(),
+                        &dev.display().to_string(),
+                    ],
+                )?;
+            }
+            Ok(())
+        })?;
         let done = compact_online(
             rec,
             &CompactOptions {

@@ -385,8 +385,9 @@ impl PloopDelta {
         self.header.virtual_size
     }
 
+    /// Open for writing, and not closed since.
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writable && self.open.load(Ordering::SeqCst)
     }
 
     /// Number of virtual clusters this delta can hold: the disk's, or
@@ -428,6 +429,7 @@ impl PloopDelta {
 
     /// Write into an already mapped cluster.
     pub fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
+        self.ensure_open()?;
         self.ensure_healthy()?;
         self.io
             .write_at(buf, file_offset)
@@ -441,7 +443,17 @@ impl PloopDelta {
                 self.path
             )));
         }
+        self.ensure_open()?;
         self.ensure_healthy()
+    }
+
+    /// Err once closed: a closed delta's in-use flag is clear, so a write
+    /// after that (a swap that failed halfway) must not land.
+    fn ensure_open(&self) -> Result<()> {
+        if !self.open.load(Ordering::SeqCst) {
+            return Err(Error::Invalid(format!("{}: delta is closed", self.path)));
+        }
+        Ok(())
     }
 
     /// Err once a flush has failed (see the `failed` field).

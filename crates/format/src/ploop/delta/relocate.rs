@@ -75,18 +75,19 @@ impl PloopDelta {
     /// [`abandon_moves`](Self::abandon_moves).
     pub fn plan_compaction(&self, max: usize) -> Result<Vec<Move>> {
         self.ensure_writable()?;
-        let mut alloc = self.alloc.lock().expect("alloc lock");
-        self.release_quarantined(&mut alloc);
-        let bat = self.bat.read().expect("bat lock");
         // The `max` highest, kept in a heap of that size: the BAT may be
-        // millions of entries long.
+        // millions of entries long. Scanned without the allocation lock
+        // (writes that allocate go on): a home that changes before the
+        // commit is dropped there.
         let mut highest = BinaryHeap::with_capacity(max + 1);
-        for home in self.homes(&bat) {
+        for home in self.homes(&self.bat.read().expect("bat lock")) {
             highest.push(Reverse(home));
             if highest.len() > max {
                 highest.pop();
             }
         }
+        let mut alloc = self.alloc.lock().expect("alloc lock");
+        self.release_quarantined(&mut alloc);
         let mut highest: Vec<(u64, u64)> = highest.into_iter().map(|Reverse(h)| h).collect();
         highest.sort_unstable_by(|a, b| b.cmp(a));
         let mut moves = Vec::new();
@@ -121,11 +122,10 @@ impl PloopDelta {
     pub fn plan_defrag(&self, max: usize) -> Result<Vec<Move>> {
         self.ensure_writable()?;
         let cs = self.header.cluster_size;
+        let first = self.first_data();
+        let at: BTreeMap<u64, u64> = self.homes(&self.bat.read().expect("bat lock")).collect();
         let mut alloc = self.alloc.lock().expect("alloc lock");
         self.release_quarantined(&mut alloc);
-        let bat = self.bat.read().expect("bat lock");
-        let first = self.first_data();
-        let at: BTreeMap<u64, u64> = self.homes(&bat).collect();
         let mut order: Vec<(u64, u64)> = at.iter().map(|(&f, &v)| (v, f)).collect();
         order.sort_unstable();
         let area_end = first + order.len() as u64;
@@ -223,7 +223,12 @@ impl PloopDelta {
         changed: &BTreeSet<u64>,
         bufs: &mut [AlignedBuf; 2],
     ) -> Result<u64> {
-        self.ensure_writable()?;
+        if let Err(e) = self.ensure_writable() {
+            if let Err(a) = self.abandon_moves(moves) {
+                tracing::warn!("{}: giving moves up: {a}", self.path);
+            }
+            return Err(e);
+        }
         let cs = self.header.cluster_size;
         let home = |cluster: u64| self.map(cluster).filter(|o| o % cs == 0).map(|o| o / cs);
         // The copies brought up to date first, the BAT untouched: a
@@ -249,7 +254,9 @@ impl PloopDelta {
         let entries = match ready {
             Ok(e) => e,
             Err(e) => {
-                self.abandon_moves(moves)?;
+                if let Err(a) = self.abandon_moves(moves) {
+                    tracing::warn!("{}: giving moves up: {a}", self.path);
+                }
                 return Err(e);
             }
         };
