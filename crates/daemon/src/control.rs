@@ -36,6 +36,8 @@ pub enum Request {
     Grow {
         size: u64,
     },
+    /// Replace the disk's I/O limits (None: unlimited).
+    SetLimits(crate::registry::LimitsRecord),
     /// Move the top delta's clusters: down into free ones, the file cut
     /// after them (at most `limit` clusters), or into virtual order.
     Compact {

@@ -37,6 +37,36 @@ pub struct MountRecord {
     #[serde(default)]
     pub partition: Option<PartitionRecord>,
     pub mountpoint: Option<PathBuf>,
+    /// The disk's I/O limits (none set: unlimited).
+    #[serde(default)]
+    pub limits: LimitsRecord,
+    /// The cgroup the daemon was put in, if one was asked for.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A disk's I/O limits, as records and the control socket carry them.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitsRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_burst: Option<u64>,
+}
+
+impl From<LimitsRecord> for ploop_image::throttle::Limits {
+    fn from(l: LimitsRecord) -> Self {
+        Self {
+            iops: l.iops,
+            bps: l.bps,
+            iops_burst: l.iops_burst,
+            bps_burst: l.bps_burst,
+        }
+    }
 }
 
 /// Partition 1 of a served disk with a GPT, reached as a loop device over

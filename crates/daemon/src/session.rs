@@ -46,6 +46,11 @@ pub struct MountOptions {
     pub nbd: bool,
     /// Check (and fix what is safe to fix) the filesystem before mounting.
     pub fsck: bool,
+    /// I/O limits from the start.
+    pub limits: crate::registry::LimitsRecord,
+    /// A cgroup (v1 or v2 folder) to put the daemon in, so that the host's
+    /// own I/O controllers (blkio, io) apply to the disk's I/O.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// What the device is made of.
@@ -121,6 +126,11 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
     // Before any thread starts: they all inherit it.
     if let Err(e) = kernel::become_io_flusher() {
         info!("not marked as an I/O flusher ({e}): heavy memory pressure may stall the device");
+    }
+    // Before any thread starts too (in cgroup v2, a process whose threads
+    // are spread cannot move; in v1 all its threads move anyway).
+    if let Some(cg) = &opts.cgroup {
+        join_cgroup(cg)?;
     }
     let dd = canonical(&opts.descriptor)?;
     let guid = opts.guid.unwrap_or(TOP_GUID);
@@ -201,6 +211,10 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         opts.read_only,
         disk.chain,
     ));
+    served
+        .throttle
+        .set(opts.limits.into())
+        .map_err(Error::Refused)?;
     let dir = registry::run_dir().join(&id);
     let fuse_file = dir.join("disk");
     let socket = dir.join("ctl.sock");
@@ -228,6 +242,8 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 Layout::Whole => None,
             },
             mountpoint: None,
+            limits: opts.limits,
+            cgroup: opts.cgroup.clone(),
         },
         saved: false,
         backend: None,
@@ -366,7 +382,15 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
             Request::Status => Ok(Some(json!({
                 "record": &session.record,
                 "deltas": served.current().layers().len(),
+                "stats": stats_json(&served),
             }))),
+            Request::SetLimits(limits) => match served.throttle.set(limits.into()) {
+                Ok(()) => {
+                    session.record.limits = limits;
+                    session.save().map(|()| None).map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            },
             Request::Flush => served
                 .chain()
                 .flush()
@@ -480,6 +504,29 @@ fn parse_replace_target(t: &str) -> Option<ops::ReplaceTarget> {
 /// start failed — it undoes all of it in reverse: the kernel side, the
 /// image (closed) and the mount record, so no error path repeats the
 /// cleanup or forgets part of it.
+/// The disk's counters, as `ploop stat` and `list --json` show them.
+fn stats_json(served: &ServedDisk) -> serde_json::Value {
+    let s = served.throttle.stats.snapshot();
+    json!({
+        "reads": s.reads,
+        "writes": s.writes,
+        "discards": s.discards,
+        "flushes": s.flushes,
+        "read_bytes": s.read_bytes,
+        "write_bytes": s.write_bytes,
+        "discard_bytes": s.discard_bytes,
+        "throttled": s.throttled,
+        "throttled_ms": s.throttled_ns / 1_000_000,
+    })
+}
+
+/// Put this process (all its threads) in the cgroup folder `dir`.
+fn join_cgroup(dir: &Path) -> Result<()> {
+    let procs = dir.join("cgroup.procs");
+    std::fs::write(&procs, format!("{}\n", std::process::id()))
+        .map_err(|e| Error::io(procs.display(), e))
+}
+
 /// Grow a served disk: the image and the chain, the partition table,
 /// then the devices above (the FUSE file's size, the whole-disk loop
 /// device, the partition's loop device). The filesystem is the caller's.

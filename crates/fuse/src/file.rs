@@ -20,6 +20,7 @@ use ploop_io::AlignedBuf;
 use tracing::{error, warn};
 
 use ploop_image::served::{InFlight, ServedDisk};
+use ploop_image::throttle::IoKind;
 use ploop_uring::{Op, Ring};
 
 /// Largest request we ask the kernel for.
@@ -73,6 +74,7 @@ impl OneFileFs {
         if self.ring.is_none()
             || !offset.is_multiple_of(QUEUE_ALIGN)
             || !len.is_multiple_of(QUEUE_ALIGN)
+            || self.disk.throttle.limited()
         {
             return Ok(None);
         }
@@ -83,7 +85,12 @@ impl OneFileFs {
             chain.plan_read(offset, len)?
         };
         // Registered while the guard is held: see ServedDisk::begin_queued.
-        Ok(plan.map(|plan| self.disk.begin_queued(&chain, plan)))
+        Ok(plan.map(|plan| {
+            // Counted (no limit is set: nothing to wait for).
+            let kind = if write { IoKind::Write } else { IoKind::Read };
+            self.disk.throttle.admit(kind, len);
+            self.disk.begin_queued(&chain, plan)
+        }))
     }
 }
 
@@ -125,6 +132,7 @@ impl DiskFile {
 
     /// Read `buf.len()` bytes at `offset` (the caller clamps to the disk).
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.disk.throttle.admit(IoKind::Read, buf.len() as u64);
         self.disk.chain().read_at(buf, offset).map_err(|e| {
             error!("read at {offset}: {e}");
             errno(&e)
@@ -143,6 +151,7 @@ impl DiskFile {
     }
 
     pub(crate) fn write(&self, data: &[u8], offset: u64) -> Result<(), Errno> {
+        self.disk.throttle.admit(IoKind::Write, data.len() as u64);
         self.check_write(offset, data.len() as u64)?;
         self.disk.chain().write_at(data, offset).map_err(|e| {
             error!("write at {offset}: {e}");
@@ -151,6 +160,7 @@ impl DiskFile {
     }
 
     pub(crate) fn fsync(&self) -> Result<(), Errno> {
+        self.disk.throttle.admit(IoKind::Flush, 0);
         if self.disk.read_only {
             return Ok(());
         }
@@ -161,6 +171,7 @@ impl DiskFile {
     }
 
     pub(crate) fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        self.disk.throttle.admit(IoKind::Discard, length);
         if self.disk.read_only {
             return Err(Errno::EROFS);
         }

@@ -29,6 +29,7 @@ use tracing::{debug, error};
 
 use crate::file::DiskFile;
 use ploop_image::served::InFlight;
+use ploop_image::throttle::IoKind;
 use ploop_uring::busy_poll::BusyPoll;
 
 /// Requests in flight over all queues (each has a buffer of the largest
@@ -714,7 +715,11 @@ impl Queue {
         write: bool,
     ) -> Planned {
         self.poll.note_request(len);
-        if !offset.is_multiple_of(QUEUE_ALIGN) || !(len as u64).is_multiple_of(QUEUE_ALIGN) {
+        // A limited disk's requests wait in helpers, not on this thread.
+        if !offset.is_multiple_of(QUEUE_ALIGN)
+            || !(len as u64).is_multiple_of(QUEUE_ALIGN)
+            || file.disk.throttle.limited()
+        {
             return Planned::Helper;
         }
         // Never wait for the chain here: an online operation holding it may
@@ -765,6 +770,9 @@ impl Queue {
                 sqe.user_data(KIND_IO | (slot as u64) << 16 | i as u64),
             ));
         }
+        // Counted (no limit is set: nothing to wait for).
+        let kind = if write { IoKind::Write } else { IoKind::Read };
+        file.disk.throttle.admit(kind, len as u64);
         let n = segments.len();
         if n == 0 {
             // A read of what no delta holds: the zeros are in place. (A

@@ -10,6 +10,7 @@ pub mod moves;
 pub mod online;
 pub mod ops;
 pub mod served;
+pub mod throttle;
 
 pub use chain::{Chain, Delta, Plan};
 pub use disk::{Disk, OpenOptions};

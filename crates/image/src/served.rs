@@ -22,6 +22,9 @@ pub struct ServedDisk {
     chain: RwLock<Arc<Chain>>,
     /// Queued requests that outlive their read guard.
     in_flight: AtomicUsize,
+    /// I/O limits and counters: every request of the exports is admitted
+    /// here first.
+    pub throttle: crate::throttle::Throttle,
 }
 
 /// Marks one queued request in flight until dropped, holds the chain it
@@ -60,6 +63,7 @@ impl ServedDisk {
             size: AtomicU64::new(chain.virtual_size()),
             chain: RwLock::new(Arc::new(chain)),
             in_flight: AtomicUsize::new(0),
+            throttle: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use ploop_daemon::control::Request;
+use ploop_daemon::registry::LimitsRecord;
 use ploop_format::descriptor::{guid_string, parse_guid, Descriptor, ImageType, TOP_GUID};
 use ploop_format::ploop::{has_signature, Version, MIN_CLUSTER_SECTORS};
 use ploop_format::SECTOR;
@@ -147,6 +148,20 @@ enum Cmd {
     Umount(UmountArgs),
     /// Serve a disk or an image file over NBD (foreground, until a signal).
     Serve(ServeArgs),
+    /// Change a mounted disk's I/O limits while it is in use (0 removes
+    /// one; what is not given stays).
+    SetLimits {
+        #[command(flatten)]
+        limits: LimitArgs,
+        descriptor: PathBuf,
+    },
+    /// Show a mounted disk's I/O counters and limits (as OpenVZ's `ploop
+    /// stat`).
+    Stat {
+        #[arg(long)]
+        json: bool,
+        descriptor: PathBuf,
+    },
     /// Show mounted disks.
     List {
         #[arg(long)]
@@ -409,7 +424,66 @@ struct MountArgs {
     nbd: bool,
     #[command(flatten)]
     poll: BusyPollArg,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Put the disk's daemon in this cgroup (a folder of the cgroup v1
+    /// blkio hierarchy or of cgroup v2), so that the host's own I/O
+    /// controllers apply to the disk's I/O.
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
     descriptor: PathBuf,
+}
+
+/// A disk's I/O limits; 0 (or leaving one out at mount) is none. Bursts
+/// default to a tenth of a second's worth.
+#[derive(Args, Default)]
+struct LimitArgs {
+    /// Requests per second (reads, writes, discards).
+    #[arg(long = "iops-limit", value_name = "N")]
+    iops: Option<u64>,
+    /// Bytes per second read and written (K, M, G suffixes).
+    #[arg(long = "bps-limit", value_name = "SIZE", value_parser = bytes_arg)]
+    bps: Option<u64>,
+    /// Requests that may go at once above the rate.
+    #[arg(long = "iops-burst", value_name = "N")]
+    iops_burst: Option<u64>,
+    /// Bytes that may go at once above the rate.
+    #[arg(long = "bps-burst", value_name = "SIZE", value_parser = bytes_arg)]
+    bps_burst: Option<u64>,
+}
+
+fn bytes_arg(s: &str) -> Result<u64, String> {
+    parse_size(s, 1)
+}
+
+impl LimitArgs {
+    /// `now` with what was given applied (0: that limit removed),
+    /// checked.
+    fn apply(&self, now: LimitsRecord) -> Res<LimitsRecord> {
+        let pick = |given: Option<u64>, old: Option<u64>| match given {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => old,
+        };
+        let l = LimitsRecord {
+            iops: pick(self.iops, now.iops),
+            bps: pick(self.bps, now.bps),
+            iops_burst: pick(self.iops_burst, now.iops_burst),
+            bps_burst: pick(self.bps_burst, now.bps_burst),
+        };
+        // A burst left behind by a removed rate goes with it.
+        let l = LimitsRecord {
+            iops_burst: l
+                .iops_burst
+                .filter(|_| l.iops.is_some() || self.iops_burst.is_some()),
+            bps_burst: l
+                .bps_burst
+                .filter(|_| l.bps.is_some() || self.bps_burst.is_some()),
+            ..l
+        };
+        ploop_image::throttle::Limits::from(l).validate()?;
+        Ok(l)
+    }
 }
 
 /// Busy polling of the exports' ring threads.
@@ -791,6 +865,8 @@ pub fn run() -> Res<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(mut a) => {
+            // Checked here: the conversion below cannot fail.
+            a.limits.apply(LimitsRecord::default())?;
             let unbuilt = [
                 ("-c (component names)", a.component.is_some()),
                 ("-d (a given device: one is chosen)", a.device.is_some()),
@@ -831,6 +907,16 @@ pub fn run() -> Res<ExitCode> {
             )
         }
         Cmd::List { json } => crate::mount::list(json),
+        Cmd::SetLimits { limits, descriptor } => {
+            let rec = crate::mount::served_rw(&descriptor)
+                .or_else(|| crate::mount::served_any(&descriptor))
+                .ok_or_else(|| format!("{} is not mounted", descriptor.display()))?;
+            let l = limits.apply(rec.limits)?;
+            crate::mount::online_call(&rec, &Request::SetLimits(l))?;
+            println!("{}", crate::mount::limits_line(&l));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stat { json, descriptor } => crate::mount::stat(&descriptor, json),
         Cmd::Serve(a) => {
             ploop_uring::busy_poll::set_limit(std::time::Duration::from_micros(a.poll.busy_poll));
             crate::serve::serve(crate::serve::ServeRequest {
@@ -1708,6 +1794,8 @@ impl From<MountArgs> for crate::mount::MountRequest {
             busy_poll_us: a.poll.busy_poll,
             nbd: a.nbd,
             fsck: a.fsck,
+            limits: a.limits.apply(LimitsRecord::default()).unwrap_or_default(),
+            cgroup: a.cgroup,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ploop_daemon::control::{self, Request};
 use ploop_daemon::kernel;
-use ploop_daemon::registry::{self, MountRecord};
+use ploop_daemon::registry::{self, LimitsRecord, MountRecord};
 use ploop_daemon::session::{self, MountOptions};
 use ploop_format::descriptor::{guid_string, parse_guid};
 use ploop_nbd::kernel_client;
@@ -34,6 +34,10 @@ pub struct MountRequest {
     pub nbd: bool,
     /// Check the filesystem before mounting it.
     pub fsck: bool,
+    /// I/O limits from the start.
+    pub limits: LimitsRecord,
+    /// A cgroup folder for the daemon.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl MountRequest {
@@ -53,6 +57,8 @@ impl MountRequest {
             busy_poll_us: 0,
             nbd: false,
             fsck: false,
+            limits: LimitsRecord::default(),
+            cgroup: None,
         }
     }
 }
@@ -88,6 +94,20 @@ pub fn start_daemon(r: &MountRequest) -> Res<String> {
     }
     if r.fsck {
         cmd.arg("-F");
+    }
+    let l = &r.limits;
+    for (flag, v) in [
+        ("--iops-limit", l.iops),
+        ("--bps-limit", l.bps),
+        ("--iops-burst", l.iops_burst),
+        ("--bps-burst", l.bps_burst),
+    ] {
+        if let Some(v) = v {
+            cmd.arg(flag).arg(v.to_string());
+        }
+    }
+    if let Some(c) = &r.cgroup {
+        cmd.arg("--cgroup").arg(c);
     }
     if let Some(m) = &r.mountpoint {
         cmd.arg("-m").arg(m);
@@ -158,6 +178,8 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
         },
         nbd: r.nbd,
         fsck: r.fsck,
+        limits: r.limits,
+        cgroup: r.cgroup.clone(),
     };
     session::serve(opts, |rec| {
         if let Some(d) = rec.fs_device() {
@@ -171,6 +193,84 @@ pub fn mount(r: MountRequest) -> Res<ExitCode> {
 
 fn canonical(p: &Path) -> PathBuf {
     ploop_io::resolve_folder(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Any view of a disk that a live daemon serves.
+pub fn served_any(dd: &Path) -> Option<MountRecord> {
+    let dd = ploop_io::resolve_folder(dd).ok()?;
+    registry::all()
+        .into_iter()
+        .find(|r| r.descriptor == dd && r.daemon_alive())
+}
+
+/// "iops N (burst B), bps N (burst B)" or "no limits".
+pub fn limits_line(l: &LimitsRecord) -> String {
+    let one = |what: &str, rate: Option<u64>, burst: Option<u64>| {
+        rate.map(|r| match burst {
+            Some(b) => format!("{what} {r} (burst {b})"),
+            None => format!("{what} {r}"),
+        })
+    };
+    let parts: Vec<String> = [
+        one("iops", l.iops, l.iops_burst),
+        one("bytes/s", l.bps, l.bps_burst),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        "limits: none".into()
+    } else {
+        format!("limits: {}", parts.join(", "))
+    }
+}
+
+/// The daemon's counters for `rec`, if it answers.
+fn daemon_stats(rec: &MountRecord) -> Option<serde_json::Value> {
+    let r = control::call(&rec.socket, &Request::Status, Duration::from_secs(5)).ok()?;
+    r.value?.get("stats").cloned()
+}
+
+/// `ploop stat`: a mounted disk's counters and limits.
+pub fn stat(dd: &Path, as_json: bool) -> Res<ExitCode> {
+    let recs: Vec<MountRecord> = {
+        let dd = canonical(dd);
+        registry::all()
+            .into_iter()
+            .filter(|r| r.descriptor == dd && r.daemon_alive())
+            .collect()
+    };
+    if recs.is_empty() {
+        return Err(format!("{} is not mounted", dd.display()).into());
+    }
+    let mut out = Vec::new();
+    for r in &recs {
+        let stats = daemon_stats(r).ok_or("the daemon did not answer")?;
+        if as_json {
+            out.push(json!({
+                "descriptor": r.descriptor,
+                "device": r.fs_device(),
+                "limits": r.limits,
+                "stats": stats,
+            }));
+            continue;
+        }
+        println!(
+            "{} {}",
+            r.fs_device()
+                .map_or_else(String::new, |d| d.display().to_string()),
+            limits_line(&r.limits)
+        );
+        if let Some(m) = stats.as_object() {
+            for (k, v) in m {
+                println!("  {k:<14} {v}");
+            }
+        }
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The read-write view of a disk that a live daemon serves.
@@ -286,6 +386,9 @@ pub fn record_json(r: &MountRecord) -> serde_json::Value {
         "pid": r.pid,
         "running": r.daemon_alive(),
         "log": r.log,
+        "limits": r.limits,
+        "cgroup": r.cgroup,
+        "stats": if r.daemon_alive() { daemon_stats(r) } else { None },
     })
 }
 

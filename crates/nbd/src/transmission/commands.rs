@@ -2,6 +2,7 @@
 //! chain and sends its reply.
 
 use super::*;
+use ploop_image::throttle::IoKind;
 
 impl Connection {
     pub(super) fn check_range(&self, req: &Request, past_end: u32) -> Result<(), Failure> {
@@ -183,6 +184,17 @@ impl Connection {
 
     /// Carry out one request and send its reply.
     pub(super) fn execute(&self, req: Request, payload: Option<(AlignedBuf, usize)>) {
+        // Counted, and held by the disk's limits, before it runs.
+        let kind = match req.kind {
+            CMD_READ => Some(IoKind::Read),
+            CMD_WRITE => Some(IoKind::Write),
+            CMD_WRITE_ZEROES | CMD_TRIM => Some(IoKind::Discard),
+            CMD_FLUSH => Some(IoKind::Flush),
+            _ => None,
+        };
+        if let Some(k) = kind {
+            self.export.disk.throttle.admit(k, req.length);
+        }
         match req.kind {
             CMD_READ => self.read(&req),
             CMD_WRITE => {

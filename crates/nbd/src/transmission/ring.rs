@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, types};
 
+use ploop_image::throttle::IoKind;
 use ploop_uring::{RingCore, FOREIGN};
 
 use super::*;
@@ -201,7 +202,8 @@ impl Connection {
             && req.offset.is_multiple_of(QUEUE_ALIGN)
             && req.length.is_multiple_of(QUEUE_ALIGN)
             && self.check_range(&req, EINVAL).is_ok();
-        if !plain {
+        // A limited disk's requests wait in the pool, not on the reader.
+        if !plain || self.export.disk.throttle.limited() {
             return Err((payload, budget));
         }
         let disk = &self.export.disk;
@@ -241,6 +243,9 @@ impl Connection {
         } else {
             payload.expect("WRITE carries its payload").0
         };
+        // Counted (no limit is set: nothing to wait for).
+        let kind = if read { IoKind::Read } else { IoKind::Write };
+        disk.throttle.admit(kind, req.length);
         // Registered while the guard is held: see ServedDisk::begin_queued.
         let (segments, in_flight) = disk.begin_queued(&chain, plan);
         drop(chain);
