@@ -148,6 +148,8 @@ impl Stats {
 #[derive(Default)]
 pub struct Throttle {
     buckets: Mutex<Buckets>,
+    /// Whether a limit is set: the unlimited path takes no lock.
+    active: std::sync::atomic::AtomicBool,
     pub stats: Stats,
 }
 
@@ -159,8 +161,7 @@ impl Throttle {
     /// Whether a limit is set: queued paths that must not wait (ring
     /// threads) leave limited requests to threads that may.
     pub fn limited(&self) -> bool {
-        let b = self.buckets.lock().expect("throttle lock");
-        b.iops.is_some() || b.bps.is_some()
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Set new limits, at once (buckets start full).
@@ -171,6 +172,8 @@ impl Throttle {
         b.iops = limits.iops.map(|r| Bucket::new(r, limits.iops_burst, now));
         b.bps = limits.bps.map(|r| Bucket::new(r, limits.bps_burst, now));
         b.limits = limits;
+        self.active
+            .store(b.iops.is_some() || b.bps.is_some(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -188,7 +191,7 @@ impl Throttle {
         if let Some(m) = moved {
             m.fetch_add(bytes, Ordering::Relaxed);
         }
-        if kind == IoKind::Flush {
+        if kind == IoKind::Flush || !self.limited() {
             return;
         }
         let wait = {
