@@ -57,7 +57,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: u64, burst: Option<u64>, now: Instant) -> Self {
-        // A tenth of a second's worth by default (as QEMU's throttling):
+        // A tenth of a second's worth by default:
         // over ten seconds the rate then holds within 1%.
         let burst = burst.unwrap_or(rate / 10).max(1) as f64;
         Self {
