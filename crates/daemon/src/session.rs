@@ -310,7 +310,14 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
             },
         ];
         cfg.acl = SessionACL::All;
-        cfg.n_threads = Some(opts.threads.max(1));
+        // With the io_uring queues, requests come over the rings (and the
+        // helpers they start on demand): /dev/fuse then carries the setup
+        // and little else, and two workers are plenty.
+        cfg.n_threads = Some(if queues.is_some() {
+            2
+        } else {
+            opts.threads.max(1)
+        });
         cfg.clone_fd = true;
         let ring = ploop_uring::Ring::start_if(opts.uring);
         let fs = OneFileFs::new(file, ring, queues.clone());

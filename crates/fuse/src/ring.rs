@@ -16,7 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -148,15 +148,7 @@ impl Queues {
     }
 
     fn start(self: &Arc<Self>, fd: RawFd) -> io::Result<()> {
-        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
-        for i in 0..self.helpers {
-            let rx = rx.clone();
-            let file = self.file.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("fuse-helper-{i}"))
-                .spawn(move || helper(&file, rx));
-            spawned?;
-        }
+        let jobs = Arc::new(Helpers::new(self.file.clone(), self.helpers));
         let queues: Vec<Queue> = std::mem::take(&mut *self.prepared.lock().expect("queues"));
         for q in queues {
             let this = self.clone();
@@ -444,7 +436,7 @@ impl Queue {
         self.push(squeue::Entry128::from(sqe));
     }
 
-    fn run(&mut self, fd: RawFd, file: &Arc<DiskFile>, jobs: &crossbeam_channel::Sender<Job>) {
+    fn run(&mut self, fd: RawFd, file: &Arc<DiskFile>, jobs: &Arc<Helpers>) {
         for slot in 0..self.slots.len() {
             self.register(fd, slot);
         }
@@ -537,13 +529,7 @@ impl Queue {
     }
 
     /// A request arrived in `slot`.
-    fn request(
-        &mut self,
-        fd: RawFd,
-        slot: usize,
-        file: &Arc<DiskFile>,
-        jobs: &crossbeam_channel::Sender<Job>,
-    ) {
+    fn request(&mut self, fd: RawFd, slot: usize, file: &Arc<DiskFile>, jobs: &Arc<Helpers>) {
         let h: UringReqHeader = abi::read(self.slots[slot].header.as_slice());
         let opcode = abi::read::<InHeader>(&h.in_out).opcode;
         let op = &h.op_in;
@@ -827,7 +813,7 @@ impl Queue {
         self.commit(fd, slot, result);
     }
 
-    fn hand_to_helper(&mut self, jobs: &crossbeam_channel::Sender<Job>, slot: usize, what: Work) {
+    fn hand_to_helper(&mut self, jobs: &Arc<Helpers>, slot: usize, what: Work) {
         let payload = self.slots[slot]
             .payload
             .take()
@@ -838,9 +824,8 @@ impl Queue {
             what,
             payload,
         };
-        if let Err(e) = jobs.send(job) {
+        if let Err(job) = jobs.send(job) {
             // No helpers left: answer EIO rather than never.
-            let job = e.into_inner();
             self.slots[slot].payload = Some(job.payload);
             error!("FUSE ring thread {}: no helper threads", self.index);
             self.done.list.lock().expect("completions").push(Done {
@@ -853,41 +838,126 @@ impl Queue {
     }
 }
 
-fn helper(file: &DiskFile, jobs: crossbeam_channel::Receiver<Job>) {
-    for job in jobs {
-        let Job {
-            to,
-            slot,
-            what,
-            mut payload,
-        } = job;
-        let work = std::panic::AssertUnwindSafe(|| {
-            let buf = payload.as_mut_slice();
-            match what {
-                Work::Read { offset, len } => file.read(&mut buf[..len], offset).map(|()| len),
-                Work::Write { offset, len } => file
-                    .write(&buf[..len], offset)
-                    .map(|()| write_out(buf, len)),
-                Work::Fsync => file.fsync().map(|()| 0),
-                Work::Fallocate {
-                    offset,
-                    length,
-                    mode,
-                } => file.fallocate(offset, length, mode).map(|()| 0),
-            }
-        });
-        // A panic answers EIO instead of leaving the request unanswered.
-        let result = std::panic::catch_unwind(work).unwrap_or_else(|_| {
-            error!("FUSE helper: a request panicked");
-            Err(Errno::EIO)
-        });
-        to.list.lock().expect("completions").push(Done {
-            slot,
-            payload,
-            result: result.map_err(Errno::code),
-        });
-        let _ = rustix::io::write(&to.wake, &1u64.to_ne_bytes());
+/// The helper threads: synchronous work the ring threads must not wait
+/// for (unaligned or unplanned I/O, fsync, fallocate, a limited disk's
+/// requests). Started when work finds none idle, up to a most; each
+/// leaves after a while with nothing to do, so an idle disk keeps none.
+pub(crate) struct Helpers {
+    file: Arc<DiskFile>,
+    tx: crossbeam_channel::Sender<Job>,
+    rx: crossbeam_channel::Receiver<Job>,
+    idle: AtomicUsize,
+    running: AtomicUsize,
+    most: usize,
+}
+
+/// How long a helper waits for work before it leaves.
+const HELPER_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Helpers {
+    fn new(file: Arc<DiskFile>, most: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Self {
+            file,
+            tx,
+            rx,
+            idle: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            most: most.max(1),
+        }
     }
+
+    /// Queue a job, starting a helper if none is idle. Err gives the job
+    /// back when no helper can run it.
+    fn send(self: &Arc<Self>, job: Job) -> Result<(), Job> {
+        self.tx
+            .send(job)
+            .map_err(crossbeam_channel::SendError::into_inner)?;
+        // Sent first, counted after: a helper that leaves checks the queue
+        // after it stopped counting as idle, so one of the two sees the job.
+        if self.idle.load(Ordering::SeqCst) == 0 {
+            let n = self.running.fetch_add(1, Ordering::SeqCst);
+            if n >= self.most {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                return Ok(()); // all busy: the job waits for one of them
+            }
+            let this = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("fuse-helper-{n}"))
+                .spawn(move || this.work());
+            if let Err(e) = spawned {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                error!("starting a FUSE helper thread: {e}");
+                if self.running.load(Ordering::SeqCst) == 0 {
+                    // Nobody will take it: answered EIO by the caller.
+                    return self.rx.try_recv().map_or(Ok(()), Err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn work(&self) {
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let got = self.rx.recv_timeout(HELPER_IDLE);
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            let job = match got {
+                Ok(job) => job,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                    match self.rx.try_recv() {
+                        // Sent while this one was leaving: stay for it.
+                        Ok(job) => {
+                            self.running.fetch_add(1, Ordering::SeqCst);
+                            job
+                        }
+                        Err(_) => return,
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            };
+            run_job(&self.file, job);
+        }
+    }
+}
+
+fn run_job(file: &DiskFile, job: Job) {
+    let Job {
+        to,
+        slot,
+        what,
+        mut payload,
+    } = job;
+    let work = std::panic::AssertUnwindSafe(|| {
+        let buf = payload.as_mut_slice();
+        match what {
+            Work::Read { offset, len } => file.read(&mut buf[..len], offset).map(|()| len),
+            Work::Write { offset, len } => file
+                .write(&buf[..len], offset)
+                .map(|()| write_out(buf, len)),
+            Work::Fsync => file.fsync().map(|()| 0),
+            Work::Fallocate {
+                offset,
+                length,
+                mode,
+            } => file.fallocate(offset, length, mode).map(|()| 0),
+        }
+    });
+    // A panic answers EIO instead of leaving the request unanswered.
+    let result = std::panic::catch_unwind(work).unwrap_or_else(|_| {
+        error!("FUSE helper: a request panicked");
+        Err(Errno::EIO)
+    });
+    to.list.lock().expect("completions").push(Done {
+        slot,
+        payload,
+        result: result.map_err(Errno::code),
+    });
+    let _ = rustix::io::write(&to.wake, &1u64.to_ne_bytes());
 }
 
 /// struct fuse_write_out at the start of `buf`: its size.
