@@ -54,7 +54,18 @@ pub struct BusyPoll {
     /// takes the time, and a spinning thread would take a CPU from the
     /// client (or the kernel) that moves the data.
     large: bool,
+    /// A spin found its CPU wanted by another thread (another disk's
+    /// daemon, a client): no spinning until then.
+    backed_off_until: Option<Instant>,
 }
+
+/// A yield that gives the CPU away for longer than this met another
+/// thread that wanted it: the CPU is contended.
+const CONTENDED: Duration = Duration::from_micros(50);
+
+/// How long a thread that met contention sleeps at once instead of
+/// spinning.
+const BACK_OFF: Duration = Duration::from_millis(100);
 
 /// A spinning thread yields its CPU this often, so that it spins only on
 /// time nobody else wants: other exports' threads (one daemon per mounted
@@ -86,9 +97,24 @@ impl BusyPoll {
         }
         let start = Instant::now();
         let spin_for = timeout.map_or(limit, |t| t.min(limit));
-        if self.spins() && spin(ring, start + spin_for) {
-            self.note(true);
-            return Ok(0);
+        if self.backed_off_until.is_some_and(|t| start < t) {
+            return sleep(ring);
+        }
+        self.backed_off_until = None;
+        if self.spins() {
+            match spin(ring, start + spin_for) {
+                Spun::Came => {
+                    self.note(true);
+                    return Ok(0);
+                }
+                Spun::Contended => {
+                    // Another thread wants this CPU (a neighbour disk's
+                    // daemon, say): leave it the CPU for a while.
+                    self.backed_off_until = Some(Instant::now() + BACK_OFF);
+                    return sleep(ring);
+                }
+                Spun::Nothing => {}
+            }
         }
         let slept = sleep(ring);
         self.note(start.elapsed() <= limit);
@@ -138,18 +164,31 @@ pub fn build_ring<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
     }
 }
 
-/// Submit what is queued, then spin until a completion is there (true) or
-/// `until` passes (false). Gives up at once (false) when enough threads
-/// spin already, or when the submission fails (the sleep that follows
-/// submits again and reports it).
+/// How a spin ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Spun {
+    /// A completion is there.
+    Came,
+    /// The time ran out, or the spin was not worth starting.
+    Nothing,
+    /// A yield gave the CPU to another thread for long: it is wanted.
+    Contended,
+}
+
+/// Submit what is queued, then spin until a completion is there or
+/// `until` passes. Gives up at once when enough threads spin already, or
+/// when the submission fails (the sleep that follows submits again and
+/// reports it), and as soon as a yield shows another thread wanting the
+/// CPU.
 fn spin<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
     ring: &mut IoUring<S, C>,
     until: Instant,
-) -> bool {
+) -> Spun {
     if SPINNING.fetch_add(1, Relaxed) >= max_spinning() {
         SPINNING.fetch_sub(1, Relaxed);
-        return false;
+        return Spun::Nothing;
     }
+    let mut contended = false;
     let submitted = ring.submission().is_empty() || ring.submit().is_ok();
     let mut came = false;
     if submitted {
@@ -179,13 +218,24 @@ fn spin<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
             }
             if now >= next_yield {
                 std::thread::yield_now();
-                next_yield = now + YIELD_EVERY;
+                let after = Instant::now();
+                if after - now > CONTENDED {
+                    contended = true;
+                    break;
+                }
+                next_yield = after + YIELD_EVERY;
             }
             std::hint::spin_loop();
         }
     }
     SPINNING.fetch_sub(1, Relaxed);
-    came
+    if came {
+        Spun::Came
+    } else if contended {
+        Spun::Contended
+    } else {
+        Spun::Nothing
+    }
 }
 
 #[cfg(test)]
@@ -258,7 +308,10 @@ mod tests {
             })
         };
         let start = Instant::now();
-        assert!(spin(&mut ring, start + Duration::from_secs(5)));
+        // (A loaded machine may make a spin give way: spin again.)
+        while spin(&mut ring, start + Duration::from_secs(5)) != Spun::Came {
+            assert!(start.elapsed() < Duration::from_secs(5), "nothing came");
+        }
         assert!(
             start.elapsed() >= Duration::from_millis(10),
             "the read was not armed"
@@ -268,9 +321,52 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(counter), 1);
         // (In the same test: two at once could pass the cap on spinners.)
         let nothing_comes = spin(&mut ring, Instant::now() + Duration::from_millis(2));
-        assert!(!nothing_comes, "a spin gives up at its deadline");
+        assert_ne!(nothing_comes, Spun::Came, "a spin gives up at its deadline");
         drop(ring);
         on_a_cooperative_ring_a_spin_runs_the_waiting_task_work();
+    }
+
+    /// A thread that wants the spinner's CPU makes the spin give way (and
+    /// the poller then sleeps at once for a while).
+    #[test]
+    fn a_spin_gives_way_to_a_thread_that_wants_its_cpu() {
+        let cpus = rustix::thread::sched_getaffinity(None).expect("affinity");
+        let cpu = (0..rustix::thread::CpuSet::MAX_CPU)
+            .find(|&c| cpus.is_set(c))
+            .expect("a CPU");
+        let mut one = rustix::thread::CpuSet::new();
+        one.set(cpu);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            let one = one.clone();
+            std::thread::spawn(move || {
+                rustix::thread::sched_setaffinity(None, &one).expect("affinity");
+                while !stop.load(Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let mut ring: IoUring = build_ring(&IoUring::builder(), 8).expect("io_uring");
+        let result = std::thread::spawn(move || {
+            rustix::thread::sched_setaffinity(None, &one).expect("affinity");
+            // Another test may hold the process's one spinning slot (two
+            // CPUs): try again while a spin does not even start.
+            loop {
+                let start = Instant::now();
+                let r = spin(&mut ring, start + Duration::from_secs(2));
+                if r != Spun::Nothing || start.elapsed() > Duration::from_millis(1) {
+                    break (r, start.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .join()
+        .unwrap();
+        stop.store(true, Relaxed);
+        busy.join().unwrap();
+        assert_eq!(result.0, Spun::Contended, "{result:?}");
+        assert!(result.1 < Duration::from_secs(1), "{result:?}");
     }
 
     /// A ring from build_ring leaves the completion in task work, flagged,
@@ -339,7 +435,7 @@ mod tests {
                 );
                 std::hint::spin_loop();
             };
-            let came = spin(&mut ring, Instant::now() + Duration::from_micros(10));
+            let came = spin(&mut ring, Instant::now() + Duration::from_micros(10)) == Spun::Came;
             if flagged && came {
                 caught += 1;
             }
