@@ -339,7 +339,6 @@ mod tests {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let busy = {
             let stop = stop.clone();
-            let one = one.clone();
             std::thread::spawn(move || {
                 rustix::thread::sched_setaffinity(None, &one).expect("affinity");
                 while !stop.load(Relaxed) {
