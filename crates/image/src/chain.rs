@@ -339,6 +339,32 @@ impl Chain {
         }))
     }
 
+    /// How to flush with one data sync of the top's file (an io_uring
+    /// fsync), if that is all a flush would do now: its descriptor and an
+    /// empty plan to register the request in flight with. None otherwise
+    /// (call [`flush`](Self::flush)).
+    pub fn plan_flush(&self) -> Option<(std::os::fd::RawFd, Plan)> {
+        let top = self.top();
+        let p = top.as_ploop()?;
+        if !p.is_writable() || !p.flush_is_data_only() {
+            return None;
+        }
+        Some((
+            top.raw_fd()?,
+            Plan {
+                segments: Vec::new(),
+                _pin: None,
+            },
+        ))
+    }
+
+    /// The sync of a [`plan_flush`](Self::plan_flush) failed.
+    pub fn note_flush_failed(&self) {
+        if let Some(p) = self.top().as_ploop() {
+            p.note_sync_failed();
+        }
+    }
+
     /// How to write a range with plain file writes, if every piece lands
     /// in place in the top delta (no allocation, no copy-up). None otherwise.
     pub fn plan_write(&self, offset: u64, len: u64) -> Result<Option<Plan>> {

@@ -802,6 +802,33 @@ impl PloopDelta {
         self.sync("syncing header")
     }
 
+    /// Whether a flush now would be one data sync and nothing more: no
+    /// BAT page or header change waits, no freed cluster, the delta open
+    /// and healthy. A caller may then sync the file itself (an io_uring
+    /// fsync) instead of calling [`flush`](Self::flush); what an
+    /// allocation adds after this answer is not part of that flush.
+    pub fn flush_is_data_only(&self) -> bool {
+        if !self.open.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let dirty = self.dirty.lock().expect("dirty lock");
+        if !dirty.pages.is_empty()
+            || !dirty.freed.is_empty()
+            || self.freeing.load(Ordering::SeqCst) != 0
+        {
+            return false;
+        }
+        let raw = self.raw.lock().expect("header lock");
+        let empty = self.mapped.load(Ordering::Relaxed) == 0;
+        (raw.flags & FLAG_EMPTY != 0) == empty
+    }
+
+    /// A data sync made outside [`flush`](Self::flush) failed: as when
+    /// flush's own fails, the delta takes no more writes.
+    pub fn note_sync_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
     /// Flush and mark the image cleanly closed. Idempotent.
     pub fn close(&self) -> Result<()> {
         if !self.open.swap(false, Ordering::SeqCst) {

@@ -407,6 +407,31 @@ mod tests {
         assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
     }
 
+    /// A flush is one data sync only while no BAT change waits: never
+    /// after an allocation or a discard until flushed, nor once failed.
+    #[test]
+    fn a_flush_is_data_only_exactly_when_no_metadata_waits() {
+        let (_io, d) = fresh(8);
+        assert!(d.flush_is_data_only(), "a fresh delta");
+        d.write_cluster(1, 0, &pattern(1, 0), None).unwrap();
+        assert!(
+            !d.flush_is_data_only(),
+            "an allocation waits for its BAT page"
+        );
+        d.flush().unwrap();
+        assert!(d.flush_is_data_only());
+        // In place: data only.
+        d.write_cluster(1, 0, &pattern(1, 1), None).unwrap();
+        assert!(d.flush_is_data_only());
+        d.discard(1, 0, CS, true).unwrap();
+        assert!(!d.flush_is_data_only(), "a discard waits for its BAT page");
+        d.flush().unwrap();
+        assert!(d.flush_is_data_only());
+        d.note_sync_failed();
+        assert!(!d.flush_is_data_only(), "a failed delta flushes nothing");
+        assert!(d.write_cluster(2, 0, &pattern(2, 0), None).is_err());
+    }
+
     #[test]
     fn abandoned_moves_give_their_targets_back() {
         let (io, d) = fresh(20);
