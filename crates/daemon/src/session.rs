@@ -312,9 +312,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         cfg.acl = SessionACL::All;
         // With the io_uring queues, requests come over the rings (and the
         // helpers they start on demand): /dev/fuse then carries the setup
-        // and little else, and two workers are plenty.
+        // and little else, and one worker is enough.
         cfg.n_threads = Some(if queues.is_some() {
-            2
+            1
         } else {
             opts.threads.max(1)
         });
