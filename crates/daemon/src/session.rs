@@ -312,11 +312,14 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         cfg.acl = SessionACL::All;
         // With the io_uring queues, requests come over the rings (and the
         // helpers they start on demand): /dev/fuse then carries the setup
-        // and little else, and one worker is enough.
-        cfg.n_threads = Some(if queues.is_some() {
-            1
-        } else {
-            opts.threads.max(1)
+        // and little else, and one worker is enough. Where the queues may
+        // yet not be agreed on (auto: INIT decides, after this), two, so
+        // that a fallback to /dev/fuse does not serve one request at a
+        // time.
+        cfg.n_threads = Some(match (&queues, opts.fuse_queues) {
+            (Some(_), FuseQueues::Ring) => 1,
+            (Some(_), _) => 2.min(opts.threads.max(1)),
+            (None, _) => opts.threads.max(1),
         });
         cfg.clone_fd = true;
         let ring = ploop_uring::Ring::start_if(opts.uring);
@@ -391,13 +394,21 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 "deltas": served.current().layers().len(),
                 "stats": stats_json(&served),
             }))),
-            Request::SetLimits(limits) => match served.throttle.set(limits.into()) {
-                Ok(()) => {
-                    session.record.limits = limits;
-                    session.save().map(|()| None).map_err(|e| e.to_string())
+            Request::SetLimits(limits) => {
+                let old = session.record.limits;
+                match served.throttle.set(limits.into()) {
+                    Ok(()) => {
+                        session.record.limits = limits;
+                        session.save().map(|()| None).map_err(|e| {
+                            // Recorded or not at all: the old limits back.
+                            session.record.limits = old;
+                            let _ = served.throttle.set(old.into());
+                            e.to_string()
+                        })
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Request::Flush => served
                 .chain()
                 .flush()

@@ -88,7 +88,7 @@ impl OneFileFs {
         Ok(plan.map(|plan| {
             // Counted (no limit is set: nothing to wait for).
             let kind = if write { IoKind::Write } else { IoKind::Read };
-            self.disk.throttle.admit(kind, len);
+            self.disk.throttle.count(kind, len);
             self.disk.begin_queued(&chain, plan)
         }))
     }

@@ -768,7 +768,7 @@ impl Queue {
         }
         // Counted (no limit is set: nothing to wait for).
         let kind = if write { IoKind::Write } else { IoKind::Read };
-        file.disk.throttle.admit(kind, len as u64);
+        file.disk.throttle.count(kind, len as u64);
         let n = segments.len();
         if n == 0 {
             // A read of what no delta holds: the zeros are in place. (A
@@ -837,7 +837,7 @@ impl Queue {
         let Some((fd, plan)) = guard.plan_flush() else {
             return false;
         };
-        file.disk.throttle.admit(IoKind::Flush, 0);
+        file.disk.throttle.count(IoKind::Flush, 0);
         let (_, in_flight) = file.disk.begin_queued(&guard, plan);
         drop(guard);
         self.slots[slot].fsync = Some(in_flight);
@@ -854,13 +854,19 @@ impl Queue {
             return;
         };
         if res < 0 {
-            // As a failed flush: the delta takes no more writes (the
-            // kernel may have dropped pages it could not write).
-            in_flight.chain().note_flush_failed();
             error!("fsync of the disk's top delta failed: errno {}", -res);
         }
+        // A failure stops the delta as a failed flush does (the kernel may
+        // have dropped pages it could not write); and a delta that failed
+        // meanwhile answers EIO even if this sync found nothing to report.
+        let ended = in_flight.chain().end_flush(res >= 0);
         drop(in_flight);
-        self.commit(fd, slot, if res < 0 { Err(-res) } else { Ok(0) });
+        let result = match (res, ended) {
+            (r, _) if r < 0 => Err(-r),
+            (_, Err(_)) => Err(libc::EIO),
+            _ => Ok(0),
+        };
+        self.commit(fd, slot, result);
     }
 
     fn hand_to_helper(&mut self, jobs: &Arc<Helpers>, slot: usize, what: Work) {
@@ -917,15 +923,16 @@ impl Helpers {
         }
     }
 
-    /// Queue a job, starting a helper if none is idle. Err gives the job
-    /// back when no helper can run it.
+    /// Queue a job, starting a helper when more jobs wait than helpers
+    /// are idle (a batch handed over at once runs in parallel). Err gives
+    /// the job back when it cannot be queued at all.
     fn send(self: &Arc<Self>, job: Job) -> Result<(), Job> {
         self.tx
             .send(job)
             .map_err(crossbeam_channel::SendError::into_inner)?;
         // Sent first, counted after: a helper that leaves checks the queue
         // after it stopped counting as idle, so one of the two sees the job.
-        if self.idle.load(Ordering::SeqCst) == 0 {
+        if self.rx.len() > self.idle.load(Ordering::SeqCst) {
             let n = self.running.fetch_add(1, Ordering::SeqCst);
             if n >= self.most {
                 self.running.fetch_sub(1, Ordering::SeqCst);
@@ -939,8 +946,11 @@ impl Helpers {
                 self.running.fetch_sub(1, Ordering::SeqCst);
                 error!("starting a FUSE helper thread: {e}");
                 if self.running.load(Ordering::SeqCst) == 0 {
-                    // Nobody will take it: answered EIO by the caller.
-                    return self.rx.try_recv().map_or(Ok(()), Err);
+                    // Nobody else will: run what waits here (each job
+                    // answers its own queue and slot).
+                    while let Ok(job) = self.rx.try_recv() {
+                        run_job(&self.file, job);
+                    }
                 }
             }
         }

@@ -342,15 +342,17 @@ impl Chain {
     /// How to flush with one data sync of the top's file (an io_uring
     /// fsync), if that is all a flush would do now: its descriptor and an
     /// empty plan to register the request in flight with. None otherwise
-    /// (call [`flush`](Self::flush)).
+    /// (call [`flush`](Self::flush)). Some begins the sync: end it with
+    /// [`end_flush`](Self::end_flush), whatever happens.
     pub fn plan_flush(&self) -> Option<(std::os::fd::RawFd, Plan)> {
         let top = self.top();
         let p = top.as_ploop()?;
-        if !p.is_writable() || !p.flush_is_data_only() {
+        let fd = top.raw_fd()?;
+        if !p.is_writable() || !p.begin_outside_sync() {
             return None;
         }
         Some((
-            top.raw_fd()?,
+            fd,
             Plan {
                 segments: Vec::new(),
                 _pin: None,
@@ -358,10 +360,12 @@ impl Chain {
         ))
     }
 
-    /// The sync of a [`plan_flush`](Self::plan_flush) failed.
-    pub fn note_flush_failed(&self) {
-        if let Some(p) = self.top().as_ploop() {
-            p.note_sync_failed();
+    /// The sync of a [`plan_flush`](Self::plan_flush) is over (`ok`: it
+    /// succeeded); Err if the flush must be reported failed.
+    pub fn end_flush(&self, ok: bool) -> Result<()> {
+        match self.top().as_ploop() {
+            Some(p) => p.end_outside_sync(ok),
+            None => Ok(()),
         }
     }
 

@@ -44,9 +44,20 @@ impl Limits {
         if self.iops_burst == Some(0) || self.bps_burst == Some(0) {
             return Err("a burst of 0 would stop the disk".into());
         }
+        if self.bps.is_some_and(|b| b < MIN_BPS) {
+            return Err(format!(
+                "a limit under {MIN_BPS} bytes per second would hold one request for longer than a second"
+            ));
+        }
         Ok(())
     }
 }
+
+/// The longest one request waits.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The smallest bytes-per-second limit: one 4 KiB request a second.
+pub const MIN_BPS: u64 = 4096;
 
 struct Bucket {
     rate: f64,
@@ -77,7 +88,11 @@ impl Bucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            // Bounded: a wait past a day is a limit nobody meant (and
+            // Duration and Instant must not overflow).
+            Duration::try_from_secs_f64(-self.tokens / self.rate)
+                .unwrap_or(MAX_WAIT)
+                .min(MAX_WAIT)
         }
     }
 }
@@ -87,6 +102,9 @@ struct Buckets {
     limits: Limits,
     iops: Option<Bucket>,
     bps: Option<Bucket>,
+    /// Bumped by every change of limits: waiting requests wake and
+    /// take their tokens from the new buckets.
+    generation: u64,
 }
 
 /// What a request is, for the counters.
@@ -148,6 +166,8 @@ impl Stats {
 #[derive(Default)]
 pub struct Throttle {
     buckets: Mutex<Buckets>,
+    /// Waiting requests sleep on this: a change of limits wakes them.
+    changed: std::sync::Condvar,
     /// Whether a limit is set: the unlimited path takes no lock.
     active: std::sync::atomic::AtomicBool,
     pub stats: Stats,
@@ -172,14 +192,17 @@ impl Throttle {
         b.iops = limits.iops.map(|r| Bucket::new(r, limits.iops_burst, now));
         b.bps = limits.bps.map(|r| Bucket::new(r, limits.bps_burst, now));
         b.limits = limits;
+        b.generation += 1;
         self.active
             .store(b.iops.is_some() || b.bps.is_some(), Ordering::Relaxed);
+        self.changed.notify_all();
         Ok(())
     }
 
-    /// Count a request of `bytes` and hold the calling thread until the
-    /// limits let it go. Flushes are counted, never held.
-    pub fn admit(&self, kind: IoKind, bytes: u64) {
+    /// Count a request of `bytes`, without waiting: for paths that found
+    /// no limit set and must not wait (a ring thread), even if one is set
+    /// meanwhile.
+    pub fn count(&self, kind: IoKind, bytes: u64) {
         let s = &self.stats;
         let (ops, moved) = match kind {
             IoKind::Read => (&s.reads, Some(&s.read_bytes)),
@@ -191,29 +214,55 @@ impl Throttle {
         if let Some(m) = moved {
             m.fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+
+    /// Count a request of `bytes` and hold the calling thread until the
+    /// limits let it go; a change of limits wakes it to take its tokens
+    /// from the new ones (or none). Flushes are counted, never held.
+    pub fn admit(&self, kind: IoKind, bytes: u64) {
+        self.count(kind, bytes);
         if kind == IoKind::Flush || !self.limited() {
             return;
         }
-        let wait = {
-            let mut b = self.buckets.lock().expect("throttle lock");
+        // Discards move no data: they count as requests only.
+        let n = if kind == IoKind::Discard { 0 } else { bytes };
+        let started = Instant::now();
+        let mut held = false;
+        let mut b = self.buckets.lock().expect("throttle lock");
+        'take: loop {
             if b.iops.is_none() && b.bps.is_none() {
-                return;
+                break;
             }
             let now = Instant::now();
             let a = b.iops.as_mut().map_or(Duration::ZERO, |k| k.take(1.0, now));
-            // Discards move no data: they count as requests only.
-            let n = if kind == IoKind::Discard { 0 } else { bytes };
             let c = b
                 .bps
                 .as_mut()
                 .map_or(Duration::ZERO, |k| k.take(n as f64, now));
-            a.max(c)
-        };
-        if !wait.is_zero() {
+            let wait = a.max(c);
+            if wait.is_zero() {
+                break;
+            }
+            held = true;
+            let generation = b.generation;
+            let deadline = now + wait;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break 'take;
+                }
+                b = self.changed.wait_timeout(b, left).expect("throttle lock").0;
+                if b.generation != generation {
+                    continue 'take;
+                }
+            }
+        }
+        drop(b);
+        if held {
+            let s = &self.stats;
             s.throttled.fetch_add(1, Ordering::Relaxed);
             s.throttled_ns
-                .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
-            std::thread::sleep(wait);
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -266,6 +315,40 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    /// A request held by a limit nobody meant wakes when the limit goes.
+    #[test]
+    fn a_change_of_limits_wakes_the_held() {
+        let t = std::sync::Arc::new(Throttle::default());
+        t.set(Limits {
+            bps: Some(MIN_BPS),
+            bps_burst: Some(1),
+            ..Limits::default()
+        })
+        .unwrap();
+        let held = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                // Sixteen seconds' worth at this rate.
+                t.admit(IoKind::Write, 16 * MIN_BPS);
+                start.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        t.set(Limits::default()).unwrap();
+        let waited = held.join().unwrap();
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert!(Limits {
+            bps: Some(MIN_BPS - 1),
+            ..Limits::default()
+        }
+        .validate()
+        .is_err());
+        // A wait past what Duration holds is bounded, not a panic.
+        let mut b = Bucket::new(1, Some(1), Instant::now());
+        assert_eq!(b.take(1e30, Instant::now()), MAX_WAIT);
     }
 
     #[test]

@@ -908,12 +908,21 @@ pub fn run() -> Res<ExitCode> {
         }
         Cmd::List { json } => crate::mount::list(json),
         Cmd::SetLimits { limits, descriptor } => {
-            let rec = crate::mount::served_rw(&descriptor)
-                .or_else(|| crate::mount::served_any(&descriptor))
-                .ok_or_else(|| format!("{} is not mounted", descriptor.display()))?;
-            let l = limits.apply(rec.limits)?;
-            crate::mount::online_call(&rec, &Request::SetLimits(l))?;
-            println!("{}", crate::mount::limits_line(&l));
+            // Every view of the disk (the top, snapshots mounted beside).
+            let recs = crate::mount::served_views(&descriptor);
+            if recs.is_empty() {
+                return Err(format!("{} is not mounted", descriptor.display()).into());
+            }
+            for rec in recs {
+                let l = limits.apply(rec.limits)?;
+                crate::mount::online_call(&rec, &Request::SetLimits(l))?;
+                println!(
+                    "{} {}",
+                    rec.fs_device()
+                        .map_or_else(String::new, |d| d.display().to_string()),
+                    crate::mount::limits_line(&l)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Stat { json, descriptor } => crate::mount::stat(&descriptor, json),

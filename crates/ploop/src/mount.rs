@@ -195,12 +195,13 @@ fn canonical(p: &Path) -> PathBuf {
     ploop_io::resolve_folder(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Any view of a disk that a live daemon serves.
-pub fn served_any(dd: &Path) -> Option<MountRecord> {
-    let dd = ploop_io::resolve_folder(dd).ok()?;
+/// Every view of a disk that a live daemon serves.
+pub fn served_views(dd: &Path) -> Vec<MountRecord> {
+    let dd = canonical(dd);
     registry::all()
         .into_iter()
-        .find(|r| r.descriptor == dd && r.daemon_alive())
+        .filter(|r| r.descriptor == dd && r.daemon_alive())
+        .collect()
 }
 
 /// "iops N (burst B), bps N (burst B)" or "no limits".
@@ -233,13 +234,7 @@ fn daemon_stats(rec: &MountRecord) -> Option<serde_json::Value> {
 
 /// `ploop stat`: a mounted disk's counters and limits.
 pub fn stat(dd: &Path, as_json: bool) -> Res<ExitCode> {
-    let recs: Vec<MountRecord> = {
-        let dd = canonical(dd);
-        registry::all()
-            .into_iter()
-            .filter(|r| r.descriptor == dd && r.daemon_alive())
-            .collect()
-    };
+    let recs = served_views(dd);
     if recs.is_empty() {
         return Err(format!("{} is not mounted", dd.display()).into());
     }

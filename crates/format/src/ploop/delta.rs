@@ -143,6 +143,11 @@ pub struct PloopDelta {
     /// Freed clusters a flush has taken and not yet quarantined (while it
     /// writes the BAT): pending like those still in `dirty.freed`.
     freeing: AtomicU64,
+    /// Data syncs of the file made outside [`flush`](Self::flush) (an
+    /// io_uring fsync), in flight: a flush waits for them, so that a
+    /// write-back error one of them consumes is known (as `failed`)
+    /// before the flush writes BAT entries.
+    outside_syncs: AtomicUsize,
     /// Virtual clusters changed while tracking is on (an online merge
     /// copies them again at the end).
     tracking: AtomicBool,
@@ -334,6 +339,7 @@ impl PloopDelta {
         let delta = Self {
             mapped: AtomicU64::new(mapped),
             freeing: AtomicU64::new(0),
+            outside_syncs: AtomicUsize::new(0),
             tracking: AtomicBool::new(false),
             changed: Mutex::new(BTreeSet::new()),
             raw: Mutex::new(header.raw),
@@ -673,6 +679,10 @@ impl PloopDelta {
     /// Make everything written so far durable: data first, then the BAT.
     pub fn flush(&self) -> Result<()> {
         let _meta = self.meta.lock().expect("meta lock");
+        // None starts while the lock is held (see begin_outside_sync).
+        while self.outside_syncs.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
         self.ensure_healthy()?;
         let (pages, freed) = {
             let bat = self.bat.read().expect("bat lock");
@@ -802,31 +812,52 @@ impl PloopDelta {
         self.sync("syncing header")
     }
 
-    /// Whether a flush now would be one data sync and nothing more: no
-    /// BAT page or header change waits, no freed cluster, the delta open
-    /// and healthy. A caller may then sync the file itself (an io_uring
-    /// fsync) instead of calling [`flush`](Self::flush); what an
-    /// allocation adds after this answer is not part of that flush.
-    pub fn flush_is_data_only(&self) -> bool {
+    /// Start a flush that is one data sync done outside
+    /// [`flush`](Self::flush) (an io_uring fsync of the file), if that is
+    /// all a flush would do now: no flush under way, no BAT page or header
+    /// change waiting, no freed cluster, the delta open and healthy. What
+    /// an allocation adds after this answer is not part of that flush.
+    /// True: the caller syncs, then calls
+    /// [`end_outside_sync`](Self::end_outside_sync) whatever happened.
+    pub fn begin_outside_sync(&self) -> bool {
+        // A flush holds this from before it takes the dirty pages until
+        // its BAT is synced; and none starts until the count below is
+        // back to zero.
+        let Ok(_meta) = self.meta.try_lock() else {
+            return false;
+        };
         if !self.open.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst) {
             return false;
         }
-        let dirty = self.dirty.lock().expect("dirty lock");
-        if !dirty.pages.is_empty()
-            || !dirty.freed.is_empty()
-            || self.freeing.load(Ordering::SeqCst) != 0
         {
-            return false;
+            let dirty = self.dirty.lock().expect("dirty lock");
+            if !dirty.pages.is_empty()
+                || !dirty.freed.is_empty()
+                || self.freeing.load(Ordering::SeqCst) != 0
+            {
+                return false;
+            }
+            let raw = self.raw.lock().expect("header lock");
+            let empty = self.mapped.load(Ordering::Relaxed) == 0;
+            if (raw.flags & FLAG_EMPTY != 0) != empty {
+                return false;
+            }
         }
-        let raw = self.raw.lock().expect("header lock");
-        let empty = self.mapped.load(Ordering::Relaxed) == 0;
-        (raw.flags & FLAG_EMPTY != 0) == empty
+        self.outside_syncs.fetch_add(1, Ordering::SeqCst);
+        true
     }
 
-    /// A data sync made outside [`flush`](Self::flush) failed: as when
-    /// flush's own fails, the delta takes no more writes.
-    pub fn note_sync_failed(&self) {
-        self.failed.store(true, Ordering::SeqCst);
+    /// The sync begun by [`begin_outside_sync`](Self::begin_outside_sync)
+    /// is over. A failure stops the delta as a failed flush does; Err if
+    /// the delta has failed (by this sync or another), so the caller
+    /// reports the flush failed even where its own sync succeeded (Linux
+    /// tells a write-back error to one sync only).
+    pub fn end_outside_sync(&self, ok: bool) -> Result<()> {
+        if !ok {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        self.outside_syncs.fetch_sub(1, Ordering::SeqCst);
+        self.ensure_healthy()
     }
 
     /// Flush and mark the image cleanly closed. Idempotent.

@@ -184,7 +184,9 @@ impl Connection {
 
     /// Carry out one request and send its reply.
     pub(super) fn execute(&self, req: Request, payload: Option<(AlignedBuf, usize)>) {
-        // Counted, and held by the disk's limits, before it runs.
+        // Counted, and held by the disk's limits, before it runs: only a
+        // request that will run (a refused one costs no tokens), for at
+        // most what one request can move.
         let kind = match req.kind {
             CMD_READ => Some(IoKind::Read),
             CMD_WRITE => Some(IoKind::Write),
@@ -193,7 +195,13 @@ impl Connection {
             _ => None,
         };
         if let Some(k) = kind {
-            self.export.disk.throttle.admit(k, req.length);
+            if k == IoKind::Flush || self.check_range(&req, EINVAL).is_ok() {
+                let bytes = match k {
+                    IoKind::Read | IoKind::Write => req.length.min(u64::from(MAX_PAYLOAD)),
+                    _ => req.length,
+                };
+                self.export.disk.throttle.admit(k, bytes);
+            }
         }
         match req.kind {
             CMD_READ => self.read(&req),

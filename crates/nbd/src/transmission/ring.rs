@@ -245,7 +245,7 @@ impl Connection {
         };
         // Counted (no limit is set: nothing to wait for).
         let kind = if read { IoKind::Read } else { IoKind::Write };
-        disk.throttle.admit(kind, req.length);
+        disk.throttle.count(kind, req.length);
         // Registered while the guard is held: see ServedDisk::begin_queued.
         let (segments, in_flight) = disk.begin_queued(&chain, plan);
         drop(chain);

@@ -407,29 +407,42 @@ mod tests {
         assert!(crate::ploop::check::check(&io, false).unwrap().is_clean());
     }
 
-    /// A flush is one data sync only while no BAT change waits: never
-    /// after an allocation or a discard until flushed, nor once failed.
+    /// A flush is one data sync only while no BAT change waits and no
+    /// flush is under way: never after an allocation or a discard until
+    /// flushed, nor once failed; and a failed outside sync stops the
+    /// delta.
     #[test]
-    fn a_flush_is_data_only_exactly_when_no_metadata_waits() {
+    fn an_outside_sync_only_when_no_metadata_waits() {
         let (_io, d) = fresh(8);
-        assert!(d.flush_is_data_only(), "a fresh delta");
+        let data_only = |d: &PloopDelta| {
+            let yes = d.begin_outside_sync();
+            if yes {
+                d.end_outside_sync(true).unwrap();
+            }
+            yes
+        };
+        assert!(data_only(&d), "a fresh delta");
         d.write_cluster(1, 0, &pattern(1, 0), None).unwrap();
-        assert!(
-            !d.flush_is_data_only(),
-            "an allocation waits for its BAT page"
-        );
+        assert!(!data_only(&d), "an allocation waits for its BAT page");
         d.flush().unwrap();
-        assert!(d.flush_is_data_only());
+        assert!(data_only(&d));
         // In place: data only.
         d.write_cluster(1, 0, &pattern(1, 1), None).unwrap();
-        assert!(d.flush_is_data_only());
+        assert!(data_only(&d));
+        {
+            // A flush under way (it holds this from before it takes the
+            // pages until its BAT is synced).
+            let _flushing = d.meta.lock().unwrap();
+            assert!(!d.begin_outside_sync(), "not beside a flush");
+        }
         d.discard(1, 0, CS, true).unwrap();
-        assert!(!d.flush_is_data_only(), "a discard waits for its BAT page");
+        assert!(!data_only(&d), "a discard waits for its BAT page");
         d.flush().unwrap();
-        assert!(d.flush_is_data_only());
-        d.note_sync_failed();
-        assert!(!d.flush_is_data_only(), "a failed delta flushes nothing");
+        assert!(d.begin_outside_sync());
+        assert!(d.end_outside_sync(false).is_err(), "a failed sync");
+        assert!(!data_only(&d), "a failed delta flushes nothing");
         assert!(d.write_cluster(2, 0, &pattern(2, 0), None).is_err());
+        assert!(d.flush().is_err());
     }
 
     #[test]
