@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rustix::fs::{fallocate, fdatasync, flock, FallocateFlags, FlockOperation, OFlags};
 
@@ -73,9 +73,20 @@ pub struct FileIo {
     /// A block device: its end is fixed, and may not be a multiple of
     /// [`DIRECT_ALIGN`] (only of its 512-byte logical block).
     block_device: bool,
-    /// Serialises read-modify-write of partial blocks on a direct file.
-    rmw: Mutex<()>,
+    /// Read-modify-write of partial blocks on a direct file: shared by
+    /// those that stay inside the file, each of which also holds the
+    /// stripe locks of its blocks; taken alone by one that reaches past
+    /// the end (it may cut the file back).
+    rmw: RwLock<()>,
+    /// Partial writes of the same block wait for each other (one stripe
+    /// per block number modulo their count); of different blocks they
+    /// run at once (they were all serialised: 1 KiB random writes ran at
+    /// a tenth of the 4 KiB rate whatever the queue depth).
+    stripes: [Mutex<()>; RMW_STRIPES],
 }
+
+/// Stripe locks for partial writes.
+const RMW_STRIPES: usize = 64;
 
 impl FileIo {
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
@@ -180,7 +191,8 @@ impl FileIo {
             path: path.to_path_buf(),
             direct,
             block_device,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
         })
     }
 
@@ -363,7 +375,31 @@ impl BlockIo for FileIo {
                 self.write_raw(bounce, start)
             });
         }
-        let _guard = self.rmw.lock().expect("rmw lock");
+        {
+            // Inside the file: blocks of other stripes go on meanwhile.
+            let _shared = self.rmw.read().expect("rmw lock");
+            let size = self.size()?;
+            if start + span as u64 <= size {
+                let a = DIRECT_ALIGN as u64;
+                let mut stripes: Vec<usize> = (start / a..(start + span as u64) / a)
+                    .map(|b| (b % RMW_STRIPES as u64) as usize)
+                    .collect();
+                stripes.sort_unstable();
+                stripes.dedup();
+                // In order, so that two writes never wait on each other.
+                let _held: Vec<_> = stripes
+                    .iter()
+                    .map(|&i| self.stripes[i].lock().expect("stripe lock"))
+                    .collect();
+                return with_scratch(span, |bounce| {
+                    self.read_raw(bounce, start)?;
+                    bounce[skip..skip + buf.len()].copy_from_slice(buf);
+                    self.write_raw(bounce, start)
+                });
+            }
+        }
+        // Past the end: alone.
+        let _guard = self.rmw.write().expect("rmw lock");
         let old_size = self.size()?;
         let end = offset + buf.len() as u64;
         // A device's last aligned block may reach past its end: write only
@@ -501,6 +537,48 @@ impl BlockIo for FileIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Partial writes racing in the same blocks (each its own 512 bytes)
+    /// and in others: none is lost, on a direct file where each is a
+    /// read-modify-write of its block.
+    #[test]
+    fn racing_partial_writes_lose_nothing() {
+        // On a filesystem with O_DIRECT (tmpfs has none).
+        let dir =
+            std::path::Path::new("/var/tmp").join(format!("ploop-io-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let _ = std::fs::remove_file(&path);
+        let io = std::sync::Arc::new(FileIo::open(&path, OpenMode::create().direct(true)).unwrap());
+        assert!(io.direct, "the read-modify-write path needs O_DIRECT");
+        const BLOCKS: u64 = 8;
+        io.set_len(BLOCKS * 4096).unwrap();
+        // Eight threads, each owning one 512-byte slot of every block.
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let io = io.clone();
+                s.spawn(move || {
+                    for round in 0..200u64 {
+                        let b = (round * 3 + t) % BLOCKS;
+                        let v = (t * 31 + round) as u8 | 1;
+                        io.write_at(&[v; 512], b * 4096 + t * 512).unwrap();
+                    }
+                });
+            }
+        });
+        // Each slot holds its thread's last write there.
+        for t in 0..8u64 {
+            for b in 0..BLOCKS {
+                let last = (0..200u64).rev().find(|r| (r * 3 + t) % BLOCKS == b);
+                let mut got = [0u8; 512];
+                io.read_at(&mut got, b * 4096 + t * 512).unwrap();
+                let want = last.map_or(0, |r| (t * 31 + r) as u8 | 1);
+                assert!(got.iter().all(|&x| x == want), "thread {t} block {b}");
+            }
+        }
+        drop(io);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn roundtrip(direct: bool) {
         let dir = std::env::temp_dir().join(format!("ploop-io-{}-{direct}", std::process::id()));
