@@ -381,15 +381,17 @@ impl BlockIo for FileIo {
             let size = self.size()?;
             if start + span as u64 <= size {
                 let a = DIRECT_ALIGN as u64;
-                let mut stripes: Vec<usize> = (start / a..(start + span as u64) / a)
-                    .map(|b| (b % RMW_STRIPES as u64) as usize)
-                    .collect();
-                stripes.sort_unstable();
-                stripes.dedup();
-                // In order, so that two writes never wait on each other.
-                let _held: Vec<_> = stripes
-                    .iter()
-                    .map(|&i| self.stripes[i].lock().expect("stripe lock"))
+                let mut mask = 0u64;
+                for b in start / a..(start + span as u64) / a {
+                    mask |= 1 << (b % RMW_STRIPES as u64);
+                    if mask == u64::MAX {
+                        break;
+                    }
+                }
+                // Taken in stripe order, so that two writes never deadlock.
+                let _held: Vec<_> = (0..RMW_STRIPES)
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| self.stripes[i].lock().expect("stripe lock"))
                     .collect();
                 return with_scratch(span, |bounce| {
                     self.read_raw(bounce, start)?;
@@ -443,6 +445,9 @@ impl BlockIo for FileIo {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        // Not under a read-modify-write that judged the file's end before
+        // (it would bring a cut block back).
+        let _alone = self.rmw.write().expect("rmw lock");
         self.file.set_len(len)
     }
 
