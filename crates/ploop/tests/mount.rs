@@ -304,6 +304,57 @@ fn killed_daemon_gives_errors_and_recovers() {
     }
 }
 
+/// Each disk has its own daemon: one killed leaves its neighbours served,
+/// reading and writing, while its own I/O fails and umount cleans it up.
+#[test]
+fn a_killed_daemon_leaves_the_other_disks_served() {
+    let _serial = serial();
+    let disks: Vec<Disk> = (0..3).map(|_| Disk::new("128M", "ext4")).collect();
+    let mnts: Vec<PathBuf> = disks.iter().map(|d| d.mnt("mnt")).collect();
+    for (d, m) in disks.iter().zip(&mnts) {
+        d.mount_with(m, &[]);
+        write_synced(&m.join("before"), &data(1, 4 << 20));
+    }
+    let victim = daemon_pid(&disks[1].dd());
+    ok(
+        output(Command::new("kill").args(["-9", &victim.to_string()])),
+        "kill -9",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, (d, m)) in disks.iter().zip(&mnts).enumerate() {
+        if i == 1 {
+            let out = output(Command::new("timeout").args([
+                "30",
+                "dd",
+                "if=/dev/zero",
+                &format!("of={}", m.join("after").display()),
+                "bs=1M",
+                "count=2",
+                "oflag=direct",
+            ]));
+            assert!(!out.ok(), "I/O on the killed disk must fail");
+            continue;
+        }
+        // The others go on: new data written and synced, old data read.
+        let after = data(2 + i as u64, 4 << 20);
+        write_synced(&m.join("after"), &after);
+        assert!(fs::read(m.join("before")).unwrap() == data(1, 4 << 20));
+        assert!(fs::read(m.join("after")).unwrap() == after);
+        assert_ne!(daemon_pid(&d.dd()), victim);
+    }
+    ok(
+        ploop(&["umount", "-m", mnts[1].to_str().unwrap()]),
+        "umount after kill",
+    );
+    for m in [&mnts[0], &mnts[2]] {
+        ok(ploop(&["umount", "-m", m.to_str().unwrap()]), "umount");
+    }
+    for d in &disks {
+        let out = ok(ploop(&["check", &d.dd()]), "check");
+        assert!(!out.contains("cannot"), "{out}");
+    }
+}
+
 fn killed_daemon_case(queues: &str) {
     let disk = Disk::new("256M", "ext4");
     let mnt = disk.mnt("mnt");
