@@ -184,16 +184,88 @@ impl Caller<'_> {
 
 /// Answer requests until the handler says to stop (its second result).
 pub fn serve(listener: &UnixListener, handle: impl FnMut(Request, &Caller) -> (Response, bool)) {
-    serve_with(listener, REQUEST_TIMEOUT, handle)
+    serve_with(listener, None, REQUEST_TIMEOUT, handle)
+}
+
+/// [`serve`], and when `wake` becomes readable (a signal handler writes
+/// to it) a [`Request::Stop`] is handled as if a client had sent it: the
+/// daemon needs no thread of its own to turn signals into a stop.
+pub fn serve_until_signalled(
+    listener: &UnixListener,
+    wake: &UnixStream,
+    handle: impl FnMut(Request, &Caller) -> (Response, bool),
+) {
+    serve_with(listener, Some(wake), REQUEST_TIMEOUT, handle)
+}
+
+/// The next client, or None when `wake` was written to (drained).
+fn next_client(listener: &UnixListener, wake: Option<&UnixStream>) -> Option<UnixStream> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        if let Some(w) = wake {
+            let mut fds = [
+                PollFd::new(listener, PollFlags::IN),
+                PollFd::new(w, PollFlags::IN),
+            ];
+            if poll(&mut fds, None).is_err() {
+                continue; // EINTR
+            }
+            if !fds[1].revents().is_empty() {
+                let mut drain = [0u8; 64];
+                while matches!((&mut &*w).read(&mut drain), Ok(n) if n > 0) {}
+                return None;
+            }
+            if fds[0].revents().is_empty() {
+                continue;
+            }
+        }
+        match listener.accept() {
+            Ok((conn, _)) => {
+                // Accepted sockets do not inherit the listener's
+                // non-blocking mode on Linux; set it plainly anyway.
+                let _ = conn.set_nonblocking(false);
+                return Some(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => continue,
+        }
+    }
 }
 
 fn serve_with(
     listener: &UnixListener,
+    wake: Option<&UnixStream>,
     timeout: Duration,
     mut handle: impl FnMut(Request, &Caller) -> (Response, bool),
 ) {
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
+    if let Some(w) = wake {
+        // Polled: an accept must never block past a client that left, nor
+        // the draining of the wake socket once it is empty.
+        let _ = listener.set_nonblocking(true);
+        let _ = w.set_nonblocking(true);
+    }
+    loop {
+        let Some(mut conn) = next_client(listener, wake) else {
+            // Signalled: a stop, answered to nobody.
+            let Ok((quiet, _other)) = UnixStream::pair() else {
+                continue;
+            };
+            let caller = Caller {
+                reporter: Reporter {
+                    conn: &quiet,
+                    last: std::cell::Cell::new(None),
+                },
+            };
+            let (resp, stop) = handle(Request::Stop, &caller);
+            if stop {
+                break;
+            }
+            tracing::warn!(
+                "stop on a signal failed: {}",
+                resp.error.unwrap_or_default()
+            );
+            continue;
+        };
         let _ = conn.set_read_timeout(Some(timeout));
         let _ = conn.set_write_timeout(Some(timeout));
         let mut line = String::new();
@@ -239,6 +311,50 @@ fn serve_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A byte on the wake socket (what the signal handlers write) is a
+    /// stop; clients are served until then, and a failed stop goes on.
+    #[test]
+    fn a_signal_is_a_stop_and_clients_are_served_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("ploop-ctl-sig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        let (wake, signal) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut stops = 0;
+            serve_until_signalled(&listener, &wake, |req, _| match req {
+                // The first stop fails (a flush error, say): served on.
+                Request::Stop => {
+                    stops += 1;
+                    if stops == 1 {
+                        (Response::err("not yet"), false)
+                    } else {
+                        (Response::ok(None), true)
+                    }
+                }
+                _ => (Response::ok(None), false),
+            });
+            stops
+        });
+        let t = Duration::from_secs(5);
+        assert!(call(&sock, &Request::Status, t).unwrap().ok);
+        (&signal).write_all(&[1]).unwrap();
+        // Still served after the failed stop.
+        let mut answered = false;
+        for _ in 0..50 {
+            if call(&sock, &Request::Status, t).is_ok_and(|r| r.ok) {
+                answered = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(answered);
+        (&signal).write_all(&[1]).unwrap();
+        assert_eq!(server.join().unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn request_and_response_roundtrip_over_a_socket() {
@@ -331,7 +447,7 @@ mod tests {
         }
         let server = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            serve_with(&listener, Duration::from_millis(300), |req, _| {
+            serve_with(&listener, None, Duration::from_millis(300), |req, _| {
                 let stop = matches!(req, Request::Stop);
                 seen.push(format!("{req:?}"));
                 (Response::ok(None), stop)

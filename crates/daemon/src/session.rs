@@ -384,9 +384,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         fs_dev.display()
     );
     ready(&session.record);
-    watch_signals(&socket);
+    let signals = watch_signals();
 
-    control::serve(&listener, |req, caller| {
+    let handler = |req, caller: &control::Caller| {
         let progress = &|done, total| caller.progress(done, total);
         let result = match req {
             Request::Status => Ok(Some(json!({
@@ -470,7 +470,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 } else {
                     moves::Goal::Compact { limit }
                 };
-                let stop = || caller.gone() || STOPPING.load(std::sync::atomic::Ordering::SeqCst);
+                let stop = || caller.gone() || stopping().load(std::sync::atomic::Ordering::SeqCst);
                 moves::relocate(&served, goal, progress, &stop)
                     .map(|done| {
                         Some(json!({
@@ -501,7 +501,11 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 (Response::err(e), false)
             }
         }
-    });
+    };
+    match &signals {
+        Some(wake) => control::serve_until_signalled(&listener, wake, handler),
+        None => control::serve(&listener, handler),
+    }
     let stopped = session.finish();
     info!("stopped serving {}", dd.display());
     stopped
@@ -815,40 +819,40 @@ impl Drop for Frozen {
 /// SIGTERM, SIGINT and SIGHUP ask the daemon to stop the way `ploop umount`
 /// does (unmount, detach, close cleanly); if that fails (a busy mount
 /// point), it keeps serving rather than leave a dead device behind.
-/// Set when a signal asked the daemon to stop.
-static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set when a signal asked the daemon to stop: a long operation under
+/// way (compaction) stops at its next step, so the stop is answered.
+fn stopping() -> &'static Arc<std::sync::atomic::AtomicBool> {
+    static STOPPING: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    STOPPING.get_or_init(Arc::default)
+}
 
-fn watch_signals(socket: &Path) {
+/// SIGTERM, SIGINT and SIGHUP write to the returned socket (and set
+/// [`stopping`]): the control loop polls it beside its listener and stops
+/// as for a stop request, with no thread waiting for signals.
+fn watch_signals() -> Option<std::os::unix::net::UnixStream> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-        Ok(s) => s,
+    let (read, write) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
         Err(e) => {
             warn!("cannot watch signals: {e}");
-            return;
+            return None;
         }
     };
-    let socket = socket.to_path_buf();
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                info!("signal {sig}: stopping");
-                // A long operation under way (compaction) stops at its next
-                // step, so the stop request behind it is answered.
-                STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
-                match control::call(&socket, &Request::Stop, Duration::from_secs(600)) {
-                    Ok(r) if r.ok => return,
-                    Ok(r) => warn!(
-                        "stop on signal {sig} failed: {}",
-                        r.error.unwrap_or_default()
-                    ),
-                    Err(e) => warn!("stop on signal {sig} failed: {e}"),
-                }
-            }
+    let _ = write.set_nonblocking(true);
+    let _ = read.set_nonblocking(true);
+    for sig in [SIGTERM, SIGINT, SIGHUP] {
+        let registered = signal_hook::flag::register(sig, stopping().clone()).and_then(|_| {
+            write
+                .try_clone()
+                .and_then(|w| signal_hook::low_level::pipe::register(sig, w))
         });
-    if let Err(e) = spawned {
-        warn!("cannot watch signals: {e}");
+        if let Err(e) = registered {
+            warn!("cannot watch signal {sig}: {e}");
+            return None;
+        }
     }
+    Some(read)
 }
 
 /// The daemon's log, beside the descriptor.
