@@ -505,16 +505,7 @@ fn unescape_mount(m: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff).
-    fn has_sys_resource() -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .unwrap();
-        u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << 24) != 0
-    }
+    use ploop_test_support::has_sys_resource;
 
     /// With CAP_SYS_RESOURCE the daemon's threads are I/O flushers;
     /// without it (some sandboxes drop it, even for root) the call fails

@@ -73,6 +73,18 @@ fn fit_table(dd: &Path, sectors: u64, cluster_sectors: u64) -> Res<()> {
     Ok(())
 }
 
+/// The disk's cluster size, `new_size` rounded up to whole clusters,
+/// and the size the descriptor gives now.
+fn sizes(dd: &Path, new_size: u64) -> Res<(u64, u64, u64)> {
+    let d = Descriptor::load(dd)?;
+    let cs = u64::from(d.blocksize) * SECTOR;
+    let new_size = new_size
+        .checked_next_multiple_of(cs)
+        .filter(|&n| n > 0)
+        .ok_or("invalid size")?;
+    Ok((cs, new_size, d.size_sectors * SECTOR))
+}
+
 pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
     if let Some(rec) = mount::served_rw(dd) {
         return resize_online(dd, &rec, new_size);
@@ -88,13 +100,7 @@ pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
         )
         .into());
     }
-    let d = Descriptor::load(dd)?;
-    let cs = u64::from(d.blocksize) * SECTOR;
-    let new_size = new_size
-        .checked_next_multiple_of(cs)
-        .filter(|&n| n > 0)
-        .ok_or("invalid size")?;
-    let old_size = d.size_sectors * SECTOR;
+    let (cs, new_size, old_size) = sizes(dd, new_size)?;
     let layout = layout(dd)?;
     let cluster_sectors = cs / SECTOR;
     ops::resize_plan(dd, new_size)?;
@@ -187,13 +193,7 @@ pub fn resize(dd: &Path, new_size: u64) -> Res<ExitCode> {
 /// the partition table, the devices (the daemon does those), then the
 /// filesystem, online. Shrinking goes through the balloon file.
 fn resize_online(dd: &Path, rec: &MountRecord, new_size: u64) -> Res<ExitCode> {
-    let d = Descriptor::load(dd)?;
-    let cs = u64::from(d.blocksize) * SECTOR;
-    let new_size = new_size
-        .checked_next_multiple_of(cs)
-        .filter(|&n| n > 0)
-        .ok_or("invalid size")?;
-    let old_size = d.size_sectors * SECTOR;
+    let (_, new_size, old_size) = sizes(dd, new_size)?;
     if new_size < old_size {
         return shrink_online(rec, new_size);
     }

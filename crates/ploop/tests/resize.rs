@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{
     data, md5, ok, openvz_check, ploop, qemu_check, qemu_convert, run, tempdir, Loop, Mounted,
@@ -15,6 +15,20 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new disk in `dir`, made by `init` with `args` (size, type, ...):
+/// its image, its descriptor, and an empty folder to mount it on.
+fn new_disk(dir: &Path, args: &[&str]) -> (PathBuf, String, PathBuf) {
+    let img = dir.join("root.hdd");
+    let mut init = vec!["init"];
+    init.extend(args);
+    init.push(img.to_str().unwrap());
+    ok(ploop(&init), "init");
+    let dd = dir.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    (img, dd, mnt)
 }
 
 /// Mount, run `f` on the mount point, unmount.
@@ -65,12 +79,8 @@ fn table_and_fs_sound(dir: &Path, img: &Path, fstype: &str, cs: u64) {
 fn ext4_grows_and_shrinks_with_its_table_and_data() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(ploop(&["init", "-s", "1G", img.to_str().unwrap()]), "init");
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-s", "1G"]);
+    let dd = dd.as_str();
     let big = data(3, 60 << 20);
     let mut before = 0;
     mounted(dd, &mnt, |m| {
@@ -112,15 +122,8 @@ fn ext4_grows_and_shrinks_with_its_table_and_data() {
 fn xfs_grows_and_refuses_to_shrink() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(
-        ploop(&["init", "-t", "xfs", "-s", "1G", img.to_str().unwrap()]),
-        "init",
-    );
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-t", "xfs", "-s", "1G"]);
+    let dd = dd.as_str();
     let file = data(5, 5 << 20);
     mounted(dd, &mnt, |m| fs::write(m.join("f"), &file).unwrap());
     ok(ploop(&["resize", "-s", "2G", dd]), "grow");
@@ -144,15 +147,8 @@ fn xfs_grows_and_refuses_to_shrink() {
 fn growth_past_the_first_bat_cluster_moves_data() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(
-        ploop(&["init", "-b", "64", "-s", "200M", img.to_str().unwrap()]),
-        "init",
-    );
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-b", "64", "-s", "200M"]);
+    let dd = dd.as_str();
     let file = data(9, 20 << 20);
     mounted(dd, &mnt, |m| fs::write(m.join("f"), &file).unwrap());
     let first_block = |p: &Path| common::read_u32(p, 48);
@@ -176,12 +172,8 @@ fn growth_past_the_first_bat_cluster_moves_data() {
 fn compaction_gives_the_space_of_deleted_files_back() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(ploop(&["init", "-s", "1G", img.to_str().unwrap()]), "init");
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-s", "1G"]);
+    let dd = dd.as_str();
     let files: Vec<Vec<u8>> = (0..16).map(|i| data(100 + i, 48 << 20)).collect();
     let mut used = 0;
     mounted(dd, &mnt, |m| {
@@ -313,13 +305,8 @@ fn a_format_extension_survives_compaction_and_sparse_repair() {
 #[test]
 fn a_shrink_then_growth_reads_zeros_past_the_old_end() {
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(
-        ploop(&["init", "-t", "none", "-s", "64M", img.to_str().unwrap()]),
-        "init",
-    );
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
+    let (_, dd, _) = new_disk(dir.path(), &["-t", "none", "-s", "64M"]);
+    let dd = dd.as_str();
     let input = dir.path().join("in");
     fs::write(&input, data(4, 1 << 20)).unwrap();
     ok(
@@ -366,12 +353,8 @@ fn writer(path: &Path, stop: &std::sync::atomic::AtomicBool) -> (Vec<u8>, u64) {
 fn compaction_online_while_a_writer_runs() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(ploop(&["init", "-s", "1G", img.to_str().unwrap()]), "init");
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-s", "1G"]);
+    let dd = dd.as_str();
     let files: Vec<Vec<u8>> = (0..16).map(|i| data(200 + i, 48 << 20)).collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut written = (Vec::new(), 0);
@@ -444,17 +427,6 @@ fn compaction_online_while_a_writer_runs() {
     assert!(!d.contains("repaired"), "{d}");
 }
 
-/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff), which
-/// growing a mounted ext4 needs.
-fn has_sys_resource() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap();
-    u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << 24) != 0
-}
-
 /// Online growth, as OpenVZ does it: with a writer running, the image,
 /// the GPT and partition 1, the devices and the filesystem grow under a
 /// mounted XFS; afterwards the table is sound, every byte written reads
@@ -465,15 +437,8 @@ fn has_sys_resource() -> bool {
 fn online_growth_with_a_writer_running() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(
-        ploop(&["init", "-t", "xfs", "-s", "1G", img.to_str().unwrap()]),
-        "init",
-    );
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-t", "xfs", "-s", "1G"]);
+    let dd = dd.as_str();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut written = (Vec::new(), 0);
     let big = data(9, 600 << 20);
@@ -530,17 +495,13 @@ fn online_growth_with_a_writer_running() {
 
     // ext4: the disk grows online; the filesystem as the capability allows.
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(ploop(&["init", "-s", "1G", img.to_str().unwrap()]), "init");
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-s", "1G"]);
+    let dd = dd.as_str();
     let file = data(11, 8 << 20);
     mounted(dd, &mnt, |m| {
         fs::write(m.join("f"), &file).unwrap();
         let out = ploop(&["resize", "-s", "2G", dd]);
-        if has_sys_resource() {
+        if ploop_test_support::has_sys_resource() {
             ok(out, "resize online");
             assert!(df_kib(m) > 1900 << 10, "{}", df_kib(m));
         } else {
@@ -575,12 +536,8 @@ fn balloon_len(mnt: &Path) -> u64 {
 fn online_shrink_through_the_balloon() {
     let _s = serial();
     let dir = tempdir();
-    let img = dir.path().join("root.hdd");
-    ok(ploop(&["init", "-s", "2G", img.to_str().unwrap()]), "init");
-    let dd = dir.path().join("DiskDescriptor.xml");
-    let dd = dd.to_str().unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (img, dd, mnt) = new_disk(dir.path(), &["-s", "2G"]);
+    let dd = dd.as_str();
     let keep = data(21, 200 << 20);
     mounted(dd, &mnt, |m| {
         fs::write(m.join("keep"), &keep).unwrap();

@@ -37,6 +37,18 @@ impl Rng {
 }
 
 /// `len` pseudo-random bytes from `seed`.
+/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff): some
+/// sandboxes drop it even for root, and what needs it (growing a mounted
+/// ext4, PR_SET_IO_FLUSHER) fails there.
+pub fn has_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff in /proc/self/status");
+    u64::from_str_radix(eff.trim(), 16).expect("CapEff in hex") & (1 << 24) != 0
+}
+
 pub fn data(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     Rng::new(seed).fill(&mut v);

@@ -349,16 +349,17 @@ pub fn defrag(io: &SharedIo, progress: &dyn Fn(u64, u64), stop: &dyn Fn() -> boo
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
     use ploop_io::MemIo;
     use std::sync::Arc;
 
-    const CS: u64 = 32 << 10;
+    pub(crate) const CS: u64 = 32 << 10;
 
-    /// A new delta of `clusters` clusters in memory, open for writing.
-    fn fresh(clusters: u64, version: Version) -> (SharedIo, PloopDelta) {
+    /// A new delta of `clusters` clusters of [`CS`] bytes in memory, open
+    /// for writing.
+    pub(crate) fn fresh(clusters: u64, version: Version) -> (SharedIo, PloopDelta) {
         let io: SharedIo = Arc::new(MemIo::new("img"));
         PloopDelta::create(
             io.clone(),

@@ -199,11 +199,8 @@ pub fn resize(io: &SharedIo, new_size: u64, preallocate: bool) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ploop::{CreateOptions, OpenFlags, PloopDelta, Version};
-    use ploop_io::MemIo;
-    use std::sync::Arc;
-
-    const CS: u64 = 32 << 10;
+    use crate::ploop::compact::tests::{fresh, CS};
+    use crate::ploop::{OpenFlags, PloopDelta, Version};
 
     fn pattern(cluster: u64) -> Vec<u8> {
         (0..CS)
@@ -213,25 +210,7 @@ mod tests {
 
     /// A delta of `clusters` clusters with every third one written.
     fn delta(clusters: u64, version: Version) -> SharedIo {
-        let io: SharedIo = Arc::new(MemIo::new("img"));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: clusters * CS,
-                cluster_size: CS,
-                version,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        let d = PloopDelta::open(
-            io.clone(),
-            OpenFlags {
-                writable: true,
-                allow_dirty: false,
-            },
-        )
-        .unwrap();
+        let (io, d) = fresh(clusters, version);
         for c in (0..clusters).step_by(3) {
             d.write_cluster(c, 0, &pattern(c), None).unwrap();
         }

@@ -283,28 +283,11 @@ impl PloopDelta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ploop::{CreateOptions, OpenFlags, Version};
-    use ploop_io::MemIo;
-
-    const CS: u64 = 32 << 10;
+    use crate::ploop::compact::tests::{fresh as fresh_delta, CS};
+    use crate::ploop::Version;
 
     fn fresh(clusters: u64) -> (SharedIo, PloopDelta) {
-        let io: SharedIo = Arc::new(MemIo::new("img"));
-        PloopDelta::create(
-            io.clone(),
-            CreateOptions {
-                virtual_size: clusters * CS,
-                cluster_size: CS,
-                version: Version::V2,
-                preallocate: false,
-            },
-        )
-        .unwrap();
-        let rw = OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        };
-        (io.clone(), PloopDelta::open(io, rw).unwrap())
+        fresh_delta(clusters, Version::V2)
     }
 
     fn pattern(c: u64, round: u64) -> Vec<u8> {
