@@ -39,13 +39,22 @@ fn mounted(dd: &str, mnt: &Path, f: impl FnOnce(&Path)) {
     ok(ploop(&["umount", dd]), "umount");
 }
 
-/// The filesystem's size in KiB, as df sees it.
-fn df_kib(mnt: &Path) -> u64 {
+/// One of df's figures (`size`, `used`, `avail`) for the filesystem on
+/// `mnt`, in the unit `block` asks for (`-k`, `-B1`).
+fn df(mnt: &Path, block: &str, field: &str) -> u64 {
     let out = ok(
-        run("df", &["-k", "--output=size", mnt.to_str().unwrap()]),
+        run(
+            "df",
+            &[block, &format!("--output={field}"), mnt.to_str().unwrap()],
+        ),
         "df",
     );
     out.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// The filesystem's size in KiB, as df sees it.
+fn df_kib(mnt: &Path) -> u64 {
+    df(mnt, "-k", "size")
 }
 
 /// sgdisk finds the table of the disk's raw form sound, partition 1 where
@@ -184,11 +193,7 @@ fn compaction_gives_the_space_of_deleted_files_back() {
         for i in 0..8 {
             fs::remove_file(m.join(format!("f{i}"))).unwrap();
         }
-        let out = ok(
-            run("df", &["-B1", "--output=used", m.to_str().unwrap()]),
-            "df",
-        );
-        used = out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap();
+        used = df(m, "-B1", "used");
     });
     let before = fs::metadata(&img).unwrap().len();
     // OpenVZ's figures: the image holds the deleted files, the data not.
@@ -390,16 +395,7 @@ fn compaction_online_while_a_writer_runs() {
         });
         assert!(written.1 > 0, "the writer wrote");
         ok(run("sync", &[] as &[&str]), "sync");
-        let used: u64 = ok(
-            run("df", &["-B1", "--output=used", m.to_str().unwrap()]),
-            "df",
-        )
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        let used = df(m, "-B1", "used");
         let after = fs::metadata(&img).unwrap().len();
         // Metadata: header and BAT (one 1 MiB cluster), the GPT's.
         assert!(
@@ -558,16 +554,7 @@ fn online_shrink_through_the_balloon() {
         assert!(out.contains("resized to 2097152 sectors"), "{out}");
         assert_eq!(df_kib(m), df_before, "the filesystem keeps its size");
         // It may hold 1 GiB at most now: the balloon takes the rest.
-        let avail: u64 = ok(
-            run("df", &["-B1", "--output=avail", m.to_str().unwrap()]),
-            "df",
-        )
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        let avail = df(m, "-B1", "avail");
         assert!(avail < (1 << 30) - (200 << 20), "{avail} bytes available");
         assert!(balloon_len(m) > 900 << 20, "{}", balloon_len(m));
         // The image gave back the deleted file's space and the balloon's.
