@@ -105,7 +105,7 @@ pub(crate) fn copy_runs(
 /// lowest target), so that neighbours move together. Every target is
 /// below every source in a compaction batch, so each move still goes
 /// down.
-fn pair_in_order<T: Copy + Ord>(moves: &mut [(T, u64, u64)]) {
+pub(crate) fn pair_in_order<T: Copy + Ord>(moves: &mut [(T, u64, u64)]) {
     let mut sources: Vec<(u64, T)> = moves.iter().map(|&(i, from, _)| (from, i)).collect();
     let mut targets: Vec<u64> = moves.iter().map(|&(_, _, to)| to).collect();
     sources.sort_unstable();

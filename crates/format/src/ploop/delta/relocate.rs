@@ -90,7 +90,7 @@ impl PloopDelta {
         self.release_quarantined(&mut alloc);
         let mut highest: Vec<(u64, u64)> = highest.into_iter().map(|Reverse(h)| h).collect();
         highest.sort_unstable_by(|a, b| b.cmp(a));
-        let mut moves = Vec::new();
+        let mut moves: Vec<(u64, u64, u64)> = Vec::new();
         for (from, cluster) in highest {
             let Some(to) = alloc.free.pop_first() else {
                 break;
@@ -99,17 +99,13 @@ impl PloopDelta {
                 alloc.free.insert(to);
                 break;
             }
-            moves.push(Move { cluster, from, to });
+            moves.push((cluster, from, to));
         }
         // In order on both sides, so that neighbours move together.
-        let mut sources: Vec<(u64, u64)> = moves.iter().map(|m| (m.from, m.cluster)).collect();
-        let mut targets: Vec<u64> = moves.iter().map(|m| m.to).collect();
-        sources.sort_unstable();
-        targets.sort_unstable();
-        Ok(sources
+        crate::ploop::compact::pair_in_order(&mut moves);
+        Ok(moves
             .into_iter()
-            .zip(targets)
-            .map(|((from, cluster), to)| Move { cluster, from, to })
+            .map(|(cluster, from, to)| Move { cluster, from, to })
             .collect())
     }
 
