@@ -99,7 +99,6 @@ impl Bucket {
 
 #[derive(Default)]
 struct Buckets {
-    limits: Limits,
     iops: Option<Bucket>,
     bps: Option<Bucket>,
     /// Bumped by every change of limits: waiting requests wake and
@@ -174,10 +173,6 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn limits(&self) -> Limits {
-        self.buckets.lock().expect("throttle lock").limits
-    }
-
     /// Whether a limit is set: queued paths that must not wait (ring
     /// threads) leave limited requests to threads that may.
     pub fn limited(&self) -> bool {
@@ -191,7 +186,6 @@ impl Throttle {
         let mut b = self.buckets.lock().expect("throttle lock");
         b.iops = limits.iops.map(|r| Bucket::new(r, limits.iops_burst, now));
         b.bps = limits.bps.map(|r| Bucket::new(r, limits.bps_burst, now));
-        b.limits = limits;
         b.generation += 1;
         self.active
             .store(b.iops.is_some() || b.bps.is_some(), Ordering::Relaxed);
