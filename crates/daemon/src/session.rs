@@ -54,9 +54,27 @@ pub struct MountOptions {
 }
 
 /// What the device is made of.
+/// Who answers the kernel's FUSE requests.
+enum FuseServer {
+    /// fuser's session loop, on its own thread.
+    Thread(std::thread::JoinHandle<std::io::Result<()>>),
+    /// The io_uring queues' threads, which read /dev/fuse too; the session
+    /// is kept for the mount it owns.
+    Ring(Box<fuser::Session<OneFileFs>>, Arc<Queues>),
+}
+
+impl FuseServer {
+    fn is_finished(&self) -> bool {
+        match self {
+            FuseServer::Thread(t) => t.is_finished(),
+            FuseServer::Ring(_, queues) => queues.stopped(),
+        }
+    }
+}
+
 enum Backend {
-    /// A FUSE session (its thread, until it ended) under a loop device.
-    Fuse(Option<std::thread::JoinHandle<std::io::Result<()>>>),
+    /// A FUSE session under a loop device (until it ended).
+    Fuse(Option<FuseServer>),
     /// The kernel's NBD client, connected to our server.
     Nbd(NbdDevice),
 }
@@ -310,12 +328,9 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
             },
         ];
         cfg.acl = SessionACL::All;
-        // With the io_uring queues, requests come over the rings (and the
-        // helpers they start on demand): /dev/fuse then carries the setup
-        // and little else, and one worker is enough. Where the queues may
-        // yet not be agreed on (auto: INIT decides, after this), two, so
-        // that a fallback to /dev/fuse does not serve one request at a
-        // time.
+        // fuser's workers run only where the io_uring queues do not (INIT
+        // decides, after this): with `auto`, two, so that a fallback to
+        // /dev/fuse does not serve one request at a time.
         cfg.n_threads = Some(match (&queues, opts.fuse_queues) {
             (Some(_), FuseQueues::Ring) => 1,
             (Some(_), _) => 2.min(opts.threads.max(1)),
@@ -326,6 +341,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
         let fs = OneFileFs::new(file, ring, queues.clone());
         let fuse = fuser::Session::new(fs, &fuse_file, &cfg)
             .map_err(|e| Error::io(format!("FUSE mount on {}", fuse_file.display()), e))?;
+        let mut ring = None;
         if let Some(q) = &queues {
             match q.start_if_negotiated(&fuse) {
                 Ok(false) if opts.fuse_queues == FuseQueues::Ring => {
@@ -333,16 +349,24 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                         "the kernel did not agree to FUSE over io_uring".to_string(),
                     ))
                 }
-                Ok(_) => {}
+                Ok(true) => ring = Some(q.clone()),
+                Ok(false) => {}
                 Err(e) => return Err(Error::io("starting the FUSE queues", e)),
             }
         }
         session.notifier = Some(fuse.notifier());
-        let fuse_thread = std::thread::Builder::new()
-            .name("fuse".into())
-            .spawn(move || fuse.run())
-            .map_err(|e| Error::io("starting the FUSE thread", e))?;
-        Backend::Fuse(Some(fuse_thread))
+        let server = match ring {
+            // The ring threads read /dev/fuse as well: no thread of
+            // fuser's waits on it.
+            Some(q) => FuseServer::Ring(Box::new(fuse), q),
+            None => FuseServer::Thread(
+                std::thread::Builder::new()
+                    .name("fuse".into())
+                    .spawn(move || fuse.run())
+                    .map_err(|e| Error::io("starting the FUSE thread", e))?,
+            ),
+        };
+        Backend::Fuse(Some(server))
     };
     let nbd_device = match &backend {
         Backend::Nbd(device) => Some(device.path().to_path_buf()),
@@ -731,8 +755,14 @@ impl Session {
             *late_requests = true;
             return Ok(());
         }
-        if let Err(e) = fuse_thread.join() {
-            error!("FUSE thread panicked: {e:?}");
+        match fuse_thread {
+            FuseServer::Thread(t) => {
+                if let Err(e) = t.join() {
+                    error!("FUSE thread panicked: {e:?}");
+                }
+            }
+            // Dropping the session lets go of /dev/fuse (the mount is gone).
+            FuseServer::Ring(session, _) => drop(session),
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The kernel's FUSE messages this export reads and writes itself (over
-//! io_uring; /dev/fuse goes through `fuser`), as in
+//! io_uring, and FORGET and INTERRUPT on /dev/fuse once the queues run;
+//! the rest of /dev/fuse goes through `fuser`), as in
 //! include/uapi/linux/fuse.h: `#[repr(C)]` structs read from and written
 //! to the request buffers with zerocopy, in the host's byte order, instead
 //! of hand-counted offsets.
@@ -7,6 +8,7 @@
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const FUSE_LOOKUP: u32 = 1;
+pub const FUSE_FORGET: u32 = 2;
 pub const FUSE_GETATTR: u32 = 3;
 pub const FUSE_SETATTR: u32 = 4;
 pub const FUSE_OPEN: u32 = 14;
@@ -18,7 +20,9 @@ pub const FUSE_FSYNC: u32 = 20;
 pub const FUSE_GETXATTR: u32 = 22;
 pub const FUSE_LISTXATTR: u32 = 23;
 pub const FUSE_FLUSH: u32 = 25;
+pub const FUSE_INTERRUPT: u32 = 36;
 pub const FUSE_DESTROY: u32 = 38;
+pub const FUSE_BATCH_FORGET: u32 = 42;
 pub const FUSE_FALLOCATE: u32 = 43;
 pub const FUSE_LSEEK: u32 = 46;
 

@@ -4,15 +4,16 @@
 //! Over /dev/fuse every request costs a read() and a write() by a worker
 //! thread, and a worker blocks in the disk I/O. Here the kernel hands each
 //! request to a per-CPU queue of registered buffers and takes the answer
-//! and the next request in one io_uring command. One thread per CPU serves
-//! its own queue and the next CPU's (see [`queues_served`]): plain reads
+//! and the next request in one io_uring command. At most [`RING_THREADS`]
+//! threads serve all the queues (see [`queues_served`]): plain reads
 //! and in-place writes of the image go on the same ring, straight into or
 //! out of the request's registered buffer, so the thread never waits for
 //! the disk. What needs the image layer's logic
 //! (allocation, copy-up, discard, flush) goes to a few helper threads.
 //!
-//! fuser still owns the mount and /dev/fuse: it answers INIT and whatever
-//! arrives before the queues are registered.
+//! fuser owns the mount and answers INIT. Once the queues run, /dev/fuse
+//! carries only FORGET and INTERRUPT: the first ring thread reads it too,
+//! so that no fuser worker has to wait on it (see [`Queues::start_if_negotiated`]).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -37,6 +38,13 @@ use ploop_uring::busy_poll::BusyPoll;
 const TOTAL_DEPTH: usize = 128;
 const MAX_DEPTH: usize = 32;
 
+/// Ring threads per disk at most, whatever the CPUs. A host serves many
+/// disks, and a loop device sends its requests from one worker at a time:
+/// two threads sharing every queue took all a disk gave on two CPUs (see
+/// [`queues_served`]), and a thread per CPU would make an idle disk cost
+/// as many threads as the host has CPUs.
+const RING_THREADS: usize = 2;
+
 use crate::abi::{self, *};
 use zerocopy::FromZeros;
 
@@ -55,6 +63,7 @@ const KIND_CMD: u64 = 1 << 56;
 const KIND_IO: u64 = 2 << 56;
 const KIND_WAKE: u64 = 3 << 56;
 const KIND_FSYNC: u64 = 4 << 56;
+const KIND_DEV: u64 = 5 << 56;
 const KIND_MASK: u64 = 0xff << 56;
 
 /// The queues, made before the mount's INIT so that INIT only asks the
@@ -68,6 +77,8 @@ pub struct Queues {
     prepared: Mutex<Vec<Queue>>,
     payload_len: usize,
     helpers: usize,
+    /// Ring threads started and not yet returned.
+    running: Arc<AtomicUsize>,
 }
 
 /// Why FUSE over io_uring cannot be used.
@@ -106,9 +117,10 @@ impl Queues {
         let cpus = possible_cpus().map_err(Error::Cpus)?;
         // Buffers on CPUs that never send a request are never touched.
         let depth = (TOTAL_DEPTH / cpus).clamp(4, MAX_DEPTH);
-        let mut prepared = Vec::with_capacity(cpus);
-        for index in 0..cpus {
-            let qids = queues_served(index, cpus, depth);
+        let threads = cpus.min(RING_THREADS);
+        let mut prepared = Vec::with_capacity(threads);
+        for index in 0..threads {
+            let qids = queues_served(index, threads, cpus, depth);
             let q =
                 Queue::new(index, &qids, payload_len).map_err(|err| Error::Queue { index, err })?;
             prepared.push(q);
@@ -120,6 +132,7 @@ impl Queues {
             negotiated: AtomicBool::new(false),
             prepared: Mutex::new(prepared),
             payload_len,
+            running: Arc::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -138,6 +151,11 @@ impl Queues {
     /// Once the session is mounted (fuser answers INIT while mounting):
     /// start the queues if INIT asked for io_uring. An error means the
     /// mount cannot answer requests.
+    ///
+    /// When they start, the first ring thread also reads /dev/fuse, where
+    /// the kernel then sends only FORGET and INTERRUPT (neither needs an
+    /// answer from a filesystem of one file whose requests all complete):
+    /// the caller must not run fuser's session loop on it as well.
     pub fn start_if_negotiated(self: &Arc<Self>, device: impl AsFd) -> io::Result<bool> {
         if !self.negotiated.load(Ordering::SeqCst) {
             return Ok(false);
@@ -148,13 +166,25 @@ impl Queues {
         Ok(true)
     }
 
+    /// Every ring thread has returned: the connection is gone.
+    pub fn stopped(&self) -> bool {
+        self.running.load(Ordering::SeqCst) == 0
+    }
+
     fn start(self: &Arc<Self>, fd: RawFd) -> io::Result<()> {
         let jobs = Arc::new(Helpers::new(self.file.clone(), self.helpers));
-        let queues: Vec<Queue> = std::mem::take(&mut *self.prepared.lock().expect("queues"));
+        let mut queues: Vec<Queue> = std::mem::take(&mut *self.prepared.lock().expect("queues"));
+        if let Some(first) = queues.first_mut() {
+            // Big enough for any request the kernel may put there (it
+            // refuses reads below max_write and the headers).
+            first.dev = Some(AlignedBuf::zeroed(self.payload_len + 4096));
+        }
         for q in queues {
             let this = self.clone();
             let jobs = jobs.clone();
             let index = q.index;
+            let running = self.running.clone();
+            running.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("fuse-ring-{index}"))
                 .spawn(move || {
@@ -167,31 +197,44 @@ impl Queues {
                     // the queue's buffers however run ends (a panic
                     // included): they are never freed.
                     ploop_uring::keep_forever(q, |q| q.run(fd, &this.file, &jobs));
+                    running.fetch_sub(1, Ordering::SeqCst);
                 });
             // The kernel waits for every queue: without this one, requests
             // would hang.
-            spawned?;
+            if let Err(e) = spawned {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
     }
 }
 
-/// The kernel queue of each of thread `index`'s `depth` buffers: half
-/// serve the thread's own queue, half the next thread's.
+/// The kernel queue of each of ring thread `index`'s buffers, where every
+/// queue gets `depth` buffers: half from the thread that owns it (queue
+/// `q` belongs to thread `q % threads`), half from the thread before that
+/// one.
 ///
 /// The kernel hands a request to the queue of the CPU that sends it, and
 /// a loop device sends all of its requests from one worker: with one
 /// thread per queue, that thread did all the work while the others idled.
 /// The kernel takes any free buffer of the queue, whichever thread
-/// registered it, so now two threads share every queue (measured on two
+/// registered it, so two threads share every queue (measured on two
 /// CPUs, 8 paired rounds: 4 KiB random reads +2% to +14%, mean +9%, in
-/// every round; random writes within the noise). Only two, so that a
-/// request mostly stays near the CPU that sent it on larger machines.
-fn queues_served(index: usize, cpus: usize, depth: usize) -> Vec<u16> {
-    let next = (index + 1) % cpus;
-    (0..depth)
-        .map(|i| if i % 2 == 0 { index } else { next } as u16)
-        .collect()
+/// every round; random writes within the noise).
+fn queues_served(index: usize, threads: usize, cpus: usize, depth: usize) -> Vec<u16> {
+    let mut qids = Vec::new();
+    for q in 0..cpus {
+        let owner = q % threads;
+        let other = (owner + threads - 1) % threads;
+        if owner == index {
+            qids.extend(std::iter::repeat_n(q as u16, depth - depth / 2));
+        }
+        if other == index {
+            qids.extend(std::iter::repeat_n(q as u16, depth / 2));
+        }
+    }
+    qids
 }
 
 /// Whether the fuse module lets a connection use io_uring.
@@ -285,6 +328,8 @@ struct Queue {
     /// Where the armed read of the helpers' eventfd lands.
     counter: Box<[u8; 8]>,
     poll: BusyPoll,
+    /// Where the armed read of /dev/fuse lands (the first thread only).
+    dev: Option<AlignedBuf>,
 }
 
 /// Helpers' answers, waiting for their queue thread.
@@ -368,6 +413,7 @@ impl Queue {
             done,
             counter: Box::new([0; 8]),
             poll: BusyPoll::default(),
+            dev: None,
         })
     }
 
@@ -440,11 +486,71 @@ impl Queue {
         self.push(squeue::Entry128::from(sqe));
     }
 
+    fn arm_dev(&mut self, fd: RawFd) {
+        let Some(buf) = self.dev.as_mut() else {
+            return;
+        };
+        let sqe = opcode::Read::new(
+            types::Fd(fd),
+            buf.as_mut_slice().as_mut_ptr(),
+            buf.len() as u32,
+        )
+        .build()
+        .user_data(KIND_DEV);
+        self.push(squeue::Entry128::from(sqe));
+    }
+
+    /// A read of /dev/fuse completed with `res`: whether to read again.
+    fn dev_request(&mut self, fd: RawFd, res: i32) -> bool {
+        if res == -libc::EINTR || res == -libc::EAGAIN || res == -libc::ENOENT {
+            return true;
+        }
+        let Some(buf) = self.dev.as_ref() else {
+            return false;
+        };
+        if res < size_of::<InHeader>() as i32 {
+            // ENODEV: unmounted; anything else: nothing more will come.
+            debug!("FUSE ring thread {}: /dev/fuse: {res}", self.index);
+            return false;
+        }
+        let header: InHeader = abi::read(buf.as_slice());
+        match header.opcode {
+            FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT => {}
+            other => {
+                // Not expected once the queues run: say it is not done
+                // rather than leave the caller waiting.
+                error!(
+                    "FUSE ring thread {}: request {other} over /dev/fuse: ENOSYS",
+                    self.index
+                );
+                let out = OutHeader {
+                    len: size_of::<OutHeader>() as u32,
+                    error: -libc::ENOSYS,
+                    unique: header.unique,
+                };
+                let mut bytes = [0u8; size_of::<OutHeader>()];
+                abi::write(&mut bytes, &out);
+                // SAFETY: writes `bytes`, a live local buffer of that
+                // length, to the FUSE device descriptor.
+                let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+                if n < 0 {
+                    debug!(
+                        "FUSE ring thread {}: answer over /dev/fuse: {}",
+                        self.index,
+                        io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+        true
+    }
+
     fn run(&mut self, fd: RawFd, file: &Arc<DiskFile>, jobs: &Arc<Helpers>) {
         for slot in 0..self.slots.len() {
             self.register(fd, slot);
         }
         self.arm_wake();
+        self.arm_dev(fd);
         let mut live = self.slots.len();
         let mut completed: Vec<(u64, i32)> = Vec::with_capacity(self.slots.len() * 4);
         // Runs until the connection ends every slot's command; the caller
@@ -517,6 +623,7 @@ impl Queue {
                     }
                     KIND_IO => self.io_done(fd, slot, (data & 0xffff) as usize, res),
                     KIND_FSYNC => self.fsync_done(fd, slot, res),
+                    KIND_DEV if self.dev_request(fd, res) => self.arm_dev(fd),
                     KIND_WAKE => {
                         let done: Vec<Done> =
                             std::mem::take(&mut *self.done.list.lock().expect("completions"));
@@ -1065,25 +1172,31 @@ mod tests {
 
     #[test]
     fn every_queue_gets_its_depth_from_two_threads() {
-        for cpus in [1, 2, 3, 8] {
+        for cpus in [1, 2, 3, 8, 64] {
             let depth = (TOTAL_DEPTH / cpus).clamp(4, MAX_DEPTH);
+            let threads = cpus.min(RING_THREADS);
             let mut per_queue = vec![Vec::new(); cpus];
-            for index in 0..cpus {
-                let qids = queues_served(index, cpus, depth);
-                assert_eq!(qids.len(), depth);
+            let mut total = 0;
+            for index in 0..threads {
+                let qids = queues_served(index, threads, cpus, depth);
+                total += qids.len();
                 for q in qids {
                     per_queue[q as usize].push(index);
                 }
             }
-            for (q, threads) in per_queue.iter_mut().enumerate() {
-                assert_eq!(threads.len(), depth, "queue {q} of {cpus}");
-                threads.dedup();
-                threads.sort();
-                threads.dedup();
-                let want = if cpus == 1 { 1 } else { 2 };
-                assert_eq!(threads.len(), want, "queue {q} of {cpus}: {threads:?}");
+            assert_eq!(total, depth * cpus, "{cpus} CPUs");
+            for (q, threads_of_q) in per_queue.iter_mut().enumerate() {
+                assert_eq!(threads_of_q.len(), depth, "queue {q} of {cpus}");
+                threads_of_q.sort();
+                threads_of_q.dedup();
+                let want = threads.min(2);
+                assert_eq!(
+                    threads_of_q.len(),
+                    want,
+                    "queue {q} of {cpus}: {threads_of_q:?}"
+                );
                 assert!(
-                    threads.contains(&q),
+                    threads_of_q.contains(&(q % threads)),
                     "queue {q} not served by its own thread"
                 );
             }
