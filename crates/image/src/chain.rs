@@ -66,6 +66,16 @@ impl Delta {
         }
     }
 
+    /// The raw_fd of this delta takes a piece as it is: offset and
+    /// length in its direct I/O blocks.
+    fn takes_directly(&self, file_offset: u64, len: usize) -> bool {
+        let a = match self {
+            Delta::Raw(r) => r.io().direct_align(),
+            Delta::Ploop(p) => p.io().direct_align(),
+        };
+        file_offset.is_multiple_of(a) && (len as u64).is_multiple_of(a)
+    }
+
     pub fn path(&self) -> &str {
         match self {
             Delta::Raw(r) => r.path(),
@@ -322,6 +332,9 @@ impl Chain {
                 let Some(fd) = self.layers[i].raw_fd() else {
                     return Ok(None);
                 };
+                if !self.layers[i].takes_directly(off + in_off, n) {
+                    return Ok(None);
+                }
                 push_merged(
                     &mut out,
                     Segment {
@@ -383,6 +396,9 @@ impl Chain {
             let Some(off) = top.map(cluster, self.cluster_size) else {
                 return Ok(None);
             };
+            if !top.takes_directly(off + in_off, n) {
+                return Ok(None);
+            }
             top.note_change(cluster);
             push_merged(
                 &mut out,

@@ -56,11 +56,12 @@ pub fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// True when a buffer and a file range can go to O_DIRECT as they are.
-pub fn is_direct_ready(ptr: *const u8, offset: u64, len: usize) -> bool {
-    (ptr as usize).is_multiple_of(DIRECT_ALIGN)
-        && offset.is_multiple_of(DIRECT_ALIGN as u64)
-        && len.is_multiple_of(DIRECT_ALIGN)
+/// True when a buffer and a file range can go to O_DIRECT as they are,
+/// on a file that takes direct I/O in blocks of `align` bytes.
+pub fn is_direct_ready(ptr: *const u8, offset: u64, len: usize, align: usize) -> bool {
+    (ptr as usize).is_multiple_of(align)
+        && offset.is_multiple_of(align as u64)
+        && len.is_multiple_of(align)
 }
 
 #[cfg(test)]

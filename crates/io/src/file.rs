@@ -73,6 +73,11 @@ pub struct FileIo {
     /// A block device: its end is fixed, and may not be a multiple of
     /// [`DIRECT_ALIGN`] (only of its 512-byte logical block).
     block_device: bool,
+    /// The block direct I/O keeps to (offsets, lengths, memory): the
+    /// device's logical block where the filesystem allows it, else
+    /// [`DIRECT_ALIGN`]. Writes inside one go straight to the file
+    /// instead of read-modify-write of the 4 KiB around them.
+    align: usize,
     /// Read-modify-write of partial blocks on a direct file: shared by
     /// those that stay inside the file, each of which also holds the
     /// stripe locks of its blocks; taken alone by one that reaches past
@@ -184,13 +189,19 @@ impl FileIo {
         direct: bool,
     ) -> io::Result<Self> {
         take_lock(&file, lock)?;
-        let block_device =
-            std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
+        let meta = file.metadata()?;
+        let block_device = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        let align = if direct && meta.is_file() {
+            direct_block(&file, meta.dev())
+        } else {
+            DIRECT_ALIGN
+        };
         Ok(Self {
             file,
             path: path.to_path_buf(),
             direct,
             block_device,
+            align,
             rmw: RwLock::new(()),
             stripes: std::array::from_fn(|_| Mutex::new(())),
         })
@@ -258,8 +269,8 @@ impl FileIo {
     }
 
     /// The block-aligned span that covers `[offset, offset + len)`.
-    fn aligned_span(offset: u64, len: usize) -> (u64, usize) {
-        let a = DIRECT_ALIGN as u64;
+    fn aligned_span(&self, offset: u64, len: usize) -> (u64, usize) {
+        let a = self.align as u64;
         let start = offset / a * a;
         let end = (offset + len as u64).div_ceil(a) * a;
         (start, (end - start) as usize)
@@ -296,6 +307,36 @@ impl FileIo {
             at += n;
         }
         Ok(())
+    }
+}
+
+/// The block a direct file takes I/O in: on ext4 and XFS, the logical
+/// block of the device beneath (both take direct writes of part of their
+/// own 4 KiB block as long as they overwrite data; other writes they
+/// serialise themselves). Elsewhere (btrfs wants its sector, NFS and FUSE
+/// their own rules) and where the device cannot be told, [`DIRECT_ALIGN`].
+fn direct_block(file: &File, dev: u64) -> usize {
+    const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    let Ok(fs) = rustix::fs::fstatfs(file) else {
+        return DIRECT_ALIGN;
+    };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs by arch
+    let kind = fs.f_type as i64;
+    if kind != EXT4_SUPER_MAGIC && kind != XFS_SUPER_MAGIC {
+        return DIRECT_ALIGN;
+    }
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    // A partition has its queue in its disk's folder, one level up.
+    let whole = format!("/sys/dev/block/{major}:{minor}/queue/logical_block_size");
+    let part = format!("/sys/dev/block/{major}:{minor}/../queue/logical_block_size");
+    let size = std::fs::read_to_string(&whole)
+        .or_else(|_| std::fs::read_to_string(&part))
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    match size {
+        Some(n) if n.is_power_of_two() && (512..=DIRECT_ALIGN).contains(&n) => n,
+        _ => DIRECT_ALIGN,
     }
 }
 
@@ -347,10 +388,10 @@ impl BlockIo for FileIo {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if !self.direct || is_direct_ready(buf.as_ptr(), offset, buf.len()) {
+        if !self.direct || is_direct_ready(buf.as_ptr(), offset, buf.len(), self.align) {
             return self.read_raw(buf, offset);
         }
-        let (start, span) = Self::aligned_span(offset, buf.len());
+        let (start, span) = self.aligned_span(offset, buf.len());
         let skip = (offset - start) as usize;
         with_scratch(span, |bounce| {
             self.read_raw(bounce, start)?;
@@ -363,10 +404,10 @@ impl BlockIo for FileIo {
         if !self.direct {
             return self.write_raw(buf, offset);
         }
-        if is_direct_ready(buf.as_ptr(), offset, buf.len()) {
+        if is_direct_ready(buf.as_ptr(), offset, buf.len(), self.align) {
             return self.write_raw(buf, offset);
         }
-        let (start, span) = Self::aligned_span(offset, buf.len());
+        let (start, span) = self.aligned_span(offset, buf.len());
         let skip = (offset - start) as usize;
         if skip == 0 && span == buf.len() {
             // Aligned range, unaligned memory: a plain copy, no read needed.
@@ -380,7 +421,7 @@ impl BlockIo for FileIo {
             let _shared = self.rmw.read().expect("rmw lock");
             let size = self.size()?;
             if start + span as u64 <= size {
-                let a = DIRECT_ALIGN as u64;
+                let a = self.align as u64;
                 let mut mask = 0u64;
                 for b in start / a..(start + span as u64) / a {
                     mask |= 1 << (b % RMW_STRIPES as u64);
@@ -530,6 +571,10 @@ impl BlockIo for FileIo {
         Some(self.file.as_raw_fd())
     }
 
+    fn direct_align(&self) -> u64 {
+        self.align as u64
+    }
+
     fn reopen(&self, mode: OpenMode) -> io::Result<Option<crate::SharedIo>> {
         Ok(Some(std::sync::Arc::new(FileIo::reopen(self, mode)?)))
     }
@@ -543,9 +588,9 @@ impl BlockIo for FileIo {
 mod tests {
     use super::*;
 
-    /// Partial writes racing in the same blocks (each its own 512 bytes)
-    /// and in others: none is lost, on a direct file where each is a
-    /// read-modify-write of its block.
+    /// Partial writes racing in the same blocks (each its own 64 bytes of
+    /// the first 512) and in others: none is lost, on a direct file where
+    /// each is a read-modify-write of its block.
     #[test]
     fn racing_partial_writes_lose_nothing() {
         // On a filesystem with O_DIRECT (tmpfs has none).
@@ -558,7 +603,7 @@ mod tests {
         assert!(io.direct, "the read-modify-write path needs O_DIRECT");
         const BLOCKS: u64 = 8;
         io.set_len(BLOCKS * 4096).unwrap();
-        // Eight threads, each owning one 512-byte slot of every block.
+        // Eight threads, each owning one 64-byte slot of every block.
         std::thread::scope(|s| {
             for t in 0..8u64 {
                 let io = io.clone();
@@ -566,7 +611,7 @@ mod tests {
                     for round in 0..200u64 {
                         let b = (round * 3 + t) % BLOCKS;
                         let v = (t * 31 + round) as u8 | 1;
-                        io.write_at(&[v; 512], b * 4096 + t * 512).unwrap();
+                        io.write_at(&[v; 64], b * 4096 + t * 64).unwrap();
                     }
                 });
             }
@@ -575,12 +620,45 @@ mod tests {
         for t in 0..8u64 {
             for b in 0..BLOCKS {
                 let last = (0..200u64).rev().find(|r| (r * 3 + t) % BLOCKS == b);
-                let mut got = [0u8; 512];
-                io.read_at(&mut got, b * 4096 + t * 512).unwrap();
+                let mut got = [0u8; 64];
+                io.read_at(&mut got, b * 4096 + t * 64).unwrap();
                 let want = last.map_or(0, |r| (t * 31 + r) as u8 | 1);
                 assert!(got.iter().all(|&x| x == want), "thread {t} block {b}");
             }
         }
+        drop(io);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The block a direct file says it takes is one the kernel takes:
+    /// a write of one such block, off the 4 KiB grid, goes to the file as
+    /// it is and reads back.
+    #[test]
+    fn the_direct_block_is_one_the_kernel_takes() {
+        let dir =
+            std::path::Path::new("/var/tmp").join(format!("ploop-io-align-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let io = FileIo::open(&path, OpenMode::create().direct(true)).unwrap();
+        assert!(io.direct);
+        io.set_len(64 << 10).unwrap();
+        io.write_at(&[0x5a; 8192], 0).unwrap();
+        let a = io.direct_align() as usize;
+        assert!(a.is_power_of_two() && (512..=4096).contains(&a), "{a}");
+        let mut block = AlignedBuf::zeroed(a);
+        block.as_mut_slice().fill(0xa5);
+        // Straight to the file, past the read-modify-write path: EINVAL
+        // here would mean the block is not one O_DIRECT takes.
+        io.write_raw(block.as_slice(), 4096 + a as u64 % 4096)
+            .unwrap();
+        io.write_at(block.as_slice(), 4096 + a as u64 % 4096)
+            .unwrap();
+        let mut back = vec![0u8; 8192];
+        io.read_at(&mut back, 0).unwrap();
+        let at = 4096 + a % 4096;
+        assert!(back[..at].iter().all(|&x| x == 0x5a));
+        assert!(back[at..at + a].iter().all(|&x| x == 0xa5));
+        assert!(back[at + a..].iter().all(|&x| x == 0x5a));
         drop(io);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -87,6 +87,11 @@ pub trait BlockIo: Send + Sync {
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// The block size I/O on [`raw_fd`](Self::raw_fd) must keep to, in
+    /// offsets, lengths and memory: ranges off it go through the trait.
+    fn direct_align(&self) -> u64 {
+        aligned::DIRECT_ALIGN as u64
+    }
     /// The same file opened again (with a lock of its own), whatever its
     /// name leads to now. None for backends without a file.
     fn reopen(&self, _mode: OpenMode) -> io::Result<Option<SharedIo>> {
@@ -156,6 +161,9 @@ impl<T: BlockIo + ?Sized> BlockIo for Arc<T> {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         (**self).raw_fd()
+    }
+    fn direct_align(&self) -> u64 {
+        (**self).direct_align()
     }
     fn reopen(&self, mode: OpenMode) -> io::Result<Option<SharedIo>> {
         (**self).reopen(mode)

@@ -25,9 +25,11 @@ pub mod busy_poll;
 
 use busy_poll::BusyPoll;
 
-/// Requests the ring takes as they are: whole O_DIRECT blocks, at
-/// offsets and of lengths that are multiples of this.
-pub const QUEUE_ALIGN: u64 = 4096;
+/// Requests the ring may take as they are: at offsets and of lengths
+/// that are multiples of this (the smallest logical block). The plan of
+/// each request then checks the blocks of the files it lands in
+/// (`BlockIo::direct_align`); the others go through the image layer.
+pub const QUEUE_ALIGN: u64 = 512;
 
 /// The entry that reads (or writes) segment `s` of the request buffer at
 /// `base`. Making it is safe; pushing it is not: the buffer range and the
