@@ -3,7 +3,10 @@
 # machine's CPU time per I/O. The machines are noisy: compare medians.
 # Needs T (seconds per job) set by the caller.
 
-WORKLOADS="randread:4k:32 randwrite:4k:32 read:1m:8 write:1m:8"
+# Each workload is RW:BS:QD[:NAME]; results are kept under NAME (or RW).
+WORKLOADS=${WORKLOADS:-"randread:4k:32 randwrite:4k:32 read:1m:8 write:1m:8"}
+# How much of the target each job fills first and then works on.
+JOB_SIZE=${JOB_SIZE:-1G}
 declare -A R   # "label|rw" -> IOPS of each round
 declare -A C   # "label|rw" -> busy CPU microseconds (all cores) per I/O, each round
 declare -A M   # "label|rw" -> median IOPS, after print_medians
@@ -11,22 +14,23 @@ declare -A M   # "label|rw" -> median IOPS, after print_medians
 # Busy CPU ticks of the whole machine: user, nice, system, irq, softirq.
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 
-# jobs LABEL FIO-TARGET-ARGS...: fill 1 GiB, then each workload for T seconds.
+# jobs LABEL FIO-TARGET-ARGS...: fill JOB_SIZE, then each workload for T seconds.
 jobs() {
   local label=$1; shift
   local hz; hz=$(getconf CLK_TCK)
-  fio --name=fill --rw=write --bs=1m --iodepth=8 --size=1G --output-format=terse "$@" >/dev/null 2>&1
+  fio --name=fill --rw=write --bs=1m --iodepth=8 --size="$JOB_SIZE" --output-format=terse "$@" >/dev/null 2>&1
   for j in $WORKLOADS; do
-    local rw bs qd b0 b1 v
-    IFS=: read -r rw bs qd <<<"$j"
+    local rw bs qd name b0 b1 v
+    IFS=: read -r rw bs qd name <<<"$j"
+    name=${name:-$rw}
     b0=$(busy)
-    v=$(fio --name=x --rw="$rw" --bs="$bs" --iodepth="$qd" --runtime="$T" --time_based --size=1G \
+    v=$(fio --name=x --rw="$rw" --bs="$bs" --iodepth="$qd" --runtime="$T" --time_based --size="$JOB_SIZE" \
           --group_reporting --output-format=terse --terse-version=3 "$@" 2>/dev/null |
         awk -F';' '{printf "%.0f", $8+$49}')
     b1=$(busy)
     v=${v:-0}
-    R["$label|$rw"]="${R["$label|$rw"]:-} $v"
-    C["$label|$rw"]="${C["$label|$rw"]:-} $(awk -v d=$((b1 - b0)) -v hz="$hz" -v v="$v" -v t="$T" \
+    R["$label|$name"]="${R["$label|$name"]:-} $v"
+    C["$label|$name"]="${C["$label|$name"]:-} $(awk -v d=$((b1 - b0)) -v hz="$hz" -v v="$v" -v t="$T" \
       'BEGIN{printf "%.1f", (v > 0 ? d / hz * 1e6 / (v * t) : 0)}')"
   done
 }
