@@ -753,6 +753,10 @@ impl Session {
         if !fuse_thread.is_finished() {
             warn!("FUSE threads still running after unmount; leaving them to exit with us");
             *late_requests = true;
+            if let FuseServer::Ring(session, _) = fuse_thread {
+                // The ring threads still use its /dev/fuse: never closed.
+                std::mem::forget(session);
+            }
             return Ok(());
         }
         match fuse_thread {

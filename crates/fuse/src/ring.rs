@@ -26,7 +26,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use ploop_image::Segment;
 use ploop_io::AlignedBuf;
 use rustix::event::{eventfd, EventfdFlags};
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::file::DiskFile;
 use ploop_image::served::InFlight;
@@ -196,8 +196,10 @@ impl Queues {
                     // Commands, the wake read or file I/O may still point at
                     // the queue's buffers however run ends (a panic
                     // included): they are never freed.
+                    // Counted out however run ends (a panic included), so
+                    // that shutdown sees the connection's threads gone.
+                    let _out = CountedOut(running);
                     ploop_uring::keep_forever(q, |q| q.run(fd, &this.file, &jobs));
-                    running.fetch_sub(1, Ordering::SeqCst);
                 });
             // The kernel waits for every queue: without this one, requests
             // would hang.
@@ -207,6 +209,15 @@ impl Queues {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes one from the count of running ring threads when dropped.
+struct CountedOut(Arc<AtomicUsize>);
+
+impl Drop for CountedOut {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -420,9 +431,10 @@ impl Queue {
     fn push(&mut self, sqe: squeue::Entry128) {
         loop {
             // SAFETY: every buffer an entry points at (slot headers and
-            // payloads, their iovecs, the wake counter) is owned by this
-            // queue and outlives the operation: run() drains the ring before
-            // it returns.
+            // payloads, their iovecs, the wake counter, the /dev/fuse read
+            // buffer) is owned by this queue, which is never freed
+            // (`keep_forever` leaks it), so it outlives any operation, even
+            // one still armed when run() returns.
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return;
             }
@@ -509,8 +521,16 @@ impl Queue {
             return false;
         };
         if res < size_of::<InHeader>() as i32 {
-            // ENODEV: unmounted; anything else: nothing more will come.
-            debug!("FUSE ring thread {}: /dev/fuse: {res}", self.index);
+            // ENODEV, ECONNABORTED: unmounted. Anything else stops the
+            // reads too (FORGETs then wait in the kernel): say so.
+            if res == -libc::ENODEV || res == -libc::ECONNABORTED {
+                debug!("FUSE ring thread {}: /dev/fuse closed", self.index);
+            } else {
+                warn!(
+                    "FUSE ring thread {}: reading /dev/fuse stopped: {res}",
+                    self.index
+                );
+            }
             return false;
         }
         let header: InHeader = abi::read(buf.as_slice());

@@ -66,14 +66,17 @@ impl Delta {
         }
     }
 
-    /// The raw_fd of this delta takes a piece as it is: offset and
-    /// length in its direct I/O blocks.
-    fn takes_directly(&self, file_offset: u64, len: usize) -> bool {
+    /// The raw_fd of this delta takes a piece as it is: its offset, its
+    /// length and its place in the request's buffer (which starts on a
+    /// 4 KiB boundary) in the file's direct I/O blocks.
+    fn takes_directly(&self, file_offset: u64, len: usize, at: usize) -> bool {
         let a = match self {
             Delta::Raw(r) => r.io().direct_align(),
             Delta::Ploop(p) => p.io().direct_align(),
         };
-        file_offset.is_multiple_of(a) && (len as u64).is_multiple_of(a)
+        file_offset.is_multiple_of(a)
+            && (len as u64).is_multiple_of(a)
+            && (at as u64).is_multiple_of(a)
     }
 
     pub fn path(&self) -> &str {
@@ -332,7 +335,7 @@ impl Chain {
                 let Some(fd) = self.layers[i].raw_fd() else {
                     return Ok(None);
                 };
-                if !self.layers[i].takes_directly(off + in_off, n) {
+                if !self.layers[i].takes_directly(off + in_off, n, at) {
                     return Ok(None);
                 }
                 push_merged(
@@ -396,7 +399,7 @@ impl Chain {
             let Some(off) = top.map(cluster, self.cluster_size) else {
                 return Ok(None);
             };
-            if !top.takes_directly(off + in_off, n) {
+            if !top.takes_directly(off + in_off, n, at) {
                 return Ok(None);
             }
             top.note_change(cluster);

