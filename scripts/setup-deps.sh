@@ -2,7 +2,7 @@
 # Debian packages the tool and its tests use: the peers we test against
 # (qemu-img, OpenVZ's ploop check) and the kernel-facing tools.
 set -euo pipefail
-pkgs=(qemu-utils ploop bzip2 bc fio fuse3 e2fsprogs xfsprogs util-linux mount libnbd-bin python3-libnbd nbdkit openssl busybox-static gdisk postgresql rsync)
+pkgs=(qemu-utils ploop bzip2 bc fio fuse3 e2fsprogs xfsprogs util-linux mount libnbd-bin python3-libnbd nbdkit openssl busybox-static gdisk postgresql rsync iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

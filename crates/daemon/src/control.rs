@@ -46,6 +46,14 @@ pub enum Request {
         #[serde(default)]
         defrag: bool,
     },
+    /// `ploop copy`: start recording which clusters change; answers the
+    /// disk's size, its cluster size and the byte ranges some delta holds.
+    TrackStart,
+    /// The clusters changed since the start or the last take, as runs of
+    /// (first cluster, count); recording goes on.
+    TrackTake,
+    /// Stop recording changes.
+    TrackStop,
     Stop,
 }
 

@@ -438,6 +438,22 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 .flush()
                 .map(|_| None)
                 .map_err(|e| e.to_string()),
+            Request::TrackStart => track_start(&served),
+            Request::TrackTake => {
+                let chain = served.current();
+                if chain.dirty_log().is_on() {
+                    Ok(Some(json!({
+                        "size": chain.virtual_size(),
+                        "dirty": chain.dirty_log().take(),
+                    })))
+                } else {
+                    Err("no copy of this disk is under way".to_string())
+                }
+            }
+            Request::TrackStop => {
+                served.current().dirty_log().stop();
+                Ok(None)
+            }
             Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
                 Some(None) => Err("incorrect uuid".to_string()),
                 parsed => Frozen::if_mounted(&session.record)
@@ -813,6 +829,37 @@ impl Drop for Session {
             registry::remove(&self.record);
         }
     }
+}
+
+/// Start recording changed clusters for a copy, and say what to send
+/// first: every byte range some delta holds (read after the start, so a
+/// cluster allocated meanwhile is in the ranges or in the next take).
+fn track_start(served: &ServedDisk) -> std::result::Result<Option<serde_json::Value>, String> {
+    let chain = served.current();
+    if !chain.dirty_log().start() {
+        return Err("a copy of this disk is already under way".to_string());
+    }
+    let size = chain.virtual_size();
+    let runs = match chain.allocation(0, size, usize::MAX) {
+        Ok(runs) => runs,
+        Err(e) => {
+            chain.dirty_log().stop();
+            return Err(e.to_string());
+        }
+    };
+    let mut held = Vec::new();
+    let mut at = 0u64;
+    for (len, data) in runs {
+        if data {
+            held.push((at, len));
+        }
+        at += len;
+    }
+    Ok(Some(json!({
+        "size": size,
+        "cluster": chain.cluster_size(),
+        "held": held,
+    })))
 }
 
 /// The container's filesystem, frozen while the top delta is switched (so

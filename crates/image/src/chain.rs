@@ -12,6 +12,8 @@ use ploop_format::raw::RawDelta;
 use ploop_format::{Error, Result};
 use ploop_io::{is_zero, Segment};
 
+use crate::dirty::DirtyLog;
+
 /// One delta of a chain, in either format. Deltas live behind an `Arc`,
 /// so the size difference between variants costs nothing.
 #[allow(clippy::large_enum_variant)]
@@ -168,6 +170,9 @@ pub struct Chain {
     layers: Vec<Arc<Delta>>,
     cluster_size: u64,
     virtual_size: u64,
+    /// Clusters changed while a copy of the disk is under way; a chain
+    /// that replaces this one online takes it over.
+    dirty: Arc<DirtyLog>,
 }
 
 impl Chain {
@@ -195,7 +200,25 @@ impl Chain {
             layers,
             cluster_size,
             virtual_size,
+            dirty: Arc::default(),
         })
+    }
+
+    /// The log of changed clusters (see [`DirtyLog`]).
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.dirty
+    }
+
+    /// Keep recording changes in `from`'s log: this chain replaces it.
+    pub fn take_over_dirty_log(&mut self, from: &Chain) {
+        self.dirty = from.dirty.clone();
+    }
+
+    /// `cluster` changes: tell the top (an online move or merge may be
+    /// copying it) and the dirty log.
+    fn note_change(&self, top: &Delta, cluster: u64) {
+        top.note_change(cluster);
+        self.dirty.note(cluster);
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -313,9 +336,11 @@ impl Chain {
             // The file can punch holes or it cannot: the first piece tells,
             // before anything has changed.
             for (cluster, in_off, _, n) in pieces(offset, len, cs) {
+                self.note_change(top, cluster);
                 if !r.punch_only(cluster * cs + in_off, n as u64)? {
                     return Ok(false);
                 }
+                self.note_change(top, cluster);
             }
             return Ok(true);
         }
@@ -402,7 +427,7 @@ impl Chain {
             if !top.takes_directly(off + in_off, n, at) {
                 return Ok(None);
             }
-            top.note_change(cluster);
+            self.note_change(top, cluster);
             push_merged(
                 &mut out,
                 Segment {
@@ -453,7 +478,7 @@ impl Chain {
             len.min(self.virtual_size().saturating_sub(offset)),
             self.cluster_size,
         ) {
-            top.note_change(cluster);
+            self.note_change(top, cluster);
         }
     }
 
@@ -477,7 +502,7 @@ impl Chain {
         let top = self.writable_top()?;
         for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
             let data = &buf[at..at + n];
-            top.note_change(cluster);
+            self.note_change(top, cluster);
             match top {
                 Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
                 Delta::Ploop(p) => {
@@ -499,7 +524,7 @@ impl Chain {
             }
             // Noted before (a merge may copy the cluster while the write
             // runs) and after (it must then copy it again).
-            top.note_change(cluster);
+            self.note_change(top, cluster);
         }
         Ok(())
     }
@@ -513,7 +538,7 @@ impl Chain {
         let cs = self.cluster_size;
         for (cluster, in_off, _, n) in pieces(offset, len, cs) {
             let n = n as u64;
-            top.note_change(cluster);
+            self.note_change(top, cluster);
             match top {
                 Delta::Raw(r) => r.punch(cluster * cs + in_off, n)?,
                 Delta::Ploop(p) => {
@@ -529,7 +554,7 @@ impl Chain {
                     }
                 }
             }
-            top.note_change(cluster);
+            self.note_change(top, cluster);
         }
         Ok(())
     }

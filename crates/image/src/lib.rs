@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod dirty;
 pub mod disk;
 pub mod gpt;
 pub mod moves;

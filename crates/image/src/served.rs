@@ -150,7 +150,8 @@ impl ServedDisk {
             std::thread::sleep(Duration::from_micros(200));
         }
         let (new, out) = f(&guard)?;
-        if let Some(new) = new {
+        if let Some(mut new) = new {
+            new.take_over_dirty_log(&guard);
             self.size.store(new.virtual_size(), Ordering::SeqCst);
             *guard = Arc::new(new);
         }

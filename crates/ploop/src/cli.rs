@@ -162,6 +162,12 @@ enum Cmd {
         json: bool,
         descriptor: PathBuf,
     },
+    /// Copy a mounted disk while it is in use (OpenVZ's `ploop copy`):
+    /// `-s DEVICE` sends it in passes, the last one with its filesystem
+    /// frozen, to standard output, `-o OFD`, `--to HOST:PORT` or, with
+    /// `-d FILE`, into a new image here; `-d FILE` alone receives a
+    /// stream (standard input, `-i IFD`, `--listen ADDR:PORT`) into one
+    Copy(crate::copy::CopyArgs),
     /// Show mounted disks.
     List {
         #[arg(long)]
@@ -907,6 +913,7 @@ pub fn run() -> Res<ExitCode> {
             )
         }
         Cmd::List { json } => crate::mount::list(json),
+        Cmd::Copy(a) => crate::copy::run(a),
         Cmd::SetLimits { limits, descriptor } => {
             // Every view of the disk (the top, snapshots mounted beside).
             let recs = crate::mount::served_views(&descriptor);

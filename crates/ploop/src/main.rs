@@ -4,6 +4,7 @@
 
 mod balloon;
 mod cli;
+mod copy;
 mod mount;
 mod resize;
 mod serve;
