@@ -16,6 +16,9 @@ pub enum Request {
     Flush,
     Snapshot {
         uuid: Option<String>,
+        /// Start a new changed-block bitmap of this GUID in the new top.
+        #[serde(default)]
+        cbt: Option<String>,
     },
     /// Merge `guid` (default: the top) with its parent.
     Merge {
@@ -383,7 +386,7 @@ mod tests {
                         }
                         (Response::ok(None), false)
                     }
-                    Request::Snapshot { uuid } => {
+                    Request::Snapshot { uuid, .. } => {
                         (Response::ok(Some(serde_json::json!(uuid))), false)
                     }
                     Request::Stop => (Response::ok(None), stop),
@@ -397,6 +400,7 @@ mod tests {
             &sock,
             &Request::Snapshot {
                 uuid: Some("{x}".into()),
+                cbt: None,
             },
             t,
         )

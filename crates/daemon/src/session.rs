@@ -454,12 +454,15 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 served.current().dirty_log().stop();
                 Ok(None)
             }
-            Request::Snapshot { uuid } => match uuid.as_deref().map(parse_guid) {
-                Some(None) => Err("incorrect uuid".to_string()),
-                parsed => Frozen::if_mounted(&session.record)
+            Request::Snapshot { uuid, cbt } => match (
+                uuid.as_deref().map(parse_guid),
+                cbt.as_deref().map(parse_guid),
+            ) {
+                (Some(None), _) | (_, Some(None)) => Err("incorrect uuid".to_string()),
+                (parsed, cbt) => Frozen::if_mounted(&session.record)
                     .map_err(|e| e.to_string())
                     .and_then(|frozen| {
-                        let taken = online::snapshot(&served, parsed.flatten());
+                        let taken = online::snapshot(&served, parsed.flatten(), cbt.flatten());
                         drop(frozen);
                         taken
                             .map(|g| Some(json!(guid_string(&g))))

@@ -31,7 +31,7 @@ fn desc_err(served: &ServedDisk, what: String) -> Error {
 
 /// Take a snapshot of a served disk: the current top is frozen under
 /// `uuid` and a new empty top takes over, with no request in flight.
-pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
+pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>, cbt: Option<Uuid>) -> Result<Uuid> {
     if served.read_only {
         return Err(Error::Invalid(
             "a read-only mount cannot take snapshots".into(),
@@ -61,6 +61,19 @@ pub fn snapshot(served: &ServedDisk, uuid: Option<Uuid>) -> Result<Uuid> {
             },
         )
         .and_then(|new_top| {
+            // Its changed-block bitmap: a new one (`cbt`), or the old
+            // top's, going on (the old top saves its copy as it closes).
+            if let Delta::Ploop(p) = &new_top {
+                let bitmap = match cbt {
+                    Some(id) => Some(Arc::new(ploop_format::ploop::cbt::Cbt::new(
+                        id,
+                        chain.cluster_size(),
+                        chain.virtual_size(),
+                    ))),
+                    None => top.as_ploop().and_then(|o| o.cbt()),
+                };
+                p.set_cbt(bitmap);
+            }
             let mut layers = chain.layers().to_vec();
             layers.push(Arc::new(new_top));
             Chain::new(layers, chain.cluster_size(), chain.virtual_size())
@@ -130,6 +143,14 @@ pub fn merge_with_parent(
         ));
     };
     let is_top = ci == chain.layers().len() - 1;
+    // The merged file takes the child's place, and its bitmap where it has
+    // one (the live one of a top); else the parent keeps its own, which
+    // the copy below marks with every cluster the child holds.
+    let child_bitmap = if is_top {
+        src.cbt()
+    } else {
+        src.saved_cbt()?.map(Arc::new)
+    };
 
     // A second, writable handle on the parent, locked exclusively before
     // it touches the file: a read-only mount of the parent elsewhere (a
@@ -217,6 +238,9 @@ pub fn merge_with_parent(
             }
         }
         target.flush()?;
+        if let (Some(b), Some(p)) = (&child_bitmap, parent.as_ploop()) {
+            p.set_cbt(Some(b.clone()));
+        }
         let mut layers = cur.layers().to_vec();
         layers[pi] = parent.clone();
         layers.remove(ci);

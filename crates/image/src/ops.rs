@@ -262,6 +262,13 @@ fn repair_if_left_in_use(dd: &Path, entry: &ImageEntry) -> Result<()> {
 /// Take an offline snapshot: the current top is frozen under `uuid` (or a
 /// random GUID) and a new empty top delta is created above it.
 pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
+    snapshot_with_cbt(dd, uuid, None)
+}
+
+/// [`snapshot`], and the new top's changed-block bitmap: a new, empty one
+/// named `cbt` (the snapshot is the point it counts from), or else the
+/// old top's, carried on (the snapshot keeps its copy).
+pub fn snapshot_with_cbt(dd: &Path, uuid: Option<Uuid>, cbt: Option<Uuid>) -> Result<Uuid> {
     let _lock = DescriptorLock::acquire(dd)?;
     let mut d = Descriptor::load(dd)?;
     let chain_len = d.chain(d.top_guid, &dd.display().to_string())?.len();
@@ -275,12 +282,51 @@ pub fn snapshot(dd: &Path, uuid: Option<Uuid>) -> Result<Uuid> {
     let version = delta_version(dd, &top)?;
     let file = new_delta_name(&d);
     create_empty_delta(dd, &d, &file, version)?;
+    let new_path = image_path(dd, &file)?;
+    if let Err(e) = carry_bitmap(dd, &top, &new_path, cbt) {
+        let _ = ploop_io::fsys::remove(&new_path);
+        return Err(e);
+    }
     freeze_top(&mut d, snap, file.clone());
     if let Err(e) = d.save(dd) {
-        let _ = ploop_io::fsys::remove(&image_path(dd, &file)?);
+        let _ = ploop_io::fsys::remove(&new_path);
         return Err(e);
     }
     Ok(snap)
+}
+
+/// Give the new top at `new_path` its bitmap: a new one named `cbt`, or
+/// the one the old top's file holds, if any.
+fn carry_bitmap(dd: &Path, top: &ImageEntry, new_path: &Path, cbt: Option<Uuid>) -> Result<()> {
+    let ro = ploop_format::ploop::OpenFlags {
+        writable: false,
+        allow_dirty: true,
+    };
+    let bitmap = match cbt {
+        Some(id) => {
+            let io = open_file(new_path, OpenMode::read_only())?;
+            let p = PloopDelta::open(io, ro)?;
+            ploop_format::ploop::cbt::Cbt::new(id, p.cluster_size(), p.virtual_size())
+        }
+        None if top.kind == ImageType::Compressed => {
+            let io = open_file(&image_path(dd, &top.file)?, OpenMode::read_only())?;
+            match PloopDelta::open(io, ro)?.saved_cbt()? {
+                Some(b) => b,
+                None => return Ok(()),
+            }
+        }
+        None => return Ok(()),
+    };
+    let io = open_file(new_path, OpenMode::read_write())?;
+    let p = PloopDelta::open(
+        io,
+        ploop_format::ploop::OpenFlags {
+            writable: true,
+            allow_dirty: false,
+        },
+    )?;
+    p.set_cbt(Some(std::sync::Arc::new(bitmap)));
+    p.close()
 }
 
 /// The GUID a new snapshot gets (`uuid` or a random one), checked against
@@ -508,6 +554,17 @@ fn merge_locked(
         }
         mark_merge_target(dd, &mut d, shot.parent)?;
         copy_down(&child_delta, &parent_disk.chain, progress)?;
+        // The merged file takes the child's place: its bitmap is the
+        // child's, where it has one (the newest point); else the parent's
+        // own, which the copy has just marked with every cluster the child
+        // held.
+        if let Some(c) = child_delta.as_ploop() {
+            if let Some(b) = c.saved_cbt()? {
+                if let Some(p) = parent_disk.chain.top().as_ploop() {
+                    p.set_cbt(Some(std::sync::Arc::new(b)));
+                }
+            }
+        }
         parent_disk.close()?;
     }
     let child_path = finish_merge(dd, &mut d, shot.parent, child)?;

@@ -7,6 +7,8 @@ use tracing::debug;
 
 use super::proto::*;
 use super::Export;
+use ploop_format::ploop::cbt::Cbt;
+use std::sync::Arc;
 
 /// What the client and server agreed on, carried into transmission.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +20,8 @@ pub struct Agreed {
     pub extended: bool,
     /// Context id of base:allocation, when the client selected it.
     pub allocation: Option<u32>,
+    /// The dirty bitmap the client selected (qemu:dirty-bitmap:UUID).
+    pub bitmap: Option<Arc<Cbt>>,
 }
 
 /// How negotiation ended.
@@ -46,6 +50,8 @@ const MAX_OPTIONS: usize = 1024;
 
 /// The id we give base:allocation.
 pub const ALLOCATION_ID: u32 = 1;
+/// The id we give the dirty bitmap's context.
+pub const BITMAP_ID: u32 = 2;
 
 /// Send the greeting and read the client flags. Returns the flags, or
 /// None when the client sent flags we do not know (the spec says close).
@@ -254,6 +260,7 @@ pub fn negotiate<S: Read + Write>(
                 if set {
                     // A SET replaces the selection even when it fails.
                     agreed.allocation = None;
+                    agreed.bitmap = None;
                 }
                 let req = match parse_meta_request(&data) {
                     Ok(r) => r,
@@ -282,14 +289,30 @@ pub fn negotiate<S: Read + Write>(
                             .iter()
                             .any(|q| query_selects_allocation(q, listing))
                     };
+                    let bitmap = export.dirty_bitmap();
+                    let bitmap_name = bitmap.as_deref().map(crate::bitmap_context);
+                    let bitmap_wanted = bitmap_name.as_deref().is_some_and(|name| {
+                        if req.queries.is_empty() {
+                            listing
+                        } else {
+                            req.queries.iter().any(|q| {
+                                q == name || (listing && (q == "qemu:" || q == DIRTY_BITMAP_PREFIX))
+                            })
+                        }
+                    });
                     if set {
                         agreed.allocation = wanted.then_some(ALLOCATION_ID);
+                        agreed.bitmap = if bitmap_wanted { bitmap.clone() } else { None };
                     }
+                    // Ids in a LIST answer mean nothing: the spec asks for 0.
                     if wanted {
-                        // Ids in a LIST answer mean nothing: the spec asks for 0.
                         let id = if set { ALLOCATION_ID } else { 0 };
                         let p = meta_context(id, BASE_ALLOCATION);
                         reply(s, option, REP_META_CONTEXT, &p)?;
+                    }
+                    if let (true, Some(name)) = (bitmap_wanted, &bitmap_name) {
+                        let id = if set { BITMAP_ID } else { 0 };
+                        reply(s, option, REP_META_CONTEXT, &meta_context(id, name))?;
                     }
                     reply(s, option, REP_ACK, &[])?;
                 }

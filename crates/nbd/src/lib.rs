@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use handshake::{Agreed, Outcome, TlsPolicy};
+use ploop_format::ploop::cbt::Cbt;
 use ploop_image::served::ServedDisk;
 use transmission::{Connection, Pool, Shared, MAX_PAYLOAD};
 
@@ -49,6 +50,33 @@ impl Export {
     pub fn block_sizes(&self) -> (u32, u32, u32) {
         (1, 4096, MAX_PAYLOAD)
     }
+
+    /// The changed-block bitmap this export offers as the metadata
+    /// context `qemu:dirty-bitmap:UUID`: the one the top delta keeps
+    /// while it is written, or the one a read-only top's file holds (a
+    /// snapshot served for a backup).
+    pub fn dirty_bitmap(&self) -> Option<Arc<Cbt>> {
+        let chain = self.disk.current();
+        let p = chain.top().as_ploop()?;
+        if let Some(live) = p.cbt() {
+            return Some(live);
+        }
+        if p.is_writable() {
+            return None;
+        }
+        match p.saved_cbt() {
+            Ok(b) => b.map(Arc::new),
+            Err(e) => {
+                warn!("reading the changed-block bitmap: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// The metadata context name of a bitmap.
+pub fn bitmap_context(b: &Cbt) -> String {
+    format!("{}{}", proto::DIRTY_BITMAP_PREFIX, b.id.hyphenated())
 }
 
 /// A connected client's socket.

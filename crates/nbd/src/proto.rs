@@ -99,6 +99,10 @@ pub const STATE_ZERO: u32 = 1 << 1;
 
 /// The one metadata context we offer.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// qemu's contexts of dirty bitmaps: this, then the bitmap's name.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// qemu:dirty-bitmap status: the range changed.
+pub const STATE_DIRTY: u32 = 1;
 
 // Errors carried in replies (fixed by the protocol, not the host's errno).
 pub const EPERM: u32 = 1;

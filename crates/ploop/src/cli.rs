@@ -48,8 +48,11 @@ enum Cmd {
         /// GUID for the snapshot (default: random).
         #[arg(short = 'u', long = "uuid")]
         uuid: Option<String>,
-        /// OpenVZ's -b (a changed-block bitmap): not built yet.
-        #[arg(short = 'b', hide = true)]
+        /// Start a changed-block bitmap of this GUID in the new top delta
+        /// (OpenVZ's -b): it records every cluster written after the
+        /// snapshot, for an incremental backup. Without it, a bitmap the
+        /// top kept goes on in the new top (the snapshot keeps a copy)
+        #[arg(short = 'b', value_name = "CBT_UUID")]
         cbt: Option<String>,
         descriptor: PathBuf,
     },
@@ -168,6 +171,11 @@ enum Cmd {
     /// `-d FILE`, into a new image here; `-d FILE` alone receives a
     /// stream (standard input, `-i IFD`, `--listen ADDR:PORT`) into one
     Copy(crate::copy::CopyArgs),
+    /// Back a disk up, mounted or not, into a folder that is itself a
+    /// disk: a full backup, then `--incremental` ones of only the clusters
+    /// changed since (by the changed-block bitmap each backup starts);
+    /// `--restore` folds the folder into one image
+    Backup(crate::backup::BackupArgs),
     /// Show mounted disks.
     List {
         #[arg(long)]
@@ -723,13 +731,11 @@ pub fn run() -> Res<ExitCode> {
             cbt,
             descriptor,
         } => {
-            if cbt.is_some() {
-                return Err("snapshot -b (changed-block tracking) is not built yet".into());
-            }
             let uuid = uuid.as_deref().map(guid_arg).transpose()?;
+            let cbt = cbt.as_deref().map(guid_arg).transpose()?;
             let snap = match crate::mount::served_rw(&descriptor) {
-                Some(rec) => crate::mount::online_snapshot(&rec, uuid)?,
-                None => ops::snapshot(&descriptor, uuid)?,
+                Some(rec) => crate::mount::online_snapshot(&rec, uuid, cbt)?,
+                None => ops::snapshot_with_cbt(&descriptor, uuid, cbt)?,
             };
             println!(
                 "ploop snapshot {} has been successfully created",
@@ -914,6 +920,7 @@ pub fn run() -> Res<ExitCode> {
         }
         Cmd::List { json } => crate::mount::list(json),
         Cmd::Copy(a) => crate::copy::run(a),
+        Cmd::Backup(a) => crate::backup::run(a),
         Cmd::SetLimits { limits, descriptor } => {
             // Every view of the disk (the top, snapshots mounted beside).
             let recs = crate::mount::served_views(&descriptor);
@@ -1136,7 +1143,7 @@ fn tsnapshot(a: TsnapshotArgs) -> Res<ExitCode> {
         ploop_daemon::kernel::MountPoint::open(m)?;
     }
     let snap = match crate::mount::served_rw(dd) {
-        Some(rec) => crate::mount::online_snapshot(&rec, Some(g))?,
+        Some(rec) => crate::mount::online_snapshot(&rec, Some(g), None)?,
         None => ops::snapshot(dd, Some(g))?,
     };
     let req = crate::mount::MountRequest {

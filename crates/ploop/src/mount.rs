@@ -451,11 +451,12 @@ pub fn online_call_with_progress(
 
 /// Snapshot a mounted disk: the daemon freezes the filesystem, switches to
 /// a new top delta and thaws.
-pub fn online_snapshot(rec: &MountRecord, uuid: Option<Uuid>) -> Res<Uuid> {
+pub fn online_snapshot(rec: &MountRecord, uuid: Option<Uuid>, cbt: Option<Uuid>) -> Res<Uuid> {
     let v = online_call(
         rec,
         &Request::Snapshot {
             uuid: uuid.map(|u| guid_string(&u)),
+            cbt: cbt.map(|u| guid_string(&u)),
         },
     )?;
     v.as_ref()

@@ -697,11 +697,12 @@ fn size_not_a_cluster_multiple() {
 
 /// The format extension of qemu's sample made by Virtuozzo's tools (a
 /// changed-block bitmap at `ext_off`): our check leaves it alone and calls
-/// the image clean (its clusters are in use, not leaked); a write drops
-/// the extension so that no stale bitmap or dangling offset is left (the
-/// data used to land on the extension's clusters with `ext_off` still
-/// set, which qemu then refused); an offset that dangles is reported and
-/// cleared by check.
+/// the image clean (its clusters are in use, not leaked); a writer takes
+/// the bitmap over, marks what it writes and saves it again at the file's
+/// tail on a clean close, where qemu reads the old bits and the new ones
+/// (the data no longer lands on the extension's clusters with `ext_off`
+/// still set, which qemu then refused); an offset that dangles is
+/// reported and cleared by check.
 #[test]
 fn a_format_extension_is_kept_or_dropped_never_left_dangling() {
     let tmp = tempdir();
@@ -731,9 +732,23 @@ fn a_format_extension_is_kept_or_dropped_never_left_dangling() {
     ]);
     let mut disk = TestDisk::adopt(&dir, &image, vec![0u8; 4 * MIB]);
     disk.write_random(9, 0, 3 * MIB);
-    assert_eq!(ext_off(&image), 0, "a writer keeps a stale extension");
-    peers_check(&image);
+    let moved = ext_off(&image);
+    assert!(
+        moved > 4096,
+        "the bitmap is saved past the data: ext_off {moved}"
+    );
     ploop_ok(&[OsStr::new("check"), OsStr::new("-r"), image.as_os_str()]);
+    // qemu reads the bitmap: the sample's bits (64 KiB each) and ours
+    // (the three 1 MiB clusters written).
+    let map = common::qemu_bitmap_map(&image, "e4f2eed0-37fe-4539-b50b-85d2e7fd235f");
+    assert_eq!(
+        map,
+        vec![
+            (0, 3 * MIB as u64, true),
+            (3 * MIB as u64, (64u64 << 30) - 3 * MIB as u64, false)
+        ],
+        "qemu's view of the saved bitmap"
+    );
     let raw = tmp.path().join("back.raw");
     run(
         "qemu-img",

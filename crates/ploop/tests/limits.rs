@@ -134,10 +134,14 @@ fn limits_hold_change_online_and_refuse_nonsense() {
     let cg = std::path::Path::new(root).join(format!("ploop-test-{}", std::process::id()));
     fs::create_dir(&cg).unwrap();
     let out = ploop(&["mount", "--cgroup", cg.to_str().unwrap(), dd]);
-    let pid = ok(ploop(&["list", "--json"]), "list")
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"pid\": "))
-        .map(|p| p.trim_end_matches(',').to_string());
+    // This disk's daemon (other tests may have disks mounted meanwhile).
+    let recs: serde_json::Value =
+        serde_json::from_str(&ok(ploop(&["list", "--json"]), "list")).unwrap();
+    let want = fs::canonicalize(dd).unwrap();
+    let pid = recs.as_array().unwrap().iter().find_map(|r| {
+        let d = r["descriptor"].as_str()?;
+        (std::path::Path::new(d) == want).then(|| r["pid"].to_string())
+    });
     let procs = fs::read_to_string(cg.join("cgroup.procs")).unwrap();
     ok(ploop(&["umount", dd]), "umount");
     fs::remove_dir(&cg).unwrap();

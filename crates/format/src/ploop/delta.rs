@@ -24,10 +24,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use ploop_io::{AlignedBuf, SharedIo};
 
 use super::bat::scan_bat;
+use super::cbt::Cbt;
 use super::free::FreeClusters;
 use super::header::{
-    entry_to_offset, offset_to_entry, Header, RawHeader, Version, FLAG_EMPTY, HEADER_SIZE,
-    IN_USE_MAGIC,
+    entry_to_offset, offset_to_entry, Header, RawHeader, Version, CLOSED_V21_MAGIC, FLAG_EMPTY,
+    HEADER_SIZE, IN_USE_MAGIC,
 };
 use crate::{Error, Result};
 
@@ -152,6 +153,10 @@ pub struct PloopDelta {
     /// copies them again at the end).
     tracking: AtomicBool,
     changed: Mutex<BTreeSet<u64>>,
+    /// The changed-block bitmap kept while open for writing (loaded from
+    /// the format extension of a cleanly closed image, or started by a
+    /// snapshot), saved in it again by a clean close.
+    cbt: RwLock<Option<Arc<Cbt>>>,
     epochs: Arc<Epochs>,
     writable: bool,
     open: AtomicBool,
@@ -310,11 +315,15 @@ impl PloopDelta {
         if flags.writable && header.in_use && !flags.allow_dirty {
             return Err(Error::Dirty { path });
         }
+        let mut cbt = None;
         if flags.writable && header.raw.format_extension_offset != 0 {
-            // A writer would make a changed-block bitmap stale: drop the
-            // extension (as qemu does) in the header write below that
-            // marks the image in use, before any of its clusters is reused;
-            // unless it holds a feature we do not know and may not drop.
+            // The extension's clusters would be reused by new data: drop
+            // it in the header write below that marks the image in use,
+            // as OpenVZ does (and cut them off the file); unless it holds
+            // a feature we do not know and may not drop. Its bitmap goes
+            // on in memory, and is saved again by a clean close; not after
+            // a crash (the in-use flag still set): writes made since may
+            // be missing from it.
             let state = super::ext::read(&io, &header, &bat, size)
                 .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
             if let super::ext::State::Live(ext) = &state {
@@ -323,10 +332,28 @@ impl PloopDelta {
                         "{path}: its format extension holds a feature this tool does not know and must keep ({f:?}): it can only be opened read-only"
                     )));
                 }
+                if header.in_use {
+                    tracing::warn!(
+                        "{path}: not closed cleanly: its changed-block bitmap cannot be trusted and is dropped"
+                    );
+                } else {
+                    cbt = super::ext::load_bitmap(&io, &header, ext)
+                        .map_err(|e| Error::io(&path, "reading the changed-block bitmap", 0, e))?
+                        .map(Arc::new);
+                    if cbt.is_none()
+                        && ext
+                            .features
+                            .iter()
+                            .any(|f| matches!(f, super::ext::Feature::DirtyBitmap { .. }))
+                    {
+                        tracing::warn!(
+                            "{path}: its changed-block bitmap does not fit the disk: dropped"
+                        );
+                    }
+                }
+            } else {
+                tracing::warn!("{path}: dropping a format extension that does not check out");
             }
-            tracing::warn!(
-                "{path}: dropping its format extension (a changed-block bitmap): writing makes it stale"
-            );
             header.raw.format_extension_offset = 0;
         }
         if let Some(p) = scan_bat(&header, &bat, size).into_iter().next() {
@@ -342,6 +369,7 @@ impl PloopDelta {
             outside_syncs: AtomicUsize::new(0),
             tracking: AtomicBool::new(false),
             changed: Mutex::new(BTreeSet::new()),
+            cbt: RwLock::new(cbt),
             raw: Mutex::new(header.raw),
             io,
             path,
@@ -860,18 +888,85 @@ impl PloopDelta {
         self.ensure_healthy()
     }
 
-    /// Flush and mark the image cleanly closed. Idempotent.
+    /// Flush and mark the image cleanly closed, with its changed-block
+    /// bitmap saved if it keeps one. Idempotent.
     pub fn close(&self) -> Result<()> {
         if !self.open.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
         if self.writable {
-            if let Err(e) = self.set_in_use(false) {
+            let closed = match self.cbt() {
+                Some(cbt) => self.close_with_bitmap(&cbt),
+                None => self.set_in_use(false),
+            };
+            if let Err(e) = closed {
                 // Still open: a later close (or drop) tries again.
                 self.open.store(true, Ordering::SeqCst);
                 return Err(e);
             }
         }
+        Ok(())
+    }
+
+    /// The changed-block bitmap the file holds (read-only opens: a
+    /// writable open takes it over, see [`cbt`](Self::cbt)). None if it
+    /// holds none, or was not closed cleanly.
+    pub fn saved_cbt(&self) -> Result<Option<Cbt>> {
+        if self.header.in_use || self.header.raw.format_extension_offset == 0 {
+            return Ok(None);
+        }
+        let bat = self.bat_snapshot();
+        let size = self.size_now()?;
+        let state = super::ext::read(&self.io, &self.header, &bat, size)
+            .map_err(|e| Error::io(&self.path, "reading the format extension", 0, e))?;
+        match state {
+            super::ext::State::Live(ext) => super::ext::load_bitmap(&self.io, &self.header, &ext)
+                .map_err(|e| Error::io(&self.path, "reading the changed-block bitmap", 0, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The changed-block bitmap this delta keeps, if any.
+    pub fn cbt(&self) -> Option<Arc<Cbt>> {
+        self.cbt.read().expect("cbt lock").clone()
+    }
+
+    /// Keep `cbt` (None: none) from now on; returns the one kept before.
+    pub fn set_cbt(&self, cbt: Option<Arc<Cbt>>) -> Option<Arc<Cbt>> {
+        std::mem::replace(&mut *self.cbt.write().expect("cbt lock"), cbt)
+    }
+
+    /// Close cleanly with the bitmap saved as OpenVZ saves it: bitmap and
+    /// extension clusters past the last data cluster, synced; then the
+    /// header points at them, marked closed by a v2.1 writer. A crash
+    /// before the header write leaves the image in use and the clusters
+    /// past its data, which the next writer cuts off.
+    fn close_with_bitmap(&self, cbt: &Cbt) -> Result<()> {
+        self.flush()?;
+        let _meta = self.meta.lock().expect("meta lock");
+        let at = self.alloc.lock().expect("alloc lock").end;
+        let (sector, end) =
+            super::ext::write_bitmap(&self.io, &self.header, at, cbt).map_err(|e| {
+                Error::io(
+                    &self.path,
+                    "writing the changed-block bitmap",
+                    at * self.header.cluster_size,
+                    e,
+                )
+            })?;
+        self.sync("syncing the changed-block bitmap")?;
+        let mut raw = self.raw.lock().expect("header lock");
+        raw.disk_in_use = CLOSED_V21_MAGIC;
+        raw.format_extension_offset = sector;
+        let page = {
+            let bat = self.bat.read().expect("bat lock");
+            metadata_page(0, &raw, &bat)
+        };
+        self.io
+            .write_at(page.as_slice(), 0)
+            .map_err(|e| Error::io(&self.path, "writing header", 0, e))?;
+        self.sync("syncing header")?;
+        debug_assert!(self.size_now().map_or(true, |s| s >= end));
         Ok(())
     }
 
@@ -897,8 +992,13 @@ impl PloopDelta {
         self.changed.lock().expect("changed lock").extend(clusters);
     }
 
-    /// Record that `cluster` is about to change (no-op unless tracking).
+    /// Record that `cluster` is about to change (in the changed-block
+    /// bitmap, if kept, and in the tracked set, if tracking).
     pub fn note_change(&self, cluster: u64) {
+        if let Some(cbt) = self.cbt.read().expect("cbt lock").as_ref() {
+            let cs = self.header.cluster_size;
+            cbt.mark(cluster * cs, cs);
+        }
         if self.tracking.load(Ordering::SeqCst) {
             self.changed.lock().expect("changed lock").insert(cluster);
         }

@@ -219,6 +219,117 @@ fn parse(
     }
 }
 
+/// The first dirty bitmap of a live extension, read into memory. None if
+/// it has none, or one that does not fit this disk (its size or its
+/// table's length differ, its granularity is no power of two): such a
+/// bitmap cannot be trusted to cover every change.
+pub fn load_bitmap(
+    io: &SharedIo,
+    header: &Header,
+    ext: &Extension,
+) -> std::io::Result<Option<super::cbt::Cbt>> {
+    let Some(Feature::DirtyBitmap {
+        size_sectors,
+        id,
+        granularity,
+        l1,
+    }) = ext
+        .features
+        .iter()
+        .find(|f| matches!(f, Feature::DirtyBitmap { .. }))
+    else {
+        return Ok(None);
+    };
+    let gran = u64::from(*granularity) * SECTOR;
+    if !gran.is_power_of_two() || size_sectors.checked_mul(SECTOR) != Some(header.virtual_size) {
+        return Ok(None);
+    }
+    let cbt = super::cbt::Cbt::new(*id, gran, header.virtual_size);
+    let cs = header.cluster_size;
+    let per_entry = cs * 8;
+    if l1.len() as u64 != cbt.bits().div_ceil(per_entry) {
+        return Ok(None);
+    }
+    let mut buf = AlignedBuf::zeroed(cs as usize);
+    for (i, &e) in l1.iter().enumerate() {
+        let first = i as u64 * per_entry;
+        match e {
+            0 => {}
+            1 => cbt.set_all(first, per_entry),
+            sector => {
+                io.read_at(buf.as_mut_slice(), sector * SECTOR)?;
+                cbt.set_bytes(first, buf.as_slice());
+            }
+        }
+    }
+    Ok(Some(cbt))
+}
+
+/// Write `cbt` as a format extension from file cluster `at` on: its
+/// bitmap clusters (none for a table entry that is all clear or all set),
+/// then the extension cluster. Returns the extension's sector, for the
+/// header, and the file's end after it. The caller syncs before it points
+/// the header at it.
+pub fn write_bitmap(
+    io: &SharedIo,
+    header: &Header,
+    at: u64,
+    cbt: &super::cbt::Cbt,
+) -> std::io::Result<(u64, u64)> {
+    let cs = header.cluster_size;
+    let per_entry = cs * 8;
+    let bits = cbt.bits();
+    let entries = bits.div_ceil(per_entry);
+    let need = 24 + FEATURE_HEADER + DIRTY_BITMAP_FIXED + 8 * entries as usize + FEATURE_HEADER;
+    if need > cs as usize {
+        return Err(std::io::Error::other(format!(
+            "a dirty bitmap of {bits} bits needs a table larger than a {cs}-byte cluster"
+        )));
+    }
+    let mut next = at;
+    let mut l1 = Vec::with_capacity(entries as usize);
+    let mut block = AlignedBuf::zeroed(cs as usize);
+    for i in 0..entries {
+        let first = i * per_entry;
+        let n = per_entry.min(bits - first);
+        let bytes = cbt.bytes(first, cs as usize);
+        let full = n / 8;
+        let all_set = bytes[..full as usize].iter().all(|&b| b == 0xff)
+            && (n.is_multiple_of(8) || bytes[full as usize] == (1u8 << (n % 8)) - 1);
+        if bytes.iter().all(|&b| b == 0) {
+            l1.push(0);
+        } else if all_set {
+            l1.push(1);
+        } else {
+            block.as_mut_slice().copy_from_slice(&bytes);
+            io.write_at(block.as_slice(), next * cs)?;
+            l1.push(next * cs / SECTOR);
+            next += 1;
+        }
+    }
+    let c = block.as_mut_slice();
+    c.fill(0);
+    c[..8].copy_from_slice(&EXT_MAGIC.to_le_bytes());
+    let mut pos = 24;
+    let size = DIRTY_BITMAP_FIXED + 8 * l1.len();
+    c[pos..pos + 8].copy_from_slice(&DIRTY_BITMAP_MAGIC.to_le_bytes());
+    c[pos + 16..pos + 20].copy_from_slice(&(size as u32).to_le_bytes());
+    pos += FEATURE_HEADER;
+    c[pos..pos + 8].copy_from_slice(&(header.virtual_size / SECTOR).to_le_bytes());
+    c[pos + 8..pos + 24].copy_from_slice(cbt.id.as_bytes());
+    c[pos + 24..pos + 28].copy_from_slice(&((cbt.granularity / SECTOR) as u32).to_le_bytes());
+    c[pos + 28..pos + 32].copy_from_slice(&(l1.len() as u32).to_le_bytes());
+    for (i, e) in l1.iter().enumerate() {
+        let at = pos + DIRTY_BITMAP_FIXED + 8 * i;
+        c[at..at + 8].copy_from_slice(&e.to_le_bytes());
+    }
+    // The zeros after it end the list (a feature of magic 0).
+    let sum = Md5::digest(&c[24..]);
+    c[8..24].copy_from_slice(&sum);
+    io.write_at(block.as_slice(), next * cs)?;
+    Ok((next * cs / SECTOR, (next + 1) * cs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,9 @@ pub const SIGNATURE_V2: [u8; 16] = *b"WithouFreSpacExt";
 pub const IMAGE_TYPE: u32 = 2;
 /// "Ynot": set while the image is open read-write.
 pub const IN_USE_MAGIC: u32 = 0x746F_6E59;
+/// `disk_in_use` of an image closed by a writer of version 2.1 of the
+/// format ("v2.1"), which may leave a format extension.
+pub const CLOSED_V21_MAGIC: u32 = 0x312e_3276;
 pub const HEADS: u32 = 16;
 /// Header flag: the image has no data yet.
 pub const FLAG_EMPTY: u32 = 1;

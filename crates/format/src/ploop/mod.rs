@@ -2,6 +2,7 @@
 //! `parallels` driver).
 
 mod bat;
+pub mod cbt;
 pub mod check;
 pub mod compact;
 pub mod convert;

@@ -130,10 +130,9 @@ impl Connection {
     }
 
     pub(super) fn block_status(&self, req: &Request) {
-        let Some(id) = self.agreed.allocation else {
+        if self.agreed.allocation.is_none() && self.agreed.bitmap.is_none() {
             return self.reply_error(req, failure(EINVAL, "no metadata context selected"));
-        };
-        debug_assert_eq!(id, ALLOCATION_ID);
+        }
         if let Err(f) = self.check_range(req, EINVAL) {
             return self.reply_error(req, f);
         }
@@ -142,44 +141,59 @@ impl Connection {
         }
         let span = req.length.min(MAX_STATUS_SPAN);
         let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-        let runs = {
-            let chain = self.export.disk.chain();
-            chain.allocation(req.offset, span, if one { 1 } else { MAX_STATUS_RUNS })
-        };
-        let runs = match runs {
-            Ok(r) => r,
-            Err(e) => return self.reply_error(req, image_failure(&e)),
-        };
-        let status = |held: bool| if held { 0 } else { STATE_HOLE | STATE_ZERO };
-        let ext = self.agreed.extended;
-        let mut p = Vec::with_capacity(8 + runs.len() * 16);
-        p.extend_from_slice(&id.to_be_bytes());
-        if ext {
-            p.extend_from_slice(&(runs.len() as u32).to_be_bytes());
-            for &(len, held) in &runs {
-                p.extend_from_slice(&len.to_be_bytes());
-                p.extend_from_slice(&u64::from(status(held)).to_be_bytes());
-            }
-        } else {
-            for &(len, held) in &runs {
-                p.extend_from_slice(&(len as u32).to_be_bytes());
-                p.extend_from_slice(&status(held).to_be_bytes());
-            }
+        let most = if one { 1 } else { MAX_STATUS_RUNS };
+        // One chunk per selected context: (id, runs of (length, status)).
+        let mut chunks: Vec<(u32, Vec<(u64, u32)>)> = Vec::with_capacity(2);
+        if let Some(id) = self.agreed.allocation {
+            debug_assert_eq!(id, ALLOCATION_ID);
+            let runs = {
+                let chain = self.export.disk.chain();
+                chain.allocation(req.offset, span, most)
+            };
+            let runs = match runs {
+                Ok(r) => r,
+                Err(e) => return self.reply_error(req, image_failure(&e)),
+            };
+            let status = |held: bool| if held { 0 } else { STATE_HOLE | STATE_ZERO };
+            chunks.push((
+                ALLOCATION_ID,
+                runs.into_iter()
+                    .map(|(len, held)| (len, status(held)))
+                    .collect(),
+            ));
         }
+        if let Some(bitmap) = &self.agreed.bitmap {
+            chunks.push((BITMAP_ID, bitmap_runs(bitmap, req.offset, span, most)));
+        }
+        let ext = self.agreed.extended;
         let kind = if ext {
             CHUNK_BLOCK_STATUS_EXT
         } else {
             CHUNK_BLOCK_STATUS
         };
-        let h = chunk_header(
-            ext,
-            REPLY_FLAG_DONE,
-            kind,
-            req.cookie,
-            req.offset,
-            p.len() as u64,
-        );
-        self.send(Reply::bytes([h, p].concat()));
+        let last = chunks.len() - 1;
+        let mut out = Vec::new();
+        for (n, (id, runs)) in chunks.into_iter().enumerate() {
+            let mut p = Vec::with_capacity(8 + runs.len() * 16);
+            p.extend_from_slice(&id.to_be_bytes());
+            if ext {
+                p.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+                for &(len, status) in &runs {
+                    p.extend_from_slice(&len.to_be_bytes());
+                    p.extend_from_slice(&u64::from(status).to_be_bytes());
+                }
+            } else {
+                for &(len, status) in &runs {
+                    p.extend_from_slice(&(len as u32).to_be_bytes());
+                    p.extend_from_slice(&status.to_be_bytes());
+                }
+            }
+            let flags = if n == last { REPLY_FLAG_DONE } else { 0 };
+            let h = chunk_header(ext, flags, kind, req.cookie, req.offset, p.len() as u64);
+            out.extend_from_slice(&h);
+            out.extend_from_slice(&p);
+        }
+        self.send(Reply::bytes(out));
     }
 
     /// Carry out one request and send its reply.
@@ -237,4 +251,34 @@ impl Connection {
             _ => unreachable!("filtered by the reader"),
         }
     }
+}
+
+/// The bitmap over `[offset, offset + len)` as runs of (length, status):
+/// STATE_DIRTY where a bit is set. At most `most` runs, covering at least
+/// the first byte.
+fn bitmap_runs(
+    b: &ploop_format::ploop::cbt::Cbt,
+    offset: u64,
+    len: u64,
+    most: usize,
+) -> Vec<(u64, u32)> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let bit = at / b.granularity;
+        let next = ((bit + 1) * b.granularity).min(end);
+        let status = if b.is_set(bit) { STATE_DIRTY } else { 0 };
+        match out.last_mut() {
+            Some((l, s)) if *s == status => *l += next - at,
+            _ => {
+                if out.len() == most {
+                    break;
+                }
+                out.push((next - at, status));
+            }
+        }
+        at = next;
+    }
+    out
 }

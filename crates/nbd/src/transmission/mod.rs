@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak
 use ploop_io::AlignedBuf;
 use tracing::{debug, error, warn};
 
-use super::handshake::{Agreed, ALLOCATION_ID};
+use super::handshake::{Agreed, ALLOCATION_ID, BITMAP_ID};
 use super::proto::*;
 use super::Export;
 use ploop_uring::Op;

@@ -622,3 +622,47 @@ pub fn qemu_convert(from: &str, to: &str, src: &Path, dst: &Path) {
         "qemu-img convert",
     );
 }
+
+/// The extents of `qemu:dirty-bitmap:NAME` as qemu reads them from a
+/// parallels image (qemu-nbd -r -B NAME, nbdinfo --map): (offset, length,
+/// dirty).
+pub fn qemu_bitmap_map(image: &Path, name: &str) -> Vec<(u64, u64, bool)> {
+    let sock = image.with_extension("qnbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut q = Command::new("qemu-nbd")
+        .args(["-r", "-t", "-f", "parallels", "-B", name, "-k"])
+        .arg(&sock)
+        .arg(image)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-nbd");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let map = nbd_bitmap_map(&format!("nbd+unix:///?socket={}", sock.display()), name);
+    let _ = q.kill();
+    let _ = q.wait();
+    let _ = std::fs::remove_file(&sock);
+    map
+}
+
+/// The extents of `qemu:dirty-bitmap:NAME` an NBD server gives (nbdinfo
+/// --map): (offset, length, dirty).
+pub fn nbd_bitmap_map(uri: &str, name: &str) -> Vec<(u64, u64, bool)> {
+    let out = ok(
+        run(
+            "nbdinfo",
+            &[&format!("--map=qemu:dirty-bitmap:{name}"), uri],
+        ),
+        "nbdinfo --map",
+    );
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2] == "1")
+        })
+        .collect()
+}
