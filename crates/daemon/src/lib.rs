@@ -9,6 +9,7 @@ pub mod control;
 pub mod error;
 pub mod kernel;
 pub mod registry;
+pub mod serve_control;
 pub mod session;
 
 pub use error::{Error, Result};

@@ -433,27 +433,15 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                     Err(e) => Err(e),
                 }
             }
-            Request::Flush => served
-                .chain()
-                .flush()
-                .map(|_| None)
-                .map_err(|e| e.to_string()),
-            Request::TrackStart => track_start(&served),
-            Request::TrackTake => {
-                let chain = served.current();
-                if chain.dirty_log().is_on() {
-                    Ok(Some(json!({
-                        "size": chain.virtual_size(),
-                        "dirty": chain.dirty_log().take(),
-                    })))
-                } else {
-                    Err("no copy of this disk is under way".to_string())
-                }
-            }
-            Request::TrackStop => {
-                served.current().dirty_log().stop();
-                Ok(None)
-            }
+            Request::Flush
+            | Request::TrackStart
+            | Request::TrackTake
+            | Request::TrackStop
+            | Request::Merge { .. }
+            | Request::Delete { .. } => match disk_request(&served, &req, progress) {
+                Some(r) => r,
+                None => Err("not handled".to_string()),
+            },
             Request::Snapshot { uuid, cbt } => match (
                 uuid.as_deref().map(parse_guid),
                 cbt.as_deref().map(parse_guid),
@@ -468,22 +456,6 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                             .map(|g| Some(json!(guid_string(&g))))
                             .map_err(|e| e.to_string())
                     }),
-            },
-            Request::Merge { guid } => {
-                let g = match guid.as_deref().map(parse_guid) {
-                    Some(None) => return (Response::err("incorrect uuid"), false),
-                    Some(Some(g)) => g,
-                    None => TOP_GUID,
-                };
-                online::merge_with_parent(&served, g, progress)
-                    .map(|_| None)
-                    .map_err(|e| e.to_string())
-            }
-            Request::Delete { guid } => match parse_guid(&guid) {
-                None => Err("incorrect uuid".to_string()),
-                Some(g) => online::delete(&served, g, progress)
-                    .map(|_| None)
-                    .map_err(|e| e.to_string()),
             },
             Request::Replace {
                 target,
@@ -832,6 +804,54 @@ impl Drop for Session {
             registry::remove(&self.record);
         }
     }
+}
+
+/// Answer the control requests any served disk takes, whatever exports
+/// it (a mount or `ploop serve`): flush, merge, delete, and the change log
+/// of `ploop copy`. None: not one of those.
+pub fn disk_request(
+    served: &ServedDisk,
+    req: &Request,
+    progress: &dyn Fn(u64, u64),
+) -> Option<std::result::Result<Option<serde_json::Value>, String>> {
+    Some(match req {
+        Request::Flush => served
+            .chain()
+            .flush()
+            .map(|_| None)
+            .map_err(|e| e.to_string()),
+        Request::TrackStart => track_start(served),
+        Request::TrackTake => {
+            let chain = served.current();
+            if chain.dirty_log().is_on() {
+                Ok(Some(json!({
+                    "size": chain.virtual_size(),
+                    "dirty": chain.dirty_log().take(),
+                })))
+            } else {
+                Err("no copy of this disk is under way".to_string())
+            }
+        }
+        Request::TrackStop => {
+            served.current().dirty_log().stop();
+            Ok(None)
+        }
+        Request::Merge { guid } => match guid.as_deref().map(parse_guid) {
+            Some(None) => Err("incorrect uuid".to_string()),
+            parsed => {
+                online::merge_with_parent(served, parsed.flatten().unwrap_or(TOP_GUID), progress)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+            }
+        },
+        Request::Delete { guid } => match parse_guid(guid) {
+            None => Err("incorrect uuid".to_string()),
+            Some(g) => online::delete(served, g, progress)
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+        },
+        _ => return None,
+    })
 }
 
 /// Start recording changed clusters for a copy, and say what to send

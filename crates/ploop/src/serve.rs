@@ -144,6 +144,19 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         ServedDisk::new(target.clone(), TOP_GUID, r.read_only, chain)
     };
     let disk = Arc::new(disk);
+    // A writable disk's control socket: snapshots, merges, copies and
+    // backups work on it while clients use it.
+    let _control = if is_descriptor(&target) && !r.read_only {
+        match ploop_daemon::serve_control::start(disk.clone(), &target) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = disk.current().close();
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
+    };
     let export = Arc::new(Export {
         name: r.name.clone(),
         // Clients see the export's name only, never where the disk lives.

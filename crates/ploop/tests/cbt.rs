@@ -423,3 +423,67 @@ fn full_and_incremental_backups_restore_byte_for_byte() {
     );
     assert!(out.stderr.contains("take a full backup"), "{out}");
 }
+
+/// `ploop serve`'s disk takes snapshots, merges and backups while a
+/// client writes, as a mounted disk does (it used to refuse them: the
+/// image is locked).
+#[test]
+fn a_disk_served_over_nbd_takes_snapshots_and_backups_in_use() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(
+        ploop(&[
+            "init",
+            "-s",
+            "64M",
+            "-t",
+            "none",
+            d.join("root.hdd").to_str().unwrap(),
+        ]),
+        "init",
+    );
+    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let sock = d.join("nbd.sock");
+    let srv = Server::on_socket(d, &sock, Path::new(&dd));
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let put = |at: u64, byte: u8| {
+        common::nbdsh(
+            &uri,
+            &format!("h.connect_uri(uri)\nh.pwrite(bytes([{byte}]) * 65536, {at})\nh.flush()"),
+        )
+        .success();
+    };
+    put(0, 1);
+    let top = snapshot(&dd, d, &["-b", BITMAP]);
+    assert!(top.exists());
+    put(5 * MIB as u64, 2);
+    assert_eq!(
+        nbd_bitmap_map(&uri, NAME),
+        expected(64 * MIB as u64, &[5]),
+        "live bitmap"
+    );
+    let b = d.join("backup");
+    ok(
+        ploop(&["backup", &dd, b.to_str().unwrap()]),
+        "full backup of a served disk",
+    );
+    put(9 * MIB as u64, 3);
+    ok(
+        ploop(&["backup", "--incremental", &dd, b.to_str().unwrap()]),
+        "incremental",
+    );
+    assert_eq!(history(&b, 1), ("incremental".into(), 1));
+    ok(ploop(&["snapshot-merge", &dd]), "merge, online");
+    let list = ok(ploop(&["snapshot-list", &dd]), "snapshot-list");
+    assert_eq!(list.lines().count(), 2, "one delta left: {list}");
+    put(20 * MIB as u64, 4);
+    srv.stop();
+    let bdd = b.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let mut want = read_disk(&dd);
+    // The backup is of the point before the last write.
+    want[20 * MIB..20 * MIB + 65536].fill(0);
+    assert!(
+        read_disk(&bdd) == want,
+        "the backup differs from the served disk"
+    );
+}

@@ -1,0 +1,112 @@
+//! The control socket of a disk `ploop serve` exports over NBD: it is
+//! registered as mounted views are (without a device), so `snapshot`,
+//! `snapshot-merge`, `snapshot-delete`, `copy` and `backup` find it and
+//! work on the disk while clients use it, as they do on a mounted one.
+
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+
+use ploop_format::descriptor::{guid_string, parse_guid};
+use ploop_image::online;
+use ploop_image::served::ServedDisk;
+use serde_json::json;
+use tracing::warn;
+
+use crate::control::{self, Request, Response};
+use crate::registry::{self, MountRecord, ViewLock};
+use crate::session::{disk_request, log_path};
+use crate::{Error, Result};
+
+/// Registered while alive: the record, its view lock and its socket go
+/// when it is dropped.
+pub struct ServeControl {
+    record: MountRecord,
+    _lock: ViewLock,
+}
+
+impl Drop for ServeControl {
+    fn drop(&mut self) {
+        registry::remove(&self.record);
+        let _ = std::fs::remove_file(&self.record.socket);
+    }
+}
+
+/// Register the writable disk `served` (its descriptor `dd`, canonical)
+/// and answer its control socket on a thread of its own. Snapshots are
+/// taken without a freeze: the filesystem is the NBD client's, which must
+/// have flushed what it wants in the snapshot.
+pub fn start(served: Arc<ServedDisk>, dd: &Path) -> Result<ServeControl> {
+    let guid = guid_string(&served.guid);
+    let id = registry::id_for(dd, &guid, served.read_only);
+    let lock = registry::lock_view(&id).map_err(|_| {
+        Error::Refused(format!(
+            "{} is served or mounted by another process",
+            dd.display()
+        ))
+    })?;
+    let dir = registry::run_dir().join(&id);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+    let socket = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(|e| Error::io(socket.display(), e))?;
+    let record = MountRecord {
+        id: id.clone(),
+        descriptor: dd.to_path_buf(),
+        guid,
+        read_only: served.read_only,
+        pid: std::process::id(),
+        fuse_file: Default::default(),
+        socket,
+        log: log_path(&id),
+        device: None,
+        partition: None,
+        mountpoint: None,
+        limits: Default::default(),
+        cgroup: None,
+    };
+    record
+        .save()
+        .map_err(|e| Error::io(record.dir().display(), e))?;
+    let status = record.clone();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            control::serve(&listener, |req, caller| {
+                let progress = &|done, total| caller.progress(done, total);
+                let result = match &req {
+                    Request::Status => Ok(Some(json!({
+                        "record": &status,
+                        "deltas": served.current().layers().len(),
+                    }))),
+                    Request::Snapshot { uuid, cbt } => {
+                        match (
+                            uuid.as_deref().map(parse_guid),
+                            cbt.as_deref().map(parse_guid),
+                        ) {
+                            (Some(None), _) | (_, Some(None)) => Err("incorrect uuid".to_string()),
+                            (u, c) => online::snapshot(&served, u.flatten(), c.flatten())
+                                .map(|g| Some(json!(guid_string(&g))))
+                                .map_err(|e| e.to_string()),
+                        }
+                    }
+                    Request::Stop => Err("`ploop serve` stops on a signal".to_string()),
+                    other => disk_request(&served, other, progress).unwrap_or_else(|| {
+                        Err("not available on a disk served over NBD".to_string())
+                    }),
+                };
+                match result {
+                    Ok(v) => (Response::ok(v), false),
+                    Err(e) => {
+                        warn!("control request failed: {e}");
+                        (Response::err(e), false)
+                    }
+                }
+            })
+        })
+        .map_err(|e| Error::io("starting the control thread", e))?;
+    Ok(ServeControl {
+        record,
+        _lock: lock,
+    })
+}
