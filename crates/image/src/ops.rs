@@ -973,6 +973,16 @@ fn check_disk_inner(dd: &Path, lock: Option<&DescriptorLock>) -> Result<Vec<Delt
     for entry in d.chain(d.top_guid, &dd.display().to_string())? {
         check_entry(entry, &mut out)?;
     }
+    // A version conversion converts every delta, side branches too: one
+    // it left half done (its BAT backup still beside it) is rolled back
+    // wherever it is, or no view through it opens.
+    for entry in &d.images {
+        if entry.kind == ImageType::Compressed
+            && ploop_io::fsys::exists(&backup_path(&image_path(dd, &entry.file)?))
+        {
+            check_entry(entry, &mut out)?;
+        }
+    }
     // Merges that stopped halfway are rolled forward, one at a time (each
     // changes the descriptor), once both deltas are repaired (the parent
     // may have been left in use; a side branch's are not checked above).

@@ -1,6 +1,7 @@
 //! Crash explorer for the operations that change a disk's files and its
-//! DiskDescriptor.xml: snapshot, merge, delete, switch, `convert -v` and
-//! `convert -f`, run as they are (the real `ops` code) on a journaled
+//! DiskDescriptor.xml: snapshot (with a changed-block bitmap, `-b`, too),
+//! merge, delete, switch, `convert -v` and `convert -f`, and the saving of
+//! the bitmap on every close, run as they are (the real `ops` code) on a journaled
 //! in-memory filesystem. At every recorded write, flush, creation, rename,
 //! removal and folder sync, the folder is rebuilt as a power cut would
 //! leave it (files: any subset of unflushed writes, in any order, some
@@ -11,6 +12,8 @@
 //!     under way (after it, once it is over); a write under way may leave
 //!     each sector old or new. The contents come from a model, and the
 //!     real code must agree with it after every step;
+//!   - a changed-block bitmap the top still holds after the repair marks
+//!     every cluster written since it started, in the steps before;
 //!   - once per crash point, that repair is itself crashed at each of its
 //!     writes, and what it leaves must repair to the same disk.
 //!
@@ -18,7 +21,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -46,7 +49,13 @@ struct Step {
     to: usize,
     before: Option<Vec<u8>>,
     after: Vec<u8>,
+    /// Clusters written since the bitmap started, in the steps before
+    /// this one: a bitmap left after a crash must mark them all.
+    floor: Option<BTreeSet<u64>>,
 }
+
+/// The bitmap the lives start.
+const CBT_ID: Uuid = Uuid::from_u128(0x6f1d_2c3b_0a4e_4c55_9d66_7e8f_90a1_b2c3);
 
 impl Step {
     /// Writes change clusters in place: a crash may tear them per sector.
@@ -67,7 +76,7 @@ fn content(dd: &Path) -> Vec<u8> {
 
 /// Write whole clusters with new values through the real chain, and close;
 /// the model gets the same values.
-fn write_clusters(dd: &Path, rng: &mut Rng, model: &mut [u8]) {
+fn write_clusters(dd: &Path, rng: &mut Rng, model: &mut [u8]) -> Vec<u64> {
     let disk = Disk::open(
         dd,
         OpenOptions {
@@ -78,7 +87,10 @@ fn write_clusters(dd: &Path, rng: &mut Rng, model: &mut [u8]) {
     .expect("open writable");
     // Distinct clusters: a sector is then either as before or as written.
     let first = rng.below(CLUSTERS);
-    for c in (0..1 + rng.below(3)).map(|i| (first + 2 * i) % CLUSTERS) {
+    let written: Vec<u64> = (0..1 + rng.below(3))
+        .map(|i| (first + 2 * i) % CLUSTERS)
+        .collect();
+    for &c in &written {
         let val = 1 + rng.below(255) as u8;
         disk.chain
             .write_at(&vec![val; CS as usize], c * CS)
@@ -86,6 +98,7 @@ fn write_clusters(dd: &Path, rng: &mut Rng, model: &mut [u8]) {
         model[(c * CS) as usize..((c + 1) * CS) as usize].fill(val);
     }
     disk.close().expect("close");
+    written
 }
 
 fn snapshots(dd: &Path) -> Vec<Uuid> {
@@ -106,6 +119,8 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         let mut model = vec![0u8; SIZE as usize];
         // Content of each snapshot, as it was when taken.
         let mut saved: Views = HashMap::new();
+        // Clusters written since the bitmap started (None: no bitmap).
+        let floor: std::cell::RefCell<Option<BTreeSet<u64>>> = Default::default();
         let record = |steps: &mut Vec<Step>, what: &str, from: usize, model: &[u8]| {
             let got = content(&dd);
             assert!(
@@ -118,6 +133,7 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
                 to: j.len(),
                 before: steps.last().map(|s| s.after.clone()),
                 after: model.to_vec(),
+                floor: floor.borrow().clone(),
             });
         };
         let from = j.len();
@@ -135,8 +151,11 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
         record(&mut steps, "init", from, &model);
         let write = |steps: &mut Vec<Step>, model: &mut Vec<u8>, rng: &mut Rng| {
             let from = j.len();
-            write_clusters(&dd, rng, model);
+            let written = write_clusters(&dd, rng, model);
             record(steps, "write", from, model);
+            if let Some(f) = floor.borrow_mut().as_mut() {
+                f.extend(written);
+            }
         };
         write(&mut steps, &mut model, &mut rng);
         if seed.is_multiple_of(2) {
@@ -154,6 +173,14 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
             }
             return (steps, saved);
         }
+        // A bitmap from here on: each write's close saves it; snapshots
+        // and merges carry it.
+        let from = j.len();
+        let g = ops::snapshot_with_cbt(&dd, None, Some(CBT_ID)).expect("snapshot -b");
+        saved.insert(g, model.clone());
+        record(&mut steps, "snapshot -b", from, &model);
+        *floor.borrow_mut() = Some(BTreeSet::new());
+        write(&mut steps, &mut model, &mut rng);
         let mut snapshot = |steps: &mut Vec<Step>, model: &Vec<u8>| {
             let from = j.len();
             let g = ops::snapshot(&dd, None).expect("snapshot");
@@ -180,6 +207,8 @@ fn life(seed: u64, j: &Journal, dir: &Path) -> (Vec<Step>, Views) {
             .iter()
             .find(|g| saved.contains_key(g))
             .expect("a snapshot taken here");
+        // Back to an older point: the new top keeps no bitmap.
+        *floor.borrow_mut() = None;
         let from = j.len();
         ops::switch(&dd, back).expect("switch");
         model = saved[&back].clone();
@@ -380,7 +409,48 @@ fn verify(dir: &Path, step: &Step, point: usize, views: &Views) -> Result<Option
     let back = repair_and_read(dir)?;
     check_content(&back, step, point)?;
     check_views(dir, views)?;
+    check_bitmap(dir, step)?;
     Ok(Some(back))
+}
+
+/// A bitmap the top still holds marks every cluster written since it
+/// started (in the steps before the one under way).
+fn check_bitmap(dir: &Path, step: &Step) -> Result<(), String> {
+    let Some(floor) = &step.floor else {
+        return Ok(());
+    };
+    let dd = dir.join("DiskDescriptor.xml");
+    let d = Descriptor::load(&dd).map_err(|e| format!("descriptor: {e}"))?;
+    let top = d.image(d.top_guid).expect("a top").clone();
+    if top.kind != ploop_format::descriptor::ImageType::Compressed {
+        return Ok(());
+    }
+    let io: ploop_io::SharedIo = std::sync::Arc::new(
+        ploop_io::FileIo::open(&dir.join(&top.file), OpenMode::read_only())
+            .map_err(|e| format!("top: {e}"))?,
+    );
+    let p = ploop_format::ploop::PloopDelta::open(
+        io,
+        ploop_format::ploop::OpenFlags {
+            writable: false,
+            allow_dirty: true,
+        },
+    )
+    .map_err(|e| format!("top: {e}"))?;
+    match p.saved_cbt().map_err(|e| format!("bitmap: {e}"))? {
+        Some(b) if b.id == CBT_ID => {
+            let missing: Vec<_> = floor
+                .iter()
+                .filter(|&&c| !b.is_set(c * CS / b.granularity))
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("the bitmap claims clusters {missing:?} unchanged"))
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_content(back: &[u8], step: &Step, point: usize) -> Result<(), String> {
