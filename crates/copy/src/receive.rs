@@ -42,8 +42,11 @@ pub fn receive(input: &mut dyn Read, sink: &mut dyn Sink) -> Result<RecvStats> {
     }
     stats.size = h.size.get();
     stats.stream_bytes = header.len() as u64;
-    sink.create(h.size.get(), h.cluster.get(), h.format.get())
-        .map_err(Error::Sink)?;
+    if let Err(e) = sink.create(h.size.get(), h.cluster.get(), h.format.get()) {
+        // What it made before it failed goes too.
+        sink.abandon();
+        return Err(Error::Sink(e));
+    }
     match body(input, sink, h.size.get(), &mut stats) {
         Ok(()) => match sink.finish() {
             Ok(()) => Ok(stats),

@@ -24,8 +24,9 @@ pub const MAX_DATA: u64 = 8 << 20;
 /// Cluster sizes a stream may name.
 pub const MIN_CLUSTER: u64 = 512;
 pub const MAX_CLUSTER: u64 = 64 << 20;
-/// Disk sizes a stream may name (ploop's own limit is far below).
-pub const MAX_SIZE: u64 = 1 << 56;
+/// Disk sizes a stream may name (64 TiB): what a receiver makes an
+/// image of, BAT and all, before any data comes.
+pub const MAX_SIZE: u64 = 1 << 46;
 
 /// The image format the receiver should write.
 pub const FORMAT_PLOOP: u32 = 0;

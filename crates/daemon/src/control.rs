@@ -49,9 +49,14 @@ pub enum Request {
         #[serde(default)]
         defrag: bool,
     },
-    /// `ploop copy`: start recording which clusters change; answers the
-    /// disk's size, its cluster size and the byte ranges some delta holds.
-    TrackStart,
+    /// `ploop copy`: start recording which clusters change, for the
+    /// process `owner` (a dead owner's recording is taken over); answers
+    /// the disk's size, its cluster size and the byte ranges some delta
+    /// holds.
+    TrackStart {
+        #[serde(default)]
+        owner: u32,
+    },
     /// The clusters changed since the start or the last take, as runs of
     /// (first cluster, count); recording goes on.
     TrackTake,

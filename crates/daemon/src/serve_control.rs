@@ -1,11 +1,13 @@
 //! The control socket of a disk `ploop serve` exports over NBD: it is
 //! registered as mounted views are (without a device), so `snapshot`,
-//! `snapshot-merge`, `snapshot-delete`, `copy` and `backup` find it and
-//! work on the disk while clients use it, as they do on a mounted one.
+//! `snapshot-merge`, `snapshot-delete` and `backup` find it and work on
+//! the disk while clients use it, as they do on a mounted one. (`copy`
+//! needs a mounted disk: it reads the FUSE file and freezes the
+//! filesystem.)
 
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ploop_format::descriptor::{guid_string, parse_guid};
 use ploop_image::online;
@@ -23,6 +25,16 @@ use crate::{Error, Result};
 pub struct ServeControl {
     record: MountRecord,
     _lock: ViewLock,
+    /// Held while a request runs.
+    busy: Arc<Mutex<()>>,
+}
+
+impl ServeControl {
+    /// Wait for the request under way, if any, and hold off the next:
+    /// the disk can then be closed under no online operation.
+    pub fn quiesce(&self) -> MutexGuard<'_, ()> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for ServeControl {
@@ -69,10 +81,13 @@ pub fn start(served: Arc<ServedDisk>, dd: &Path) -> Result<ServeControl> {
         .save()
         .map_err(|e| Error::io(record.dir().display(), e))?;
     let status = record.clone();
+    let busy = Arc::new(Mutex::new(()));
+    let held = busy.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             control::serve(&listener, |req, caller| {
+                let _busy = held.lock().unwrap_or_else(|e| e.into_inner());
                 let progress = &|done, total| caller.progress(done, total);
                 let result = match &req {
                     Request::Status => Ok(Some(json!({
@@ -108,5 +123,6 @@ pub fn start(served: Arc<ServedDisk>, dd: &Path) -> Result<ServeControl> {
     Ok(ServeControl {
         record,
         _lock: lock,
+        busy,
     })
 }

@@ -434,7 +434,7 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 }
             }
             Request::Flush
-            | Request::TrackStart
+            | Request::TrackStart { .. }
             | Request::TrackTake
             | Request::TrackStop
             | Request::Merge { .. }
@@ -820,7 +820,7 @@ pub fn disk_request(
             .flush()
             .map(|_| None)
             .map_err(|e| e.to_string()),
-        Request::TrackStart => track_start(served),
+        Request::TrackStart { owner } => track_start(served, *owner),
         Request::TrackTake => {
             let chain = served.current();
             if chain.dirty_log().is_on() {
@@ -857,9 +857,12 @@ pub fn disk_request(
 /// Start recording changed clusters for a copy, and say what to send
 /// first: every byte range some delta holds (read after the start, so a
 /// cluster allocated meanwhile is in the ranges or in the next take).
-fn track_start(served: &ServedDisk) -> std::result::Result<Option<serde_json::Value>, String> {
+fn track_start(
+    served: &ServedDisk,
+    owner: u32,
+) -> std::result::Result<Option<serde_json::Value>, String> {
     let chain = served.current();
-    if !chain.dirty_log().start() {
+    if !chain.dirty_log().start(owner, registry::process_alive) {
         return Err("a copy of this disk is already under way".to_string());
     }
     let size = chain.virtual_size();

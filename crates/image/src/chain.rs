@@ -337,10 +337,11 @@ impl Chain {
             // before anything has changed.
             for (cluster, in_off, _, n) in pieces(offset, len, cs) {
                 self.note_change(top, cluster);
-                if !r.punch_only(cluster * cs + in_off, n as u64)? {
+                let punched = r.punch_only(cluster * cs + in_off, n as u64);
+                self.note_change(top, cluster);
+                if !punched? {
                     return Ok(false);
                 }
-                self.note_change(top, cluster);
             }
             return Ok(true);
         }
@@ -503,28 +504,33 @@ impl Chain {
         for (cluster, in_off, at, n) in pieces(offset, buf.len() as u64, self.cluster_size) {
             let data = &buf[at..at + n];
             self.note_change(top, cluster);
-            match top {
-                Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
-                Delta::Ploop(p) => {
-                    let pin = p.pin();
-                    if let Some(off) = p.map(cluster) {
-                        p.write_data(data, off + in_off)?;
-                    } else {
-                        drop(pin); // allocation re-checks under its lock
-                        let below = self.holder(cluster, top_index);
-                        if sparse && below.is_none() && is_zero(data) {
-                            continue; // zeros over nothing: stay sparse
+            let written = (|| -> Result<()> {
+                match top {
+                    Delta::Raw(r) => r.write(data, cluster * self.cluster_size + in_off)?,
+                    Delta::Ploop(p) => {
+                        let pin = p.pin();
+                        if let Some(off) = p.map(cluster) {
+                            p.write_data(data, off + in_off)?;
+                        } else {
+                            drop(pin); // allocation re-checks under its lock
+                            let below = self.holder(cluster, top_index);
+                            if sparse && below.is_none() && is_zero(data) {
+                                return Ok(()); // zeros over nothing: stay sparse
+                            }
+                            let fill =
+                                |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
+                            let fill: Option<FillFn> = below.map(|_| &fill as FillFn);
+                            p.write_cluster(cluster, in_off, data, fill)?;
                         }
-                        let fill =
-                            |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
-                        let fill: Option<FillFn> = below.map(|_| &fill as FillFn);
-                        p.write_cluster(cluster, in_off, data, fill)?;
                     }
                 }
-            }
+                Ok(())
+            })();
             // Noted before (a merge may copy the cluster while the write
-            // runs) and after (it must then copy it again).
+            // runs) and after, failed or not (part of it may have landed:
+            // a merge or a copy must then read it again).
             self.note_change(top, cluster);
+            written?;
         }
         Ok(())
     }
@@ -539,22 +545,27 @@ impl Chain {
         for (cluster, in_off, _, n) in pieces(offset, len, cs) {
             let n = n as u64;
             self.note_change(top, cluster);
-            match top {
-                Delta::Raw(r) => r.punch(cluster * cs + in_off, n)?,
-                Delta::Ploop(p) => {
-                    let held_below = self.holder(cluster, top_index).is_some();
-                    if p.map(cluster).is_some() {
-                        p.discard(cluster, in_off, n, !held_below)?;
-                    } else if held_below {
-                        // Zeros must now mask the lower data.
-                        let zeros = vec![0u8; n as usize];
-                        let fill =
-                            |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
-                        p.write_cluster(cluster, in_off, &zeros, Some(&fill))?;
+            let done = (|| -> Result<()> {
+                match top {
+                    Delta::Raw(r) => r.punch(cluster * cs + in_off, n)?,
+                    Delta::Ploop(p) => {
+                        let held_below = self.holder(cluster, top_index).is_some();
+                        if p.map(cluster).is_some() {
+                            p.discard(cluster, in_off, n, !held_below)?;
+                        } else if held_below {
+                            // Zeros must now mask the lower data.
+                            let zeros = vec![0u8; n as usize];
+                            let fill =
+                                |out: &mut [u8]| self.read_cluster_below(cluster, top_index, out);
+                            p.write_cluster(cluster, in_off, &zeros, Some(&fill))?;
+                        }
                     }
                 }
-            }
+                Ok(())
+            })();
+            // After, failed or not (see write_inner).
             self.note_change(top, cluster);
+            done?;
         }
         Ok(())
     }

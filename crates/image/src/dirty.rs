@@ -5,7 +5,7 @@
 //! sees any write that raced with that read.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 /// The clusters changed since the log was started or last taken. Off, it
@@ -13,6 +13,8 @@ use std::sync::Mutex;
 #[derive(Default)]
 pub struct DirtyLog {
     on: AtomicBool,
+    /// The process that started it (the copy's sender).
+    owner: AtomicU32,
     set: Mutex<BTreeSet<u64>>,
 }
 
@@ -24,13 +26,19 @@ impl DirtyLog {
         }
     }
 
-    /// Start recording, empty. False if it was already on (someone else's
-    /// copy is under way).
-    pub fn start(&self) -> bool {
+    /// Start recording, empty, for process `owner`. False if it is on for
+    /// another owner that `alive` says still runs (someone else's copy is
+    /// under way); a dead owner's log is taken over.
+    pub fn start(&self, owner: u32, alive: impl Fn(u32) -> bool) -> bool {
         let mut set = self.set.lock().expect("dirty log");
-        if self.on.swap(true, Ordering::SeqCst) {
-            return false;
+        if self.on.load(Ordering::SeqCst) {
+            let old = self.owner.load(Ordering::SeqCst);
+            if old != owner && alive(old) {
+                return false;
+            }
         }
+        self.owner.store(owner, Ordering::SeqCst);
+        self.on.store(true, Ordering::SeqCst);
         set.clear();
         true
     }
@@ -74,8 +82,9 @@ mod tests {
     fn off_notes_nothing_and_on_notes_runs() {
         let log = DirtyLog::default();
         log.note(3);
-        assert!(log.start());
-        assert!(!log.start(), "a second copy is refused");
+        assert!(log.start(7, |_| true));
+        assert!(!log.start(8, |_| true), "a second copy is refused");
+        assert!(log.start(7, |_| true), "its own owner starts again");
         assert!(log.take().is_empty(), "nothing from before the start");
         for c in [9, 4, 5, 6, 12, 5] {
             log.note(c);
@@ -86,7 +95,10 @@ mod tests {
         log.stop();
         assert!(!log.is_on());
         log.note(2);
-        assert!(log.start());
+        assert!(log.start(8, |_| true));
+        assert!(log.take().is_empty());
+        log.note(3);
+        assert!(log.start(9, |_| false), "a dead owner's log is taken over");
         assert!(log.take().is_empty());
     }
 }

@@ -1749,7 +1749,14 @@ pub fn defrag(
             .map_err(|e| Error::io(&name, "opening", 0, e))?;
         Some(crate::disk::hold_openvz_lock_on(&name, &path, f)?)
     };
-    ploop_format::ploop::compact::defrag(&io, progress, stop)
+    // A changed-block bitmap is set aside (its extension would be in the
+    // way of the moves) and saved again after.
+    let bitmap = PloopDelta::take_cbt(io.clone())?;
+    let moved = ploop_format::ploop::compact::defrag(&io, progress, stop)?;
+    if let Some(b) = bitmap {
+        PloopDelta::put_cbt(io, b)?;
+    }
+    Ok(moved)
 }
 
 /// After a shrink, a snapshot below the top still holds what lay past the

@@ -140,8 +140,9 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     if seed.is_multiple_of(2) {
         add_extension(&d0);
     }
-    // Crashes from here on, the first writable open included (it drops
-    // the format extension of the lives that have one).
+    // Crashes from here on, the first writable open included (it takes
+    // the bitmap of the lives that have one over, and cuts the extension
+    // off the file; each clean close saves it again).
     m.views.push((j.len(), vec![0]));
     m.checkpoints.push((j.len(), m.live.clone()));
     let chain = Chain::new(vec![open(d0.clone(), true)], CS, SIZE).unwrap();
@@ -205,8 +206,16 @@ fn life(seed: u64) -> (Journal, Vec<String>, Model) {
     // the content stays, at every crash in them too.
     ploop_format::ploop::compact::compact(&d0, false, &|_, _| {}, &|| false).unwrap();
     m.checkpoints.push((j.len(), m.live.clone()));
+    // Defragmentation wants no extension in the way: the bitmap is set
+    // aside and saved again after, as `ops::defrag` does.
+    let bitmap = PloopDelta::take_cbt(d0.clone()).unwrap();
+    m.checkpoints.push((j.len(), m.live.clone()));
     ploop_format::ploop::compact::defrag(&d0, &|_, _| {}, &|| false).unwrap();
     m.checkpoints.push((j.len(), m.live.clone()));
+    if let Some(b) = bitmap {
+        PloopDelta::put_cbt(d0.clone(), b).unwrap();
+        m.checkpoints.push((j.len(), m.live.clone()));
+    }
     (j, vec!["root.hdd".into(), "root.hdd.snap".into()], m)
 }
 

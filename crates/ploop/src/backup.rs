@@ -168,6 +168,9 @@ fn copy_point(
             }
         }
     };
+    // What this backup adds, taken away again if it fails: the full
+    // backup's files, or the incremental's new delta.
+    let undo: Box<dyn FnOnce()>;
     let target = if since.is_none() {
         let img = dir.join("root.hdd");
         ops::init(
@@ -180,6 +183,11 @@ fn copy_point(
             },
             &|_, _| {},
         )?;
+        let (img, dd) = (img.clone(), backup_dd.to_path_buf());
+        undo = Box::new(move || {
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(&dd);
+        });
         backup_dd.to_path_buf()
     } else {
         let b = Disk::open(backup_dd, OpenOptions::default())?;
@@ -195,34 +203,47 @@ fn copy_point(
             .into());
         }
         drop(b);
-        ops::snapshot(backup_dd, None)?;
+        let previous = ops::snapshot(backup_dd, None)?;
+        let dd = backup_dd.to_path_buf();
+        // Back to the point before: the partial delta is dropped.
+        undo = Box::new(move || {
+            if let Err(e) = ops::switch(&dd, previous) {
+                eprintln!("ploop backup: dropping the unfinished incremental: {e}");
+            }
+        });
         backup_dd.to_path_buf()
     };
-    let out = Disk::open(
-        &target,
-        OpenOptions {
-            writable: true,
-            direct: true,
-            ..OpenOptions::default()
-        },
-    )?;
-    let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
-    let (mut clusters, mut bytes) = (0u64, 0u64);
-    for (start, len) in ranges {
-        let mut at = start / cs * cs;
-        while at < start + len && at < size {
-            let n = cs.min(size - at) as usize;
-            chain.read_at(&mut buf.as_mut_slice()[..n], at)?;
-            // Allocated even where zeros: an incremental's cluster masks
-            // what the backups before it hold there.
-            out.chain.write_provisioned(&buf.as_slice()[..n], at)?;
-            clusters += 1;
-            bytes += n as u64;
-            at += cs;
+    let copied = (|| -> Res<(u64, u64)> {
+        let out = Disk::open(
+            &target,
+            OpenOptions {
+                writable: true,
+                direct: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
+        let (mut clusters, mut bytes) = (0u64, 0u64);
+        for (start, len) in ranges {
+            let mut at = start / cs * cs;
+            while at < start + len && at < size {
+                let n = cs.min(size - at) as usize;
+                chain.read_at(&mut buf.as_mut_slice()[..n], at)?;
+                // Allocated even where zeros: an incremental's cluster
+                // masks what the backups before it hold there.
+                out.chain.write_provisioned(&buf.as_slice()[..n], at)?;
+                clusters += 1;
+                bytes += n as u64;
+                at += cs;
+            }
         }
+        out.close()?;
+        Ok((clusters, bytes))
+    })();
+    if copied.is_err() {
+        undo();
     }
-    out.close()?;
-    Ok((clusters, bytes))
+    copied
 }
 
 /// The byte ranges some delta of `chain` holds.

@@ -73,6 +73,10 @@ pub struct CopyArgs {
 }
 
 pub fn run(a: CopyArgs) -> Res<ExitCode> {
+    // Descriptors named by number are taken before this process opens
+    // anything: a number not inherited must not name a file of ours.
+    let ofd = a.ofd.map(|fd| fd_arg(fd, "-o")).transpose()?;
+    let ifd = a.ifd.map(|fd| fd_arg(fd, "-i")).transpose()?;
     let format = match a.format.as_deref() {
         None | Some("ploop1") | Some("ploop") | Some("expanded") => FORMAT_PLOOP,
         Some("raw") => FORMAT_RAW,
@@ -87,7 +91,7 @@ pub fn run(a: CopyArgs) -> Res<ExitCode> {
             if outputs.iter().filter(|x| **x).count() > 1 {
                 return Err("send to one of -d, -o and --to".into());
             }
-            sender(src, &a, format)
+            sender(src, &a, format, ofd)
         }
         None => {
             let Some(dest) = &a.dest else {
@@ -99,7 +103,7 @@ pub fn run(a: CopyArgs) -> Res<ExitCode> {
             if a.ifd.is_some() && a.listen.is_some() {
                 return Err("receive from one of -i and --listen".into());
             }
-            receiver(dest, &a, a.format.as_ref().map(|_| format))
+            receiver(dest, &a, a.format.as_ref().map(|_| format), ifd)
         }
     }
 }
@@ -217,17 +221,56 @@ impl Drop for Tracking<'_> {
     }
 }
 
+/// How long a write to a TCP receiver may stall before the copy fails.
+const SEND_STALL: Duration = Duration::from_secs(60);
+
+/// On SIGINT, SIGTERM or SIGHUP: thaw the disk's filesystem (it may be
+/// frozen for the last pass), stop the daemon's recording and exit.
+fn watch_signals(rec: &MountRecord) -> Res<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let rec = rec.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                if let Some(m) = &rec.mountpoint {
+                    // EINVAL when it was not frozen: nothing to undo.
+                    let _ = ploop_daemon::kernel::thaw(m);
+                }
+                let _ = crate::mount::online_call(&rec, &Request::TrackStop);
+                eprintln!("ploop copy: stopped by signal {sig}; the source goes on");
+                std::process::exit(128 + sig);
+            }
+        })?;
+    Ok(())
+}
+
 /// A file descriptor the caller passed by number, taken over.
 fn fd_arg(fd: i32, what: &str) -> Res<File> {
     ploop_copy::adopt_fd(fd)
         .map_err(|e| format!("{what} {fd}: not an open file descriptor ({e})").into())
 }
 
-fn sender(src: &Path, a: &CopyArgs, format: u32) -> Res<ExitCode> {
+fn sender(src: &Path, a: &CopyArgs, format: u32, ofd: Option<File>) -> Res<ExitCode> {
     let rec = find_mount(src)?;
     if rec.read_only {
         return Err(format!(
             "{}: a read-only view; copy the disk's own mount",
+            src.display()
+        )
+        .into());
+    }
+    if rec.device.is_none() {
+        return Err(format!(
+            "{}: served over NBD, not mounted: ploop copy reads a mounted disk (ploop backup works on a served one)",
+            src.display()
+        )
+        .into());
+    }
+    if rec.mountpoint.is_none() && a.stop_cmd.is_none() {
+        return Err(format!(
+            "{}: nothing would stop writes for the last pass: mount its filesystem (ploop mount -m) or give -F STOP_CMD",
             src.display()
         )
         .into());
@@ -241,8 +284,17 @@ fn sender(src: &Path, a: &CopyArgs, format: u32) -> Res<ExitCode> {
         file,
         path: rec.fuse_file.clone(),
     };
-    let v = crate::mount::online_call(&rec, &Request::TrackStart)?.unwrap_or(Value::Null);
+    let v = crate::mount::online_call(
+        &rec,
+        &Request::TrackStart {
+            owner: std::process::id(),
+        },
+    )?
+    .unwrap_or(Value::Null);
     let tracking = Tracking(&rec);
+    // Ctrl-C or a kill while the filesystem is frozen must not leave it
+    // frozen: a thread thaws it, stops the recording and exits.
+    watch_signals(&rec)?;
     let start = Start {
         size: v["size"].as_u64().ok_or("the daemon gave no size")?,
         cluster: v["cluster"]
@@ -297,6 +349,9 @@ fn sender(src: &Path, a: &CopyArgs, format: u32) -> Res<ExitCode> {
             let mut sock =
                 TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
             let _ = sock.set_nodelay(true);
+            // A receiver that stops reading fails the copy (and thaws the
+            // filesystem) rather than holding it frozen.
+            sock.set_write_timeout(Some(SEND_STALL))?;
             let mut reader = sock.try_clone()?;
             let mut ack = || {
                 reader.shutdown(Shutdown::Write)?;
@@ -324,8 +379,8 @@ fn sender(src: &Path, a: &CopyArgs, format: u32) -> Res<ExitCode> {
                 &mut ack,
             )?);
         }
-        let mut out: Box<dyn Write> = match a.ofd {
-            Some(fd) => Box::new(fd_arg(fd, "-o")?),
+        let mut out: Box<dyn Write> = match ofd {
+            Some(f) => Box::new(f),
             None => {
                 if std::io::stdout().is_terminal() {
                     return Err(
@@ -374,7 +429,7 @@ fn sender(src: &Path, a: &CopyArgs, format: u32) -> Res<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn receiver(dest: &Path, a: &CopyArgs, format: Option<u32>) -> Res<ExitCode> {
+fn receiver(dest: &Path, a: &CopyArgs, format: Option<u32>, ifd: Option<File>) -> Res<ExitCode> {
     let mut sink = FileSink::new(dest, format);
     let (stats, sock): (Res<RecvStats>, Option<TcpStream>) = if let Some(addr) = &a.listen {
         let listener = TcpListener::bind(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
@@ -387,8 +442,8 @@ fn receiver(dest: &Path, a: &CopyArgs, format: Option<u32>) -> Res<ExitCode> {
             Some(sock),
         )
     } else {
-        let mut input: Box<dyn Read> = match a.ifd {
-            Some(fd) => Box::new(fd_arg(fd, "-i")?),
+        let mut input: Box<dyn Read> = match ifd {
+            Some(f) => Box::new(f),
             None => Box::new(std::io::stdin().lock()),
         };
         let mut input = std::io::BufReader::with_capacity(1 << 20, &mut input);

@@ -204,6 +204,8 @@ pub fn serve(r: ServeRequest) -> Res<ExitCode> {
         stop,
     );
     drop(listener);
+    // No snapshot or merge under way while the disk closes.
+    let _quiet = _control.as_ref().map(|c| c.quiesce());
     let closed = match served {
         Ok(true) => disk.current().close(),
         // Requests may still be running: flush what is done, and leave the

@@ -177,6 +177,39 @@ fn a_bitmap_we_write_is_read_by_qemu_with_the_clusters_our_server_shows() {
     );
 }
 
+/// A repair that changes clusters (a BAT entry past the file's end
+/// zeroed) drops the bitmap: it would not mark them.
+#[test]
+fn a_repair_that_changes_clusters_drops_the_bitmap() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(
+        ploop(&[
+            "init",
+            "-s",
+            "32M",
+            "-t",
+            "none",
+            d.join("root.hdd").to_str().unwrap(),
+        ]),
+        "init",
+    );
+    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let top = snapshot(&dd, d, &["-b", BITMAP]);
+    write(&dd, d, 0, 4096, 1);
+    let info = ok(ploop(&["info", top.to_str().unwrap()]), "info");
+    assert!(info.contains("dirty bitmap"), "{info}");
+    // BAT entry of cluster 3 (after the 64-byte header): far past the end.
+    common::patch(&top, 64 + 4 * 3, &0x00ff_0000u32.to_le_bytes());
+    let out = ploop(&["check", top.to_str().unwrap()]);
+    assert!(out.stdout_str().contains("changed-block bitmap"), "{out}");
+    let info = ok(ploop(&["info", top.to_str().unwrap()]), "info");
+    assert!(
+        !info.contains("dirty bitmap"),
+        "the bitmap survived the repair: {info}"
+    );
+}
+
 #[test]
 fn a_killed_daemon_leaves_no_bitmap_that_claims_less() {
     let dir = tempdir();
@@ -477,6 +510,24 @@ fn a_disk_served_over_nbd_takes_snapshots_and_backups_in_use() {
     let list = ok(ploop(&["snapshot-list", &dd]), "snapshot-list");
     assert_eq!(list.lines().count(), 2, "one delta left: {list}");
     put(20 * MIB as u64, 4);
+    // A client that chose the bitmap, after an online snapshot that starts
+    // another: the one it chose no longer takes marks, and is refused
+    // rather than shown as if it did.
+    snapshot(&dd, d, &["-b", "{00000000-0000-4000-8000-000000000004}"]);
+    let script = format!(
+        "h.add_meta_context('qemu:dirty-bitmap:00000000-0000-4000-8000-000000000004')\n\
+         h.connect_uri(uri)\n\
+         cb = lambda ctx, off, entries, err: 0\n\
+         h.block_status(65536, 0, cb)\n\
+         import subprocess\n\
+         subprocess.run([{bin:?}, 'snapshot', '-b', '{{00000000-0000-4000-8000-000000000003}}', {dd:?}], check=True)\n\
+         try:\n    h.block_status(65536, 0, cb)\n    print('answered')\n\
+         except nbd.Error as e:\n    print('refused', e)\n",
+        bin = common::bin(),
+        dd = dd,
+    );
+    let out = common::nbdsh(&uri, &script).success();
+    assert!(out.stdout_str().contains("refused"), "{out}");
     srv.stop();
     let bdd = b.join("DiskDescriptor.xml").to_str().unwrap().to_string();
     let mut want = read_disk(&dd);

@@ -444,4 +444,16 @@ fn broken_or_refused_streams_leave_the_source_running_and_no_image() {
         ]),
         "copy again",
     );
+
+    // Mounted without a filesystem of ours and no stop command: nothing
+    // would stop writes for the last pass, so the copy is refused.
+    ok(ploop(&["umount", &dd]), "umount");
+    ok(ploop(&["mount", &dd]), "mount, no mount point");
+    let never = dir.path().join("never/root.hdd");
+    let out = ploop(&["copy", "-s", &dd, "-d", never.to_str().unwrap()]);
+    assert!(
+        !out.ok() && out.stderr.contains("nothing would stop writes"),
+        "{out}"
+    );
+    assert!(!never.exists());
 }

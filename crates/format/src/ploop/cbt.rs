@@ -6,6 +6,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The most bits a bitmap read from a file may have (32 MiB of memory):
+/// a 16 TiB disk at 64 KiB a bit, or far more at a cluster a bit.
+pub const MAX_BITS: u64 = 1 << 28;
+
 /// A dirty bitmap. Bits are set as writes come (never cleared but by
 /// starting a new one), so it never claims less than what changed.
 pub struct Cbt {

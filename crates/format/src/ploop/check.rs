@@ -160,7 +160,9 @@ pub fn check_with_backup(
     }
 
     let mut copies = Vec::new();
-    for p in scan_bat(&header, &bat, new_size) {
+    let bat_problems = scan_bat(&header, &bat, new_size);
+    let content_repaired = !bat_problems.is_empty();
+    for p in bat_problems {
         report.problems.push(p.to_string());
         match p {
             BatProblem::Duplicate {
@@ -179,6 +181,12 @@ pub fn check_with_backup(
         super::ext::State::Dangling(
             "the image was not closed cleanly, so its changed-block bitmap cannot be trusted"
                 .into(),
+        )
+    } else if content_repaired {
+        // Clusters this repair zeroes or copies change what the disk
+        // reads, and no bitmap marks them.
+        super::ext::State::Dangling(
+            "this repair changes clusters its changed-block bitmap does not mark".into(),
         )
     } else {
         super::ext::read(io, &header, &bat, new_size)

@@ -282,7 +282,7 @@ pub fn defrag(io: &SharedIo, progress: &dyn Fn(u64, u64), stop: &dyn Fn() -> boo
         .map_err(|e| Error::io(&path, "reading the format extension", 0, e))?;
     if !matches!(ext_state, State::None) {
         return Err(Error::Invalid(format!(
-            "{path}: it carries a format extension; defragmentation would move its clusters: drop it first (a read-write open does)"
+            "{path}: it carries a format extension; defragmentation would move its clusters: drop it first"
         )));
     }
     let cs = header.cluster_size;

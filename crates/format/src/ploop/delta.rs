@@ -896,7 +896,16 @@ impl PloopDelta {
         }
         if self.writable {
             let closed = match self.cbt() {
-                Some(cbt) => self.close_with_bitmap(&cbt),
+                Some(cbt) => self.close_with_bitmap(&cbt).or_else(|e| {
+                    // No room for it (a full disk, a table past one
+                    // cluster): closed clean without it rather than not
+                    // at all. Clusters it wrote past the data are cut off
+                    // by the next writer.
+                    tracing::warn!("{}: the changed-block bitmap is dropped: {e}", self.path);
+                    self.ensure_healthy()?;
+                    self.set_cbt(None);
+                    self.set_in_use(false)
+                }),
                 None => self.set_in_use(false),
             };
             if let Err(e) = closed {
@@ -912,18 +921,52 @@ impl PloopDelta {
     /// writable open takes it over, see [`cbt`](Self::cbt)). None if it
     /// holds none, or was not closed cleanly.
     pub fn saved_cbt(&self) -> Result<Option<Cbt>> {
-        if self.header.in_use || self.header.raw.format_extension_offset == 0 {
+        // The header as the file has it now: a delta this process closed
+        // (an online snapshot's) may have saved one since it opened.
+        let (header, bat, size) = read_metadata(&self.io)?;
+        if header.in_use || header.raw.format_extension_offset == 0 {
             return Ok(None);
         }
-        let bat = self.bat_snapshot();
-        let size = self.size_now()?;
-        let state = super::ext::read(&self.io, &self.header, &bat, size)
+        let state = super::ext::read(&self.io, &header, &bat, size)
             .map_err(|e| Error::io(&self.path, "reading the format extension", 0, e))?;
         match state {
-            super::ext::State::Live(ext) => super::ext::load_bitmap(&self.io, &self.header, &ext)
+            super::ext::State::Live(ext) => super::ext::load_bitmap(&self.io, &header, &ext)
                 .map_err(|e| Error::io(&self.path, "reading the changed-block bitmap", 0, e)),
             _ => Ok(None),
         }
+    }
+
+    /// Take the bitmap out of a closed delta's file: a writable open
+    /// (which takes it over and cuts its extension off the file), then a
+    /// clean close without it. For offline work that must not find an
+    /// extension in the way (defragmentation); [`put_cbt`](Self::put_cbt)
+    /// saves it back. A crash between the two loses the bitmap, never
+    /// leaves one that claims less.
+    pub fn take_cbt(io: SharedIo) -> Result<Option<Arc<Cbt>>> {
+        let p = PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: true,
+                allow_dirty: false,
+            },
+        )?;
+        let b = p.set_cbt(None);
+        p.close()?;
+        Ok(b)
+    }
+
+    /// Save `cbt` into a closed delta's file (a writable open and a clean
+    /// close with it).
+    pub fn put_cbt(io: SharedIo, cbt: Arc<Cbt>) -> Result<()> {
+        let p = PloopDelta::open(
+            io,
+            OpenFlags {
+                writable: true,
+                allow_dirty: false,
+            },
+        )?;
+        p.set_cbt(Some(cbt));
+        p.close()
     }
 
     /// The changed-block bitmap this delta keeps, if any.
@@ -956,16 +999,20 @@ impl PloopDelta {
             })?;
         self.sync("syncing the changed-block bitmap")?;
         let mut raw = self.raw.lock().expect("header lock");
-        raw.disk_in_use = CLOSED_V21_MAGIC;
-        raw.format_extension_offset = sector;
+        // In memory only once on disk: a failed write must not leave a
+        // header that a later BAT write would publish as clean.
+        let mut closed = *raw;
+        closed.disk_in_use = CLOSED_V21_MAGIC;
+        closed.format_extension_offset = sector;
         let page = {
             let bat = self.bat.read().expect("bat lock");
-            metadata_page(0, &raw, &bat)
+            metadata_page(0, &closed, &bat)
         };
         self.io
             .write_at(page.as_slice(), 0)
             .map_err(|e| Error::io(&self.path, "writing header", 0, e))?;
         self.sync("syncing header")?;
+        *raw = closed;
         debug_assert!(self.size_now().map_or(true, |s| s >= end));
         Ok(())
     }

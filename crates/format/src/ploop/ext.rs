@@ -244,12 +244,15 @@ pub fn load_bitmap(
     if !gran.is_power_of_two() || size_sectors.checked_mul(SECTOR) != Some(header.virtual_size) {
         return Ok(None);
     }
-    let cbt = super::cbt::Cbt::new(*id, gran, header.virtual_size);
+    // Sized from the file's own table before anything is allocated: a
+    // header may name any disk size.
     let cs = header.cluster_size;
     let per_entry = cs * 8;
-    if l1.len() as u64 != cbt.bits().div_ceil(per_entry) {
+    let bits = header.virtual_size.div_ceil(gran);
+    if l1.len() as u64 != bits.div_ceil(per_entry) || bits > super::cbt::MAX_BITS {
         return Ok(None);
     }
+    let cbt = super::cbt::Cbt::new(*id, gran, header.virtual_size);
     let mut buf = AlignedBuf::zeroed(cs as usize);
     for (i, &e) in l1.iter().enumerate() {
         let first = i as u64 * per_entry;
@@ -425,6 +428,48 @@ mod tests {
             State::Dangling(why) => why,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A header may name any disk size: a bitmap is sized from the
+    /// file's own table and bounded before anything is allocated (this
+    /// one would take 256 GiB).
+    #[test]
+    fn a_hostile_bitmap_size_allocates_nothing() {
+        let h = Header::new(1 << 50, 64 << 20, Version::V2).unwrap();
+        let io: SharedIo = Arc::new(MemIo::new("t"));
+        let ext = Extension {
+            features: vec![Feature::DirtyBitmap {
+                size_sectors: (1 << 50) / SECTOR,
+                id: uuid::Uuid::nil(),
+                granularity: 1,
+                l1: vec![1; 64],
+            }],
+            clusters: vec![],
+        };
+        assert!(load_bitmap(&io, &h, &ext).unwrap().is_none());
+    }
+
+    /// What is written is read back the same, and an image a writer saves
+    /// its bitmap into names only its own clusters.
+    #[test]
+    fn a_saved_bitmap_reads_back() {
+        let h = Header::new(40 * CS, CS, Version::V2).unwrap();
+        let io: SharedIo = Arc::new(MemIo::new("t"));
+        let c = super::super::cbt::Cbt::new(uuid::Uuid::from_u128(7), 4096, 40 * CS);
+        c.mark(5 * 4096, 10);
+        c.mark(39 * CS, CS);
+        let (sector, end) = write_bitmap(&io, &h, 3, &c).unwrap();
+        assert_eq!(end, 5 * CS, "one bitmap cluster, then the extension");
+        let mut hb = h;
+        hb.raw.format_extension_offset = sector;
+        let hb = Header::validate(hb.raw, "t").unwrap();
+        let State::Live(ext) = read(&io, &hb, &[0u32; 40], end).unwrap() else {
+            panic!("no live extension");
+        };
+        assert_eq!(ext.clusters, vec![4, 3]);
+        let back = load_bitmap(&io, &hb, &ext).unwrap().expect("a bitmap");
+        assert_eq!(back.id, c.id);
+        assert_eq!(back.runs(), c.runs());
     }
 
     #[test]

@@ -162,8 +162,26 @@ impl Connection {
                     .collect(),
             ));
         }
-        if let Some(bitmap) = &self.agreed.bitmap {
-            chunks.push((BITMAP_ID, bitmap_runs(bitmap, req.offset, span, most)));
+        if let Some(chosen) = &self.agreed.bitmap {
+            // A written disk's bitmap is the one its top keeps now: after
+            // an online snapshot or a grow, the one chosen may have
+            // stopped taking marks, and must not be read as if it had not.
+            let now = if self.export.read_only {
+                Some(chosen.clone())
+            } else {
+                self.export.dirty_bitmap().filter(|b| b.id == chosen.id)
+            };
+            match now {
+                Some(b) if req.offset + span <= b.size => {
+                    chunks.push((BITMAP_ID, bitmap_runs(&b, req.offset, span, most)))
+                }
+                _ => {
+                    return self.reply_error(
+                        req,
+                        failure(EINVAL, "the dirty bitmap chosen is no longer kept"),
+                    )
+                }
+            }
         }
         let ext = self.agreed.extended;
         let kind = if ext {
