@@ -228,6 +228,19 @@ pub fn all() -> Vec<MountRecord> {
         .filter_map(|e| std::fs::read(e.path().join("state.json")).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
         .collect();
+    // A disk `ploop serve` exported (no FUSE file, no device, no mount)
+    // whose process is gone left nothing in the kernel to clean up: its
+    // record goes when seen (a killed server cannot remove it itself).
+    out.retain(|r: &MountRecord| {
+        let stale = r.fuse_file.as_os_str().is_empty()
+            && r.device.is_none()
+            && r.mountpoint.is_none()
+            && !r.daemon_alive();
+        if stale {
+            remove(r);
+        }
+        !stale
+    });
     out.sort_by(|a, b| a.descriptor.cmp(&b.descriptor).then(a.id.cmp(&b.id)));
     out
 }

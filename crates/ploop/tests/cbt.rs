@@ -538,3 +538,31 @@ fn a_disk_served_over_nbd_takes_snapshots_and_backups_in_use() {
         "the backup differs from the served disk"
     );
 }
+
+/// A served disk is listed while served; a server killed outright leaves
+/// no record behind (it cannot remove it itself).
+#[test]
+fn a_killed_server_leaves_no_record() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(
+        ploop(&[
+            "init",
+            "-s",
+            "16M",
+            "-t",
+            "none",
+            d.join("root.hdd").to_str().unwrap(),
+        ]),
+        "init",
+    );
+    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let sock = d.join("nbd.sock");
+    let srv = Server::on_socket(d, &sock, Path::new(&dd));
+    assert!(ok(ploop(&["list"]), "list").contains(&dd));
+    ok(run("kill", &["-9", &srv.pid().to_string()]), "kill -9");
+    std::thread::sleep(Duration::from_millis(300));
+    let list = ok(ploop(&["list"]), "list");
+    assert!(!list.contains(&dd), "{list}");
+    drop(srv);
+}
