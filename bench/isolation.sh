@@ -30,16 +30,7 @@ lat.sort()
 print("%.2f %.2f %d" % (lat[len(lat) // 2], lat[int(len(lat) * 0.99)], len(lat)))
 PY
 }
-noisy() { # noisy DIR SECONDS: four writers until the time is up
-  local end=$(( $(date +%s) + $2 + 1 ))
-  for w in 1 2 3 4; do
-    ( while [ "$(date +%s)" -lt $end ]; do
-        dd if=/dev/zero of="$1/w$w" bs=1M count=64 status=none
-        truncate -s 0 "$1/w$w"; sync "$1/w$w" 2>/dev/null || sync
-      done ) &
-  done
-  wait
-}
+. "$(dirname "$0")/tenants.sh"
 run_pair() { # run_pair QUIET_DIR NOISY_DIR LABEL
   noisy "$2" "$SECS" & local np=$!
   sleep 0.5

@@ -19,16 +19,7 @@ id postgres >/dev/null 2>&1 || { echo "needs the postgres user" >&2; exit 1; }
 PORT=54329
 SOCK=$D/sock
 as_pg() { runuser -u postgres -- "$@"; }
-noisy() { # noisy DIR SECONDS: four writers until the time is up
-  local end=$(( $(date +%s) + $2 + 1 ))
-  for w in 1 2 3 4; do
-    ( while [ "$(date +%s)" -lt $end ]; do
-        dd if=/dev/zero of="$1/w$w" bs=1M count=64 status=none
-        truncate -s 0 "$1/w$w"; sync "$1/w$w" 2>/dev/null || sync
-      done ) &
-  done
-  wait
-}
+. "$(dirname "$0")/tenants.sh"
 # bench DATA_PARENT NOISY_DIR LABEL: one cluster in DATA_PARENT/pg, run
 # alone, then beside the noise.
 bench() {

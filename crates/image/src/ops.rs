@@ -318,15 +318,7 @@ fn carry_bitmap(dd: &Path, top: &ImageEntry, new_path: &Path, cbt: Option<Uuid>)
         None => return Ok(()),
     };
     let io = open_file(new_path, OpenMode::read_write())?;
-    let p = PloopDelta::open(
-        io,
-        ploop_format::ploop::OpenFlags {
-            writable: true,
-            allow_dirty: false,
-        },
-    )?;
-    p.set_cbt(Some(std::sync::Arc::new(bitmap)));
-    p.close()
+    PloopDelta::put_cbt(io, std::sync::Arc::new(bitmap))
 }
 
 /// The GUID a new snapshot gets (`uuid` or a random one), checked against

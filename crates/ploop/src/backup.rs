@@ -173,16 +173,7 @@ fn copy_point(
     let undo: Box<dyn FnOnce()>;
     let target = if since.is_none() {
         let img = dir.join("root.hdd");
-        ops::init(
-            &img,
-            InitOptions {
-                size,
-                format: DiskFormat::Expanded,
-                version: Version::V2,
-                cluster_size: cs,
-            },
-            &|_, _| {},
-        )?;
+        new_image(&img, size, cs)?;
         let (img, dd) = (img.clone(), backup_dd.to_path_buf());
         undo = Box::new(move || {
             let _ = std::fs::remove_file(&img);
@@ -214,14 +205,7 @@ fn copy_point(
         backup_dd.to_path_buf()
     };
     let copied = (|| -> Res<(u64, u64)> {
-        let out = Disk::open(
-            &target,
-            OpenOptions {
-                writable: true,
-                direct: true,
-                ..OpenOptions::default()
-            },
-        )?;
+        let out = open_writable(&target)?;
         let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
         let (mut clusters, mut bytes) = (0u64, 0u64);
         for (start, len) in ranges {
@@ -244,6 +228,33 @@ fn copy_point(
         undo();
     }
     copied
+}
+
+/// A new ploop1 image of `size` bytes in clusters of `cs` (and its
+/// descriptor); returns the descriptor.
+fn new_image(image: &Path, size: u64, cs: u64) -> Res<PathBuf> {
+    Ok(ops::init(
+        image,
+        InitOptions {
+            size,
+            format: DiskFormat::Expanded,
+            version: Version::V2,
+            cluster_size: cs,
+        },
+        &|_, _| {},
+    )?)
+}
+
+/// A disk opened for writing, with direct I/O.
+fn open_writable(dd: &Path) -> Res<Disk> {
+    Ok(Disk::open(
+        dd,
+        OpenOptions {
+            writable: true,
+            direct: true,
+            ..OpenOptions::default()
+        },
+    )?)
 }
 
 /// The byte ranges some delta of `chain` holds.
@@ -289,24 +300,8 @@ fn restore(dir: &Path, image: &Path) -> Res<ExitCode> {
     if let Some(parent) = image.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    let new_dd = ops::init(
-        image,
-        InitOptions {
-            size,
-            format: DiskFormat::Expanded,
-            version: Version::V2,
-            cluster_size: cs,
-        },
-        &|_, _| {},
-    )?;
-    let out = Disk::open(
-        &new_dd,
-        OpenOptions {
-            writable: true,
-            direct: true,
-            ..OpenOptions::default()
-        },
-    )?;
+    let new_dd = new_image(image, size, cs)?;
+    let out = open_writable(&new_dd)?;
     let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
     let mut bytes = 0u64;
     for (start, len) in held(&backup.chain)? {

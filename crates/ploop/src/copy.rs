@@ -221,6 +221,9 @@ impl Drop for Tracking<'_> {
     }
 }
 
+/// What waits for the receiver's answer, where it can give one.
+type Ack = Box<dyn FnMut() -> std::io::Result<()>>;
+
 /// How long a write to a TCP receiver may stall before the copy fails.
 const SEND_STALL: Duration = Duration::from_secs(60);
 
@@ -345,53 +348,47 @@ fn sender(src: &Path, a: &CopyArgs, format: u32, ofd: Option<File>) -> Res<ExitC
             received?;
             return Ok(stats);
         }
-        if let Some(to) = &a.to {
-            let mut sock =
-                TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
-            let _ = sock.set_nodelay(true);
-            // A receiver that stops reading fails the copy (and thaws the
-            // filesystem) rather than holding it frozen.
-            sock.set_write_timeout(Some(SEND_STALL))?;
-            let mut reader = sock.try_clone()?;
-            let mut ack = || {
-                reader.shutdown(Shutdown::Write)?;
-                reader.set_read_timeout(Some(ANSWER_WAIT))?;
-                let mut answer = [0u8; 8];
-                reader.read_exact(&mut answer).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("no answer from the receiver ({e})"))
-                })?;
-                if &answer == DONE {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(
-                        "the receiver failed (see its messages)",
-                    ))
-                }
-            };
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut sock);
-            return Ok(ploop_copy::send(
-                &source,
-                &mut control,
-                start,
-                &mut out,
-                &opts,
-                progress,
-                &mut ack,
-            )?);
-        }
-        let mut out: Box<dyn Write> = match ofd {
-            Some(f) => Box::new(f),
-            None => {
+        // Over TCP the receiver answers once its image is closed.
+        let (out, mut ack): (Box<dyn Write>, Ack) = match (
+            &a.to, ofd,
+        ) {
+            (Some(to), _) => {
+                let sock =
+                    TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+                let _ = sock.set_nodelay(true);
+                // A receiver that stops reading fails the copy (and
+                // thaws the filesystem) rather than holding it frozen.
+                sock.set_write_timeout(Some(SEND_STALL))?;
+                let mut reader = sock.try_clone()?;
+                let ack = move || {
+                    reader.shutdown(Shutdown::Write)?;
+                    reader.set_read_timeout(Some(ANSWER_WAIT))?;
+                    let mut answer = [0u8; 8];
+                    reader.read_exact(&mut answer).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("no answer from the receiver ({e})"))
+                    })?;
+                    if &answer == DONE {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other(
+                            "the receiver failed (see its messages)",
+                        ))
+                    }
+                };
+                (Box::new(sock), Box::new(ack))
+            }
+            (None, Some(f)) => (Box::new(f), Box::new(|| Ok(()))),
+            (None, None) => {
                 if std::io::stdout().is_terminal() {
                     return Err(
                         "standard output is a terminal: send with -o, -d or --to, or redirect it"
                             .into(),
                     );
                 }
-                Box::new(std::io::stdout().lock())
+                (Box::new(std::io::stdout().lock()), Box::new(|| Ok(())))
             }
         };
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut out);
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
         Ok(ploop_copy::send(
             &source,
             &mut control,
@@ -399,7 +396,7 @@ fn sender(src: &Path, a: &CopyArgs, format: u32, ofd: Option<File>) -> Res<ExitC
             &mut out,
             &opts,
             progress,
-            &mut || Ok(()),
+            &mut *ack,
         )?)
     });
     drop(tracking);

@@ -45,6 +45,43 @@ fn write(dd: &str, dir: &Path, offset: u64, len: usize, seed: u64) {
     );
 }
 
+/// A disk of `size` with neither table nor filesystem in `d`: its
+/// descriptor.
+fn bare_disk(d: &Path, size: &str) -> String {
+    ok(
+        ploop(&[
+            "init",
+            "-s",
+            size,
+            "-t",
+            "none",
+            d.join("root.hdd").to_str().unwrap(),
+        ]),
+        "init",
+    );
+    d.join("DiskDescriptor.xml").to_str().unwrap().to_string()
+}
+
+/// `count` blocks of `bs` random bytes onto the device at block `seek`,
+/// with O_DIRECT.
+fn dd_to(dev: &str, bs: &str, count: u64, seek: u64) {
+    ok(
+        run(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={dev}"),
+                &format!("bs={bs}"),
+                &format!("count={count}"),
+                &format!("seek={seek}"),
+                "oflag=direct",
+                "status=none",
+            ],
+        ),
+        "dd",
+    );
+}
+
 /// The delta files in `dir`.
 fn deltas(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
     fs::read_dir(dir)
@@ -77,18 +114,7 @@ fn a_bitmap_we_write_is_read_by_qemu_with_the_clusters_our_server_shows() {
     let dir = tempdir();
     let d = dir.path();
     let size = 64 * MIB as u64;
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "64M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "64M");
     write(&dd, d, 0, 8 * MIB, 1); // before the backup point: not in the bitmap
     let top = snapshot(&dd, d, &["-b", BITMAP]);
 
@@ -107,21 +133,7 @@ fn a_bitmap_we_write_is_read_by_qemu_with_the_clusters_our_server_shows() {
     let dev = ok(ploop(&["mount", &dd]), "mount");
     {
         let _m = common::Mounted(dd.clone());
-        ok(
-            run(
-                "dd",
-                &[
-                    "if=/dev/urandom",
-                    &format!("of={dev}"),
-                    "bs=64k",
-                    "count=1",
-                    "seek=320",
-                    "oflag=direct",
-                    "status=none",
-                ],
-            ),
-            "dd",
-        );
+        dd_to(&dev, "64k", 1, 320);
     }
     assert_eq!(
         qemu_bitmap_map(&top, NAME),
@@ -183,18 +195,7 @@ fn a_bitmap_we_write_is_read_by_qemu_with_the_clusters_our_server_shows() {
 fn a_repair_that_changes_clusters_drops_the_bitmap() {
     let dir = tempdir();
     let d = dir.path();
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "32M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "32M");
     let top = snapshot(&dd, d, &["-b", BITMAP]);
     write(&dd, d, 0, 4096, 1);
     let info = ok(ploop(&["info", top.to_str().unwrap()]), "info");
@@ -215,39 +216,14 @@ fn a_killed_daemon_leaves_no_bitmap_that_claims_less() {
     let dir = tempdir();
     let d = dir.path();
     let size = 32 * MIB as u64;
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "32M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "32M");
     let top = snapshot(&dd, d, &["-b", BITMAP]);
     write(&dd, d, 2 * MIB as u64, 4096, 1);
     assert_eq!(qemu_bitmap_map(&top, NAME), expected(size, &[2]));
 
     // Mounted (the bitmap is taken over), written, then the daemon dies.
     let dev = ok(ploop(&["mount", &dd]), "mount");
-    ok(
-        run(
-            "dd",
-            &[
-                "if=/dev/urandom",
-                &format!("of={dev}"),
-                "bs=64k",
-                "count=2",
-                "seek=160",
-                "oflag=direct",
-                "status=none",
-            ],
-        ),
-        "dd",
-    );
+    dd_to(&dev, "64k", 2, 160);
     let list = ok(ploop(&["list", "--json"]), "list");
     let recs: serde_json::Value = serde_json::from_str(&list).unwrap();
     let pid = recs
@@ -279,38 +255,11 @@ fn an_online_snapshot_starts_a_new_bitmap_and_the_old_one_is_saved() {
     let dir = tempdir();
     let d = dir.path();
     let size = 32 * MIB as u64;
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "32M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "32M");
     let first = snapshot(&dd, d, &["-b", BITMAP]);
     let dev = ok(ploop(&["mount", &dd]), "mount");
     let _m = common::Mounted(dd.clone());
-    let dd_at = |cluster: u64| {
-        ok(
-            run(
-                "dd",
-                &[
-                    "if=/dev/urandom",
-                    &format!("of={dev}"),
-                    "bs=1M",
-                    "count=1",
-                    &format!("seek={cluster}"),
-                    "oflag=direct",
-                    "status=none",
-                ],
-            ),
-            "dd",
-        );
-    };
+    let dd_at = |cluster: u64| dd_to(&dev, "1M", 1, cluster);
     dd_at(4);
     let second = snapshot(&dd, d, &["-b", "{00000000-0000-4000-8000-000000000002}"]);
     dd_at(7);
@@ -396,21 +345,7 @@ fn full_and_incremental_backups_restore_byte_for_byte() {
     let dev = ok(ploop(&["mount", &dd]), "mount");
     {
         let _m = common::Mounted(dd.clone());
-        ok(
-            run(
-                "dd",
-                &[
-                    "if=/dev/urandom",
-                    &format!("of={dev}"),
-                    "bs=4k",
-                    "count=3",
-                    "seek=51200",
-                    "oflag=direct",
-                    "status=none",
-                ],
-            ),
-            "dd",
-        );
+        dd_to(&dev, "4k", 3, 51200);
         ok(
             ploop(&["backup", "--incremental", &dd, bs]),
             "online incremental backup",
@@ -464,18 +399,7 @@ fn full_and_incremental_backups_restore_byte_for_byte() {
 fn a_disk_served_over_nbd_takes_snapshots_and_backups_in_use() {
     let dir = tempdir();
     let d = dir.path();
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "64M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "64M");
     let sock = d.join("nbd.sock");
     let srv = Server::on_socket(d, &sock, Path::new(&dd));
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -545,18 +469,7 @@ fn a_disk_served_over_nbd_takes_snapshots_and_backups_in_use() {
 fn a_killed_server_leaves_no_record() {
     let dir = tempdir();
     let d = dir.path();
-    ok(
-        ploop(&[
-            "init",
-            "-s",
-            "16M",
-            "-t",
-            "none",
-            d.join("root.hdd").to_str().unwrap(),
-        ]),
-        "init",
-    );
-    let dd = d.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    let dd = bare_disk(d, "16M");
     let sock = d.join("nbd.sock");
     let srv = Server::on_socket(d, &sock, Path::new(&dd));
     assert!(ok(ploop(&["list"]), "list").contains(&dd));

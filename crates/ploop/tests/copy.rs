@@ -70,6 +70,24 @@ fn populate(m: &Path, files: usize, big_mib: usize) {
     std::os::unix::fs::symlink("d1/f1", m.join("link")).unwrap();
 }
 
+/// A mounted disk of `size` in `dir`/src, populated and synced: its
+/// mount point, its descriptor, and what unmounts it.
+fn source(dir: &Path, size: &str, files: usize, big_mib: usize) -> (PathBuf, String, Mounted) {
+    let src = dir.join("src");
+    let m = src.join("m");
+    fs::create_dir_all(&m).unwrap();
+    ok(
+        ploop(&["init", "-s", size, src.join("root.hdd").to_str().unwrap()]),
+        "init",
+    );
+    let dd = src.join("DiskDescriptor.xml").to_str().unwrap().to_string();
+    ok(ploop(&["mount", "-m", m.to_str().unwrap(), &dd]), "mount");
+    let mounted = Mounted(dd.clone());
+    populate(&m, files, big_mib);
+    ok(run("sync", &[] as &[&str]), "sync");
+    (m, dd, mounted)
+}
+
 /// Two network namespaces joined by a veth pair, removed on drop.
 struct Hosts {
     a: String,
@@ -164,18 +182,7 @@ fn receiver(hosts: &Hosts, dest: &Path, port: u16) -> std::process::Child {
 fn a_running_container_moves_to_another_host_with_its_inode_numbers() {
     let _s = serial();
     let dir = tempdir();
-    let src = dir.path().join("src");
-    let m = src.join("m");
-    fs::create_dir_all(&m).unwrap();
-    ok(
-        ploop(&["init", "-s", "1G", src.join("root.hdd").to_str().unwrap()]),
-        "init",
-    );
-    let dd = src.join("DiskDescriptor.xml").to_str().unwrap().to_string();
-    ok(ploop(&["mount", "-m", m.to_str().unwrap(), &dd]), "mount");
-    let _mounted = Mounted(dd.clone());
-    populate(&m, 3000, 150);
-    ok(run("sync", &[] as &[&str]), "sync");
+    let (m, dd, _mounted) = source(dir.path(), "1G", 3000, 150);
     let device = ok(ploop(&["info", "-d", &dd]), "info -d")
         .lines()
         .find_map(|l| l.strip_prefix("device:").map(|d| d.trim().to_string()))
@@ -305,18 +312,7 @@ fn a_running_container_moves_to_another_host_with_its_inode_numbers() {
 fn broken_or_refused_streams_leave_the_source_running_and_no_image() {
     let _s = serial();
     let dir = tempdir();
-    let src = dir.path().join("src");
-    let m = src.join("m");
-    fs::create_dir_all(&m).unwrap();
-    ok(
-        ploop(&["init", "-s", "512M", src.join("root.hdd").to_str().unwrap()]),
-        "init",
-    );
-    let dd = src.join("DiskDescriptor.xml").to_str().unwrap().to_string();
-    ok(ploop(&["mount", "-m", m.to_str().unwrap(), &dd]), "mount");
-    let _mounted = Mounted(dd.clone());
-    populate(&m, 300, 40);
-    ok(run("sync", &[] as &[&str]), "sync");
+    let (m, dd, _mounted) = source(dir.path(), "512M", 300, 40);
 
     // A reader that goes away after a MiB: the sender fails, and the
     // source is thawed and its tracking stopped.

@@ -943,21 +943,18 @@ impl PloopDelta {
     /// saves it back. A crash between the two loses the bitmap, never
     /// leaves one that claims less.
     pub fn take_cbt(io: SharedIo) -> Result<Option<Arc<Cbt>>> {
-        let p = PloopDelta::open(
-            io,
-            OpenFlags {
-                writable: true,
-                allow_dirty: false,
-            },
-        )?;
-        let b = p.set_cbt(None);
-        p.close()?;
-        Ok(b)
+        Self::swap_cbt(io, None)
     }
 
     /// Save `cbt` into a closed delta's file (a writable open and a clean
     /// close with it).
     pub fn put_cbt(io: SharedIo, cbt: Arc<Cbt>) -> Result<()> {
+        Self::swap_cbt(io, Some(cbt)).map(|_| ())
+    }
+
+    /// Open a closed delta for writing, give it `cbt` and close it clean;
+    /// returns the bitmap it had.
+    fn swap_cbt(io: SharedIo, cbt: Option<Arc<Cbt>>) -> Result<Option<Arc<Cbt>>> {
         let p = PloopDelta::open(
             io,
             OpenFlags {
@@ -965,8 +962,9 @@ impl PloopDelta {
                 allow_dirty: false,
             },
         )?;
-        p.set_cbt(Some(cbt));
-        p.close()
+        let old = p.set_cbt(cbt);
+        p.close()?;
+        Ok(old)
     }
 
     /// The changed-block bitmap this delta keeps, if any.
