@@ -349,9 +349,7 @@ fn sender(src: &Path, a: &CopyArgs, format: u32, ofd: Option<File>) -> Res<ExitC
             return Ok(stats);
         }
         // Over TCP the receiver answers once its image is closed.
-        let (out, mut ack): (Box<dyn Write>, Ack) = match (
-            &a.to, ofd,
-        ) {
+        let (out, mut ack): (Box<dyn Write>, Ack) = match (&a.to, ofd) {
             (Some(to), _) => {
                 let sock =
                     TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
