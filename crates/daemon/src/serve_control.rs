@@ -9,15 +9,14 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ploop_format::descriptor::{guid_string, parse_guid};
-use ploop_image::online;
+use ploop_format::descriptor::guid_string;
 use ploop_image::served::ServedDisk;
 use serde_json::json;
 use tracing::warn;
 
 use crate::control::{self, Request, Response};
 use crate::registry::{self, MountRecord, ViewLock};
-use crate::session::{disk_request, log_path};
+use crate::session::{disk_request, log_path, snapshot_request};
 use crate::{Error, Result};
 
 /// Registered while alive: the record, its view lock and its socket go
@@ -95,15 +94,7 @@ pub fn start(served: Arc<ServedDisk>, dd: &Path) -> Result<ServeControl> {
                         "deltas": served.current().layers().len(),
                     }))),
                     Request::Snapshot { uuid, cbt } => {
-                        match (
-                            uuid.as_deref().map(parse_guid),
-                            cbt.as_deref().map(parse_guid),
-                        ) {
-                            (Some(None), _) | (_, Some(None)) => Err("incorrect uuid".to_string()),
-                            (u, c) => online::snapshot(&served, u.flatten(), c.flatten())
-                                .map(|g| Some(json!(guid_string(&g))))
-                                .map_err(|e| e.to_string()),
-                        }
+                        snapshot_request(&served, uuid.as_deref(), cbt.as_deref(), || Ok(()))
                     }
                     Request::Stop => Err("`ploop serve` stops on a signal".to_string()),
                     other => disk_request(&served, other, progress).unwrap_or_else(|| {

@@ -442,21 +442,11 @@ pub fn serve(opts: MountOptions, ready: impl FnOnce(&MountRecord)) -> Result<()>
                 Some(r) => r,
                 None => Err("not handled".to_string()),
             },
-            Request::Snapshot { uuid, cbt } => match (
-                uuid.as_deref().map(parse_guid),
-                cbt.as_deref().map(parse_guid),
-            ) {
-                (Some(None), _) | (_, Some(None)) => Err("incorrect uuid".to_string()),
-                (parsed, cbt) => Frozen::if_mounted(&session.record)
-                    .map_err(|e| e.to_string())
-                    .and_then(|frozen| {
-                        let taken = online::snapshot(&served, parsed.flatten(), cbt.flatten());
-                        drop(frozen);
-                        taken
-                            .map(|g| Some(json!(guid_string(&g))))
-                            .map_err(|e| e.to_string())
-                    }),
-            },
+            Request::Snapshot { uuid, cbt } => {
+                snapshot_request(&served, uuid.as_deref(), cbt.as_deref(), || {
+                    Frozen::if_mounted(&session.record)
+                })
+            }
             Request::Replace {
                 target,
                 new,
@@ -854,6 +844,28 @@ pub fn disk_request(
     })
 }
 
+/// An online snapshot as the control socket asks for it (GUIDs as
+/// strings); what `freeze` returns (a mount's filesystem freeze) is held
+/// around the switch to the new top.
+pub fn snapshot_request<F>(
+    served: &ServedDisk,
+    uuid: Option<&str>,
+    cbt: Option<&str>,
+    freeze: impl FnOnce() -> Result<F>,
+) -> std::result::Result<Option<serde_json::Value>, String> {
+    // None: given, and not a GUID.
+    let parse = |s: Option<&str>| s.map_or(Some(None), |s| parse_guid(s).map(Some));
+    let (Some(uuid), Some(cbt)) = (parse(uuid), parse(cbt)) else {
+        return Err("incorrect uuid".to_string());
+    };
+    let frozen = freeze().map_err(|e| e.to_string())?;
+    let taken = online::snapshot(served, uuid, cbt);
+    drop(frozen);
+    taken
+        .map(|g| Some(json!(guid_string(&g))))
+        .map_err(|e| e.to_string())
+}
+
 /// Start recording changed clusters for a copy, and say what to send
 /// first: every byte range some delta holds (read after the start, so a
 /// cluster allocated meanwhile is in the ranges or in the next take).
@@ -865,24 +877,15 @@ fn track_start(
     if !chain.dirty_log().start(owner, registry::process_alive) {
         return Err("a copy of this disk is already under way".to_string());
     }
-    let size = chain.virtual_size();
-    let runs = match chain.allocation(0, size, usize::MAX) {
-        Ok(runs) => runs,
+    let held = match chain.held_ranges() {
+        Ok(held) => held,
         Err(e) => {
             chain.dirty_log().stop();
             return Err(e.to_string());
         }
     };
-    let mut held = Vec::new();
-    let mut at = 0u64;
-    for (len, data) in runs {
-        if data {
-            held.push((at, len));
-        }
-        at += len;
-    }
     Ok(Some(json!({
-        "size": size,
+        "size": chain.virtual_size(),
         "cluster": chain.cluster_size(),
         "held": held,
     })))

@@ -275,6 +275,20 @@ impl Chain {
         Ok(())
     }
 
+    /// The byte ranges of the whole disk that some delta holds, as
+    /// (offset, length), in order.
+    pub fn held_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (len, held) in self.allocation(0, self.virtual_size, usize::MAX)? {
+            if held {
+                out.push((at, len));
+            }
+            at += len;
+        }
+        Ok(out)
+    }
+
     /// Which parts of a range some delta stores, as runs of (length, held)
     /// in order. A raw delta stores everything, but for the holes of a raw
     /// image that is the whole chain (its file says where they are, where

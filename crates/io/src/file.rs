@@ -598,18 +598,25 @@ impl BlockIo for FileIo {
 mod tests {
     use super::*;
 
+    /// A new file `f` for direct I/O in a fresh folder on /var/tmp (a
+    /// filesystem with O_DIRECT; tmpfs has none): the folder and the file.
+    fn direct_file(name: &str) -> (std::path::PathBuf, FileIo) {
+        let dir = std::path::Path::new("/var/tmp")
+            .join(format!("ploop-io-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let _ = std::fs::remove_file(&path);
+        let io = FileIo::open(&path, OpenMode::create().direct(true)).unwrap();
+        (dir, io)
+    }
+
     /// Partial writes racing in the same blocks (each its own 64 bytes of
     /// the first 512) and in others: none is lost, on a direct file where
     /// each is a read-modify-write of its block.
     #[test]
     fn racing_partial_writes_lose_nothing() {
-        // On a filesystem with O_DIRECT (tmpfs has none).
-        let dir =
-            std::path::Path::new("/var/tmp").join(format!("ploop-io-race-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f");
-        let _ = std::fs::remove_file(&path);
-        let io = std::sync::Arc::new(FileIo::open(&path, OpenMode::create().direct(true)).unwrap());
+        let (dir, io) = direct_file("race");
+        let io = std::sync::Arc::new(io);
         assert!(io.direct, "the read-modify-write path needs O_DIRECT");
         const BLOCKS: u64 = 8;
         io.set_len(BLOCKS * 4096).unwrap();
@@ -645,11 +652,7 @@ mod tests {
     /// it is and reads back.
     #[test]
     fn the_direct_block_is_one_the_kernel_takes() {
-        let dir =
-            std::path::Path::new("/var/tmp").join(format!("ploop-io-align-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f");
-        let io = FileIo::open(&path, OpenMode::create().direct(true)).unwrap();
+        let (dir, io) = direct_file("align");
         if !io.direct {
             eprintln!("/var/tmp takes no O_DIRECT here: nothing to check");
             std::fs::remove_dir_all(&dir).unwrap();

@@ -145,7 +145,7 @@ fn copy_point(
     let chain = &view.chain;
     let (size, cs) = (chain.virtual_size(), chain.cluster_size());
     let ranges: Vec<(u64, u64)> = match since {
-        None => held(chain)?,
+        None => chain.held_ranges()?,
         Some(id) => {
             let bitmap = snapshot_bitmap(chain)?;
             match bitmap {
@@ -173,7 +173,7 @@ fn copy_point(
     let undo: Box<dyn FnOnce()>;
     let target = if since.is_none() {
         let img = dir.join("root.hdd");
-        new_image(&img, size, cs)?;
+        new_image(&img, size, cs, DiskFormat::Expanded)?;
         let (img, dd) = (img.clone(), backup_dd.to_path_buf());
         undo = Box::new(move || {
             let _ = std::fs::remove_file(&img);
@@ -206,23 +206,11 @@ fn copy_point(
     };
     let copied = (|| -> Res<(u64, u64)> {
         let out = open_writable(&target)?;
-        let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
-        let (mut clusters, mut bytes) = (0u64, 0u64);
-        for (start, len) in ranges {
-            let mut at = start / cs * cs;
-            while at < start + len && at < size {
-                let n = cs.min(size - at) as usize;
-                chain.read_at(&mut buf.as_mut_slice()[..n], at)?;
-                // Allocated even where zeros: an incremental's cluster
-                // masks what the backups before it hold there.
-                out.chain.write_provisioned(&buf.as_slice()[..n], at)?;
-                clusters += 1;
-                bytes += n as u64;
-                at += cs;
-            }
-        }
+        // Allocated even where zeros: an incremental's cluster masks what
+        // the backups before it hold there.
+        let done = copy_clusters(chain, &out.chain, &ranges, true)?;
         out.close()?;
-        Ok((clusters, bytes))
+        Ok(done)
     })();
     if copied.is_err() {
         undo();
@@ -230,14 +218,15 @@ fn copy_point(
     copied
 }
 
-/// A new ploop1 image of `size` bytes in clusters of `cs` (and its
-/// descriptor); returns the descriptor.
-fn new_image(image: &Path, size: u64, cs: u64) -> Res<PathBuf> {
+/// A new image of `size` bytes in clusters of `cs` in `format` (and its
+/// descriptor); returns the descriptor. Also the receiving end of `ploop
+/// copy`'s.
+pub(crate) fn new_image(image: &Path, size: u64, cs: u64, format: DiskFormat) -> Res<PathBuf> {
     Ok(ops::init(
         image,
         InitOptions {
             size,
-            format: DiskFormat::Expanded,
+            format,
             version: Version::V2,
             cluster_size: cs,
         },
@@ -246,7 +235,7 @@ fn new_image(image: &Path, size: u64, cs: u64) -> Res<PathBuf> {
 }
 
 /// A disk opened for writing, with direct I/O.
-fn open_writable(dd: &Path) -> Res<Disk> {
+pub(crate) fn open_writable(dd: &Path) -> Res<Disk> {
     Ok(Disk::open(
         dd,
         OpenOptions {
@@ -257,17 +246,38 @@ fn open_writable(dd: &Path) -> Res<Disk> {
     )?)
 }
 
-/// The byte ranges some delta of `chain` holds.
-fn held(chain: &Chain) -> Res<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    for (len, data) in chain.allocation(0, chain.virtual_size(), usize::MAX)? {
-        if data {
-            out.push((at, len));
+/// Copy the clusters that `ranges` touch from `from` to `to`, each once;
+/// `provisioned`: allocated in `to` even where they read as zeros.
+/// Returns the clusters and bytes copied.
+fn copy_clusters(
+    from: &Chain,
+    to: &Chain,
+    ranges: &[(u64, u64)],
+    provisioned: bool,
+) -> Res<(u64, u64)> {
+    let (size, cs) = (from.virtual_size(), from.cluster_size());
+    let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
+    let (mut clusters, mut bytes) = (0u64, 0u64);
+    // The end of the last cluster copied: ranges finer than a cluster (a
+    // bitmap of 64 KiB bits) may touch one cluster more than once.
+    let mut copied_to = 0u64;
+    for &(start, len) in ranges {
+        let mut at = (start / cs * cs).max(copied_to);
+        while at < start + len && at < size {
+            let n = cs.min(size - at) as usize;
+            from.read_at(&mut buf.as_mut_slice()[..n], at)?;
+            if provisioned {
+                to.write_provisioned(&buf.as_slice()[..n], at)?;
+            } else {
+                to.write_at(&buf.as_slice()[..n], at)?;
+            }
+            clusters += 1;
+            bytes += n as u64;
+            at += cs;
+            copied_to = at;
         }
-        at += len;
     }
-    Ok(out)
+    Ok((clusters, bytes))
 }
 
 /// The bitmap the snapshot's top delta saved as it was frozen.
@@ -300,20 +310,14 @@ fn restore(dir: &Path, image: &Path) -> Res<ExitCode> {
     if let Some(parent) = image.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    let new_dd = new_image(image, size, cs)?;
+    let new_dd = new_image(image, size, cs, DiskFormat::Expanded)?;
     let out = open_writable(&new_dd)?;
-    let mut buf = ploop_io::AlignedBuf::zeroed(cs as usize);
-    let mut bytes = 0u64;
-    for (start, len) in held(&backup.chain)? {
-        let mut at = start;
-        while at < start + len {
-            let n = cs.min(start + len - at) as usize;
-            backup.chain.read_at(&mut buf.as_mut_slice()[..n], at)?;
-            out.chain.write_at(&buf.as_slice()[..n], at)?;
-            bytes += n as u64;
-            at += n as u64;
-        }
-    }
+    let (_, bytes) = copy_clusters(
+        &backup.chain,
+        &out.chain,
+        &backup.chain.held_ranges()?,
+        false,
+    )?;
     out.close()?;
     eprintln!(
         "ploop backup: restored {} bytes into {} ({})",

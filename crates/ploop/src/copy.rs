@@ -20,9 +20,8 @@ use ploop_copy::{Control, RecvStats, SendOptions, SendStats, Sink, Source, Start
 use ploop_daemon::control::Request;
 use ploop_daemon::registry::{self, MountRecord};
 use ploop_format::descriptor::FILE_NAME;
-use ploop_format::ploop::Version;
-use ploop_image::ops::{self, DiskFormat, InitOptions};
-use ploop_image::{Disk, OpenOptions};
+use ploop_image::ops::DiskFormat;
+use ploop_image::Disk;
 use serde_json::Value;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -496,26 +495,10 @@ impl Sink for FileSink {
             FORMAT_RAW => DiskFormat::Raw,
             _ => DiskFormat::Expanded,
         };
-        let opts = InitOptions {
-            size,
-            format,
-            version: Version::V2,
-            cluster_size: cluster,
-        };
-        let dd = ops::init(&self.image, opts, &|_, _| {}).map_err(|e| e.to_string())?;
+        let dd = crate::backup::new_image(&self.image, size, cluster, format)
+            .map_err(|e| e.to_string())?;
         self.made = Some(dd.clone());
-        let disk = Disk::open(
-            &dd,
-            OpenOptions {
-                writable: true,
-                direct: true,
-                guid: None,
-                allow_dirty: false,
-                merge_target: false,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        self.disk = Some(disk);
+        self.disk = Some(crate::backup::open_writable(&dd).map_err(|e| e.to_string())?);
         Ok(())
     }
 
