@@ -157,6 +157,10 @@ pub struct PloopDelta {
     /// the format extension of a cleanly closed image, or started by a
     /// snapshot), saved in it again by a clean close.
     cbt: RwLock<Option<Arc<Cbt>>>,
+    /// Whether `cbt` holds one: every write asks, most disks keep none,
+    /// and a load costs less than taking the lock. Changed under its
+    /// write lock.
+    has_cbt: AtomicBool,
     epochs: Arc<Epochs>,
     writable: bool,
     open: AtomicBool,
@@ -369,6 +373,7 @@ impl PloopDelta {
             outside_syncs: AtomicUsize::new(0),
             tracking: AtomicBool::new(false),
             changed: Mutex::new(BTreeSet::new()),
+            has_cbt: AtomicBool::new(cbt.is_some()),
             cbt: RwLock::new(cbt),
             raw: Mutex::new(header.raw),
             io,
@@ -974,7 +979,9 @@ impl PloopDelta {
 
     /// Keep `cbt` (None: none) from now on; returns the one kept before.
     pub fn set_cbt(&self, cbt: Option<Arc<Cbt>>) -> Option<Arc<Cbt>> {
-        std::mem::replace(&mut *self.cbt.write().expect("cbt lock"), cbt)
+        let mut slot = self.cbt.write().expect("cbt lock");
+        self.has_cbt.store(cbt.is_some(), Ordering::SeqCst);
+        std::mem::replace(&mut *slot, cbt)
     }
 
     /// Close cleanly with the bitmap saved as OpenVZ saves it: bitmap and
@@ -1040,9 +1047,11 @@ impl PloopDelta {
     /// Record that `cluster` is about to change (in the changed-block
     /// bitmap, if kept, and in the tracked set, if tracking).
     pub fn note_change(&self, cluster: u64) {
-        if let Some(cbt) = self.cbt.read().expect("cbt lock").as_ref() {
-            let cs = self.header.cluster_size;
-            cbt.mark(cluster * cs, cs);
+        if self.has_cbt.load(Ordering::SeqCst) {
+            if let Some(cbt) = self.cbt.read().expect("cbt lock").as_ref() {
+                let cs = self.header.cluster_size;
+                cbt.mark(cluster * cs, cs);
+            }
         }
         if self.tracking.load(Ordering::SeqCst) {
             self.changed.lock().expect("changed lock").insert(cluster);
